@@ -1,0 +1,1 @@
+"""Leaf sequencing (Numba) and the MLC/linac machine model. Never imports torch."""

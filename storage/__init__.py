@@ -1,0 +1,1 @@
+"""SQLAlchemy models, the job/delivery state machine and the on-disk instance store."""
