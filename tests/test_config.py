@@ -1,0 +1,162 @@
+"""Configuration: parsing, validation messages, the reference file, structure-name mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from appliance.config import (
+    Settings,
+    StructureSettings,
+    iter_settings,
+    load_settings,
+    settings_from_dict,
+)
+from pipeline.case import Role
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "config" / "airt.toml"
+
+
+def test_reference_file_is_valid_and_holds_the_defaults() -> None:
+    s = load_settings(REFERENCE)
+    d = Settings()
+    for f in dataclasses.fields(Settings):
+        if f.name in ("peers", "destinations"):
+            continue  # the reference file shows example entries
+        assert getattr(s, f.name) == getattr(d, f.name), f.name
+    assert [p.ae_title for p in s.peers] == ["TPS"]
+    assert [x.name for x in s.destinations] == ["tps"]
+
+
+def _documented_keys(text: str) -> set[str]:
+    """Keys of the reference file that have a comment line right above them, as dotted names."""
+    keys: set[str] = set()
+    table = ""
+    prev = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("[[") and line.endswith("]]"):
+            table = line[2:-2] + "[]"
+        elif line.startswith("[") and line.endswith("]"):
+            table = line[1:-1]
+        elif "=" in line and not line.startswith("#"):
+            key = line.split("=", 1)[0].strip()
+            if prev.startswith("#") or table == "structures.patterns":
+                keys.add(f"{table}.{key}" if table else key)
+        prev = line
+    return keys
+
+
+def test_reference_file_documents_every_setting() -> None:
+    text = REFERENCE.read_text()
+    documented = _documented_keys(text)
+    missing = []
+    for key, f in iter_settings():
+        if key == "structures.patterns":
+            if "[structures.patterns]" not in text:
+                missing.append(key)
+            continue
+        if key not in documented:
+            missing.append(key)
+        else:
+            assert f.metadata.get("doc"), f"{key} has no doc metadata"
+    assert not missing, f"settings not documented in config/airt.toml: {missing}"
+    # every role has patterns in the reference file
+    patterns = tomllib.loads(text)["structures"]["patterns"]
+    assert set(patterns) == {r.value for r in Role}
+
+
+def test_unknown_key_is_refused_with_its_name() -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['stable_age'\] in \[scheduler\]"):
+        settings_from_dict({"scheduler": {"stable_age": 10}})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        settings_from_dict({"nodes": {}})
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"planning": {"method": "magic"}}, r"planning.method = 'magic' is not allowed; allowed values: \['auto', 'ai', 'optimize'\]"),
+        ({"node": {"port": 70000}}, r"node.port must be a TCP port"),
+        ({"node": {"ae_title": "A" * 17}}, r"node.ae_title"),
+        ({"node": {"max_associations": "8"}}, r"node.max_associations must be an integer"),
+        ({"scheduler": {"stable_age_s": -1}}, r"scheduler.stable_age_s must be >= 0"),
+        ({"planning": {"device": "gpu"}}, r"planning.device 'gpu': allowed auto, cpu, cuda, cuda:N"),
+        ({"machine": {"arc_direction": "CCW"}}, r"allowed values: \['CW', 'CC'\]"),
+        ({"goals": [{"structure": "ptv", "metric": "D98", "comparison": ">=", "limit": 38.0}]}, r"goals.metric 'D98'"),
+        ({"goals": [{"structure": "liver", "metric": "Dmean", "comparison": "<=", "limit": 1.0}]}, r"goals.structure 'liver'"),
+        ({"structures": {"patterns": {"spleen": ["spleen"]}}}, r"unknown role 'spleen'"),
+        ({"structures": {"patterns": {"ptv": ["ptv("]}}}, r"bad regular expression"),
+        ({"tls": {"enabled": True}}, r"tls.enabled = true needs"),
+        ({"destinations": [{"name": "a", "ae_title": "X", "host": "h"}]}, r"missing required setting\(s\) \['port'\]"),
+        ({"planning": {"hu_to_density": [[0.0, 1.0], [-10.0, 0.9]]}}, r"strictly increasing HU"),
+        ({"prescription": {"normalisation": "max"}}, r"allowed values: \['ptv_dx', 'ptv_mean', 'none'\]"),
+    ],
+)
+def test_bad_values_are_refused_with_key_and_allowed_values(table: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings_from_dict(table)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.node.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [
+        ("PTV", Role.PTV), ("PTV_4000", Role.PTV), ("ptv 40", Role.PTV), ("PTV_Prostate", Role.PTV),
+        ("PTV 36.25", Role.PTV), ("BLADDER", Role.BLADDER), ("Bladder", Role.BLADDER), ("Blase", Role.BLADDER),
+        ("Rectum_O", Role.RECTUM), ("rectum", Role.RECTUM), ("Rektum", Role.RECTUM), ("External", Role.BODY),
+        ("BODY", Role.BODY), ("Body", Role.BODY), ("Femur_Head_L", Role.FEMUR_HEAD_L),
+        ("Femur_Head_R", Role.FEMUR_HEAD_R), ("FemoralHead_Left", Role.FEMUR_HEAD_L), (" Bladder ", Role.BLADDER),
+    ],
+)
+def test_default_structure_names_map_to_roles(name: str, role: Role) -> None:
+    assert StructureSettings().role_of(name) is role
+
+
+@pytest.mark.parametrize("name", ["CTV", "PTV_Ring", "PTV-CTV", "Prostate", "z_PTV_opt", "Bowel_Small", "PTV∩Rectum"])
+def test_helper_structures_do_not_map(name: str) -> None:
+    assert StructureSettings().role_of(name) is None
+
+
+def test_custom_patterns_replace_defaults() -> None:
+    s = settings_from_dict({"structures": {"patterns": {"ptv": ["zielvolumen"], "bladder": ["hb"]}}})
+    assert s.structures.role_of("Zielvolumen") is Role.PTV
+    assert s.structures.role_of("PTV") is None
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "config", "check", str(REFERENCE)],
+        capture_output=True, text=True, check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "[node]" in ok.stdout and 'ae_title = "AIRT"' in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nprot = 104\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "config", "check", str(bad)],
+        capture_output=True, text=True, check=False,
+    )
+    assert res.returncode == 2
+    assert "unknown setting(s) ['prot'] in [node]" in res.stderr
