@@ -1,0 +1,141 @@
+"""Plan evaluation on the CT grid: DVH metrics per structure and the field-size check.
+
+The dose is computed on the (coarse) dose grid; structures are defined on the (fine) CT grid.
+Metrics are evaluated on the CT grid inside each structure's bounding box, with the dose
+interpolated trilinearly at the CT voxel centres, so small organs are not distorted by a
+4 mm mask resampling. Voxels outside the dose grid receive 0 Gy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.ndimage import map_coordinates
+
+from pipeline.case import Case, Grid, Role
+from pipeline.dvh import structure_metrics
+from pipeline.errors import InputError
+from pipeline.geometry import ArcGeometry
+
+log = logging.getLogger(__name__)
+
+
+def dose_at_ct_voxels(dose: NDArray[np.floating[Any]], dose_grid: Grid, ct_grid: Grid,
+                      box: tuple[slice, slice, slice]) -> NDArray[np.float32]:
+    """Dose (Gy) interpolated at the centres of the CT voxels inside ``box`` ([z, y, x] slices)."""
+    cx, cy, cz = ct_grid.axes_mm()
+    z = cz[box[0]]
+    y = cy[box[1]]
+    x = cx[box[2]]
+    fz = (z - dose_grid.origin_mm[2]) / dose_grid.spacing_mm[2]
+    fy = (y - dose_grid.origin_mm[1]) / dose_grid.spacing_mm[1]
+    fx = (x - dose_grid.origin_mm[0]) / dose_grid.spacing_mm[0]
+    zz, yy, xx = np.meshgrid(fz, fy, fx, indexing="ij")
+    out = map_coordinates(np.asarray(dose, dtype=np.float32), [zz, yy, xx], order=1, mode="constant", cval=0.0)
+    return out.astype(np.float32)
+
+
+def _bbox(mask: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
+    idx = [np.flatnonzero(mask.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))]
+    if any(i.size == 0 for i in idx):
+        return None
+    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)  # type: ignore[return-value]
+
+
+def structure_dvh_inputs(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case,
+                         role: Role) -> tuple[NDArray[np.float32], NDArray[np.bool_]] | None:
+    """(dose at the structure's CT voxels, mask) inside its bounding box, or None when empty."""
+    mask = case.masks[role]
+    box = _bbox(mask)
+    if box is None:
+        return None
+    return dose_at_ct_voxels(dose, dose_grid, case.grid, box), mask[box]
+
+
+def evaluate_structures(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case) -> dict[str, dict[str, Any]]:
+    """DVH metrics of every role present in the case, keyed by role value.
+
+    Each entry holds the original structure name and the metrics of
+    :func:`pipeline.dvh.structure_metrics` (keys with units: ``Dmean_Gy``, ``volume_cm3`` ...).
+    The PTV also gets the Paddick conformity index, computed with the body's prescription isodose
+    volume.
+    """
+    rx = case.prescription.dose_gy
+    vcc = case.grid.voxel_volume_cc
+    out: dict[str, dict[str, Any]] = {}
+    for role in Role:
+        if role not in case.masks:
+            continue
+        inputs = structure_dvh_inputs(dose, dose_grid, case, role)
+        if inputs is None:
+            log.warning("structure %s is empty on the CT grid; no metrics", role.value)
+            continue
+        d, m = inputs
+        metrics = structure_metrics(d, m, vcc, rx_gy=rx)
+        out[role.value] = {"name": case.structure_names.get(role, role.value), **metrics}
+    ptv = out.get(Role.PTV.value)
+    if ptv is not None:
+        ptv["CI_paddick"] = paddick_ci(dose, dose_grid, case)
+    return out
+
+
+def paddick_ci(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case) -> float:
+    """Paddick conformity index (TV_PIV^2 / (TV x PIV)) at the prescription isodose, on the CT grid.
+
+    PIV is counted inside the body (or the whole dose grid when there is no body structure).
+    """
+    rx = case.prescription.dose_gy
+    region = case.masks.get(Role.BODY)
+    if region is None or not region.any():
+        region = np.ones(case.grid.shape, dtype=bool)
+    box = _bbox(region)
+    assert box is not None
+    d = dose_at_ct_voxels(dose, dose_grid, case.grid, box)
+    inside = region[box]
+    ptv = case.masks[Role.PTV][box]
+    piv_mask = (d >= rx) & inside
+    tv = int(ptv.sum())
+    piv = int(piv_mask.sum())
+    tv_piv = int((piv_mask & ptv).sum())
+    if tv == 0 or piv == 0:
+        return 0.0
+    return float(tv_piv * tv_piv / (tv * piv))
+
+
+def check_ptv_fits_field(case: Case, geometry: ArcGeometry, *, margin_mm: float = 5.0) -> float:
+    """Refuse a PTV whose projection does not fit in the BEV field at every control point.
+
+    Returns the largest half-extent (mm, at the isocenter plane) of the PTV over all sectors.
+    """
+    ptv = case.masks[Role.PTV]
+    k, j, i = np.nonzero(ptv)
+    if k.size > 20000:  # surface-ish subsample: the extremes are what matter
+        sel = np.linspace(0, k.size - 1, 20000).astype(np.int64)
+        k, j, i = k[sel], j[sel], i[sel]
+    ox, oy, oz = case.grid.origin_mm
+    dx, dy, dz = case.grid.spacing_mm
+    pts = np.stack([ox + dx * i, oy + dy * j, oz + dz * k], axis=1) - np.asarray(geometry.isocenter_mm)
+    sad = geometry.machine.sad_mm
+    half_x = geometry.machine.bev.half_width_mm
+    half_y = geometry.machine.bev.half_height_mm
+    worst_x = worst_y = 0.0
+    for rot in geometry.sector_rotations():
+        b = pts @ rot  # beam-frame coordinates (x, y, z towards the source)
+        scale = sad / (sad - b[:, 2])
+        worst_x = max(worst_x, float(np.max(np.abs(b[:, 0] * scale))) + 0.5 * dx)
+        worst_y = max(worst_y, float(np.max(np.abs(b[:, 1] * scale))) + 0.5 * dz)
+    if worst_y + margin_mm > half_y:
+        raise InputError(
+            f"the PTV extends {worst_y:.0f} mm from the isocenter along the leaf-pair axis; the "
+            f"{2 * half_y:.0f} mm field of the 5 mm leaves holds at most {half_y - margin_mm:.0f} mm: "
+            "this planner cannot treat a PTV this long (split the target or plan it in the TPS)"
+        )
+    if worst_x + margin_mm > half_x:
+        raise InputError(
+            f"the PTV extends {worst_x:.0f} mm from the isocenter along the leaf-travel axis; the "
+            f"BEV field holds at most {half_x - margin_mm:.0f} mm: plan this target in the TPS"
+        )
+    return max(worst_x, worst_y)
