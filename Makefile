@@ -28,7 +28,7 @@ system-deps:
 	  else echo "missing Debian packages (install as root):$$missing; tests needing them are skipped"; fi; \
 	fi
 
-demo: setup
+demo: setup system-deps
 	$(VENV)/bin/airt demo
 
 test: setup system-deps

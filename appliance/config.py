@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import re
 import tomllib
 import types
@@ -360,7 +361,7 @@ class PlanningSettings:
             if not 0.0 <= v <= 0.5:
                 raise ConfigError(f"planning.{name} must be in [0, 0.5], got {v}")
         hus = [p[0] for p in self.hu_to_density]
-        if len(hus) < 2 or any(b <= a for a, b in zip(hus, hus[1:])):
+        if len(hus) < 2 or any(b <= a for a, b in itertools.pairwise(hus)):
             raise ConfigError("planning.hu_to_density needs >= 2 pairs with strictly increasing HU")
         if any(p[1] < 0 for p in self.hu_to_density):
             raise ConfigError("planning.hu_to_density densities must be >= 0")

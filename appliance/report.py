@@ -82,7 +82,7 @@ def write_report(out_dir: Path, *, metrics: dict[str, Any], dose: NDArray[np.flo
         axis.imshow(ct, cmap="gray", vmin=-300, vmax=400, extent=extent)
         masked = np.ma.masked_less(d, 0.1 * rx)
         im = axis.imshow(masked, cmap="jet", alpha=0.45, vmin=0, vmax=1.1 * rx, extent=extent)
-        axis.contour(ptv[::-1] if name == "axial" else ptv[::-1], levels=[0.5], colors="w", linewidths=0.8,
+        axis.contour(ptv[::-1], levels=[0.5], colors="w", linewidths=0.8,
                      extent=extent)
         axis.set_title(name)
         axis.set_xticks([])
