@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -93,7 +95,7 @@ def test_cumulative_dvh_matches_step_volumes() -> None:
     assert vol[-1] == 0.0 and bins[-1] > dose.max()
     assert np.all(np.diff(vol) <= 1e-12)
     for b in (1.0, 2.5, 7.77):
-        idx = int(round(b / 0.01))
+        idx = round(b / 0.01)
         assert vol[idx] == pytest.approx(volume_at_dose(dose, mask, bins[idx]))
     with pytest.raises(InputError):
         cumulative_dvh(dose, mask, bin_gy=0.0)
@@ -172,7 +174,7 @@ def test_dx_is_monotone_bounded_and_linear_in_dose(seed: int, scale: float, xs: 
     mask[0, 0, 0] = True
     xs = sorted(xs)
     ds = [dose_at_volume_percent(dose, mask, x) for x in xs]
-    assert all(a >= b - 1e-12 for a, b in zip(ds, ds[1:]))
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(ds))
     inside = dose[mask]
     assert all(inside.min() - 1e-12 <= d <= inside.max() + 1e-12 for d in ds)
     for x, d in zip(xs, ds):
