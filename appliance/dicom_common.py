@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import logging
 import math
 import os
@@ -112,7 +113,11 @@ def format_ds(value: float) -> str:
     for digits in range(16, 0, -1):
         text = _tidy_exponent(f"{v:.{digits}g}")
         if len(text) <= 16:
-            return text
+            if math.isfinite(float(text)):
+                return text
+            # Rounding up overflowed (|value| near the largest double): truncate instead.
+            truncated = decimal.Context(prec=digits, rounding=decimal.ROUND_DOWN).create_decimal(v)
+            return _tidy_exponent(f"{truncated:.{digits - 1}e}")
     raise ExportError(f"cannot fit {value!r} into 16 characters")  # pragma: no cover - unreachable
 
 

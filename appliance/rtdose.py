@@ -181,7 +181,7 @@ def write_rtdose(
     # RT Series
     ds.Modality = "RTDOSE"
     ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = None
+    ds.SeriesNumber = 901  # a new series; a number keeps DICOMDIR builders and TPS lists happy
     ds.SeriesDescription = "AIRT dose (research output, not clinically approved)"
     ds.OperatorsName = None
     set_equipment(ds)

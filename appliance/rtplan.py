@@ -233,7 +233,7 @@ def write_rtplan(
     # RT Series
     ds.Modality = "RTPLAN"
     ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = None
+    ds.SeriesNumber = 900  # a new series; a number keeps DICOMDIR builders and TPS lists happy
     ds.SeriesDescription = f"{plan_label} ({RESEARCH_NOTE.lower()})"[:64]
     ds.OperatorsName = None
     # General Equipment
