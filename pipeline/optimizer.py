@@ -1,0 +1,368 @@
+"""The non-learned planning path: gradient optimisation of the arc's fluence maps through a dose engine.
+
+The optimizer is the teacher that makes training plans and the fallback when no trained weights are
+installed. It needs only a differentiable dose engine that is linear in fluence
+(``pipeline.dose_engine.ReferenceDoseEngine`` or any ``torch.nn.Module`` with the same call
+``engine(fluence (n_sectors, rows, cols) MU) -> dose (nz, ny, nx) Gy``).
+
+Method
+------
+1. *Aperture.* The engine's adjoint applied to the PTV mask, ``A^T M_PTV``, gives for every BEV pixel
+   the PTV dose per MU delivered through it (one backward pass, works for any linear engine). Pixels
+   above ``aperture_threshold`` of their map's maximum form the PTV's beam's-eye-view aperture;
+   the optimised pixels are that aperture dilated by ``aperture_margin_px`` pixels; all others stay 0.
+2. *Start.* Constant fluence over the aperture, scaled so that the PTV mean dose equals Rx (one
+   forward pass), unless ``init`` is given.
+3. *Optimisation.* Adam on ``p`` with ``fluence = level * softplus(p)`` (fluence >= 0 everywhere),
+   minimising a weighted sum of scale-free terms (``pipeline.objectives``): the paper's asymmetric
+   PTV term (eq. 7, mean over the PTV, dose in units of Rx), a cold-tail term on the coldest voxels
+   of the PTV, bladder/rectum mean dose and high-dose (hottest part of the organ) terms on the organ
+   outside the PTV, a hinge on a dose ceiling falling off with distance from the PTV in the body
+   (conformity, hot spots outside the PTV), a femoral-head ceiling, fluence smoothness (along leaf
+   travel and between adjacent control points) and, ramped in over the second half, a two-level term
+   pulling each row towards one flat aperture (what the leaf sequencer can deliver).
+
+The dose unit is whatever the engine returns (Gy per fraction in the appliance); ``rx_gy`` must be in
+the same unit. MU normalisation to the prescription happens after sequencing
+(``pipeline.goals.normalisation_factor``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from pipeline import objectives as obj
+from pipeline.errors import PlanningError
+
+log = logging.getLogger(__name__)
+
+#: ``progress(iteration, iterations, loss)`` is called after every iteration (1-based).
+ProgressFn = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class OptimizerWeights:
+    """Weights and settings of the fluence optimizer's objective (all terms are scale-free).
+
+    Parameters
+    ----------
+    lambda_plus, lambda_minus
+        Overdose and underdose weights inside the PTV term (paper eq. 7; hot costs more than cold).
+    ptv
+        Weight of the PTV homogeneity term.
+    cold_tail, cold_tail_fraction, cold_tail_level
+        Weight of a squared hinge below ``cold_tail_level`` x Rx on the coldest ``cold_tail_fraction``
+        of the PTV (drives D98 up).
+    oar_mean
+        Weight of the mean dose (in units of Rx) of bladder and rectum outside the PTV.
+    oar_high, oar_high_level, oar_high_fraction
+        Weight of a squared hinge above ``oar_high_level`` x Rx on the hottest ``oar_high_fraction``
+        of bladder and rectum outside the PTV.
+    femur, femur_level
+        Weight of a squared hinge above ``femur_level`` x Rx in the femoral heads.
+    ring, ring_floor_fraction, ring_falloff_mm
+        Weight of the conformity term: a squared hinge in the body outside the PTV above the ceiling
+        ``Rx (floor + (1.05 - floor) exp(-r / falloff))``, r the distance from the PTV (mm).
+    smooth
+        Weight of the fluence smoothness term (squared finite differences, relative to the level).
+    total_variation
+        Weight of the total variation along leaf travel (favours flat open intervals).
+    two_level
+        Weight of the two-level (deliverability) term, ramped in linearly over the second half.
+    learning_rate
+        Adam step on the softplus parameter (dimensionless).
+    aperture_threshold
+        Fraction (0-1) of a map's maximum adjoint value above which a pixel belongs to the aperture.
+    aperture_margin_px
+        Dilation of the aperture (BEV pixels) defining the pixels that may carry fluence.
+    """
+
+    lambda_plus: float = 2.0
+    lambda_minus: float = 1.0
+    ptv: float = 100.0
+    cold_tail: float = 200.0
+    cold_tail_fraction: float = 0.05
+    cold_tail_level: float = 0.98
+    oar_mean: float = 0.5
+    oar_high: float = 20.0
+    oar_high_level: float = 0.85
+    oar_high_fraction: float = 0.1
+    femur: float = 10.0
+    femur_level: float = 0.5
+    ring: float = 20.0
+    ring_floor_fraction: float = 0.25
+    ring_falloff_mm: float = 15.0
+    smooth: float = 0.05
+    total_variation: float = 0.0
+    two_level: float = 0.5
+    learning_rate: float = 0.08
+    aperture_threshold: float = 0.3
+    aperture_margin_px: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_plus", "lambda_minus", "learning_rate"):
+            if not getattr(self, name) > 0:
+                raise PlanningError(f"optimizer weight {name} must be > 0, got {getattr(self, name)}")
+        for name in ("ptv", "cold_tail", "oar_mean", "oar_high", "femur", "ring", "smooth",
+                     "total_variation", "two_level", "aperture_margin_px"):
+            if getattr(self, name) < 0:
+                raise PlanningError(f"optimizer weight {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("cold_tail_fraction", "oar_high_fraction", "aperture_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise PlanningError(f"optimizer setting {name} must be in (0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class OptimizationResult:
+    """What the optimizer returns.
+
+    Attributes
+    ----------
+    fluence
+        Optimised fluence maps, MU per pixel, shape (n_sectors, rows, cols), float32, >= 0.
+    dose
+        Dose of ``fluence`` from the engine (engine units, Gy), shape (nz, ny, nx), float32.
+    history
+        Total loss after each iteration (dimensionless).
+    seconds
+        Wall time of the whole optimisation, s.
+    terms
+        The final value of each objective term (unweighted), for diagnostics.
+    """
+
+    fluence: NDArray[np.float32]
+    dose: NDArray[np.float32]
+    history: list[float]
+    seconds: float
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+def _fluence_shape(engine: Any, init: torch.Tensor | None) -> tuple[int, int, int]:
+    if init is not None:
+        if init.ndim != 3:
+            raise PlanningError(f"init fluence must be (n_sectors, rows, cols), got shape {tuple(init.shape)}")
+        return (int(init.shape[0]), int(init.shape[1]), int(init.shape[2]))
+    shape = getattr(engine, "fluence_shape", None)
+    if shape is not None:
+        return (int(shape[0]), int(shape[1]), int(shape[2]))
+    geometry = getattr(engine, "geometry", None)
+    if geometry is not None:
+        bev = geometry.machine.bev
+        return (int(geometry.arc.n_sectors), int(bev.n_rows), int(bev.n_cols))
+    return (180, 40, 40)
+
+
+def _spacing_mm(engine: Any) -> tuple[float, float, float]:
+    grid = getattr(engine, "grid", None)
+    if grid is None:
+        log.debug("engine has no .grid: assuming a 4 mm dose grid for the conformity fall-off")
+        return (4.0, 4.0, 4.0)
+    return tuple(float(s) for s in grid.spacing_mm)  # type: ignore[return-value]
+
+
+def _dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """Binary dilation of (n, rows, cols) maps by ``px`` pixels in the map plane (square element)."""
+    if px <= 0:
+        return mask
+    m = mask.to(torch.float32).unsqueeze(1)
+    m = torch.nn.functional.max_pool2d(m, kernel_size=2 * px + 1, stride=1, padding=px)
+    return m.squeeze(1) > 0.5
+
+
+def ptv_aperture(engine: Callable[[torch.Tensor], torch.Tensor], ptv: torch.Tensor,
+                 shape: tuple[int, int, int], *, threshold: float, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PTV's BEV aperture from the engine's adjoint (one forward and one backward pass).
+
+    Returns ``(aperture, adjoint)``: a boolean (n_sectors, rows, cols) map of pixels whose PTV dose
+    per MU is at least ``threshold`` of their map's maximum, and ``A^T M_PTV`` itself (Gy/MU summed
+    over PTV voxels).
+    """
+    probe = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
+    dose = engine(probe)
+    (adj,) = torch.autograd.grad((dose * ptv.to(dose.dtype)).sum(), probe)
+    adj = adj.detach()
+    peak = adj.amax(dim=(1, 2), keepdim=True)
+    if not bool((peak > 0).all()):
+        raise PlanningError(
+            "some control points deliver no dose to the PTV through any BEV pixel; check the "
+            "isocenter (PTV centroid) and that the PTV lies inside the dose grid"
+        )
+    return adj >= threshold * peak, adj
+
+
+def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
+    y = y.clamp_min(1e-6)
+    return torch.where(y > 20, y, torch.log(torch.expm1(y)))
+
+
+def optimize_fluence(
+    engine: Callable[[torch.Tensor], torch.Tensor],
+    masks_on_dose_grid: Mapping[str, torch.Tensor],
+    *,
+    rx_gy: float,
+    iterations: int = 150,
+    init: torch.Tensor | None = None,
+    weights: OptimizerWeights | None = None,
+    progress: ProgressFn | None = None,
+) -> OptimizationResult:
+    """Optimise the arc's fluence maps for a homogeneous PTV dose with OAR sparing.
+
+    Parameters
+    ----------
+    engine
+        Differentiable dose engine, linear in fluence: ``engine(fluence) -> dose``. The fluence shape
+        is taken from ``init``, else ``engine.fluence_shape``, else ``engine.geometry`` (arc sectors
+        and BEV grid), else (180, 40, 40). ``engine.grid.spacing_mm`` (if present) scales the
+        conformity fall-off.
+    masks_on_dose_grid
+        Boolean (or 0-1 weight) masks on the engine's dose grid by role (``pipeline.case.Role`` or its
+        string value): ``ptv`` required; ``bladder``, ``rectum``, ``body``, ``femur_head_l/r`` used
+        when present.
+    rx_gy
+        Prescribed dose in the engine's dose unit (Gy per fraction for the appliance), > 0.
+    iterations
+        Adam iterations (>= 1); each costs one forward and one backward pass of the engine.
+    init
+        Starting fluence (n_sectors, rows, cols) MU; default: flat over the PTV aperture at PTV mean = Rx.
+    weights
+        Objective weights and settings; :class:`OptimizerWeights` defaults when ``None``.
+    progress
+        Called as ``progress(iteration, iterations, loss)`` after every iteration.
+
+    Returns
+    -------
+    OptimizationResult
+        Fluence (MU, >= 0, zero outside the dilated PTV aperture), its dose, the loss history,
+        the wall time and the final terms.
+    """
+    t0 = time.perf_counter()
+    w = weights or OptimizerWeights()
+    if not rx_gy > 0:
+        raise PlanningError(f"prescription must be > 0 Gy, got {rx_gy}")
+    if iterations < 1:
+        raise PlanningError(f"optimizer iterations must be >= 1, got {iterations}")
+    if "ptv" not in masks_on_dose_grid:
+        raise PlanningError("the optimizer needs a PTV mask on the dose grid")
+    ptv_b = masks_on_dose_grid["ptv"]
+    device = ptv_b.device
+    dtype = torch.float32
+    ptv = ptv_b.to(dtype)
+    if float(ptv.sum()) <= 0:
+        raise PlanningError("the PTV mask is empty on the dose grid; use a finer planning.dose_grid_mm")
+    shape = _fluence_shape(engine, init)
+    outside = 1.0 - (ptv > 0.5).to(dtype)
+
+    def mask(role: str) -> torch.Tensor | None:
+        m = masks_on_dose_grid.get(role)
+        if m is None or not bool(m.any()):
+            return None
+        return m.to(device=device, dtype=dtype)
+
+    oars = {r: m * outside for r in ("bladder", "rectum") if (m := mask(r)) is not None}
+    oars = {r: m for r, m in oars.items() if float(m.sum()) > 0}
+    femurs = [m for r in ("femur_head_l", "femur_head_r") if (m := mask(r)) is not None]
+    body = mask("body")
+    region = (body if body is not None else torch.ones_like(ptv)) * outside
+    ceiling = torch.as_tensor(
+        obj.falloff_reference(
+            (ptv > 0.5).cpu().numpy(), _spacing_mm(engine), rx_gy,
+            floor_fraction=w.ring_floor_fraction, falloff_mm=w.ring_falloff_mm,
+        ),
+        device=device,
+    )
+
+    aperture, _ = ptv_aperture(engine, ptv, shape, threshold=w.aperture_threshold, device=device, dtype=dtype)
+    free = _dilate(aperture, w.aperture_margin_px).to(dtype)
+
+    with torch.no_grad():
+        if init is None:
+            start = aperture.to(dtype)
+            d1 = engine(start)
+            mean_ptv = float((d1 * ptv).sum() / ptv.sum())
+            if not mean_ptv > 0:
+                raise PlanningError("an open PTV aperture gives no PTV dose; check the engine and the masks")
+            start = start * (rx_gy / mean_ptv)
+        else:
+            start = init.to(device=device, dtype=dtype).clamp_min(0.0) * free
+        level = float(start[start > 0].mean()) if bool((start > 0).any()) else 1.0
+        rel = start / level
+        rel = torch.where(free > 0, rel.clamp_min(0.05), rel)
+        p0 = _inv_softplus(rel)
+    param = p0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=w.learning_rate)
+    history: list[float] = []
+    terms: dict[str, torch.Tensor] = {}
+    log.info("optimizer: %d iterations, %d of %d pixels free, level %.3g MU, rx %.3g Gy",
+             iterations, int(free.sum()), free.numel(), level, rx_gy)
+
+    def fluence_of(p: torch.Tensor) -> torch.Tensor:
+        return level * torch.nn.functional.softplus(p) * free
+
+    for it in range(iterations):
+        opt.zero_grad(set_to_none=True)
+        flu = fluence_of(param)
+        dose = engine(flu)
+        terms = {
+            "ptv": obj.ptv_homogeneity_term(dose, ptv, rx_gy, w.lambda_plus, w.lambda_minus),
+            "cold_tail": obj.lower_dvh_term(dose, ptv, w.cold_tail_level * rx_gy, w.cold_tail_fraction, rx_gy),
+            "ring": obj.hinge_mean_term(dose, region, ceiling, rx_gy),
+            "smooth": obj.smoothness_term(flu, level),
+        }
+        for r, m in oars.items():
+            terms[f"{r}_mean"] = obj.mean_dose_term(dose, m, rx_gy)
+            terms[f"{r}_high"] = obj.upper_dvh_term(dose, m, w.oar_high_level * rx_gy, w.oar_high_fraction, rx_gy)
+        for i, m in enumerate(femurs):
+            terms[f"femur_{i}"] = obj.hinge_mean_term(dose, m, w.femur_level * rx_gy, rx_gy)
+        if w.total_variation > 0:
+            terms["tv"] = obj.total_variation_term(flu, level)
+        ramp = max(0.0, (it + 1 - 0.5 * iterations) / (0.5 * iterations))
+        if w.two_level > 0 and ramp > 0:
+            terms["two_level"] = obj.two_level_term(flu)
+        weight_of = {
+            "ptv": w.ptv, "cold_tail": w.cold_tail, "ring": w.ring, "smooth": w.smooth,
+            "tv": w.total_variation, "two_level": w.two_level * ramp,
+        }
+        loss = flu.new_zeros(())
+        for name, value in terms.items():
+            if name.endswith("_mean"):
+                k = w.oar_mean
+            elif name.endswith("_high"):
+                k = w.oar_high
+            elif name.startswith("femur_"):
+                k = w.femur
+            else:
+                k = weight_of[name]
+            loss = loss + k * value
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise PlanningError(
+                f"the fluence optimizer diverged at iteration {it + 1} (loss {lv}); lower the learning rate"
+            )
+        history.append(lv)
+        if progress is not None:
+            progress(it + 1, iterations, lv)
+
+    with torch.no_grad():
+        flu = fluence_of(param)
+        dose = engine(flu)
+    seconds = time.perf_counter() - t0
+    log.info("optimizer: loss %.4g -> %.4g in %.1f s", history[0], history[-1], seconds)
+    return OptimizationResult(
+        fluence=flu.detach().cpu().numpy().astype(np.float32),
+        dose=dose.detach().cpu().numpy().astype(np.float32),
+        history=history,
+        seconds=seconds,
+        terms={k: float(v.detach()) for k, v in terms.items()},
+    )
