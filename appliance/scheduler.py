@@ -1,0 +1,211 @@
+"""The scheduler: turns received studies into planning jobs once they are stable and complete.
+
+Rules (checked every ``scheduler.poll_interval_s``; a study is *stable* when it has received no
+new instance for ``scheduler.stable_age_s``, the StableAge of Orthanc; a study arriving over
+several associations is one study):
+
+* a stable study holding an RT Structure Set whose Frame of Reference is that of a CT series in
+  the study becomes a PENDING job over that CT series + the structure set (the newest structure set
+  when there are several; the CT series it names, else the largest on that frame of reference);
+* a stable study with an RT Structure Set but no CT series, or whose structure sets reference no
+  CT series' frame of reference, becomes a FAILED job whose reason says what is missing;
+* a study with CT only is waited for (contouring often comes later): after
+  :data:`CT_ONLY_WAIT_S` without a structure set it becomes a FAILED job saying so;
+* a study that receives new instances after a job was created gets a new job with the new
+  instance fingerprint (never mixed into the old one); older jobs of that study still PENDING
+  become SUPERSEDED. A running job is left to finish.
+
+Jobs are unique per (study, instance fingerprint) by a database constraint, so several ticks or
+processes cannot create the same job twice. Case-level checks (slices, PTV, names) happen in the
+worker and become FAILED jobs with the loader's message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from appliance.config import Settings
+from storage.db import Database
+from storage.models import Instance, Job, JobEvent, JobInstance, Series, Study
+from storage.states import JobState, transition, utcnow
+
+log = logging.getLogger(__name__)
+
+CT_ONLY_WAIT_S = 86400.0
+"""How long a study holding CT but no RT Structure Set waits before it becomes a FAILED job, s."""
+
+
+def fingerprint(instances: Sequence[Instance]) -> str:
+    """SHA-256 over the sorted ``sop_instance_uid:sha256`` lines: the identity of an instance set."""
+    lines = sorted(f"{i.sop_instance_uid}:{i.sha256}" for i in instances)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a stable study becomes: a job over ``instances`` (PENDING) or a FAILED job (``reason``)."""
+
+    instances: tuple[Instance, ...]
+    reason: str | None = None
+    ct_series_uid: str | None = None
+    rtstruct_uid: str | None = None
+    wait: bool = False
+    """True: not decidable yet (CT only, waiting for a structure set)."""
+
+
+def decide(study: Study, instances: Sequence[Instance], series: Sequence[Series], now: dt.datetime,
+           ct_only_wait_s: float = CT_ONLY_WAIT_S) -> Decision:
+    """Decide what a stable study becomes (see the module docstring); pure, no database access."""
+    by_series: dict[int, list[Instance]] = {}
+    for inst in instances:
+        by_series.setdefault(inst.series_id, []).append(inst)
+    ct_series = [s for s in series if s.modality == "CT" and s.id in by_series]
+    rtstructs = sorted((i for i in instances if i.modality == "RTSTRUCT"),
+                       key=lambda i: (i.received_at, i.id), reverse=True)
+    if not rtstructs:
+        age = (now - study.first_received_at).total_seconds()
+        if age < ct_only_wait_s:
+            return Decision((), wait=True)
+        return Decision(tuple(instances), reason=(
+            f"study {study.study_uid} holds {len(ct_series)} CT series but no RT Structure Set after "
+            f"{age / 3600:.1f} h; send the structure set (PTV, bladder, rectum, body) to plan it"))
+    if not ct_series:
+        return Decision(tuple(instances), reason=(
+            f"study {study.study_uid} holds an RT Structure Set but no CT series; send the planning CT "
+            "series (same Frame of Reference) and the study is planned again"))
+    for rs in rtstructs:
+        candidates = [s for s in ct_series if s.frame_of_reference_uid == rs.frame_of_reference_uid]
+        if not candidates:
+            continue
+        named = [s for s in candidates if s.series_uid == rs.referenced_series_uid]
+        ct = named[0] if named else max(candidates, key=lambda s: (len(by_series[s.id]), s.id))
+        members = (*by_series[ct.id], rs)
+        return Decision(members, ct_series_uid=ct.series_uid, rtstruct_uid=rs.sop_instance_uid)
+    fors = sorted({str(s.frame_of_reference_uid) for s in ct_series})
+    return Decision(tuple(instances), reason=(
+        f"study {study.study_uid}: no RT Structure Set references the Frame of Reference of a CT series "
+        f"(structure sets reference {sorted({str(r.frame_of_reference_uid) for r in rtstructs})}, "
+        f"CT series have {fors}); export the structure set drawn on this CT"))
+
+
+class StudyScheduler:
+    """Creates jobs from stable studies; :meth:`tick` is one pass, :meth:`start` runs it periodically.
+
+    Parameters
+    ----------
+    settings
+        ``scheduler`` and ``planning.method`` are used.
+    db
+        The queue database.
+    ct_only_wait_s
+        See :data:`CT_ONLY_WAIT_S`.
+    """
+
+    def __init__(self, settings: Settings, db: Database, *, ct_only_wait_s: float = CT_ONLY_WAIT_S) -> None:
+        self.settings = settings
+        self.db = db
+        self.ct_only_wait_s = ct_only_wait_s
+        self._bg: BackgroundScheduler | None = None
+
+    def tick(self, now: dt.datetime | None = None) -> list[int]:
+        """One pass over stable studies with instances not yet scheduled; returns new job ids."""
+        now = now or utcnow()
+        cutoff = now - dt.timedelta(seconds=self.settings.scheduler.stable_age_s)
+        with self.db.session() as s:
+            study_ids = list(s.scalars(
+                select(Study.id).where(
+                    Study.last_received_at <= cutoff,
+                    (Study.scheduled_through.is_(None)) | (Study.scheduled_through < Study.last_received_at),
+                ).order_by(Study.last_received_at)
+            ))
+        created: list[int] = []
+        for sid in study_ids:
+            try:
+                with self.db.session() as s:
+                    job_id = self._schedule_study(s, sid, now)
+            except IntegrityError:
+                # Another tick or process created this (study, fingerprint) job first.
+                log.debug("study %d: job already created elsewhere", sid)
+                with self.db.session() as s:
+                    st = s.get(Study, sid)
+                    if st is not None:
+                        st.scheduled_through = st.last_received_at
+                continue
+            if job_id is not None:
+                created.append(job_id)
+        return created
+
+    def _schedule_study(self, s: Session, study_id: int, now: dt.datetime) -> int | None:
+        study = s.get(Study, study_id)
+        if study is None:
+            return None
+        series = list(s.scalars(select(Series).where(Series.study_id == study_id)))
+        instances = list(s.scalars(
+            select(Instance).join(Series, Series.id == Instance.series_id).where(Series.study_id == study_id)))
+        d = decide(study, instances, series, now, self.ct_only_wait_s)
+        if d.wait:
+            return None
+        fp = fingerprint(d.instances)
+        study.scheduled_through = study.last_received_at
+        if s.scalar(select(Job.id).where(Job.study_id == study_id, Job.instance_fingerprint == fp)) is not None:
+            return None
+        state = JobState.PENDING if d.reason is None else JobState.FAILED
+        job = Job(study_id=study_id, study_uid=study.study_uid, instance_fingerprint=fp,
+                  ct_series_uid=d.ct_series_uid, rtstruct_uid=d.rtstruct_uid, state=state,
+                  method=self.settings.planning.method.value, created_at=now, updated_at=now,
+                  finished_at=None if d.reason is None else now, failure_reason=d.reason)
+        s.add(job)
+        s.flush()
+        s.add_all(JobInstance(job_id=job.id, instance_id=i.id) for i in d.instances)
+        s.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=state,
+                       message=d.reason or f"{len(d.instances)} instances, CT series {d.ct_series_uid}"))
+        if state == JobState.PENDING:
+            older = s.scalars(select(Job.id).where(Job.study_id == study_id, Job.id != job.id,
+                                                   Job.state == JobState.PENDING))
+            for old_id in list(older):
+                transition(s, old_id, {JobState.PENDING}, JobState.SUPERSEDED,
+                           f"superseded by job {job.id}: the study received new instances")
+            log.info("job %d created for study %s: %d instances (CT series %s, RTSTRUCT %s)", job.id,
+                     study.study_uid, len(d.instances), d.ct_series_uid, d.rtstruct_uid)
+        else:
+            log.warning("job %d created FAILED for study %s: %s", job.id, study.study_uid, d.reason)
+        return job.id
+
+    def start(self, extra: Sequence[tuple[str, object]] = ()) -> None:
+        """Run :meth:`tick` (and each ``(name, callable)`` in ``extra``) every poll interval in a
+        background thread (APScheduler; one run at a time per callable, missed runs coalesced)."""
+        interval = self.settings.scheduler.poll_interval_s
+        bg = BackgroundScheduler(timezone=dt.UTC)
+        bg.add_job(self._safe_tick, "interval", seconds=interval, id="studies", max_instances=1,
+                   coalesce=True, next_run_time=utcnow())
+        for name, fn in extra:
+            bg.add_job(fn, "interval", seconds=interval, id=name, max_instances=1, coalesce=True,
+                       next_run_time=utcnow())
+        bg.start()
+        self._bg = bg
+
+    def _safe_tick(self) -> None:
+        try:
+            self.tick()
+        except Exception:
+            log.exception("scheduler pass failed; retrying at the next poll")
+
+    def stop(self) -> None:
+        """Stop the background thread (waits for a running pass)."""
+        if self._bg is not None:
+            self._bg.shutdown(wait=True)
+            self._bg = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the background scheduler is running."""
+        return self._bg is not None and bool(self._bg.running)

@@ -1,0 +1,378 @@
+"""The Storage SCP: C-ECHO, and C-STORE of CT images and RT Structure Sets into the instance store.
+
+A C-STORE handler does four things only: check the peer and SOP class (negotiation and
+``EVT_REQUESTED`` already did most of it), write the file atomically, insert its row, return a
+status. It never plans. Received bytes are written as sent (file meta + dataset, never decoded
+and re-encoded); with ``pynetdicom._config.STORE_RECV_CHUNKED_DATASET`` the dataset arrives in a
+temporary file, so large instances go to disk, not memory. Only the header is parsed
+(``stop_before_pixels``).
+
+C-STORE statuses the node answers
+---------------------------------
+========  ====================================================================================
+0x0000    Success: the file is on disk (fsynced, renamed) and its row committed; also for an
+          exact duplicate (same SOP Instance UID, same bytes).
+0xA700    Out of resources: free disk below ``storage.min_free_disk_mb``.
+0xA701    Out of resources: the dataset is larger than ``node.max_dataset_bytes``.
+0xA900    Dataset does not match SOP class: SOP Class/Instance UID in the dataset differ from
+          the C-STORE request.
+0xC210    Cannot understand: the dataset cannot be parsed, or required attributes are missing.
+0xC211    Cannot understand: a UID (study, series, SOP instance, frame of reference) is not a
+          valid UID; nothing is written (UIDs become file names only after validation).
+0xC212    Refused: an instance with this SOP Instance UID but different content is already
+          stored. The first version is kept and a ``node_events`` row records the conflict.
+          (A failure, not a warning: a warning would tell the sender the data was stored.)
+0xC213    Processing failure: the node could not write the file or the row (see its log).
+========  ====================================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from appliance.config import Settings
+from appliance.uids import check_uid
+from pipeline.errors import AirtError, InputError
+from storage.db import Database
+from storage.instance_store import InstanceStore, read_chunks
+from storage.instances import InstanceHeader, RegisterOutcome, classify, register_instance
+from storage.states import utcnow
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_TOO_LARGE = 0xA701
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_INVALID_UID = 0xC211
+STATUS_CONFLICT = 0xC212
+STATUS_PROCESSING_FAILURE = 0xC213
+
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+"""Transfer syntaxes accepted for storage (listed explicitly, not 'everything pydicom knows')."""
+
+STORAGE_SOP_CLASSES = {str(CTImageStorage): "CT", str(RTStructureSetStorage): "RTSTRUCT"}
+"""SOP classes accepted for storage -> the modality the node files them under."""
+
+MiB = 1024 * 1024
+
+
+class StoreRefusedError(AirtError):
+    """An instance was refused; ``status`` is the C-STORE status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _first(ds: Dataset, *path: str) -> Any:
+    """Follow ``Seq, Seq, ..., Attribute`` through the first item of each sequence (None if absent)."""
+    cur: Any = ds
+    for name in path[:-1]:
+        seq = getattr(cur, name, None)
+        if not seq:
+            return None
+        cur = seq[0]
+    return getattr(cur, path[-1], None)
+
+
+def parse_header(source: Path | bytes, *, expected_class: str, expected_uid: str) -> InstanceHeader:
+    """Parse and validate the header of a received instance (DICOM file format, with file meta).
+
+    Parameters
+    ----------
+    source
+        A file path or the encoded bytes (preamble, file meta, dataset).
+    expected_class, expected_uid
+        AffectedSOPClassUID and AffectedSOPInstanceUID of the C-STORE request.
+
+    Raises
+    ------
+    StoreRefusedError
+        With the status to answer (0xC210, 0xC211 or 0xA900) and a message naming the attribute.
+    """
+    try:
+        fp: Any = io.BytesIO(source) if isinstance(source, bytes) else source
+        ds = dcmread(fp, stop_before_pixels=True)
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        sop_class = str(ds.SOPClassUID)
+        sop_uid = ds.SOPInstanceUID
+        study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
+        modality = STORAGE_SOP_CLASSES.get(sop_class)
+        if modality == "CT":
+            for_uid = ds.FrameOfReferenceUID
+            ref_series = None
+        else:
+            for_uid = _first(ds, "ReferencedFrameOfReferenceSequence", "FrameOfReferenceUID")
+            ref_series = _first(ds, "ReferencedFrameOfReferenceSequence", "RTReferencedStudySequence",
+                                "RTReferencedSeriesSequence", "SeriesInstanceUID")
+    except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, EOFError, OSError,
+            IndexError, NotImplementedError) as exc:
+        raise StoreRefusedError(STATUS_CANNOT_UNDERSTAND,
+                           f"instance {expected_uid}: cannot parse the dataset: {exc}") from exc
+    if sop_class != expected_class or str(sop_uid) != expected_uid:
+        raise StoreRefusedError(STATUS_DATASET_MISMATCH,
+                           f"dataset SOP Class/Instance UID {sop_class}/{sop_uid} differ from the C-STORE "
+                           f"request's {expected_class}/{expected_uid}")
+    if modality is None:
+        raise StoreRefusedError(STATUS_DATASET_MISMATCH, f"SOP class {sop_class} is not stored by this node")
+    try:
+        hdr = InstanceHeader(
+            study_uid=check_uid(study_uid, "StudyInstanceUID"),
+            series_uid=check_uid(series_uid, "SeriesInstanceUID"),
+            sop_instance_uid=check_uid(sop_uid, "SOPInstanceUID"),
+            sop_class_uid=sop_class,
+            modality=modality,
+            transfer_syntax_uid=check_uid(ts, "TransferSyntaxUID"),
+            frame_of_reference_uid=None if for_uid is None else check_uid(for_uid, "FrameOfReferenceUID"),
+            referenced_series_uid=None if ref_series is None else check_uid(ref_series, "referenced SeriesInstanceUID"),
+        )
+    except InputError as exc:
+        raise StoreRefusedError(STATUS_INVALID_UID, str(exc)) from exc
+    return hdr
+
+
+@dataclass
+class _AssocStats:
+    calling: str
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server-side TLS context from ``[tls]``, or None when TLS is off."""
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file)
+    ctx.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+class StorageSCP:
+    """The node's Storage SCP bound to a database and an instance store.
+
+    Parameters
+    ----------
+    settings
+        ``node``, ``peers``, ``tls`` and ``storage`` are used.
+    db
+        The queue database (rows are committed before Success is answered).
+    store
+        Where instance files go.
+    """
+
+    def __init__(self, settings: Settings, db: Database, store: InstanceStore) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self._server: ThreadedAssociationServer | None = None
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self._allowed = {(p.ae_title.strip(), p.host) for p in settings.peers}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def build_ae(self) -> AE:
+        """The pynetdicom AE with the node's contexts, limits and timeouts."""
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.add_supported_context(Verification)
+        for sop_class in (CTImageStorage, RTStructureSetStorage):
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_bytes
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        return ae
+
+    def start(self) -> tuple[str, int]:
+        """Start listening (returns at once); returns the bound (address, port)."""
+        # Receive C-STORE data into a temporary file instead of memory (process-wide switch,
+        # set only by the node that owns this process).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        node = self.settings.node
+        ae = self.build_ae()
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        server = ae.start_server(
+            (node.bind_address, node.port), block=False, evt_handlers=handlers,
+            ssl_context=make_ssl_context(self.settings),
+        )
+        assert server is not None  # block=False always returns the server
+        self._server = server
+        host, port = server.server_address[:2]
+        log.info("Storage SCP %s listening on %s:%d%s", node.ae_title, host, port,
+                 " (TLS)" if self.settings.tls.enabled else "")
+        return str(host), int(port)
+
+    @property
+    def port(self) -> int:
+        """The port the SCP listens on (after :meth:`start`)."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not started")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("Storage SCP stopped")
+
+    # -- event handlers ---------------------------------------------------------------------------
+
+    def peer_allowed(self, calling_aet: str, address: str) -> bool:
+        """Whether a calling AE title connecting from ``address`` may associate."""
+        node = self.settings.node
+        if node.allow_any_calling_aet:
+            return True
+        for ae_title, host in self._allowed:
+            if ae_title == calling_aet.strip() and (not node.check_peer_host or not host or host == address):
+                return True
+        return False
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = str(cast(A_ASSOCIATE, assoc.requestor.primitive).calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        if not self.peer_allowed(calling, address):
+            log.warning("association from AE %r at %s rejected: not in [[peers]]%s", calling, address,
+                        " (address checked)" if self.settings.node.check_peer_host else "")
+            # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised.
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            self._stats[id(assoc)] = _AssocStats(str(assoc.requestor.ae_title).strip())
+        log.info("association from AE %r at %s:%s accepted", str(assoc.requestor.ae_title).strip(),
+                 assoc.requestor.address, assoc.requestor.port)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            st = self._stats.pop(id(event.assoc), None)
+        if st is not None:
+            how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+            log.info("association from AE %r %s: %d instance(s) stored, %d duplicate(s), %d refused",
+                     st.calling, how, st.stored, st.duplicates, st.refused)
+
+    def _count(self, event: evt.Event, field: str) -> None:
+        with self._lock:
+            st = self._stats.get(id(event.assoc))
+            if st is not None:
+                setattr(st, field, getattr(st, field) + 1)
+
+    def _on_store(self, event: evt.Event) -> int:
+        req = cast(C_STORE, event.request)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        sop_uid = str(req.AffectedSOPInstanceUID)
+        try:
+            outcome = self.store_instance(event, calling)
+        except StoreRefusedError as exc:
+            self._count(event, "refused")
+            log.warning("C-STORE of %s from AE %r refused (0x%04X): %s", sop_uid[:64], calling, exc.status, exc)
+            return exc.status
+        except Exception:
+            self._count(event, "refused")
+            log.exception("C-STORE of %s from AE %r failed while storing", sop_uid[:64], calling)
+            return STATUS_PROCESSING_FAILURE
+        if outcome == RegisterOutcome.CONFLICT:
+            self._count(event, "refused")
+            return STATUS_CONFLICT
+        self._count(event, "stored" if outcome == RegisterOutcome.NEW else "duplicates")
+        return STATUS_SUCCESS
+
+    # -- the store itself -------------------------------------------------------------------------
+
+    def store_instance(self, event: evt.Event, calling: str) -> RegisterOutcome:
+        """Write one received instance and its row; see the module docstring for the statuses.
+
+        Raises
+        ------
+        StoreRefusedError
+            When the instance is refused (the status to answer is on the exception).
+        """
+        req = cast(C_STORE, event.request)
+        expected_class = str(req.AffectedSOPClassUID)
+        expected_uid = str(req.AffectedSOPInstanceUID)
+        free_mb = shutil.disk_usage(self.store.root).free / MiB
+        if free_mb < self.settings.storage.min_free_disk_mb:
+            raise StoreRefusedError(STATUS_OUT_OF_RESOURCES,
+                               f"only {free_mb:.0f} MiB free in {self.store.root} "
+                               f"(storage.min_free_disk_mb = {self.settings.storage.min_free_disk_mb})")
+        source: Path | bytes
+        try:
+            source = Path(event.dataset_path)
+            size = source.stat().st_size
+        except AttributeError:  # chunked receive off: the bytes are in memory
+            source = event.encoded_dataset()
+            size = len(source)
+        if size > self.settings.node.max_dataset_bytes:
+            raise StoreRefusedError(STATUS_TOO_LARGE, f"dataset of {size} bytes exceeds node.max_dataset_bytes = "
+                                                 f"{self.settings.node.max_dataset_bytes}")
+        hdr = parse_header(source, expected_class=expected_class, expected_uid=expected_uid)
+        rel = self.store.relative_path(hdr.study_uid, hdr.series_uid, hdr.sop_instance_uid)
+        written = self.store.write_temp(rel, _chunks(source))
+        renamed = False
+        try:
+            with self.db.session() as s:
+                outcome = classify(s, hdr.sop_instance_uid, written.sha256)
+                if outcome == RegisterOutcome.NEW:
+                    self.store.commit(written)
+                    renamed = True
+                register_instance(s, hdr, path=rel, size_bytes=written.size_bytes, sha256=written.sha256,
+                                  calling_ae_title=calling, received_at=utcnow())
+        except BaseException:
+            if renamed:  # the row did not commit: the file must not stay without it
+                written.final_path.unlink(missing_ok=True)
+            raise
+        finally:
+            self.store.discard(written)  # no-op after a successful rename
+        if outcome == RegisterOutcome.NEW:
+            log.debug("stored %s %s of study %s from AE %r", hdr.modality, hdr.sop_instance_uid, hdr.study_uid, calling)
+        elif outcome == RegisterOutcome.DUPLICATE:
+            log.info("duplicate %s %s from AE %r: already stored, answered Success", hdr.modality,
+                     hdr.sop_instance_uid, calling)
+        return outcome
+
+
+def _chunks(source: Path | bytes) -> Iterator[bytes]:
+    if isinstance(source, bytes):
+        yield source
+        return
+    with source.open("rb") as fh:
+        yield from read_chunks(cast(BinaryIO, fh))
