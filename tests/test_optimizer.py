@@ -116,6 +116,9 @@ class ToyArc(torch.nn.Module):
     (a crude scatter) by a 3x3x3 box filter.
     """
 
+    lat: torch.Tensor
+    att: torch.Tensor
+
     def __init__(self, n_sectors: int = 12, n: int = 24, rows: int = 12, cols: int = 12) -> None:
         super().__init__()
         self.fluence_shape = (n_sectors, rows, cols)
@@ -135,18 +138,15 @@ class ToyArc(torch.nn.Module):
         self.register_buffer("att", torch.stack(atten))  # (S, n, n)
 
     def forward(self, fluence: torch.Tensor) -> torch.Tensor:
-        s, rows, cols = fluence.shape
+        s, rows, _cols = fluence.shape
         nz = self.n
         zidx = torch.clamp(torch.arange(nz) * rows // nz, max=rows - 1)  # row r -> slices [2r, 2r + 2)
-        prof = fluence[:, zidx, :]  # (S, nz, cols)
-        img = prof.unsqueeze(1)  # (S, 1, nz, cols) sampled along the lateral axis per slice
-        out = []
-        for z in range(nz):
-            line = img[:, :, z : z + 1, :]  # (S, 1, 1, cols)
-            grid = self.lat.reshape(s, 1, -1, 2)
-            v = torch.nn.functional.grid_sample(line, grid, align_corners=False, padding_mode="zeros")
-            out.append(v.reshape(s, self.n, self.n) * self.att)
-        dose = torch.stack(out, dim=1).sum(0)  # (nz, n, n)
+        img = fluence[:, zidx, :].unsqueeze(1)  # (S, 1, nz, cols): one lateral profile per slice
+        zc = (2 * torch.arange(nz, dtype=fluence.dtype) + 1) / nz - 1  # slice centres, normalised
+        lat = self.lat[..., 0].reshape(s, 1, -1).expand(s, nz, -1)
+        grid = torch.stack([lat, zc.view(1, nz, 1).expand_as(lat)], dim=-1)  # (S, nz, n*n, 2)
+        v = torch.nn.functional.grid_sample(img, grid, align_corners=False, padding_mode="zeros")
+        dose = (v.reshape(s, nz, self.n, self.n) * self.att.unsqueeze(1)).sum(0)  # (nz, n, n)
         dose = torch.nn.functional.avg_pool3d(dose[None, None], 3, stride=1, padding=1)[0, 0]
         return 0.01 * dose
 
