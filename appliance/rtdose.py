@@ -208,7 +208,7 @@ def write_rtdose(
     ds.FrameIncrementPointer = Tag("GridFrameOffsetVector")
     ds.DoseUnits = DoseUnits.GY.value
     ds.DoseType = DoseType.PHYSICAL.value
-    ds.DoseComment = "Total plan dose (all fractions); research output, not clinically approved"
+    ds.DoseComment = "Plan dose, all fractions; research, not clinically approved"
     ds.DoseSummationType = DoseSummationType.PLAN.value
     ref_plan = Dataset()
     ref_plan.ReferencedSOPClassUID = RTPlanStorage

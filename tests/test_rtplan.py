@@ -267,6 +267,7 @@ def test_round_trip_every_control_point(tmp_path: Path) -> None:
     beam = plan.beams[0]
     assert beam.n_control_points == seq.gantry_deg.size == 181
     np.testing.assert_allclose(beam.gantry_deg, seq.gantry_deg, rtol=0, atol=1e-9)
+    assert beam.leaves_mm is not None
     np.testing.assert_allclose(beam.leaves_mm, seq.leaves_mm, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(beam.jaws_mm, seq.jaws_mm, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(beam.cumulative_mu, seq.cumulative_mu, rtol=1e-12, atol=1e-12)
@@ -418,7 +419,7 @@ def test_reads_the_dicompyler_example_plan() -> None:
         assert beam.leaves_mm is not None and beam.leaves_mm.shape == (beam.n_control_points, 60, 2)
         assert np.all(beam.leaves_mm[..., 0] <= beam.leaves_mm[..., 1])
         last = raw_beam.ControlPointSequence[-1]
-        mlc = [d for d in last.BeamLimitingDevicePositionSequence if d.RTBeamLimitingDeviceType == "MLCX"][0]
+        mlc = next(d for d in last.BeamLimitingDevicePositionSequence if d.RTBeamLimitingDeviceType == "MLCX")
         np.testing.assert_array_equal(beam.leaves_mm[-1, :, 1], [float(v) for v in mlc.LeafJawPositions[60:]])
     with pytest.raises(ExportError, match="single-direction arc"):
         arc_sequence_from_beam(plan.beams[0])
