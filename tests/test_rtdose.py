@@ -181,3 +181,28 @@ def test_refuses_bad_input(tmp_path: Path, change: str, message: str) -> None:
     with pytest.raises(ExportError, match=message):
         write_rtdose(out, dose_gy=dose, grid=DOSE_GRID, case=case, plan_sop_instance_uid=plan_uid)
     assert not out.exists()
+
+
+def test_reads_the_absolute_offset_form(tmp_path: Path) -> None:
+    """Some systems write GridFrameOffsetVector as z coordinates (first value = z of the IPP)."""
+    path, _, _ = _write(tmp_path, "HFS")
+    ds = pydicom.dcmread(path)
+    z0 = float(ds.ImagePositionPatient[2])
+    ds.GridFrameOffsetVector = [str(z0 + float(v)) for v in ds.GridFrameOffsetVector]
+    absolute = tmp_path / "absolute.dcm"
+    ds.save_as(absolute)
+    dose, grid = read_rtdose(absolute)
+    assert grid == read_rtdose(path)[1]
+    np.testing.assert_allclose(dose, _dose(), atol=_dose().max() * 2.0**-30)
+
+
+def test_logs_name_uids_but_never_the_patient(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    case = write_source_case(tmp_path / "src", "HFS")
+    machine = MachineModel()
+    plan_uid = write_rtplan(tmp_path / "p.dcm", sequence=make_arc(machine, n_sectors=4), machine=machine,
+                            case=case, isocenter_mm=(0.0, 0.0, 0.0), fractions=5, rx_gy=40.0,
+                            dose_rate_mu_min=600.0)
+    write_rtdose(tmp_path / "d.dcm", dose_gy=_dose(), grid=DOSE_GRID, case=case, plan_sop_instance_uid=plan_uid)
+    assert plan_uid in caplog.text
+    assert "Phantom" not in caplog.text and "PHANTOM01" not in caplog.text
