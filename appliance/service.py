@@ -34,7 +34,6 @@ from appliance.scheduler import StudyScheduler
 from appliance.scp import StorageSCP, StoreRefusedError, parse_header
 from appliance.scu import Deliverer
 from appliance.worker import Worker
-from pipeline.errors import AirtError
 from storage.db import Database, record_node_event
 from storage.instance_store import InstanceStore, sha256_file
 from storage.instances import RegisterOutcome, register_instance
@@ -79,7 +78,7 @@ def recover(settings: Settings, db: Database, store: InstanceStore) -> RecoveryR
             transition_delivery(s, d_id, {DeliveryState.SENDING}, DeliveryState.PENDING,
                                 values={"next_try_at": utcnow(), "last_error": "node restarted while sending"})
             rep.deliveries_requeued += 1
-        known = dict(s.execute(select(Instance.path, Instance.id)).tuples())
+        known = {str(p): int(i) for p, i in s.execute(select(Instance.path, Instance.id))}
     on_disk = set(store.iter_files())
     for rel in sorted(on_disk - set(known)):
         path = store.absolute(rel)
@@ -101,7 +100,7 @@ def recover(settings: Settings, db: Database, store: InstanceStore) -> RecoveryR
                 rep.files_registered += 1
             else:
                 raise StoreRefusedError(0, "another file holds this SOP Instance UID")
-        except (AirtError, OSError, ValueError, AttributeError, KeyError, TypeError, EOFError) as exc:
+        except Exception as exc:  # unreadable in any way (pydicom raises many types): quarantine
             dst = store.quarantine(rel, str(exc))
             rep.files_quarantined += 1
             with db.session() as s:

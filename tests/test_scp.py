@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from io import BytesIO
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +199,7 @@ def test_echo_and_store_case_written_atomically(scp: StorageSCP, tmp_path: Path)
 
 def test_dcmtk_storescu_implicit_vr_and_duplicate_is_idempotent(scp: StorageSCP, tmp_path: Path) -> None:
     storescu = require_tool("storescu")
-    case = write_case(tmp_path / "case", n_slices=3)
+    write_case(tmp_path / "case", n_slices=3)
     cmd = [storescu, "-aet", PEER, "-aec", "AIRT", "-xi", "+sd", "+r", "-nh", "127.0.0.1", str(scp.port),
            str(tmp_path / "case")]
     for _ in range(2):  # the second push is all duplicates: still Success

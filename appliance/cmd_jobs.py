@@ -1,0 +1,186 @@
+"""``airt jobs list|show ID|retry ID|cancel ID``: inspect and steer the job queue (physicists)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sqlalchemy import select
+
+from appliance.config import load_settings
+from pipeline.errors import InputError
+from storage.db import Database
+from storage.models import Delivery, Job, JobEvent
+from storage.states import DeliveryState, JobState, transition, transition_delivery
+
+RETRYABLE = {JobState.FAILED, JobState.CANCELLED, JobState.SUPERSEDED}
+CANCELLABLE = {JobState.PENDING, JobState.RUNNING}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``airt jobs``."""
+    parser.add_argument("--config", metavar="PATH", help="TOML configuration file")
+    sub = parser.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    ls = sub.add_parser("list", help="the newest jobs, one line each")
+    ls.add_argument("--state", choices=[s.value for s in JobState], help="only jobs in this state")
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    for name, text in (("show", "state history, reasons, timings, DVH metrics and goal results of a job"),
+                       ("retry", "re-queue a failed/cancelled/superseded job; for a succeeded job, resend "
+                                 "its failed deliveries"),
+                       ("cancel", "cancel a pending or running job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id", type=int, metavar="ID")
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _time(t: Any) -> str:
+    return "-" if t is None else t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _get_job(s: Any, job_id: int) -> Job:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise InputError(f"there is no job {job_id}; see airt jobs list")
+    return job  # type: ignore[no-any-return]
+
+
+def cmd_list(db: Database, state: str | None, limit: int) -> int:
+    """Print the newest jobs."""
+    with db.session() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == JobState(state))
+        jobs = list(s.scalars(q))
+    print(f"{'ID':>5}  {'STATE':<10} {'CREATED (UTC)':<19}  {'METHOD':<8} {'D98 Gy':>7} {'HI':>6}  STUDY / REASON")
+    for j in jobs:
+        tail = j.study_uid + (f"  {j.failure_reason[:80]}" if j.failure_reason else "")
+        print(f"{j.id:>5}  {j.state.value:<10} {_time(j.created_at):<19}  {_fmt(j.method):<8} "
+              f"{_fmt(j.ptv_d98_gy):>7} {_fmt(j.ptv_hi, 3):>6}  {tail}")
+    if not jobs:
+        print("(no jobs)")
+    return 0
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    structures = metrics.get("structures")
+    if isinstance(structures, dict) and structures:
+        keys: list[str] = []
+        for m in structures.values():
+            if isinstance(m, dict):
+                keys += [k for k in m if k not in keys and isinstance(m[k], int | float)]
+        keys = keys[:10]
+        print("\nDVH metrics of the final dose:")
+        print(f"  {'structure':<14}" + "".join(f"{k:>12}" for k in keys))
+        for name, m in structures.items():
+            if isinstance(m, dict):
+                print(f"  {name:<14}" + "".join(f"{_fmt(m.get(k), 3):>12}" for k in keys))
+    goals = metrics.get("goals")
+    if isinstance(goals, list) and goals:
+        print("\nClinical goals:")
+        for g in goals:
+            if not isinstance(g, dict):
+                continue
+            ok = g.get("passed", g.get("pass"))
+            mark = "PASS" if ok else "FAIL" if ok is not None else "  ? "
+            desc = " ".join(str(g.get(k, "")) for k in ("structure", "metric", "comparison", "limit"))
+            print(f"  [{mark}] {desc:<30} value {_fmt(g.get('value'), 3)}  (priority {g.get('priority', '-')})")
+    plan = metrics.get("plan")
+    if isinstance(plan, dict) and "total_MU" in plan:
+        print(f"\nPlan: {_fmt(plan.get('total_MU'), 1)} MU, {plan.get('control_points', '-')} control points")
+
+
+def cmd_show(db: Database, job_id: int) -> int:
+    """Print everything known about one job."""
+    with db.session() as s:
+        job = _get_job(s, job_id)
+        events = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+        deliveries = list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+    print(f"Job {job.id}: {job.state.value}")
+    print(f"  study            {job.study_uid}")
+    print(f"  CT series        {_fmt(job.ct_series_uid)}")
+    print(f"  RT Struct        {_fmt(job.rtstruct_uid)}")
+    print(f"  method           {_fmt(job.method)}    attempts {job.attempts}    worker {_fmt(job.worker)}")
+    print(f"  created/started/finished (UTC)  {_time(job.created_at)} / {_time(job.started_at)} / "
+          f"{_time(job.finished_at)}")
+    print(f"  output           {_fmt(job.output_dir)}")
+    if job.failure_reason:
+        print(f"  reason           {job.failure_reason}")
+    print("\nHistory:")
+    for e in events:
+        frm = e.from_state.value if e.from_state else "(new)"
+        print(f"  {_time(e.at)}  {frm:>10} -> {e.to_state.value:<10} {e.message or ''}")
+    if job.timings:
+        print("\nTimings (s):")
+        for k, v in job.timings.items():
+            if isinstance(v, dict):
+                print(f"  {k}: " + ", ".join(f"{sk} {_fmt(sv, 3)}" for sk, sv in v.items()))
+            else:
+                print(f"  {k:<16} {_fmt(v, 3)}")
+    if job.metrics:
+        _print_metrics(job.metrics)
+    if deliveries:
+        print("\nDeliveries:")
+        for d in deliveries:
+            print(f"  {d.destination:<16} {d.ae_title}@{d.host}:{d.port}  {d.state.value:<9} attempts {d.attempts}"
+                  + (f"  next try {_time(d.next_try_at)}" if d.state == DeliveryState.PENDING else "")
+                  + (f"  last error: {d.last_error}" if d.last_error else ""))
+    return 0
+
+
+def cmd_retry(db: Database, job_id: int) -> int:
+    """Re-queue a job, or resend a succeeded job's failed deliveries."""
+    with db.session() as s:
+        job = _get_job(s, job_id)
+        if job.state in RETRYABLE:
+            transition(s, job_id, {job.state}, JobState.PENDING, "re-queued by airt jobs retry",
+                       values={"attempts": 0, "started_at": None})
+            print(f"job {job_id}: {job.state.value} -> PENDING")
+            return 0
+        if job.state == JobState.SUCCEEDED:
+            failed = list(s.scalars(select(Delivery).where(Delivery.job_id == job_id,
+                                                           Delivery.state == DeliveryState.FAILED)))
+            from storage.states import utcnow
+
+            for d in failed:
+                transition_delivery(s, d.id, {DeliveryState.FAILED}, DeliveryState.PENDING,
+                                    values={"next_try_at": utcnow(), "attempts": 0})
+            print(f"job {job_id}: {len(failed)} failed delivery(ies) re-queued")
+            return 0
+    raise InputError(f"job {job_id} is {job.state.value}; only {sorted(s.value for s in RETRYABLE)} jobs "
+                     "can be retried (or SUCCEEDED ones with failed deliveries)")
+
+
+def cmd_cancel(db: Database, job_id: int) -> int:
+    """Cancel a pending or running job (a running plan is stopped by its worker)."""
+    with db.session() as s:
+        job = _get_job(s, job_id)
+        if job.state not in CANCELLABLE:
+            raise InputError(f"job {job_id} is {job.state.value}; only PENDING or RUNNING jobs can be cancelled")
+        transition(s, job_id, {job.state}, JobState.CANCELLED, "cancelled by airt jobs cancel")
+    print(f"job {job_id}: {job.state.value} -> CANCELLED")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the chosen action."""
+    settings = load_settings(args.config)
+    db = Database(settings.database_url)
+    try:
+        if args.jobs_command == "list":
+            return cmd_list(db, args.state, args.limit)
+        if args.jobs_command == "show":
+            return cmd_show(db, args.job_id)
+        if args.jobs_command == "retry":
+            return cmd_retry(db, args.job_id)
+        return cmd_cancel(db, args.job_id)
+    finally:
+        db.dispose()
+
+
