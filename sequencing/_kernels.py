@@ -253,9 +253,7 @@ def control_point_leaves(
 
 
 @njit(cache=True)
-def _step(
-    a_prev: float, b_prev: float, a_t: float, b_t: float, d: float, min_gap: float
-) -> tuple[float, float]:
+def _step(a_prev: float, b_prev: float, a_t: float, b_t: float, d: float, min_gap: float) -> tuple[float, float]:
     """Move a leaf pair from ``(a_prev, b_prev)`` towards ``(a_t, b_t)`` by at most ``d`` each.
 
     Keeps ``b - a >= min_gap`` (the previous pair satisfies it, so a solution always exists).
@@ -312,9 +310,7 @@ def limit_leaf_travel(leaves: np.ndarray, max_travel: np.ndarray, min_gap: float
         fa[0] = leaves[0, p, 0]
         fb[0] = leaves[0, p, 1]
         for k in range(n1 - 1):
-            fa[k + 1], fb[k + 1] = _step(
-                fa[k], fb[k], leaves[k + 1, p, 0], leaves[k + 1, p, 1], max_travel[k], min_gap
-            )
+            fa[k + 1], fb[k + 1] = _step(fa[k], fb[k], leaves[k + 1, p, 0], leaves[k + 1, p, 1], max_travel[k], min_gap)
         ba = np.empty(n1)
         bb = np.empty(n1)
         ba[n1 - 1] = leaves[n1 - 1, p, 0]

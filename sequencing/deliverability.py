@@ -67,9 +67,7 @@ def _bank(side: int, pair: int) -> str:
     return f"{side + 1}{pair + 1:02d}"
 
 
-def check_deliverable(
-    seq: ArcSequence, machine: MachineModel, *, allow_gantry_slowdown: bool = False
-) -> list[str]:
+def check_deliverable(seq: ArcSequence, machine: MachineModel, *, allow_gantry_slowdown: bool = False) -> list[str]:
     """Human-readable violations of the machine's limits; an empty list means deliverable.
 
     One message per kind of violation, with the count and the worst case (segment,
@@ -95,8 +93,7 @@ def check_deliverable(
     n_pairs = machine.n_leaf_pairs
     if seq.leaves_mm.shape != (n_cp, n_pairs, 2):
         return [
-            f"leaf positions have shape {seq.leaves_mm.shape}; machine {machine.name!r} needs "
-            f"({n_cp}, {n_pairs}, 2)"
+            f"leaf positions have shape {seq.leaves_mm.shape}; machine {machine.name!r} needs ({n_cp}, {n_pairs}, 2)"
         ]
     for name in ("gantry_deg", "leaves_mm", "jaws_mm", "cumulative_mu"):
         if not np.isfinite(getattr(seq, name)).all():

@@ -106,8 +106,9 @@ class ArcSequence:
             object.__setattr__(self, name, arr)
         n_cp = self.gantry_deg.shape[0] if self.gantry_deg.ndim == 1 else -1
         if n_cp < 2:
-            raise SequencingError(f"ArcSequence needs a 1-D gantry_deg of >= 2 control points, got shape "
-                                  f"{self.gantry_deg.shape}")
+            raise SequencingError(
+                f"ArcSequence needs a 1-D gantry_deg of >= 2 control points, got shape {self.gantry_deg.shape}"
+            )
         if self.leaves_mm.ndim != 3 or self.leaves_mm.shape[0] != n_cp or self.leaves_mm.shape[2] != 2:
             raise SequencingError(
                 f"ArcSequence leaves_mm must have shape ({n_cp}, n_pairs, 2), got {self.leaves_mm.shape}"
@@ -177,8 +178,7 @@ def _check_inputs(fluence: NDArray[np.floating], arc: ArcSpec, machine: MachineM
         )
     if machine.min_leaf_gap_mm >= bev.pixel_mm:
         raise SequencingError(
-            f"machine min_leaf_gap_mm ({machine.min_leaf_gap_mm}) must be smaller than a BEV pixel "
-            f"({bev.pixel_mm} mm)"
+            f"machine min_leaf_gap_mm ({machine.min_leaf_gap_mm}) must be smaller than a BEV pixel ({bev.pixel_mm} mm)"
         )
     if machine.min_mu_per_deg > machine.max_mu_per_deg:
         raise SequencingError(
@@ -186,7 +186,9 @@ def _check_inputs(fluence: NDArray[np.floating], arc: ArcSpec, machine: MachineM
         )
 
 
-def allowed_leaf_travel_mm(segment_mu: NDArray[np.float64], delta_deg: float, machine: MachineModel) -> NDArray[np.float64]:
+def allowed_leaf_travel_mm(
+    segment_mu: NDArray[np.float64], delta_deg: float, machine: MachineModel
+) -> NDArray[np.float64]:
     """Largest leaf move per segment without slowing the gantry below the MU/angle time, mm.
 
     ``max_leaf_speed x max(delta_deg / max gantry speed, MU / max dose rate)``.
@@ -255,7 +257,10 @@ def sequence_arc(
     if n_high:
         logger.warning(
             "%d of %d sectors need more than %.3g MU/deg (max %.4g MU); their MU was capped",
-            n_high, arc.n_sectors, machine.max_mu_per_deg, float(level.max()),
+            n_high,
+            arc.n_sectors,
+            machine.max_mu_per_deg,
+            float(level.max()),
         )
 
     bev_leaves = _kernels.control_point_leaves(is_open, lo, hi, dlg, gap, limit)
