@@ -558,7 +558,7 @@ def load_settings(path: str | Path | None = None, *, overrides: dict[str, Any] |
     return settings_from_dict(table)
 
 
-def iter_settings(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field[Any]]]:
+def iter_settings(cls: Any = Settings, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field[Any]]]:
     """Every leaf setting as (dotted key, field); lists of tables use ``name[]`` keys."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -70,9 +70,9 @@ class Grid:
     def axes_mm(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         """Voxel-centre coordinates along x, y and z (mm)."""
         nz, ny, nx = self.shape
-        x = self.origin_mm[0] + self.spacing_mm[0] * np.arange(nx)
-        y = self.origin_mm[1] + self.spacing_mm[1] * np.arange(ny)
-        z = self.origin_mm[2] + self.spacing_mm[2] * np.arange(nz)
+        x = np.asarray(self.origin_mm[0] + self.spacing_mm[0] * np.arange(nx), dtype=np.float64)
+        y = np.asarray(self.origin_mm[1] + self.spacing_mm[1] * np.arange(ny), dtype=np.float64)
+        z = np.asarray(self.origin_mm[2] + self.spacing_mm[2] * np.arange(nz), dtype=np.float64)
         return x, y, z
 
     @property

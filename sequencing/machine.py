@@ -70,11 +70,11 @@ class BevGrid:
 
     def col_edges_mm(self) -> NDArray[np.float64]:
         """Pixel edges along x (n_cols + 1 values), mm."""
-        return -self.half_width_mm + self.pixel_mm * np.arange(self.n_cols + 1)
+        return np.asarray(-self.half_width_mm + self.pixel_mm * np.arange(self.n_cols + 1), dtype=np.float64)
 
     def row_edges_mm(self) -> NDArray[np.float64]:
         """Pixel edges along y (n_rows + 1 values), mm."""
-        return -self.half_height_mm + self.pixel_mm * np.arange(self.n_rows + 1)
+        return np.asarray(-self.half_height_mm + self.pixel_mm * np.arange(self.n_rows + 1), dtype=np.float64)
 
 
 @dataclass(frozen=True)
