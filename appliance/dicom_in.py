@@ -127,7 +127,9 @@ def load_case(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"case folder {folder} does not exist or is not a folder; pass a folder of DICOM files")
+        raise InputError(
+            f"case folder {folder} does not exist or is not a folder; pass a folder of DICOM files"
+        )
     cts, rtstructs = _scan_folder(folder)
     if not cts:
         raise InputError(
@@ -279,10 +281,13 @@ def rasterise_polygons(
     if row_s.size == 0:
         return mask
     rows, inverse = np.unique(row_s, return_inverse=True)
-    diff = np.zeros((rows.size, nx + 1), dtype=np.int8)
-    np.add.at(diff, (inverse, i_s), 1)
-    np.add.at(diff, (inverse, i_e + 1), -1)
-    filled = np.cumsum(diff, axis=1, dtype=np.int8)[:, :nx] > 0
+    # +1 where a span starts, -1 after it ends; spans are disjoint, so the running sum is 0 or 1.
+    width = nx + 1
+    size = rows.size * width
+    diff = np.bincount(inverse * width + i_s, minlength=size) - np.bincount(
+        inverse * width + i_e + 1, minlength=size
+    )
+    filled = np.cumsum(diff.reshape(rows.size, width), axis=1)[:, :nx] > 0
     mask.reshape(nz * ny, nx)[rows] = filled
     return mask
 
@@ -461,8 +466,8 @@ def _floats(value: object, n: int, what: str, inst: _Instance) -> NDArray[np.flo
         ) from exc
     if arr.shape != (n,) or not np.all(np.isfinite(arr)):
         raise InputError(
-            f"CT slice {inst.sop_uid} ({inst.path.name}) has {what} {list(arr)}, expected {n} finite numbers; "
-            "the file is not valid CT DICOM"
+            f"CT slice {inst.sop_uid} ({inst.path.name}) has {what} {list(arr)}, expected {n} finite "
+            "numbers; the file is not valid CT DICOM"
         )
     return arr
 
@@ -516,8 +521,8 @@ def _ct_geometry(series_uid: str, instances: list[_Instance]) -> _CtGeometry:
         sp = _floats(ds.PixelSpacing, 2, "PixelSpacing", inst)
         if np.any(np.abs(sp - spacing) > 1e-4):
             raise InputError(
-                f"CT series {series_uid} has inconsistent pixel spacing: {list(spacing)} mm and {list(sp)} mm "
-                f"(slice {inst.sop_uid}); send one consistent series"
+                f"CT series {series_uid} has inconsistent pixel spacing: {list(spacing)} mm and "
+                f"{list(sp)} mm (slice {inst.sop_uid}); send one consistent series"
             )
         o = _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", inst)
         if np.any(np.abs(o - iop) > 1e-4):
@@ -569,8 +574,8 @@ def _ct_geometry(series_uid: str, instances: list[_Instance]) -> _CtGeometry:
     shift = np.abs(in_plane - in_plane[0]).max()
     if shift > IN_PLANE_SHIFT_TOLERANCE_PX:
         raise InputError(
-            f"CT series {series_uid}: ImagePositionPatient moves in-plane by {shift:.2f} pixels across slices "
-            "(a tilted or sheared acquisition); only untilted axial CTs can be planned"
+            f"CT series {series_uid}: ImagePositionPatient moves in-plane by {shift:.2f} pixels across "
+            "slices (a tilted or sheared acquisition); only untilted axial CTs can be planned"
         )
     # Canonical grid. Stored pixel [r, c] lies at IPP + c*spacing[1]*row_cos + r*spacing[0]*col_cos.
     transpose = ra[0] == 1  # columns run along y, rows along x
@@ -614,7 +619,9 @@ def _read_pixels(inst: _Instance, rows: int, cols: int) -> NDArray[np.float32]:
     except Exception as exc:
         raise InputError(f"CT slice {inst.sop_uid} ({inst.path.name}) cannot be read again: {exc}") from exc
     if "PixelData" not in ds:
-        raise InputError(f"CT slice {inst.sop_uid} ({inst.path.name}) has no pixel data; send the series again")
+        raise InputError(
+            f"CT slice {inst.sop_uid} ({inst.path.name}) has no pixel data; send the series again"
+        )
     spp = int(ds.get("SamplesPerPixel", 1))
     if spp != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
         raise InputError(
@@ -629,11 +636,14 @@ def _read_pixels(inst: _Instance, rows: int, cols: int) -> NDArray[np.float32]:
         got = len(ds.PixelData)
         if got not in (expected, expected + 1):  # one padding byte keeps the value length even
             raise InputError(
-                f"CT slice {inst.sop_uid} ({inst.path.name}) has {got} bytes of pixel data, expected {expected} "
-                f"for {rows}x{cols} pixels of {bits} bits; the file is damaged: send the series again"
+                f"CT slice {inst.sop_uid} ({inst.path.name}) has {got} bytes of pixel data, expected "
+                f"{expected} for {rows}x{cols} pixels of {bits} bits; the file is damaged: send the series "
+                "again"
             )
     try:
-        arr = ds.pixel_array
+        arr = _native_pixels(ds, syntax, rows, cols)
+        if arr is None:
+            arr = ds.pixel_array
     except Exception as exc:
         raise InputError(
             f"CT slice {inst.sop_uid} ({inst.path.name}): pixel data cannot be decoded (transfer syntax "
@@ -641,8 +651,8 @@ def _read_pixels(inst: _Instance, rows: int, cols: int) -> NDArray[np.float32]:
         ) from exc
     if arr.shape != (rows, cols):
         raise InputError(
-            f"CT slice {inst.sop_uid} ({inst.path.name}) decodes to shape {arr.shape}, expected ({rows}, {cols}); "
-            "the file is damaged: send the series again"
+            f"CT slice {inst.sop_uid} ({inst.path.name}) decodes to shape {arr.shape}, expected "
+            f"({rows}, {cols}); the file is damaged: send the series again"
         )
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
@@ -652,6 +662,23 @@ def _read_pixels(inst: _Instance, rows: int, cols: int) -> NDArray[np.float32]:
     if intercept != 0.0:
         out += np.float32(intercept)
     return out
+
+
+def _native_pixels(ds: Dataset, syntax: str, rows: int, cols: int) -> NDArray[np.integer] | None:
+    """Uncompressed little-endian 16-bit pixels straight from the bytes (pydicom's decoder
+    framework costs more than the copy); None for anything else, which pydicom decodes."""
+    if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+        return None
+    stored = int(ds.get("BitsStored", 16))
+    high_bit = int(ds.get("HighBit", stored - 1))
+    if int(ds.get("BitsAllocated", 0)) != 16 or not 1 <= stored <= 16 or high_bit != stored - 1:
+        return None
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    arr = np.frombuffer(ds.PixelData, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+    if stored < 16:  # bits above BitsStored are not part of the value: sign-extend or mask them
+        shift = 16 - stored
+        arr = (arr << shift) >> shift if signed else arr & np.uint16((1 << stored) - 1)
+    return arr
 
 
 def _read_ct_volume(geometry: _CtGeometry) -> NDArray[np.float32]:
@@ -776,8 +803,8 @@ def _structure_masks(
         roi_frame = str(roi.get("ReferencedFrameOfReferenceUID", "") or "")
         if roi_frame and roi_frame != ct_frame:
             raise InputError(
-                f"ROI {label}, mapped to {role.value}, references frame of reference {roi_frame}, not the CT's "
-                f"{ct_frame}; it was drawn on another image: register and copy it to the planning CT"
+                f"ROI {label}, mapped to {role.value}, references frame of reference {roi_frame}, not the "
+                f"CT's {ct_frame}; it was drawn on another image: register and copy it to the planning CT"
             )
         polys, closed, outside = _roi_polygons(contours_by_roi.get(number, []), geometry, label)
         if outside:
@@ -797,8 +824,9 @@ def _structure_masks(
         ptv_names = [n for n in all_names if structures.role_of(n) is Role.PTV]
         if ptv_names:
             raise InputError(
-                f"the PTV of RT Structure Set {rtstruct.sop_uid} ({ptv_names}) is empty: its contour set has no "
-                "closed planar contour on the CT slices; contour the PTV on the planning CT and send it again"
+                f"the PTV of RT Structure Set {rtstruct.sop_uid} ({ptv_names}) is empty: its contour set has "
+                "no closed planar contour on the CT slices; contour the PTV on the planning CT and send it "
+                "again"
             )
         raise InputError(
             f"RT Structure Set {rtstruct.sop_uid} has no ROI recognised as the PTV; ROI names found: "

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 from appliance.config import StructureSettings
 from appliance.dicom_in import (
@@ -250,7 +250,8 @@ def write_rtstruct(path: Path, spec: CtSpec, rois: list[Roi], *, frame_uid: str 
 
 
 def square(cx: float, cy: float, half: float) -> NDArray[np.float64]:
-    return np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]])
+    lo_x, hi_x, lo_y, hi_y = cx - half, cx + half, cy - half, cy + half
+    return np.array([[lo_x, lo_y], [hi_x, lo_y], [hi_x, hi_y], [lo_x, hi_y]])
 
 
 def circle(cx: float, cy: float, r: float, n: int = 180) -> NDArray[np.float64]:
@@ -268,14 +269,18 @@ def standard_rois(spec: CtSpec) -> list[Roi]:
         Roi("BODY", [(zz, square(0.0, 0.0, 44.0)) for zz in z]),
         Roi("PTV_40", [(zz, circle(3.0, -2.0, 20.0)) for zz in z[5:15]]),
         # a hole: outer 30 mm square with a 14 mm square cut out
-        Roi("Rectum", [(zz, c) for zz in z[4:10] for c in (square(-20.0, 25.0, 15.0), square(-20.0, 25.0, 7.0))]),
+        Roi("Rectum", [(zz, c) for zz in z[4:10]
+                       for c in (square(-20.0, 25.0, 15.0), square(-20.0, 25.0, 7.0))]),
         # two contours on each slice
-        Roi("Bladder", [(zz, c) for zz in z[8:12] for c in (square(-30.0, -30.0, 6.0), square(30.0, -30.0, 6.0))]),
+        Roi("Bladder", [(zz, c) for zz in z[8:12]
+                        for c in (square(-30.0, -30.0, 6.0), square(30.0, -30.0, 6.0))]),
         Roi("Couch", [(zz, square(0.0, 40.0, 3.0)) for zz in z]),
     ]
 
 
-def build(tmp_path: Path, *, position: str = "HFS", shuffle: bool = False, **kw: object) -> tuple[Path, CtSpec]:
+def build(
+    tmp_path: Path, *, position: str = "HFS", shuffle: bool = False, **kw: object
+) -> tuple[Path, CtSpec]:
     spec = make_ct(position=position, **kw)  # type: ignore[arg-type]
     folder = tmp_path / "case"
     write_ct(spec, folder / "ct", shuffle=shuffle)
@@ -369,7 +374,9 @@ def test_hu_from_slope_and_per_slice_intercept(tmp_path: Path) -> None:
     assert case.ct_hu.min() >= -1019.0 and case.ct_hu.max() <= 2 * 1999 - 1000.0
 
 
-def test_shuffled_slice_order_and_ignored_non_dicom_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_shuffled_slice_order_and_ignored_non_dicom_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder, spec = build(tmp_path, shuffle=True)
     (folder / "notes.txt").write_text("not DICOM\n")
     (folder / "ct" / "DICOMDIR_junk.bin").write_bytes(b"\x00" * 300)
@@ -511,7 +518,8 @@ def test_rasteriser_ignores_degenerate_input() -> None:
     grid = Grid(origin_mm=(0.0, 0.0, 0.0), spacing_mm=(1.0, 1.0, 1.0), shape=(2, 10, 10))
     pts = np.array([[1.0, 1.0], [5.0, 5.0]])
     flat = np.array([[1.0, 2.0], [5.0, 2.0], [8.0, 2.0]])
-    assert not rasterise_polygons([(0, pts), (5, square(4, 4, 3)), (-1, square(4, 4, 3)), (1, flat)], grid).any()
+    polys = [(0, pts), (5, square(4, 4, 3)), (-1, square(4, 4, 3)), (1, flat)]
+    assert not rasterise_polygons(polys, grid).any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,7 +591,9 @@ def test_refuses_missing_slices(tmp_path: Path) -> None:
 
 def test_refuses_uneven_spacing(tmp_path: Path) -> None:
     folder, spec = build(tmp_path)
-    edit(spec.paths[7], lambda ds: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], -25.0 + 7 * 2.5 + 1.0]))
+    shifted = -25.0 + 7 * 2.5 + 1.0
+    edit(spec.paths[7],
+         lambda ds: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], shifted]))
     with pytest.raises(InputError, match="uneven slice spacing"):
         load(folder)
 
@@ -670,7 +680,8 @@ def test_refuses_no_ptv_and_lists_names(tmp_path: Path) -> None:
     folder = tmp_path / "case"
     write_ct(spec, folder)
     z = slice_z(spec)
-    write_rtstruct(folder / "rs.dcm", spec, [Roi("Bladder", [(z[3], square(0, 0, 5))]), Roi("CTV_x", [(z[3], square(0, 0, 5))])])
+    rois = [Roi("Bladder", [(z[3], square(0, 0, 5))]), Roi("CTV_x", [(z[3], square(0, 0, 5))])]
+    write_rtstruct(folder / "rs.dcm", spec, rois)
     with pytest.raises(InputError, match="no ROI recognised as the PTV") as err:
         load(folder)
     msg = str(err.value)
@@ -777,7 +788,9 @@ def test_dicompyler_structure_set_on_a_volume_of_real_slices(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("names", [("rtstruct.dcm", "CT_small.dcm"), ("rtstruct.dcm",), ("CT_small.dcm",)])
-def test_pydicom_test_files_give_a_case_or_a_clear_input_error(tmp_path: Path, names: tuple[str, ...]) -> None:
+def test_pydicom_test_files_give_a_case_or_a_clear_input_error(
+    tmp_path: Path, names: tuple[str, ...]
+) -> None:
     folder = tmp_path / "case"
     folder.mkdir()
     for n in names:
@@ -788,3 +801,23 @@ def test_pydicom_test_files_give_a_case_or_a_clear_input_error(tmp_path: Path, n
         load(folder)
     if len(names) == 2:
         assert "frame of reference" in str(err.value)
+
+
+def test_rle_compressed_and_12_bit_slices_decode_like_pydicom(tmp_path: Path) -> None:
+    folder, spec = build(tmp_path)
+    garbage = np.uint16(0xA000)  # bits above BitsStored that are not part of the value
+
+    def to_12_bit(ds: Dataset) -> None:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+        ds.PixelData = (np.frombuffer(ds.PixelData, "<u2") | garbage).astype("<u2").tobytes()
+
+    for p in spec.paths[:5]:
+        edit(p, to_12_bit)
+    for p in spec.paths[5:10]:
+        edit(p, lambda ds: ds.compress(RLELossless))
+    case = load(folder)
+    for k, p in enumerate(spec.paths[:10]):
+        ds = pydicom.dcmread(p)
+        expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_array_equal(case.ct_hu[k], expected)
+    np.testing.assert_array_equal(case.ct_hu, spec.hu().astype(np.float32))  # stored values were 0..1999
