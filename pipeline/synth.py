@@ -528,20 +528,34 @@ class _TargetDistances:
     d_prostate: Arr  # [z, y, x]
     d_ctv: Arr
 
-    def sample(self, field_: Arr, x: Arr, y: Arr, z: Arr) -> Arr:
-        """Trilinear interpolation of ``field_`` at patient points (far outside: +1e3 mm)."""
+    def sample(self, field_: Arr, xs: Arr, ys: Arr, zs: Arr) -> Arr:
+        """Trilinear interpolation of ``field_`` at the voxel centres of the axis-aligned block
+        ``xs x ys x zs`` (patient mm); +1e3 mm outside the local grid. Returns [z, y, x]."""
         h = TARGET_GRID_MM
-        coords = np.stack([((z - self.origin[2]) / h).ravel(), ((y - self.origin[1]) / h).ravel(),
-                           ((x - self.origin[0]) / h).ravel()])
-        vals = ndimage.map_coordinates(field_, coords, order=1, mode="constant", cval=1e3)
-        return vals.reshape(x.shape).astype(np.float32)
+        out = np.full((len(zs), len(ys), len(xs)), 1e3, np.float32)
+        idx = []
+        for vals, a in ((zs, 2), (ys, 1), (xs, 0)):
+            f = (vals.astype(np.float64) - self.origin[a]) / h
+            inside = np.nonzero((f >= 0) & (f <= field_.shape[2 - a] - 1))[0]
+            if len(inside) == 0:
+                return out
+            idx.append((slice(int(inside[0]), int(inside[-1]) + 1), f[inside[0] : inside[-1] + 1]))
+        (sz, fz), (sy, fy), (sx, fx) = idx
+        coords = np.stack(np.meshgrid(fz, fy, fx, indexing="ij")).reshape(3, -1)
+        vals = ndimage.map_coordinates(field_, coords, order=1, mode="nearest")
+        out[sz, sy, sx] = vals.reshape(len(fz), len(fy), len(fx))
+        return out
 
 
 def _signed_distance(mask: NDArray[np.bool_], h: float) -> Arr:
-    """Signed distance to the boundary of ``mask`` (mm, negative inside), half-voxel corrected."""
+    """Distance outside ``mask`` to its boundary (mm), half-voxel corrected; ``-h/2`` inside.
+
+    Only expansions (thresholds >= 0) are taken from it, so the depth inside does not matter:
+    ``-h/2`` is the exact corrected value on the inner boundary voxels, where interpolation
+    towards the outside happens.
+    """
     outside = ndimage.distance_transform_edt(~mask, sampling=h)
-    inside = ndimage.distance_transform_edt(mask, sampling=h)
-    return np.where(mask, -(inside - 0.5 * h), outside - 0.5 * h).astype(np.float32)
+    return np.where(mask, -0.5 * h, outside - 0.5 * h).astype(np.float32)
 
 
 def _target_distances(anat: _Anatomy, tf: _Transform, p: SynthParams) -> _TargetDistances:
@@ -703,12 +717,8 @@ def _paint_chunk(ch: _Chunk, anat: _Anatomy, td: _TargetDistances, p: SynthParam
     ct[lumen] = HU_RECTAL_CONTENT
     ct[ch.inside(anat.gas) & lumen] = HU_GAS
     # Target volumes by Table S1 on the anatomy-fixed local grid.
-    shape = ch.shape
-    X = np.broadcast_to(ch.xs[None, None, :], shape)
-    Y = np.broadcast_to(ch.ys[None, :, None], shape)
-    Z = np.broadcast_to(ch.zs[:, None, None], shape)
-    near = td.sample(td.d_ctv, X, Y, Z)
-    ctv = prostate | ((td.sample(td.d_prostate, X, Y, Z) <= CTV_SV_MARGIN_MM) & sv)
+    near = td.sample(td.d_ctv, ch.xs, ch.ys, ch.zs)
+    ctv = prostate | ((td.sample(td.d_prostate, ch.xs, ch.ys, ch.zs) <= CTV_SV_MARGIN_MM) & sv)
     ptv = (near <= p.ptv_margin_mm) & body
     ptv |= ctv
     masks[BODY][...] = body
