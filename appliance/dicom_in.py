@@ -281,14 +281,13 @@ def rasterise_polygons(
     if row_s.size == 0:
         return mask
     rows, inverse = np.unique(row_s, return_inverse=True)
-    # +1 where a span starts, -1 after it ends; spans are disjoint, so the running sum is 0 or 1.
-    width = nx + 1
-    size = rows.size * width
-    diff = np.bincount(inverse * width + i_s, minlength=size) - np.bincount(
-        inverse * width + i_e + 1, minlength=size
-    )
-    filled = np.cumsum(diff.reshape(rows.size, width), axis=1)[:, :nx] > 0
-    mask.reshape(nz * ny, nx)[rows] = filled
+    # +1 where a span starts, -1 just after it ends; the running sum along a row is 1 inside.
+    # Spans of a row are disjoint, so no two starts (nor two ends) share a cell and plain fancy
+    # indexing is exact; a start may meet the previous span's end, hence two separate updates.
+    diff = np.zeros((rows.size, nx + 1), dtype=np.int8)
+    diff[inverse, i_s] += 1
+    diff[inverse, i_e + 1] -= 1
+    mask.reshape(nz * ny, nx)[rows] = np.cumsum(diff, axis=1, dtype=np.int8)[:, :nx] > 0
     return mask
 
 

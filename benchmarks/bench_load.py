@@ -54,7 +54,7 @@ def _stage_seconds(folder: Path, structures: StructureSettings, rx: Prescription
     for (_file, _line, name), row in stats.stats.items():  # type: ignore[attr-defined]
         if name in wanted:
             out[wanted[name]] = out.get(wanted[name], 0.0) + float(row[3])
-    return out
+    return {label: out[label] for label in wanted.values() if label in out}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from appliance.dicom_in import (
 )
 from pipeline.case import Grid, PatientPosition, Prescription, Role
 from pipeline.errors import InputError
+from tests.conftest import require_tool
 
 DATA = Path(__file__).parent / "data" / "dicompyler_example"
 RX = Prescription(dose_gy=40.0, fractions=5)
@@ -821,3 +823,68 @@ def test_rle_compressed_and_12_bit_slices_decode_like_pydicom(tmp_path: Path) ->
         expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
         np.testing.assert_array_equal(case.ct_hu[k], expected)
     np.testing.assert_array_equal(case.ct_hu, spec.hu().astype(np.float32))  # stored values were 0..1999
+
+
+def _read_mha(path: Path) -> tuple[dict[str, str], NDArray[np.uint8]]:
+    """A MetaImage (.mha, uncompressed uchar) as its header and [k, j, i] array."""
+    raw = path.read_bytes()
+    header: dict[str, str] = {}
+    pos = 0
+    while True:
+        end = raw.index(b"\n", pos)
+        key, value = (x.strip() for x in raw[pos:end].decode("ascii").split("=", 1))
+        header[key] = value
+        pos = end + 1
+        if key == "ElementDataFile":
+            break
+    assert header["ElementType"] == "MET_UCHAR" and header.get("CompressedData", "False") == "False"
+    dims = [int(x) for x in header["DimSize"].split()]
+    return header, np.frombuffer(raw[pos:], dtype=np.uint8).reshape(dims[::-1])
+
+
+@pytest.mark.external
+def test_masks_agree_with_plastimatch(tmp_path: Path) -> None:
+    # An independent rasteriser on an FFS series (flipped x, z stored decreasing). plastimatch
+    # does not cut holes from separate inner contours, so the ring ROI is left out.
+    plastimatch = require_tool("plastimatch")
+    folder, _ = build(tmp_path, position="FFS")
+    out = tmp_path / "masks"
+    subprocess.run(
+        [plastimatch, "convert", "--input", str(folder / "rs.dcm"), "--referenced-ct", str(folder / "ct"),
+         "--output-prefix", str(out), "--prefix-format", "mha"],
+        check=True, capture_output=True, timeout=120,
+    )
+    structures = StructureSettings(patterns={"ptv": (r"ptv_40",), "bladder": ("bladder",), "body": ("body",)})
+    case = load(folder, structures)
+    g = case.grid
+    for name, role in (("PTV_40", Role.PTV), ("Bladder", Role.BLADDER), ("BODY", Role.BODY)):
+        header, ref = _read_mha(out / f"{name}.mha")
+        direction = np.array([float(v) for v in header["TransformMatrix"].split()]).reshape(3, 3)
+        offset = np.array([float(v) for v in header["Offset"].split()])
+        spacing = np.array([float(v) for v in header["ElementSpacing"].split()])
+        k, j, i = np.indices(ref.shape)
+        world = offset + (np.stack([i, j, k], -1).reshape(-1, 3) * spacing) @ direction.T
+        idx = (world - np.array(g.origin_mm)) / np.array(g.spacing_mm)
+        assert np.allclose(idx, np.rint(idx), atol=1e-3)
+        ii, jj, kk = np.rint(idx).astype(int).T
+        ours = case.masks[role][kk, jj, ii]
+        theirs = ref.ravel() > 0
+        assert theirs.sum() > 100
+        assert np.count_nonzero(ours != theirs) <= 0.01 * theirs.sum(), name
+
+
+def test_rasteriser_abutting_and_nested_spans() -> None:
+    grid = Grid(origin_mm=(0.0, 0.0, 0.0), spacing_mm=(1.0, 1.0, 1.0), shape=(1, 6, 12))
+
+    def rect(x0: float, x1: float) -> NDArray[np.float64]:
+        return np.array([[x0, 0.5], [x1, 0.5], [x1, 4.5], [x0, 4.5]])
+
+    # Columns 1-3 and 4-7 touch (one span ends where the next starts); 9-10 is separate.
+    got = rasterise_polygons([(0, rect(0.2, 3.7)), (0, rect(3.8, 7.6)), (0, rect(8.6, 10.4))], grid)
+    expected_row = np.zeros(12, dtype=bool)
+    expected_row[[1, 2, 3, 4, 5, 6, 7, 9, 10]] = True
+    for j in range(6):
+        np.testing.assert_array_equal(got[0, j], expected_row if 1 <= j <= 4 else np.zeros(12, dtype=bool))
+    # Three nested rectangles: even-odd gives outer ring + innermost island.
+    nested = rasterise_polygons([(0, rect(0.5, 11.5)), (0, rect(2.5, 9.5)), (0, rect(4.5, 7.5))], grid)
+    np.testing.assert_array_equal(nested[0, 2], [0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1])
