@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -45,9 +45,9 @@ PEER = "PUSHER"
 
 def _meta(sop_class: str, sop_uid: str, ts: str = ExplicitVRLittleEndian) -> FileMetaDataset:
     m = FileMetaDataset()
-    m.MediaStorageSOPClassUID = sop_class
-    m.MediaStorageSOPInstanceUID = sop_uid
-    m.TransferSyntaxUID = ts
+    m.MediaStorageSOPClassUID = UID(sop_class)
+    m.MediaStorageSOPInstanceUID = UID(sop_uid)
+    m.TransferSyntaxUID = UID(ts)
     return m
 
 
@@ -261,7 +261,7 @@ def test_malformed_dataset_fails_and_node_keeps_serving(scp: StorageSCP, tmp_pat
     good = make_ct_slice(study=generate_uid(), series=generate_uid(), for_uid=generate_uid(), z=0.0,
                          sop_uid=sop)
     good.save_as(bad, enforce_file_format=True)
-    buf = BytesIO()
+    buf = DicomBytesIO()
     buf.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buf, good.file_meta)
     # (0008,0016) SOPClassUID claiming a length far past the end of the data, then junk.
