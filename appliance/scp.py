@@ -193,6 +193,7 @@ class StorageSCP:
         self.db = db
         self.store = store
         self._server: ThreadedAssociationServer | None = None
+        self._prev_chunked = False
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self._allowed = {(p.ae_title.strip(), p.host) for p in settings.peers}
@@ -216,7 +217,8 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Start listening (returns at once); returns the bound (address, port)."""
         # Receive C-STORE data into a temporary file instead of memory (process-wide switch,
-        # set only by the node that owns this process).
+        # set while the SCP runs and restored by stop()).
+        self._prev_chunked = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
         node = self.settings.node
         ae = self.build_ae()
@@ -250,6 +252,7 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            _config.STORE_RECV_CHUNKED_DATASET = self._prev_chunked
             log.info("Storage SCP stopped")
 
     # -- event handlers ---------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def scp(tmp_path: Path) -> Iterator[StorageSCP]:
     server.start()
     yield server
     server.stop()
-    _config.STORE_RECV_CHUNKED_DATASET = False
+    assert not _config.STORE_RECV_CHUNKED_DATASET  # restored
     db.dispose()
 
 
