@@ -107,7 +107,6 @@ def test_unplannable_case_fails_with_the_loaders_message(tmp_path: Path) -> None
         job = s.get(Job, job_id)
     assert job is not None and job.state == JobState.FAILED and job.attempts == 1
     assert job.failure_reason and "internal error" not in job.failure_reason, job.failure_reason
-    print(job.failure_reason)
     assert (settings.data_dir / "jobs" / str(job_id) / "input").is_dir()
     assert len(list((settings.data_dir / "jobs" / str(job_id) / "input").glob("*.dcm"))) == 4
 
@@ -364,3 +363,29 @@ def test_orthanc_pushes_a_study_and_receives_the_results(
     assert node.stop() == 0
 
 
+
+
+def test_jobs_cli_list_show_cancel_retry(tmp_path: Path) -> None:
+    settings, db, job_id = _ingest_tiny_case(tmp_path)
+    cfg = tmp_path / "airt.toml"
+    cfg.write_text(f'[storage]\ndata_dir = "{settings.data_dir}"\n')
+    db.dispose()
+
+    def airt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "appliance.cli", "jobs", "--config", str(cfg), *args],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    r = airt("list")
+    assert r.returncode == 0 and f"{job_id:>5}  PENDING" in r.stdout, r.stdout + r.stderr
+    r = airt("cancel", str(job_id))
+    assert r.returncode == 0 and "PENDING -> CANCELLED" in r.stdout
+    r = airt("cancel", str(job_id))
+    assert r.returncode == 2 and "only PENDING or RUNNING" in r.stderr
+    r = airt("retry", str(job_id))
+    assert r.returncode == 0 and "CANCELLED -> PENDING" in r.stdout
+    r = airt("show", str(job_id))
+    assert r.returncode == 0
+    assert [ln.split()[4] for ln in r.stdout.splitlines() if " -> " in ln and ln.startswith("  20")] == [
+        "PENDING", "CANCELLED", "PENDING"]
+    r = airt("show", "999")
+    assert r.returncode == 2 and "there is no job 999" in r.stderr
