@@ -59,7 +59,7 @@ class DoseProposerConfig:
 
     @classmethod
     def small(cls) -> DoseProposerConfig:
-        """A CPU size: two cores propose a 4-8 mm dose in well under a second."""
+        """A CPU size (~0.2 M parameters): about 0.2 s of CPU time on an 8 mm pelvis box, 0.8 s at 4 mm."""
         return cls(stem_channels=8, channels=(8, 16, 32, 32), decoder_convs=1)
 
 

@@ -351,10 +351,12 @@ def primary_geometry(
         bvec = torch.einsum("nk,ckj->cnj", rel, R.float())  # (c, N, 3): x, y, z along the BLD axes
         dist = (sad_mm - bvec[..., 2]).clamp_min(1.0)
         mag = sad_mm / dist
-        uv = torch.stack([bvec[..., 0] * mag / hw, bvec[..., 1] * mag / hh], dim=-1)  # normalised
-        sample_grid[sl, :, 0, :] = uv
-        rz = ((dist - r_min) / step + 0.5) / n_r * 2.0 - 1.0
-        gq = torch.cat([uv, rz[..., None]], dim=-1)[:, :, None, None, :]  # (c, N, 1, 1, 3)
+        gq = torch.stack(  # (c, N, 3): normalised (u, w, r) of each voxel
+            [bvec[..., 0] * mag / hw, bvec[..., 1] * mag / hh, ((dist - r_min) / step + 0.5) * (2.0 / n_r) - 1.0],
+            dim=-1,
+        )
+        sample_grid[sl, :, 0, :] = gq[..., :2]
+        gq = gq[:, :, None, None, :]  # (c, N, 1, 1, 3)
         depth = F.grid_sample(
             cum[:, None], gq, mode="bilinear", padding_mode="border", align_corners=False
         )[:, 0, :, 0, 0]  # (c, N)
