@@ -277,7 +277,7 @@ def test_r1_penalty_matches_the_gradient_norm_and_trains_the_discriminator() -> 
     critic = LinearCritic(w.clone())
     real = torch.rand(6, 40, 40)
     pen = r1_penalty(critic, real, gamma=0.5)
-    assert float(pen) == pytest.approx(0.25 * float((w**2).sum()), rel=1e-5)
+    assert float(pen.detach()) == pytest.approx(0.25 * float((w**2).sum()), rel=1e-5)
     pen.backward()
     assert critic.w.grad is not None
     torch.testing.assert_close(critic.w.grad, 0.5 * w, rtol=1e-5, atol=1e-6)  # d/dw (g/2 |w|^2)
