@@ -283,7 +283,7 @@ def test_r1_penalty_matches_the_gradient_norm_and_trains_the_discriminator() -> 
     torch.testing.assert_close(critic.w.grad, 0.5 * w, rtol=1e-5, atol=1e-6)  # d/dw (g/2 |w|^2)
     d = FluenceDiscriminator(TINY_DISC)
     p = r1_penalty(d, real, gamma=0.0025)
-    assert math.isfinite(float(p)) and float(p) >= 0
+    assert math.isfinite(float(p.detach())) and float(p.detach()) >= 0
     p.backward()
     assert any(q.grad is not None and float(q.grad.abs().sum()) > 0 for q in d.parameters())
     assert not real.requires_grad
