@@ -227,3 +227,15 @@ def test_optimizer_refuses_bad_input() -> None:
         optimize_fluence(eng, masks, rx_gy=0.0, iterations=2)
     with pytest.raises(PlanningError):
         OptimizerWeights(learning_rate=0.0)
+
+
+def test_lbfgs_and_time_limit() -> None:
+    eng = ToyArc()
+    masks = toy_masks()
+    res = optimize_fluence(eng, masks, rx_gy=8.0, iterations=30, method="lbfgs")
+    assert res.history[-1] < 0.5 * res.history[0]
+    assert float(res.fluence.min()) >= 0.0
+    short = optimize_fluence(eng, masks, rx_gy=8.0, iterations=500, time_limit_s=0.0)
+    assert len(short.history) == 1
+    with pytest.raises(PlanningError, match="method"):
+        optimize_fluence(eng, masks, rx_gy=8.0, iterations=2, method="sgd")
