@@ -69,8 +69,11 @@ def test_source_position_and_arc() -> None:
     rots, src = geo.sector_rotations(), geo.sources_mm()
     assert rots.shape == (180, 3, 3) and src.shape == (180, 3)
     np.testing.assert_allclose(np.linalg.norm(src - np.asarray(iso), axis=1), 1000.0)
-    # 181 -> 179 CW: the first sector centre is at 182 degrees, the source just right of posterior
-    np.testing.assert_allclose(src[0], source_position_mm(182.0, 30.0, 0.0, "HFS", iso), atol=1e-9)
+    # 181 -> 179 CW in 180 sectors: the first sector centre is near 182 degrees, the source posterior and
+    # slightly to the patient's right
+    g0 = float(geo.gantry_angles_deg()[0])
+    assert g0 == pytest.approx(181.0 + 0.5 * 358.0 / 180.0)
+    np.testing.assert_allclose(src[0], source_position_mm(g0, 30.0, 0.0, "HFS", iso), atol=1e-9)
     assert src[0][1] - iso[1] > 990 and src[0][0] - iso[0] < 0
 
 
