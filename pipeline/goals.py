@@ -126,7 +126,7 @@ def _evaluate(
 def evaluate_goals_on_masks(
     goals: Iterable[GoalSpec],
     dose: NDArray[Any],
-    masks: Mapping[str, NDArray[Any]],
+    masks: Mapping[Any, NDArray[Any]],
     voxel_cc: float,
     *,
     rx_gy: float,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,11 +84,11 @@ def _check_lambdas(lambda_plus: float, lambda_minus: float) -> None:
 
 def dose_objective(
     dose: torch.Tensor,
-    masks: Mapping[str, torch.Tensor],
+    masks: Mapping[Any, torch.Tensor],
     rx: float | torch.Tensor,
     lambda_plus: float,
     lambda_minus: float,
-    sparing: Mapping[str, float] | None = None,
+    sparing: Mapping[Any, float] | None = None,
     dose0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's total objective J = J_PTV + sum_o J_o (eq. 6, 7, 10) whose dose gradient is :func:`err_map`.
@@ -107,11 +108,11 @@ def dose_objective(
 
 def err_map(
     dose: torch.Tensor,
-    masks: Mapping[str, torch.Tensor],
+    masks: Mapping[Any, torch.Tensor],
     rx: float | torch.Tensor,
     lambda_plus: float,
     lambda_minus: float,
-    sparing: Mapping[str, float] | None = None,
+    sparing: Mapping[Any, float] | None = None,
     dose0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's dose error map E = E_PTV + sum_o E_o (eq. 8, 11, 12), in closed form.

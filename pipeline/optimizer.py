@@ -208,7 +208,7 @@ def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
 
 def optimize_fluence(
     engine: Callable[[torch.Tensor], torch.Tensor],
-    masks_on_dose_grid: Mapping[str, torch.Tensor],
+    masks_on_dose_grid: Mapping[Any, torch.Tensor],
     *,
     rx_gy: float,
     iterations: int = 150,

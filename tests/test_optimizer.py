@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,7 +183,7 @@ def test_aperture_covers_the_ptv_projection() -> None:
     assert bool((adj >= 0).all())
 
 
-def _normalised_metrics(dose: np.ndarray, masks: dict[str, torch.Tensor], rx: float) -> dict[str, float]:
+def _normalised_metrics(dose: np.ndarray, masks: Mapping[Any, torch.Tensor], rx: float) -> dict[str, float]:
     ptv = masks["ptv"].numpy()
     f = normalisation_factor(dose, ptv, rx_gy=rx, mode="ptv_dx", volume_percent=95.0)
     d = dose * f
@@ -239,3 +241,43 @@ def test_lbfgs_and_time_limit() -> None:
     assert len(short.history) == 1
     with pytest.raises(PlanningError, match="method"):
         optimize_fluence(eng, masks, rx_gy=8.0, iterations=2, method="sgd")
+
+
+@pytest.mark.slow
+def test_optimizer_on_a_synthetic_pelvis_with_the_reference_engine() -> None:
+    """The real engine on a cheap configuration (36 sectors, 8 mm grid): the optimizer must beat its start.
+
+    The issue's targets (HI <= 0.10, D98 >= 97 % at 180 sectors, 4 mm) are measured by
+    ``benchmarks.bench_optimizer``; this test checks the machinery on the real physics quickly.
+    """
+    dose_engine = pytest.importorskip("pipeline.dose_engine")
+    synth = pytest.importorskip("pipeline.synth")
+    from dataclasses import replace
+
+    from appliance.config import Settings
+    from pipeline.beam_model import load_beam_model
+    from pipeline.case import Role
+    from pipeline.geometry import ArcGeometry
+
+    st = Settings()
+    case = synth.synth_case(3, spacing_mm=(4.0, 4.0, 4.0))
+    arc = replace(st.machine.arc(), n_sectors=36)
+    geometry = ArcGeometry(arc=arc, isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
+                           machine=st.machine.model())
+    engine = dose_engine.ReferenceDoseEngine.for_case(case, geometry, load_beam_model(),
+                                                      hu_curve=st.planning.hu_to_density, spacing_mm=8.0)
+    masks = {
+        role: torch.as_tensor(dose_engine.resample_to_grid(m.astype(np.float32), case.grid, engine.grid, order=1) >= 0.5)
+        for role, m in case.masks.items()
+    }
+    rx = case.prescription.dose_gy / case.prescription.fractions
+    start = optimize_fluence(engine, masks, rx_gy=rx, iterations=1)
+    res = optimize_fluence(engine, masks, rx_gy=rx, iterations=30)
+    assert res.fluence.shape == (36, 40, 40)
+    assert res.history[-1] < 0.5 * res.history[0]
+    m0 = _normalised_metrics(start.dose, masks, rx)
+    m1 = _normalised_metrics(res.dose, masks, rx)
+    assert m1["HI"] < m0["HI"]
+    assert m1["D98"] >= 0.95
+    assert m1["rectum"] < m0["rectum"] and m1["bladder"] < m0["bladder"]
+    assert Role.PTV in masks
