@@ -129,6 +129,7 @@ def end_to_end(work: Path, case: Path, *, stable_age_s: float, iterations: int, 
 def throughput(work: Path, cases: list[Path], n_senders: int, n_instances: int) -> float:
     """Instances stored per second with ``n_senders`` concurrent storescu processes (worker off)."""
     port = _free_port()
+    work.mkdir(parents=True)
     cfg = work / "airt.toml"
     _config(cfg, data=work / "data", port=port, receiver_port=None, worker=False, stable_age_s=3600.0,
             iterations=1, dose_grid_mm=8.0)
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                                 iterations=args.iterations, dose_grid_mm=args.dose_grid_mm)
             lat.append(la)
             plan.append(pl)
+            print(f"run {r}: latency - stable age {la:.1f} s, planning process {pl:.1f} s", file=sys.stderr)
             tp1.append(throughput(root / f"tp1_{r}", cases, 1, n_inst))
             tp4.append(throughput(root / f"tp4_{r}", cases, 4, n_inst))
     med = statistics.median
