@@ -74,7 +74,11 @@ class BeamModel:
         Gaussian sigma of the lateral spread of primary electrons in water, mm (>= 0).
     low_density_reference
         Relative electron density (0-1, exclusive) at which the primary fully uses the widened kernel
-        ``electron_sigma_mm / low_density_reference``; densities in between interpolate in 1/density.
+        of sigma ``low_density_sigma_mm``; densities in between interpolate in 1/density.
+    low_density_sigma_mm
+        Gaussian sigma of the primary's lateral spread at ``low_density_reference`` (mm, > 0): the
+        equilibrium range of the secondary electrons, longer than the water core ``electron_sigma_mm``
+        divided by the density because of the kernel's long tails.
     low_density_onset
         Equilibrium density below which the widened kernel starts to mix in (between
         ``low_density_reference`` and 1): soft tissue and fat are treated as water-like.
@@ -113,6 +117,7 @@ class BeamModel:
     electron_sigma_mm: float = 1.6
     low_density_reference: float = 0.25
     low_density_onset: float = 0.8
+    low_density_sigma_mm: float = 8.0
     disequilibrium_length_mm: float = 10.0
     scatter_weights: tuple[float, float] = (0.1, 0.3)
     scatter_buildup_mm: tuple[float, float] = (20.0, 80.0)
@@ -126,7 +131,7 @@ class BeamModel:
     sad_mm: float = 1000.0
 
     def __post_init__(self) -> None:
-        positive = ("energy_mv", "mu0_per_mm", "buildup_mm", "disequilibrium_length_mm", "head_scatter_sigma_mm",
+        positive = ("energy_mv", "mu0_per_mm", "low_density_sigma_mm", "buildup_mm", "disequilibrium_length_mm", "head_scatter_sigma_mm",
                     "reference_field_mm", "reference_ssd_mm", "reference_dose_gy_per_mu", "sad_mm")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -196,7 +201,7 @@ class BeamModel:
         """
         kernel = [
             self.electron_sigma_mm,
-            self.electron_sigma_mm / self.low_density_reference,
+            self.low_density_sigma_mm,
             self.scatter_sigma_mm[0],
             self.scatter_sigma_mm[1],
         ]

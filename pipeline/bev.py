@@ -41,6 +41,9 @@ class BevProjector(torch.nn.Module):
         Floating dtype of the sampling coordinates (volumes are cast to it).
     """
 
+    grid0: torch.Tensor
+    frac: torch.Tensor
+
     def __init__(self, grid: Grid, geometry: ArcGeometry, *, depth_samples: int = 64,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -56,8 +59,8 @@ class BevProjector(torch.nn.Module):
         rot = geometry.sector_rotations()
         n_cp = rot.shape[0]
         t_range = depth_range_mm(grid, rot, geometry.isocenter_mm, sad, pad_mm=0.0)
-        frac = np.linspace(0.0, 1.0, self.depth_samples)
-        t = t_range[:, :1] + (t_range[:, 1:] - t_range[:, :1]) * frac[None, :]  # (n_cp, S)
+        steps = np.linspace(0.0, 1.0, self.depth_samples)
+        t = t_range[:, :1] + (t_range[:, 1:] - t_range[:, :1]) * steps[None, :]  # (n_cp, S)
         xc = 0.5 * (bev.col_edges_mm()[1:] + bev.col_edges_mm()[:-1])
         yc = 0.5 * (bev.row_edges_mm()[1:] + bev.row_edges_mm()[:-1])
         yy, xx = np.meshgrid(yc, xc, indexing="ij")  # (rows, cols)

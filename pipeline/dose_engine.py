@@ -95,14 +95,14 @@ def dose_grid_for_case(case: Case, spacing_mm: float = 4.0, margin_mm: float = 5
     body = case.masks.get(Role.BODY)
     if body is None:
         body = case.ct_hu > BODY_HU_THRESHOLD
-    body_xy = body[k0:k1].any(axis=0)
+    body_xy: NDArray[np.bool_] = np.asarray(np.any(body[k0:k1], axis=0))
     if not body_xy.any():
-        body_xy = case.masks[Role.PTV].any(axis=0)
+        body_xy = np.asarray(np.any(case.masks[Role.PTV], axis=0))
     jj = np.nonzero(body_xy.any(axis=1))[0]
     ii = np.nonzero(body_xy.any(axis=0))[0]
     lo = (float(x[ii.min()]), float(y[jj.min()]), float(z_lo))
     hi = (float(x[ii.max()]), float(y[jj.max()]), float(z_hi))
-    shape_xyz = [int(math.floor((h - low) / spacing_mm + 1e-6)) + 1 for low, h in zip(lo, hi)]
+    shape_xyz = [math.floor((h - low) / spacing_mm + 1e-6) + 1 for low, h in zip(lo, hi)]
     # centre the lattice on the box so both edges are covered equally
     origin = tuple(low + 0.5 * ((h - low) - (n - 1) * spacing_mm) for low, h, n in zip(lo, hi, shape_xyz))
     return Grid(origin_mm=(origin[0], origin[1], origin[2]), spacing_mm=(spacing_mm,) * 3,
@@ -332,6 +332,22 @@ class ReferenceDoseEngine(torch.nn.Module):
         ``(n_sectors, bev rows, bev cols)`` expected by :meth:`forward`.
     """
 
+    density: torch.Tensor
+    mat_u_fine: torch.Tensor
+    mat_v_fine: torch.Tensor
+    mat_u_coarse: torch.Tensor
+    mat_v_coarse: torch.Tensor
+    cal: torch.Tensor
+    act_idx: torch.Tensor
+    rot: torch.Tensor
+    iso: torch.Tensor
+    points: torch.Tensor
+    grid_xy: torch.Tensor
+    weights: torch.Tensor
+    ld_idx: torch.Tensor
+    ld_grid: torch.Tensor
+    ld_weights: torch.Tensor
+
     def __init__(self, density: torch.Tensor, grid: Grid, geometry: ArcGeometry, beam: BeamModel, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  active: torch.Tensor | NDArray[np.bool_] | None = None, lateral_mm: float = 2.5,
@@ -459,7 +475,7 @@ class ReferenceDoseEngine(torch.nn.Module):
         beam = self.beam
         n_cp, n_vox = rot.shape[0], self.points.shape[1]
         t_range = depth_range_mm(self.grid, rot, self.geometry.isocenter_mm, sad, pad_mm=2.0 * dt)
-        nt = int(math.ceil(float((t_range[:, 1] - t_range[:, 0]).max()) / dt)) + 1
+        nt = math.ceil(float((t_range[:, 1] - t_range[:, 0]).max()) / dt) + 1
         a = math.exp(-dt / beam.disequilibrium_length_mm)
         dens = self.density[None, None]
         spacing = self.grid.spacing_mm

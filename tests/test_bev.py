@@ -49,7 +49,7 @@ def _expected_pixel(position: PatientPosition, gantry: int, collimator: int) -> 
     p = np.asarray(OFFSET)
     mag = 1000.0 / (1000.0 - p @ zb)
     u, v = mag * (p @ xb), mag * (p @ yb)
-    return int(math.floor((v + 100.0) / 5.0)), int(math.floor((u + 100.0) / 5.0))
+    return math.floor((v + 100.0) / 5.0), math.floor((u + 100.0) / 5.0)
 
 
 def _cube_grid() -> tuple[Grid, torch.Tensor]:

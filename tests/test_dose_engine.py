@@ -1,0 +1,222 @@
+"""The reference dose engine: generic 6 MV water data measured from the engine's own output, lung slab,
+inverse square, linearity, gradients, the case helpers (grid, resampling, HU curve)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.beam_model import load_beam_model
+from pipeline.case import Grid, PatientPosition, Role
+from pipeline.dose_engine import ReferenceDoseEngine, dose_grid_for_case, hu_to_density, resample_to_grid
+from pipeline.errors import ConfigError, InputError, PlanningError
+from pipeline.geometry import ArcGeometry
+from sequencing.machine import ArcSpec, BevGrid, MachineModel
+
+H = 2.0  # mm, phantom grid spacing
+NX, NY, NZ = 101, 166, 61
+
+
+def _phantom_grid(ssd_mm: float = 1000.0) -> Grid:
+    """Water phantom below y = 0 (gantry 0 HFS looks along +y); the isocenter is at (0, 1000 - ssd, 0)."""
+    return Grid(origin_mm=(-100.0, -9.0, -60.0), spacing_mm=(H, H, H), shape=(NZ, NY, NX))
+
+
+def _slab_density(grid: Grid, slabs: tuple[tuple[float, float, float], ...] = ()) -> torch.Tensor:
+    _, y, _ = grid.axes_mm()
+    rho = np.where(y > 0.0, 1.0, 0.0)
+    for lo, hi, value in slabs:
+        rho = np.where((y > lo) & (y < hi), value, rho)
+    return torch.as_tensor(np.broadcast_to(rho[None, :, None], grid.shape).copy(), dtype=torch.float32)
+
+
+def _beam0(iso_y: float = 0.0) -> ArcGeometry:
+    arc = ArcSpec(start_deg=359.0, stop_deg=1.0, n_sectors=1, collimator_deg=0.0)
+    return ArcGeometry(arc=arc, isocenter_mm=(0.0, iso_y, 0.0), position=PatientPosition.HFS,
+                       machine=MachineModel())
+
+
+def _square(side_px: int) -> torch.Tensor:
+    f = torch.zeros(1, 40, 40)
+    a = 20 - side_px // 2
+    f[0, a:a + side_px, a:a + side_px] = 1.0
+    return f
+
+
+@pytest.fixture(scope="module")
+def water() -> ReferenceDoseEngine:
+    grid = _phantom_grid()
+    return ReferenceDoseEngine(_slab_density(grid), grid, _beam0(), load_beam_model(), lateral_mm=1.0)
+
+
+def _cax(engine: ReferenceDoseEngine, fluence: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        dose = engine(fluence).numpy()
+    _, y, _ = engine.grid.axes_mm()
+    return y, dose[NZ // 2, :, NX // 2]
+
+
+def test_depth_dose_and_calibration(water: ReferenceDoseEngine) -> None:
+    y, cax = _cax(water, _square(20))
+    i = int(np.argmax(cax))
+    assert 13.0 <= y[i] <= 17.0
+    pdd10 = 100.0 * np.interp(100.0, y, cax) / cax[i]
+    assert 65.0 <= pdd10 <= 68.0
+    # 1 MU of a 10 x 10 cm field at SSD 100 cm gives 1 cGy at d_max (grid sampling within 1.5 %)
+    assert cax[i] == pytest.approx(0.01, rel=0.015)
+    assert cax[2] < 0.6 * cax[i]  # build-up: the surface dose is well below the maximum
+
+
+def test_penumbra_and_output_factors(water: ReferenceDoseEngine) -> None:
+    with torch.no_grad():
+        dose = water(_square(20)).numpy()
+    x, y, _ = water.grid.axes_mm()
+    k = int(np.argmin(abs(y - 100.0)))
+    prof = dose[NZ // 2, k, :] / dose[NZ // 2, k, NX // 2]
+    half = NX // 2
+    xs, ps = x[half:], prof[half:]
+    x80, x20 = np.interp(-0.8, -ps, xs), np.interp(-0.2, -ps, xs)
+    assert 3.0 <= x20 - x80 <= 7.0
+    # the 50 % point lies at the geometric field edge projected to 10 cm depth (50 mm x 1.1)
+    assert np.interp(-0.5, -ps, xs) == pytest.approx(55.0, abs=1.5)
+    out = {}
+    for side in (10, 20, 40):
+        yy, cax = _cax(water, _square(side))
+        out[side] = (cax.max(), np.interp(100.0, yy, cax))
+    assert out[10][0] < out[20][0] < out[40][0]
+    assert out[10][1] < out[20][1] < out[40][1]
+    # PDD rises with field size (more phantom scatter at depth)
+    assert out[10][1] / out[10][0] < out[20][1] / out[20][0] < out[40][1] / out[40][0]
+
+
+def test_inverse_square() -> None:
+    beam = load_beam_model()
+    grid = _phantom_grid()
+    dens = _slab_density(grid)
+    f = _square(40)
+    d100 = _cax(ReferenceDoseEngine(dens, grid, _beam0(0.0), beam, lateral_mm=5.0), f)[1]
+    # isocenter 100 mm below the surface: SSD 90 cm, same phantom
+    d90 = _cax(ReferenceDoseEngine(dens, grid, _beam0(100.0), beam, lateral_mm=5.0), f)[1]
+    y = grid.axes_mm()[1]
+    for depth in (50.0, 150.0, 250.0):
+        ratio = np.interp(depth, y, d90) / np.interp(depth, y, d100)
+        expected = ((1000.0 + depth) / (900.0 + depth)) ** 2
+        # a 20 x 20 field is 10 % smaller at the surface at SSD 90: scatter changes by ~1-2 %
+        assert ratio == pytest.approx(expected, rel=0.03)
+
+
+def test_lung_slab() -> None:
+    beam = load_beam_model()
+    grid = _phantom_grid()
+    geo = _beam0()
+    eng_w = ReferenceDoseEngine(_slab_density(grid), grid, geo, beam, lateral_mm=2.0)
+    eng_l = ReferenceDoseEngine(_slab_density(grid, ((30.0, 130.0, 0.25),)), grid, geo, beam, lateral_mm=2.0)
+    y = grid.axes_mm()[1]
+    at = lambda d, depth: float(np.interp(depth, y, d))  # noqa: E731
+    _, w10 = _cax(eng_w, _square(20))
+    _, l10 = _cax(eng_l, _square(20))
+    # less attenuation through 10 cm of lung: more dose behind the slab than in water
+    assert at(l10, 160.0) > 1.1 * at(w10, 160.0)
+    assert at(l10, 100.0) > at(w10, 100.0)
+    # small field: lateral electron disequilibrium -> build-down inside the lung, build-up behind it
+    _, w3 = _cax(eng_w, _square(6))
+    _, l3 = _cax(eng_l, _square(6))
+    rel3 = lambda depth: at(l3, depth) / at(w3, depth)  # noqa: E731
+    rel10 = lambda depth: at(l10, depth) / at(w10, depth)  # noqa: E731
+    assert rel3(26.0) == pytest.approx(1.0, abs=0.005)  # identical in front of the slab
+    # the loss in lung is a small-field effect: relative to water, the 3 x 3 field keeps clearly less
+    # dose in the lung than the 10 x 10 field does
+    assert rel3(60.0) < rel10(60.0) - 0.05
+    # and it recovers within ~1-2 cm of water behind the slab (re-build-up relative to water)
+    assert rel3(150.0) > rel3(132.0) + 0.03
+    assert abs(rel10(150.0) - rel10(132.0)) < 0.03
+
+
+def test_linearity_and_gradcheck() -> None:
+    # tiny problem in double precision: a 4 x 4 BEV (central leaf pairs), 3 control points
+    machine = MachineModel(bev=BevGrid(n_rows=4, n_cols=4, pixel_mm=5.0), first_bev_leaf_pair=28)
+    geo = ArcGeometry(arc=ArcSpec(start_deg=30.0, stop_deg=150.0, n_sectors=3, collimator_deg=30.0),
+                      isocenter_mm=(0.0, 0.0, 0.0), position=PatientPosition.FFP, machine=machine)
+    grid = Grid(origin_mm=(-30.0, -30.0, -20.0), spacing_mm=(6.0, 6.0, 10.0), shape=(5, 11, 11))
+    gen = torch.Generator().manual_seed(1)
+    dens = 0.2 + torch.rand(grid.shape, generator=gen, dtype=torch.float64)
+    beam = replace(load_beam_model(), field_margin_mm=20.0)
+    eng = ReferenceDoseEngine(dens, grid, geo, beam, dtype=torch.float64, lateral_mm=2.5, chunk=2)
+    assert eng.ld_idx.numel() > 0  # the random density exercises the low-density channel too
+    f1 = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64)
+    f2 = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(eng(2.0 * f1 - 0.5 * f2), 2.0 * eng(f1) - 0.5 * eng(f2))
+        assert float(eng(f1).min()) >= 0.0 and float(eng(f1).max()) > 0.0
+    fl = f1.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: eng(f).sum(dim=0), (fl,), eps=1e-6, atol=1e-8)
+
+
+def test_shape_and_input_errors(water: ReferenceDoseEngine) -> None:
+    with pytest.raises(PlanningError, match="fluence shape"):
+        water(torch.zeros(2, 40, 40))
+    grid = _phantom_grid()
+    with pytest.raises(PlanningError, match="density"):
+        ReferenceDoseEngine(-_slab_density(grid), grid, _beam0(), load_beam_model())
+    with pytest.raises(ConfigError, match="scatter_weights"):
+        replace(load_beam_model(), scatter_weights=(-1.0, 0.0))
+
+
+def test_hu_to_density_and_resample() -> None:
+    curve = ((-1000.0, 0.0), (0.0, 1.0), (1000.0, 1.5))
+    np.testing.assert_allclose(hu_to_density(np.array([-2000.0, -500.0, 0.0, 500.0, 3000.0]), curve),
+                               [0.0, 0.5, 1.0, 1.25, 1.5])
+    with pytest.raises(InputError, match="increasing"):
+        hu_to_density(np.zeros(3), ((0.0, 1.0), (0.0, 1.2)))
+    src = Grid(origin_mm=(-10.0, -20.0, -30.0), spacing_mm=(1.0, 2.0, 3.0), shape=(21, 21, 21))
+    x, y, z = src.axes_mm()
+    lin = (x[None, None, :] + 2 * y[None, :, None] - 0.5 * z[:, None, None]).astype(np.float32)
+    dst = Grid(origin_mm=(-7.3, -11.1, -20.2), spacing_mm=(2.4, 2.5, 2.5), shape=(8, 8, 8))
+    xd, yd, zd = dst.axes_mm()
+    out = resample_to_grid(lin, src, dst, order=1)
+    np.testing.assert_allclose(out, xd[None, None, :] + 2 * yd[None, :, None] - 0.5 * zd[:, None, None], atol=1e-4)
+    far = Grid(origin_mm=(100.0, 0.0, 0.0), spacing_mm=(1.0, 1.0, 1.0), shape=(2, 2, 2))
+    assert (resample_to_grid(lin, src, far, fill=-1000.0) == -1000.0).all()
+    np.testing.assert_array_equal(resample_to_grid(lin, src, src, order=0), lin)
+
+
+def test_for_case_synthetic_pelvis() -> None:
+    synth = pytest.importorskip("pipeline.synth")
+    case = synth.synth_case(1)
+    grid = dose_grid_for_case(case, 4.0)
+    x, y, z = grid.axes_mm()
+    body = case.masks[Role.BODY]
+    cx, cy, cz = case.grid.axes_mm()
+    kk = np.nonzero(case.masks[Role.PTV].any(axis=(1, 2)))[0]
+    assert z[0] <= cz[kk.min()] - 45.0 and z[-1] >= cz[kk.max()] + 45.0  # PTV +- 50 mm (grid rounding)
+    in_z = (cz >= z[0] - 2.0) & (cz <= z[-1] + 2.0)
+    jj, ii = np.nonzero(body[in_z].any(axis=0))  # the body within the grid's slices
+    assert x[0] <= cx[ii.min()] + 2.0 and x[-1] >= cx[ii.max()] - 2.0
+    assert y[0] <= cy[jj.min()] + 2.0 and y[-1] >= cy[jj.max()] - 2.0
+    geo = ArcGeometry(arc=ArcSpec(n_sectors=8), isocenter_mm=case.ptv_centroid_mm(),
+                      position=case.patient_position, machine=MachineModel())
+    curve = ((-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8))
+    eng = ReferenceDoseEngine.for_case(case, geo, load_beam_model(), hu_curve=curve)
+    assert eng.grid == grid and eng.density.shape == grid.shape
+    fl = torch.zeros(8, 40, 40)
+    fl[:, 16:24, 16:24] = 10.0
+    with torch.no_grad():
+        dose = eng(fl)
+    ptv = resample_to_grid(case.masks[Role.PTV].astype(np.float32), case.grid, grid) >= 0.5
+    body_dg = resample_to_grid(body.astype(np.float32), case.grid, grid) >= 0.5
+    d = dose.numpy()
+    assert d[ptv].mean() > 2.0 * d[body_dg & ~ptv].mean()  # the arc's fields meet in the PTV
+    assert d[~body_dg].max() == 0.0  # dose only inside the body
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    grid = _phantom_grid()
+    dens = _slab_density(grid)
+    f = _square(20)
+    cpu = ReferenceDoseEngine(dens, grid, _beam0(), load_beam_model())(f)
+    gpu = ReferenceDoseEngine(dens, grid, _beam0(), load_beam_model(), device="cuda")(f.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-6)
