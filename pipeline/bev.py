@@ -64,14 +64,20 @@ class BevProjector(torch.nn.Module):
         xc = 0.5 * (bev.col_edges_mm()[1:] + bev.col_edges_mm()[:-1])
         yc = 0.5 * (bev.row_edges_mm()[1:] + bev.row_edges_mm()[:-1])
         yy, xx = np.meshgrid(yc, xc, indexing="ij")  # (rows, cols)
-        f = (t / sad)[:, None, None, :]  # (n_cp, 1, 1, S)
-        xb = np.stack(np.broadcast_arrays(xx[None, :, :, None] * f, yy[None, :, :, None] * f,
-                                          (sad - t)[:, None, None, :]), axis=-1)  # (n_cp, rows, cols, S, 3)
-        pts = np.einsum("kij,krcsj->krcsi", rot, xb) + np.asarray(geometry.isocenter_mm)
-        idx = (pts - np.asarray(grid.origin_mm)) / np.asarray(grid.spacing_mm)
+        dev = self.device
+        f = torch.as_tensor(t / sad, dtype=dtype, device=dev)[:, None, None, :]  # (n_cp, 1, 1, S)
+        zb = torch.as_tensor(sad - t, dtype=dtype, device=dev)[:, None, None, :]
+        xx_t = torch.as_tensor(xx, dtype=dtype, device=dev)[None, :, :, None]
+        yy_t = torch.as_tensor(yy, dtype=dtype, device=dev)[None, :, :, None]
+        r = torch.as_tensor(rot, dtype=dtype, device=dev)
+        axes = []
+        for ax in range(3):  # patient axis ax of every sample, as a fractional voxel index
+            pa = (r[:, ax, 0, None, None, None] * xx_t * f + r[:, ax, 1, None, None, None] * yy_t * f
+                  + r[:, ax, 2, None, None, None] * zb)
+            axes.append((pa + (geometry.isocenter_mm[ax] - grid.origin_mm[ax])) / grid.spacing_mm[ax])
+        idx = torch.stack(axes, dim=-1)  # (n_cp, rows, cols, S, 3)
         self.out_shape = (n_cp, bev.n_rows, bev.n_cols)
-        grid0, frac, self.row_shift = trilinear_plan(
-            torch.as_tensor(idx.reshape(1, -1, 3), dtype=dtype, device=self.device), grid.shape)
+        grid0, frac, self.row_shift = trilinear_plan(idx.reshape(1, -1, 3), grid.shape)
         self.register_buffer("grid0", grid0)
         self.register_buffer("frac", frac)
 

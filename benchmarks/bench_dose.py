@@ -1,0 +1,114 @@
+"""Benchmark of the reference dose engine and the BEV projection on a synthetic pelvis (2 threads).
+
+Run: ``.venv/bin/python -m benchmarks.bench_dose [--repeats N]``. Prints a markdown table of medians:
+engine set-up (ray tracing), full-arc dose forward, forward + backward, BEV projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipeline.beam_model import load_beam_model
+from pipeline.bev import BevProjector
+from pipeline.case import Case, Grid, PatientPosition, Role
+from pipeline.dose_engine import ReferenceDoseEngine
+from pipeline.geometry import ArcGeometry
+from sequencing.machine import ArcSpec, MachineModel
+
+HU_CURVE = ((-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8))
+
+
+def _water_cylinder_case() -> Case:
+    """Fallback phantom: an elliptic water cylinder with two bone rods and a spherical PTV."""
+    grid = Grid(origin_mm=(-200.0, -150.0, -100.0), spacing_mm=(4.0, 4.0, 4.0), shape=(51, 76, 101))
+    x, y, z = grid.axes_mm()
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    body = (xx / 180.0) ** 2 + (yy / 120.0) ** 2 <= 1.0
+    ct = np.where(body, 0.0, -1000.0).astype(np.float32)
+    for side in (-1.0, 1.0):
+        ct[((xx - side * 90.0) ** 2 + yy**2 <= 20.0**2) & body] = 1000.0
+    ptv = xx**2 + yy**2 + zz**2 <= 35.0**2
+    return Case(case_id="cylinder", ct_hu=ct, grid=grid, masks={Role.PTV: ptv, Role.BODY: body},
+                patient_position=PatientPosition.HFS)
+
+
+def _case() -> tuple[Case, str]:
+    try:
+        from pipeline.synth import synth_case
+    except ImportError:
+        return _water_cylinder_case(), "water cylinder with bones"
+    return synth_case(0), "synthetic pelvis (seed 0)"
+
+
+def _median(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    case, label = _case()
+    geo = ArcGeometry(arc=ArcSpec(), isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
+                      machine=MachineModel())
+    beam = load_beam_model()
+    t = time.perf_counter()
+    engine = ReferenceDoseEngine.for_case(case, geo, beam, hu_curve=HU_CURVE, device=args.device)
+    setup_s = time.perf_counter() - t
+    t = time.perf_counter()
+    bev = BevProjector(engine.grid, geo, device=args.device)
+    bev_setup_s = time.perf_counter() - t
+    gen = torch.Generator().manual_seed(0)
+    fluence = torch.rand(engine.fluence_shape, generator=gen).to(args.device)
+    sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            engine(fluence)
+        sync()
+
+    def fwd_bwd() -> None:
+        f = fluence.clone().requires_grad_(True)
+        engine(f).square().sum().backward()
+        sync()
+
+    dose = engine(fluence).detach()
+
+    def proj() -> None:
+        with torch.no_grad():
+            bev(dose)
+        sync()
+
+    rows = [
+        ("engine set-up (ray tracing, once per case)", setup_s, 1),
+        ("full-arc dose forward (180 CP)", _median(fwd, args.repeats), args.repeats),
+        ("full-arc dose forward + backward", _median(fwd_bwd, args.repeats), args.repeats),
+        ("BEV projector set-up", bev_setup_s, 1),
+        ("BEV projection (180 x 40 x 40, 64 samples/ray)", _median(proj, args.repeats), args.repeats),
+    ]
+    nz, ny, nx = engine.grid.shape
+    print(f"{label}: dose grid {nx} x {ny} x {nz} at 4 mm ({engine.points.shape[1]} voxels in the body), "
+          f"device {args.device}, {torch.get_num_threads()} threads\n")
+    print("| step | median (s) | runs |\n|---|---|---|")
+    for name, sec, n in rows:
+        print(f"| {name} | {sec:.3f} | {n} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
