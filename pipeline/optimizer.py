@@ -15,8 +15,8 @@ Method
    forward pass), unless ``init`` is given.
 3. *Optimisation.* Adam (default) or L-BFGS on ``p`` with ``fluence = level * softplus(p)`` (fluence >= 0 everywhere),
    minimising a weighted sum of scale-free terms (``pipeline.objectives``): the paper's asymmetric
-   PTV term (eq. 7, mean over the PTV, dose in units of Rx), a cold-tail term on the coldest voxels
-   of the PTV, bladder/rectum mean dose and high-dose (hottest part of the organ) terms on the organ
+   PTV term (eq. 7, mean over the PTV, dose in units of Rx), cold- and hot-tail terms on the coldest
+   and hottest voxels of the PTV, bladder/rectum mean dose and high-dose (hottest part of the organ) terms on the organ
    outside the PTV, a hinge on a dose ceiling falling off with distance from the PTV in the body
    (conformity, hot spots outside the PTV), a femoral-head ceiling, fluence smoothness (along leaf
    travel and between adjacent control points) and, in the last part of the run, a two-level term
@@ -63,6 +63,9 @@ class OptimizerWeights:
     cold_tail, cold_tail_fraction, cold_tail_level
         Weight of a squared hinge below ``cold_tail_level`` x Rx on the coldest ``cold_tail_fraction``
         of the PTV (drives D98 up).
+    hot_tail, hot_tail_fraction, hot_tail_level
+        Weight of a squared hinge above ``hot_tail_level`` x Rx on the hottest ``hot_tail_fraction`` of
+        the PTV (drives D2 down, hence HI).
     oar_mean
         Weight of the mean dose (in units of Rx) of bladder and rectum outside the PTV.
     oar_high, oar_high_level, oar_high_fraction
@@ -93,6 +96,9 @@ class OptimizerWeights:
     cold_tail: float = 200.0
     cold_tail_fraction: float = 0.05
     cold_tail_level: float = 0.98
+    hot_tail: float = 200.0
+    hot_tail_fraction: float = 0.05
+    hot_tail_level: float = 1.03
     oar_mean: float = 0.5
     oar_high: float = 20.0
     oar_high_level: float = 0.85
@@ -113,11 +119,11 @@ class OptimizerWeights:
         for name in ("lambda_plus", "lambda_minus", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise PlanningError(f"optimizer weight {name} must be > 0, got {getattr(self, name)}")
-        for name in ("ptv", "cold_tail", "oar_mean", "oar_high", "femur", "ring", "smooth",
+        for name in ("ptv", "cold_tail", "hot_tail", "oar_mean", "oar_high", "femur", "ring", "smooth",
                      "total_variation", "two_level", "aperture_margin_px"):
             if getattr(self, name) < 0:
                 raise PlanningError(f"optimizer weight {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("cold_tail_fraction", "oar_high_fraction", "aperture_threshold"):
+        for name in ("cold_tail_fraction", "hot_tail_fraction", "oar_high_fraction", "aperture_threshold"):
             if not 0 < getattr(self, name) <= 1:
                 raise PlanningError(f"optimizer setting {name} must be in (0, 1], got {getattr(self, name)}")
 
@@ -325,10 +331,11 @@ def optimize_fluence(
         t = {
             "ptv": obj.ptv_homogeneity_term(dose, ptv, rx_gy, w.lambda_plus, w.lambda_minus),
             "cold_tail": obj.lower_dvh_term(dose, ptv, w.cold_tail_level * rx_gy, w.cold_tail_fraction, rx_gy),
+            "hot_tail": obj.upper_dvh_term(dose, ptv, w.hot_tail_level * rx_gy, w.hot_tail_fraction, rx_gy),
             "ring": obj.hinge_mean_term(dose, region, ceiling, rx_gy),
             "smooth": obj.smoothness_term(flu, level),
         }
-        k = {"ptv": w.ptv, "cold_tail": w.cold_tail, "ring": w.ring, "smooth": w.smooth}
+        k = {"ptv": w.ptv, "cold_tail": w.cold_tail, "hot_tail": w.hot_tail, "ring": w.ring, "smooth": w.smooth}
         for r, m in oars.items():
             t[f"{r}_mean"], k[f"{r}_mean"] = obj.mean_dose_term(dose, m, rx_gy), w.oar_mean
             t[f"{r}_high"] = obj.upper_dvh_term(dose, m, w.oar_high_level * rx_gy, w.oar_high_fraction, rx_gy)

@@ -243,12 +243,12 @@ def test_lbfgs_and_time_limit() -> None:
         optimize_fluence(eng, masks, rx_gy=8.0, iterations=2, method="sgd")
 
 
-@pytest.mark.slow
 def test_optimizer_on_a_synthetic_pelvis_with_the_reference_engine() -> None:
-    """The real engine on a cheap configuration (36 sectors, 8 mm grid): the optimizer must beat its start.
+    """The real engine on a cheap configuration (36 sectors, 8 mm grid, a few seconds).
 
-    The issue's targets (HI <= 0.10, D98 >= 97 % at 180 sectors, 4 mm) are measured by
-    ``benchmarks.bench_optimizer``; this test checks the machinery on the real physics quickly.
+    The optimizer must beat its open-aperture start and reach the issue's PTV targets (HI <= 0.10,
+    D98 >= 97 % of Rx at PTV D95 = Rx) on this configuration; the full 180-sector 4 mm case is measured
+    by ``benchmarks.bench_optimizer``.
     """
     dose_engine = pytest.importorskip("pipeline.dose_engine")
     synth = pytest.importorskip("pipeline.synth")
@@ -277,7 +277,7 @@ def test_optimizer_on_a_synthetic_pelvis_with_the_reference_engine() -> None:
     assert res.history[-1] < 0.5 * res.history[0]
     m0 = _normalised_metrics(start.dose, masks, rx)
     m1 = _normalised_metrics(res.dose, masks, rx)
-    assert m1["HI"] < m0["HI"]
-    assert m1["D98"] >= 0.95
+    assert m1["HI"] < m0["HI"] and m1["HI"] <= 0.10
+    assert m1["D98"] >= 0.97
     assert m1["rectum"] < m0["rectum"] and m1["bladder"] < m0["bladder"]
     assert Role.PTV in masks
