@@ -8,6 +8,7 @@ prediction.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -75,19 +76,19 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
               timings: Timings | None = None) -> dict[str, Any]:
     """Plan a loaded Case and write the outputs into ``out_dir``; returns the metrics dict."""
     import torch
+    from pipeline.beam_model import load_beam_model
+    from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
+    from pipeline.geometry import ArcGeometry
+    from sequencing.deliverability import check_deliverable
+    from sequencing.fluence import fluence_from_sequence
+    from sequencing.sequencer import sequence_arc
 
     from appliance.report import write_report
     from appliance.rtdose import write_rtdose
     from appliance.rtplan import write_rtplan
-    from pipeline.beam_model import load_beam_model
-    from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
     from pipeline.dvh import structure_metrics
     from pipeline.evaluation import check_ptv_fits_field, evaluate_structures
-    from pipeline.geometry import ArcGeometry
     from pipeline.goals import GoalSpec, evaluate_goals, normalisation_factor
-    from sequencing.deliverability import check_deliverable
-    from sequencing.fluence import fluence_from_sequence
-    from sequencing.sequencer import sequence_arc
 
     timings = timings or Timings()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
             )
             if not np.isfinite(factor) or factor <= 0:
                 raise PlanningError(f"MU normalisation failed (factor {factor}); the plan delivers no PTV dose")
-            seq = seq.scaled(factor)
+            seq = dataclasses.replace(seq, cumulative_mu=seq.cumulative_mu * factor)
             dose_fx = dose_fx * factor
         problems = check_deliverable(seq, machine)
         if problems:
@@ -191,7 +192,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
                          "normalisation_factor": float(factor)},
         "plan": {
             "total_MU": float(seq.total_mu),
-            "control_points": int(len(seq.gantry_deg)),
+            "control_points": len(seq.gantry_deg),
             "isocenter_mm": [float(v) for v in iso],
             "machine": machine.name,
             "collimator_deg": float(arc.collimator_deg),
