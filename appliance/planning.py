@@ -76,19 +76,18 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
               timings: Timings | None = None) -> dict[str, Any]:
     """Plan a loaded Case and write the outputs into ``out_dir``; returns the metrics dict."""
     import torch
-    from pipeline.beam_model import load_beam_model
-    from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
-    from pipeline.geometry import ArcGeometry
-    from sequencing.deliverability import check_deliverable
-    from sequencing.fluence import fluence_from_sequence
-    from sequencing.sequencer import sequence_arc
 
     from appliance.report import write_report
     from appliance.rtdose import write_rtdose
     from appliance.rtplan import write_rtplan
     from pipeline.dvh import structure_metrics
     from pipeline.evaluation import check_ptv_fits_field, evaluate_structures
+    from pipeline.geometry import ArcGeometry
     from pipeline.goals import GoalSpec, evaluate_goals, normalisation_factor
+    from pipeline.problem import build_problem
+    from sequencing.deliverability import check_deliverable
+    from sequencing.fluence import fluence_from_sequence
+    from sequencing.sequencer import sequence_arc
 
     timings = timings or Timings()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,21 +103,11 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
 
     with timings.stage("setup"):
         iso = case.ptv_centroid_mm()
-        geometry = ArcGeometry(arc=arc, isocenter_mm=iso, position=case.patient_position, machine=machine)
-        check_ptv_fits_field(case, geometry)
-        beam = load_beam_model()
-        engine = ReferenceDoseEngine.for_case(
-            case, geometry, beam, hu_curve=settings.planning.hu_to_density,
-            spacing_mm=settings.planning.dose_grid_mm, device=device,
-        )
-        grid = engine.grid
-        masks_dg = {
-            role: torch.as_tensor(resample_to_grid(m.astype(np.float32), case.grid, grid, order=1) >= 0.5,
-                                  device=device)
-            for role, m in case.masks.items()
-        }
-        if not bool(masks_dg[Role.PTV].any()):
-            raise PlanningError("the PTV vanished on the dose grid; use a finer planning.dose_grid_mm")
+        check_ptv_fits_field(case, ArcGeometry(arc=arc, isocenter_mm=iso, position=case.patient_position,
+                                               machine=machine))
+        problem = build_problem(case, arc, machine, hu_curve=settings.planning.hu_to_density,
+                                spacing_mm=settings.planning.dose_grid_mm, device=device)
+        engine, grid, masks_dg, geometry = problem.engine, problem.grid, problem.masks, problem.geometry
 
     extra: dict[str, Any] = {}
     if chosen is PlanningMethod.OPTIMIZE:

@@ -1,0 +1,66 @@
+"""The planning problem of one case: beam geometry, reference dose engine and masks on its grid.
+
+Shared by the planning driver, the AI pipeline, training-data generation and the benchmarks so
+that all of them see the same isocenter, dose grid and mask resampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.beam_model import BeamModel, load_beam_model
+from pipeline.case import Case, Grid, Role
+from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
+from pipeline.errors import PlanningError
+from pipeline.geometry import ArcGeometry
+from sequencing.machine import ArcSpec, MachineModel
+
+DEFAULT_HU_CURVE: tuple[tuple[float, float], ...] = (
+    (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
+)
+
+
+@dataclass(frozen=True, eq=False)
+class PlanningProblem:
+    """Everything a planner needs besides the fluence.
+
+    Attributes
+    ----------
+    geometry
+        The arc around the isocenter (PTV centroid).
+    engine
+        Reference dose engine on the dose grid (``engine.grid``).
+    masks
+        Boolean masks on the dose grid by role (trilinear fraction >= 0.5), on the engine's device.
+    """
+
+    geometry: ArcGeometry
+    engine: ReferenceDoseEngine
+    masks: dict[Role, torch.Tensor]
+
+    @property
+    def grid(self) -> Grid:
+        """The dose grid."""
+        return self.engine.grid
+
+
+def build_problem(case: Case, arc: ArcSpec, machine: MachineModel, *,
+                  hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_CURVE, spacing_mm: float = 4.0,
+                  beam: BeamModel | None = None, device: str | torch.device = "cpu") -> PlanningProblem:
+    """Geometry, engine and dose-grid masks of ``case`` (isocenter at the PTV centroid)."""
+    geometry = ArcGeometry(arc=arc, isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
+                           machine=machine)
+    engine = ReferenceDoseEngine.for_case(case, geometry, beam or load_beam_model(), hu_curve=hu_curve,
+                                          spacing_mm=spacing_mm, device=device)
+    masks = {
+        role: torch.as_tensor(resample_to_grid(m.astype(np.float32), case.grid, engine.grid, order=1) >= 0.5,
+                              device=device)
+        for role, m in case.masks.items()
+    }
+    if not bool(masks[Role.PTV].any()):
+        raise PlanningError("the PTV vanished on the dose grid; use a finer planning.dose_grid_mm")
+    return PlanningProblem(geometry=geometry, engine=engine, masks=masks)
