@@ -58,10 +58,13 @@ def receiver(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     proc.wait(10)
 
 
-def _received_order(out: Path) -> list[str]:
+def _received_order(out: Path, expected: int = 2) -> list[str]:
+    """Modalities in the order storescp received them (waits for ``expected`` entries, 10 s at most)."""
     order = out / "order.txt"
-    deadline = time.time() + 5
-    while not order.exists() and time.time() < deadline:
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if order.exists() and len([ln for ln in order.read_text().splitlines() if ln.strip()]) >= expected:
+            break
         time.sleep(0.05)
     return [pydicom.dcmread(out / line.strip(), stop_before_pixels=True).Modality
             for line in order.read_text().splitlines() if line.strip()]
