@@ -50,7 +50,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from appliance.config import Settings
 from appliance.uids import check_uid
@@ -155,6 +155,69 @@ def parse_header(source: Path | bytes, *, expected_class: str, expected_uid: str
     return hdr
 
 
+MIN_PDU_READ_BYTES = 65536
+"""Smallest limit on the PDU length a peer may announce, bytes: an A-ASSOCIATE-RQ with many
+presentation contexts may exceed a small ``node.max_pdu_bytes``; a P-DATA-TF may not."""
+
+
+class _BoundedAssociationSocket(AssociationSocket):
+    """An acceptor socket that refuses to read a PDU longer than the server's ``max_pdu_read`` (pynetdicom
+    would buffer whatever length a peer announces, up to 4 GiB, in memory) and that gives up on a peer
+    that stops sending in the middle of a PDU after ``read_timeout_s``. Either closes the connection
+    (the DUL sees a transport error), so one peer cannot exhaust memory or hold an association slot."""
+
+    max_read: int = 0
+    read_timeout_s: float = 60.0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self.max_read and nr_bytes > self.max_read:
+            log.warning("peer %s announced a PDU of %d bytes (limit %d, node.max_pdu_bytes); closing the "
+                        "connection", self._assoc.requestor.address, nr_bytes, self.max_read)
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.max_read}")
+        if self.socket is not None:
+            self.socket.settimeout(self.read_timeout_s)
+        return super().recv(nr_bytes)
+
+
+class _NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the node's TLS handling and read limits (see :class:`_NodeRequestHandler`)."""
+
+    node_tls: ssl.SSLContext | None = None
+    handshake_timeout_s: float = 30.0
+    read_timeout_s: float = 60.0
+    max_pdu_read: int = 0
+
+
+class _NodeRequestHandler(RequestHandler):
+    """Handles one connection in its own thread: the TLS handshake first (bounded by the ACSE
+    timeout; a failed handshake closes the connection and is logged), then pynetdicom's association
+    on a :class:`_BoundedAssociationSocket`."""
+
+    server: _NodeServer
+
+    def handle(self) -> None:
+        tls = self.server.node_tls
+        if tls is not None:
+            raw = cast(Any, self.request)
+            try:
+                raw.settimeout(self.server.handshake_timeout_s)
+                self.request = tls.wrap_socket(raw, server_side=True)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
+                log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                raw.close()
+                return
+        super().handle()
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        sock = cast(Any, assoc.dul.socket)
+        # Same object, narrower class: only recv() differs (pynetdicom builds the socket inline).
+        sock.__class__ = _BoundedAssociationSocket
+        sock.max_read = self.server.max_pdu_read
+        sock.read_timeout_s = self.server.read_timeout_s
+        return assoc
+
+
 @dataclass
 class _AssocStats:
     calling: str
@@ -229,11 +292,19 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = ae.start_server(
-            (node.bind_address, node.port), block=False, evt_handlers=handlers,
-            ssl_context=make_ssl_context(self.settings),
-        )
-        assert server is not None  # block=False always returns the server
+        # Not ae.start_server(ssl_context=...): pynetdicom would run the TLS handshake in the accept
+        # loop, where one silent client stops every later association. _NodeServer runs it in the
+        # connection's own thread, with a timeout, and bounds what a peer can make the node read.
+        server = cast(_NodeServer, ae.make_server(
+            (node.bind_address, node.port), evt_handlers=handlers, server_class=_NodeServer,
+            request_handler=_NodeRequestHandler,
+        ))
+        server.node_tls = make_ssl_context(self.settings)
+        server.handshake_timeout_s = node.acse_timeout_s
+        server.read_timeout_s = node.network_timeout_s
+        server.max_pdu_read = max(node.max_pdu_bytes, MIN_PDU_READ_BYTES)
+        ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
+        threading.Thread(target=server.serve_forever, name=f"scp-{node.port}", daemon=True).start()
         self._server = server
         host, port = server.server_address[:2]
         log.info("Storage SCP %s listening on %s:%d%s", node.ae_title, host, port,

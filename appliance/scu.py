@@ -91,6 +91,7 @@ def echo(peer: PeerAddress, *, calling_aet: str = "AIRT", timeout_s: float = 30.
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s  # TCP connect + TLS handshake (pynetdicom: unbounded by default)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
                          tls_args=(tls, peer.host) if tls else None)
     if not assoc.is_established:
@@ -132,6 +133,7 @@ def send_files(paths: Sequence[Path], peer: PeerAddress, *, calling_aet: str = "
             raise ExportError(f"cannot read {p} to send it: {exc}") from exc
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s  # TCP connect + TLS handshake (pynetdicom: unbounded by default)
     contexts: dict[str, list[str]] = {}
     for _, sop_class, ts in metas:
         tss = contexts.setdefault(sop_class, [])
