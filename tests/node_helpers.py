@@ -15,6 +15,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -208,19 +209,21 @@ def postgres_bindir() -> Path | None:
 
 
 class PostgresServer:
-    """A PostgreSQL cluster in ``folder`` listening on a unix socket there (and no TCP port).
+    """A PostgreSQL cluster in a new temporary folder, listening on a unix socket there (no TCP port);
+    :meth:`stop` removes the folder.
 
-    initdb refuses to run as root; as root the cluster is owned by and run as the ``nobody`` user.
+    initdb refuses to run as root; as root the cluster is owned by and run as the ``nobody`` user
+    (hence a folder of its own under the system temporary directory: pytest's are private to root).
     """
 
-    def __init__(self, folder: Path, *, database: str = "airt") -> None:
+    def __init__(self, *, database: str = "airt") -> None:
         bindir = postgres_bindir()
         if bindir is None:
             pytest.skip("PostgreSQL server binaries are not installed (make system-deps installs postgresql)")
         self.bindir = bindir
-        self.folder = folder
-        self.data = folder / "pgdata"
-        self.sock = folder / "sock"
+        self.folder = Path(tempfile.mkdtemp(prefix="airt-pg-"))
+        self.data = self.folder / "pgdata"
+        self.sock = self.folder / "sock"
         self.port = free_port()
         self.database = database
         self.user = "nobody" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -268,6 +271,7 @@ class PostgresServer:
         if self._started:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
             self._started = False
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def kill_group(proc: subprocess.Popen[Any]) -> None:

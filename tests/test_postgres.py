@@ -1,0 +1,179 @@
+"""Scale-out on PostgreSQL: the same storage code on a real PostgreSQL server started by the test
+(Debian's binaries, a throw-away cluster on a unix socket), several worker processes sharing one
+queue (claims with ``SELECT ... FOR UPDATE SKIP LOCKED``), exactly one claim per job.
+
+Skipped when the PostgreSQL server binaries or the psycopg driver are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from appliance.config import Settings
+from appliance.scheduler import StudyScheduler
+from storage.db import Database
+from storage.models import Instance, Job, JobEvent, Study
+from storage.states import JobState, utcnow
+from tests.node_helpers import PostgresServer, node_settings, running_scp, store_paths
+from tests.test_scp import write_case
+
+pytest.importorskip("psycopg", reason="psycopg 3 (the PostgreSQL driver) is not installed: pip install -e '.[test]'")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "data" / "dicompyler_example"
+
+pytestmark = pytest.mark.external
+
+
+def quick_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None) -> dict[str, Any]:
+    """A planning function for queue tests: writes a (real, shipped) RT Plan and RT Dose as the outputs
+    so that the worker's success path runs, without spending minutes planning."""
+    for name in ("rtplan.dcm", "rtdose.dcm"):
+        shutil.copy(RESULTS / name, out_dir / name)
+    return {"case_dir": str(case_dir)}
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def _fresh_db(pg: PostgresServer, name: str) -> str:
+    """A new empty database on the server (one per test), returned as a SQLAlchemy URL."""
+    r = pg._run(str(pg.bindir / "createdb"), "-h", str(pg.sock), "-p", str(pg.port), "-U", "airt", name)
+    assert r.returncode == 0, r.stderr
+    return pg.url.replace(f"/{pg.database}?", f"/{name}?")
+
+
+def _add_jobs(db: Database, n: int) -> list[int]:
+    now = utcnow()
+    ids = []
+    with db.session() as s:
+        for k in range(n):
+            st = Study(study_uid=f"1.2.826.0.1.{k + 1}", first_received_at=now, last_received_at=now)
+            s.add(st)
+            s.flush()
+            job = Job(study_id=st.id, study_uid=st.study_uid, instance_fingerprint=f"f{k}", state=JobState.PENDING,
+                      created_at=now, updated_at=now)
+            s.add(job)
+            s.flush()
+            ids.append(job.id)
+    return ids
+
+
+def test_scp_and_scheduler_on_postgresql(tmp_path: Path, pg: PostgresServer) -> None:
+    url = _fresh_db(pg, "scp")
+    settings = node_settings(tmp_path, storage={"database_url": url})
+    case = write_case(tmp_path / "case", n_slices=3)
+    with running_scp(settings) as scp:
+        assert scp.db.engine.dialect.name == "postgresql"
+        paths: list[Path] = case["paths"]  # type: ignore[assignment]
+        assert store_paths(scp.port, paths).statuses == [0] * 4
+        # Same instance again: an idempotent duplicate; same UID, other content: refused.
+        assert store_paths(scp.port, paths[:1]).statuses == [0]
+        other = pydicom.dcmread(paths[0])
+        other.PixelData = bytes(len(other.PixelData))
+        other.save_as(tmp_path / "other.dcm")
+        assert store_paths(scp.port, [tmp_path / "other.dcm"]).statuses == [0xC212]
+        jobs = StudyScheduler(settings, scp.db).tick()
+        assert len(jobs) == 1
+        assert StudyScheduler(settings, scp.db).tick() == []  # created once
+        with scp.db.session() as s:
+            assert s.scalar(select(func.count()).select_from(Instance)) == 4
+            job = s.get(Job, jobs[0])
+            assert job is not None and job.state == JobState.PENDING and job.study_uid == case["study"]
+            assert job.created_at.tzinfo is not None
+
+
+CLAIMER = textwrap.dedent("""
+    import json, sys
+    from storage.db import Database, claim_next_job
+    db = Database(sys.argv[1], create=False)
+    got = []
+    while True:
+        with db.session() as s:
+            job = claim_next_job(s, sys.argv[2])
+            if job is None:
+                break
+            got.append(job.id)
+    print(json.dumps(got))
+""")
+
+
+def test_processes_racing_for_jobs_each_claim_a_job_exactly_once(pg: PostgresServer) -> None:
+    url = _fresh_db(pg, "race")
+    db = Database(url)
+    ids = _add_jobs(db, 120)
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url, f"claimer-{k}"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    claimed: list[list[int]] = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        claimed.append(json.loads(out.strip().splitlines()[-1]))
+    flat = [j for c in claimed for j in c]
+    assert sorted(flat) == sorted(ids)  # every job once, none twice
+    assert sum(1 for c in claimed if c) >= 2, [len(c) for c in claimed]  # they really raced
+    with db.session() as s:
+        states = set(s.scalars(select(Job.state)))
+        attempts = set(s.scalars(select(Job.attempts)))
+        n_events = s.scalar(select(func.count()).select_from(JobEvent))
+        workers = {w: n for w, n in s.execute(select(Job.worker, func.count()).group_by(Job.worker))}
+    assert states == {JobState.RUNNING} and attempts == {1} and n_events == len(ids)
+    assert {w: n for w, n in workers.items()} == {f"claimer-{k}": len(c) for k, c in enumerate(claimed) if c}
+    db.dispose()
+
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from appliance.config import settings_from_dict
+    from appliance.worker import Worker
+    from storage.db import Database
+    settings = settings_from_dict(json.loads(sys.argv[1]))
+    worker = Worker(settings, Database(settings.database_url, create=False), name=sys.argv[2],
+                    plan_function="tests.test_postgres:quick_plan")
+    done = []
+    while (job := worker.run_once()) is not None:
+        done.append(job)
+    print(json.dumps(done))
+""")
+
+
+@pytest.mark.slow
+def test_worker_processes_share_one_queue(tmp_path: Path, pg: PostgresServer) -> None:
+    url = _fresh_db(pg, "workers")
+    table = {"storage": {"data_dir": str(tmp_path / "data"), "database_url": url},
+             "destinations": [{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 104}]}
+    db = Database(url)
+    ids = _add_jobs(db, 6)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(table), f"worker-{k}"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        done.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(j for d in done for j in d) == sorted(ids)
+    with db.session() as s:
+        rows = list(s.execute(select(Job.id, Job.state, Job.attempts, Job.worker, Job.output_dir)))
+        n_deliveries = s.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.SUCCEEDED))
+    for job_id, state, attempts, worker, out_dir in rows:
+        assert state == JobState.SUCCEEDED and attempts == 1, (job_id, state)
+        assert job_id in done[int(str(worker).split("-")[1])]
+        assert (tmp_path / "data" / str(out_dir) / "rtplan.dcm").is_file()
+    assert n_deliveries == len(ids)
+    db.dispose()
