@@ -342,7 +342,7 @@ class PlanningSettings:
     device: str = field(default="auto", metadata=doc("auto (CUDA when present), cpu, cuda or cuda:N"))
     model_dir: str = field(default="", metadata=doc("Trained model folder; empty uses the shipped model", "path"))
     dose_grid_mm: float = field(default=4.0, metadata=doc("Dose grid spacing", "mm"))
-    optimizer_iterations: int = field(default=150, metadata=doc("Iterations of the fluence optimizer", "count"))
+    optimizer_iterations: int = field(default=50, metadata=doc("Iterations of the fluence optimizer (one dose forward + backward each)", "count"))
     sparing_bladder: float = field(default=0.0, metadata=doc("Bladder suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     sparing_rectum: float = field(default=0.0, metadata=doc("Rectum suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     hu_to_density: tuple[tuple[float, float], ...] = field(
