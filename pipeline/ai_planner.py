@@ -1,0 +1,403 @@
+"""AIRT inference: CT + structures -> fluence maps of a single VMAT arc in one feed-forward pass.
+
+The chain (paper section 5.2, Note S1)::
+
+    CT + masks --DoseProposer--> D_prop --BEV--> B --Bev2Fluence--> F0 --FastDose--> D0
+    D0 --Err (PTV hot/cold, OAR suppression s_o)--> E --BEV--> B_err
+    [F0, B_err] --correction (Bev2Fluence, 2 channels)--> F
+
+Everything runs on a coarse *network grid* (``meta.grid.net_grid_mm`` of the model folder, 8 mm
+for the CPU model) built like the dose grid (``pipeline.dose_engine.dose_grid_for_case``). The
+networks never produce the delivered dose: ``appliance.planning`` sequences ``F`` and computes the
+final dose of the sequenced plan with the reference engine.
+
+Normalisation (recorded in ``model.json`` ``meta.normalisation``, applied identically by
+``pipeline.training``): doses are in units of the per-fraction prescription (``D / Rx``), fluence
+maps in units of ``fluence_mu_per_rx_gy * Rx`` MU per pixel, the BEV error projection is multiplied
+by ``err_bev_scale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor, nn
+
+from pipeline.case import Case, Grid, Role
+from pipeline.errors import ConfigError, InputError, PlanningError
+from pipeline.geometry import ArcGeometry
+from pipeline.model_io import LoadedModel, load_model_folder
+from pipeline.nets.err import ErrModule
+from pipeline.nets.fast_dose import FastDoseConfig, PrimaryGeometry, hu_to_density, primary_geometry_for_arc
+
+log = logging.getLogger(__name__)
+
+#: Keys of the per-module timings, in the order of the paper's Table S4.
+MODULE_KEYS: tuple[str, ...] = (
+    "preprocessing", "DoseProposer", "BEV projection 1st pass", "Bev2Fluence", "DL dose", "Err",
+    "BEV projection 2nd pass", "fluence correction", "total",
+)
+#: The networks a model folder must hold.
+REQUIRED_NETWORKS: tuple[str, ...] = ("dose_proposer", "bev2fluence", "fast_dose", "correction")
+#: OARs with a suppression factor s_o.
+SPARING_ROLES: tuple[Role, ...] = (Role.BLADDER, Role.RECTUM)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Grids and normalisation of a model (``model.json`` ``meta``), shared by training and inference.
+
+    Parameters
+    ----------
+    net_grid_mm
+        Isotropic spacing of the networks' grid, mm (> 0).
+    bev_depth_samples
+        Samples per divergent ray of the BEV projections (>= 2).
+    fluence_mu_per_rx_gy
+        Fluence unit: a network fluence of 1 is ``fluence_mu_per_rx_gy * Rx`` MU per pixel (Rx in Gy
+        per fraction), > 0.
+    err_bev_scale
+        Factor on the BEV projection of the error map (dose in Rx units) fed to the correction, > 0.
+    lambda_plus, lambda_minus
+        Err PTV overdose/underdose weights (paper eq. 7-8).
+    hu_to_density
+        (HU, relative electron density) curve of the fast dose network's density channel.
+    """
+
+    net_grid_mm: float = 8.0
+    bev_depth_samples: int = 32
+    fluence_mu_per_rx_gy: float = 0.25
+    err_bev_scale: float = 20.0
+    lambda_plus: float = 2.0
+    lambda_minus: float = 1.0
+    hu_to_density: tuple[tuple[float, float], ...] = (
+        (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
+    )
+
+    def __post_init__(self) -> None:
+        if not (self.net_grid_mm > 0 and self.fluence_mu_per_rx_gy > 0 and self.err_bev_scale > 0):
+            raise ConfigError(f"model spec needs positive net_grid_mm, fluence and error scales, got {self}")
+        if self.bev_depth_samples < 2:
+            raise ConfigError(f"model spec bev_depth_samples must be >= 2, got {self.bev_depth_samples}")
+
+    def to_meta(self) -> dict[str, Any]:
+        """The ``grid`` and ``normalisation`` objects of ``model.json``'s meta."""
+        return {
+            "grid": {"net_grid_mm": self.net_grid_mm, "bev_depth_samples": self.bev_depth_samples,
+                     "bev": "40 x 40 pixels of 5 mm at the isocenter plane, 180 control points"},
+            "normalisation": {
+                "dose": "dose / Rx per fraction (dimensionless)",
+                "fluence": "MU per pixel / (fluence_mu_per_rx_gy * Rx per fraction in Gy)",
+                "fluence_mu_per_rx_gy": self.fluence_mu_per_rx_gy,
+                "err_bev_scale": self.err_bev_scale,
+                "ct": "proposer: HU clipped to [-900, 900] -> [0, 1]; fast dose: relative electron density",
+            },
+            "err": {"lambda_plus": self.lambda_plus, "lambda_minus": self.lambda_minus},
+            "hu_to_density": [list(p) for p in self.hu_to_density],
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> ModelSpec:
+        """Read the spec back from ``model.json``'s meta (ConfigError when incomplete)."""
+        try:
+            g, n, e = meta["grid"], meta["normalisation"], meta["err"]
+            return cls(
+                net_grid_mm=float(g["net_grid_mm"]), bev_depth_samples=int(g["bev_depth_samples"]),
+                fluence_mu_per_rx_gy=float(n["fluence_mu_per_rx_gy"]), err_bev_scale=float(n["err_bev_scale"]),
+                lambda_plus=float(e["lambda_plus"]), lambda_minus=float(e["lambda_minus"]),
+                hu_to_density=tuple((float(a), float(b)) for a, b in meta["hu_to_density"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"model meta lacks the grid/normalisation/err/hu_to_density description ({exc!r}); "
+                "the model folder was not written by 'airt train'"
+            ) from exc
+
+
+@dataclass(eq=False)
+class PreparedCase:
+    """A case on the networks' grid: what every forward pass needs besides the fluence.
+
+    Attributes
+    ----------
+    grid
+        The network grid (isotropic ``net_grid_mm``).
+    inputs
+        DoseProposer inputs ``(1, 4, nz, ny, nx)``.
+    masks
+        Float {0, 1} masks ``(nz, ny, nx)`` by role value (``ptv`` always, ``bladder``/``rectum``
+        when the case has them).
+    projector
+        BEV projector of the arc on ``grid``.
+    primary
+        Fast dose stage-1 geometry on ``grid``.
+    """
+
+    grid: Grid
+    inputs: Tensor
+    masks: dict[str, Tensor]
+    projector: nn.Module
+    primary: PrimaryGeometry
+
+
+def prepare_case(case: Case, geometry: ArcGeometry, spec: ModelSpec, fast_config: FastDoseConfig,
+                 device: torch.device | str = "cpu") -> PreparedCase:
+    """Resample a case to the network grid and set up its BEV projector and fast-dose geometry."""
+    from pipeline.bev import BevProjector
+    from pipeline.dose_engine import dose_grid_for_case, resample_to_grid
+    from pipeline.nets.dose_proposer import proposer_inputs
+
+    if Role.PTV not in case.masks:
+        raise InputError(f"case {case.case_id} has no PTV; the AI planner needs one")
+    grid = dose_grid_for_case(case, spec.net_grid_mm)
+    hu = resample_to_grid(case.ct_hu, case.grid, grid, order=1, fill=-1000.0)
+    masks_np = {role: resample_to_grid(m.astype(np.float32), case.grid, grid, order=1) >= 0.5
+                for role, m in case.masks.items()}
+    if not masks_np[Role.PTV].any():
+        raise PlanningError(f"case {case.case_id}: the PTV vanished on the {spec.net_grid_mm} mm network grid")
+    body = masks_np.get(Role.BODY)
+    if body is None:
+        body = hu > -400.0
+    density = hu_to_density(hu, spec.hu_to_density)
+    density = np.where(body, density, hu_to_density(np.array(-1000.0), spec.hu_to_density)).astype(np.float32)
+    inputs = proposer_inputs(hu, body, masks_np[Role.PTV], masks_np.get(Role.BLADDER), masks_np.get(Role.RECTUM))
+    dev = torch.device(device)
+    masks = {role.value: torch.as_tensor(masks_np[role], dtype=torch.float32, device=dev)
+             for role in (Role.PTV, *SPARING_ROLES) if role in masks_np and masks_np[role].any()}
+    projector = BevProjector(grid, geometry, depth_samples=spec.bev_depth_samples, device=dev)
+    primary = primary_geometry_for_arc(density, grid, geometry.arc, geometry.machine, geometry.isocenter_mm,
+                                       geometry.position, fast_config).to(dev)
+    return PreparedCase(grid, inputs[None].to(dev), masks, projector, primary)
+
+
+@dataclass
+class PipelineOutput:
+    """Intermediate and final tensors of one forward pass (doses in Rx units, fluence normalised).
+
+    ``dose_proposed`` and ``dose0`` are ``(B, 1, nz, ny, nx)``; ``fluence0`` and ``fluence`` are
+    ``(B, n_cp, rows, cols)``; ``err0`` is the Err map of ``dose0``; ``b_err`` its scaled BEV.
+    """
+
+    dose_proposed: Tensor
+    fluence0: Tensor
+    dose0: Tensor
+    err0: Tensor
+    b_err: Tensor
+    fluence: Tensor
+    module_ms: dict[str, float] = field(default_factory=dict)
+
+
+class AirtPipeline(nn.Module):
+    """The AIRT chain as one module (its sub-networks are the model folder's networks).
+
+    Parameters
+    ----------
+    proposer, bev2fluence, fast_dose, correction
+        The four networks (``correction`` is a Bev2Fluence with 2 input channels).
+    spec
+        Grids and normalisation.
+    """
+
+    def __init__(self, proposer: nn.Module, bev2fluence: nn.Module, fast_dose: nn.Module,
+                 correction: nn.Module, spec: ModelSpec) -> None:
+        super().__init__()
+        self.proposer = proposer
+        self.bev2fluence = bev2fluence
+        self.fast_dose = fast_dose
+        self.correction = correction
+        self.spec = spec
+        self.err = ErrModule(spec.lambda_plus, spec.lambda_minus)
+
+    def err_map(self, dose: Tensor, prep: PreparedCase, sparing: Mapping[str, float], dose0: Tensor) -> Tensor:
+        """Err of a dose in Rx units (``rx = 1``), with OAR suppression relative to ``dose0`` (eq. 9-12)."""
+        return self.err(dose, prep.masks, 1.0, {k: v for k, v in sparing.items() if k in prep.masks}, dose0)
+
+    def forward(self, prep: PreparedCase, sparing: Mapping[str, float] | None = None, *,
+                feedback: bool = True, sync: bool = False) -> PipelineOutput:
+        """Run the chain on a prepared case.
+
+        Parameters
+        ----------
+        prep
+            The case on the network grid.
+        sparing
+            Suppression factor ``s_o`` in [0, 1) by OAR role value (``"bladder"``, ``"rectum"``).
+        feedback
+            False: skip Err and the correction (``fluence = fluence0``; the ablation "-DF").
+        sync
+            Synchronise the device around each module (accurate per-module timings on a GPU).
+        """
+        sparing = dict(sparing or {})
+        ms: dict[str, float] = {}
+        dev = prep.inputs.device
+
+        @contextmanager
+        def clock(name: str) -> Iterator[None]:
+            if sync and dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            yield
+            if sync and dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            ms[name] = ms.get(name, 0.0) + 1000.0 * (time.perf_counter() - t0)
+
+        with clock("DoseProposer"):
+            d_prop = self.proposer(prep.inputs)
+        with clock("BEV projection 1st pass"):
+            bev = prep.projector(d_prop[:, 0])
+        with clock("Bev2Fluence"):
+            f0 = self.bev2fluence(bev[:, None])[:, 0]
+        with clock("DL dose"):
+            d0 = self.fast_dose(f0, prep.primary)
+        if not feedback:
+            zero = torch.zeros_like(d0)
+            return PipelineOutput(d_prop, f0, d0, zero, torch.zeros_like(f0), f0, ms)
+        with clock("Err"):
+            e0 = self.err_map(d0, prep, sparing, d0)
+        with clock("BEV projection 2nd pass"):
+            b_err = prep.projector(e0[:, 0]) * self.spec.err_bev_scale
+        with clock("fluence correction"):
+            f1 = self.correction(torch.stack([f0, b_err], dim=1))[:, 0]
+        return PipelineOutput(d_prop, f0, d0, e0, b_err, f1, ms)
+
+
+def pipeline_from_model(model: LoadedModel) -> AirtPipeline:
+    """Assemble the chain from a loaded model folder (ConfigError when a network is missing)."""
+    missing = [k for k in REQUIRED_NETWORKS if k not in model.networks]
+    if missing:
+        raise ConfigError(f"model folder {model.folder} lacks networks {missing}; retrain it with 'airt train'")
+    net = model.networks
+    return AirtPipeline(net["dose_proposer"], net["bev2fluence"], net["fast_dose"], net["correction"],
+                        ModelSpec.from_meta(model.meta))
+
+
+_LOADED: dict[tuple[str, float, str], AirtPipeline] = {}
+
+
+def load_pipeline(model_dir: str | Path, device: torch.device | str = "cpu") -> AirtPipeline:
+    """Load (once per folder, modification time and device) the pipeline of a model folder.
+
+    ``model_dir`` empty means the shipped model (``pipeline.ai_model.SHIPPED_MODEL_DIR``).
+    """
+    from pipeline.ai_model import SHIPPED_MODEL_DIR
+
+    folder = Path(model_dir) if str(model_dir) else SHIPPED_MODEL_DIR
+    try:
+        stamp = (folder / "model.json").stat().st_mtime
+    except OSError:
+        raise ConfigError(f"no trained model in {folder} (no model.json); train one with 'airt train'") from None
+    key = (str(folder.resolve()), stamp, str(torch.device(device)))
+    if key not in _LOADED:
+        pipe = pipeline_from_model(load_model_folder(folder, device)).eval()
+        _LOADED.clear()
+        _LOADED[key] = pipe
+    return _LOADED[key]
+
+
+def _sparing_values(sparing: Mapping[Role, float] | Mapping[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for role, s in sparing.items():
+        value = Role(role).value
+        if not 0.0 <= float(s) < 1.0:
+            raise InputError(f"sparing factor for {value} must be in [0, 1), got {s}")
+        out[value] = float(s)
+    return out
+
+
+def predict_fluence(
+    case: Case,
+    model_dir: str,
+    *,
+    geometry: ArcGeometry,
+    engine: Any = None,
+    masks: Mapping[Role, Tensor] | None = None,
+    rx_gy: float,
+    sparing: Mapping[Role, float],
+    device: torch.device | str = "cpu",
+    timings: Any = None,
+    feedback: bool = True,
+) -> tuple[NDArray[np.float32], dict[str, float]]:
+    """Predict the arc's fluence maps of a case with the AIRT pipeline.
+
+    Parameters
+    ----------
+    case
+        The planning case (CT in HU, masks by role; a PTV is required).
+    model_dir
+        Model folder; ``""`` for the shipped model.
+    geometry
+        Arc, isocenter (PTV centroid), patient position and machine.
+    engine, masks
+        The appliance's reference engine and masks on its grid; unused by the networks (they work
+        on their own grid), accepted so the planner can be swapped for the optimizer.
+    rx_gy
+        Prescription per fraction, Gy (> 0).
+    sparing
+        OAR suppression factor ``s_o`` in [0, 1) by role (bladder, rectum); 0 = the baseline plan.
+    device
+        Torch device to run on.
+    timings
+        Optional ``appliance.planning.Timings``-like object with a ``stage(name)`` context manager.
+    feedback
+        False skips the dose-feedback correction (ablation).
+
+    Returns
+    -------
+    fluence, module_ms
+        ``(n_sectors, rows, cols)`` float32 MU per pixel per fraction (>= 0), and the wall time
+        of each module in milliseconds (keys :data:`MODULE_KEYS`).
+
+    Raises
+    ------
+    ConfigError
+        No usable model folder.
+    PlanningError
+        The networks produced no fluence (all zero or not finite).
+    """
+    del engine, masks  # the networks have their own grid
+    if not rx_gy > 0:
+        raise InputError(f"prescription per fraction must be > 0 Gy, got {rx_gy}")
+    dev = torch.device(device)
+    s_o = _sparing_values(sparing)
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        if timings is not None and hasattr(timings, "stage"):
+            with timings.stage(name):
+                yield
+        else:
+            yield
+
+    t_all = time.perf_counter()
+    with torch.inference_mode():
+        with stage("ai_load"):
+            pipe = load_pipeline(model_dir, dev)
+        t0 = time.perf_counter()
+        with stage("ai_preprocess"):
+            prep = prepare_case(case, geometry, pipe.spec, pipe.fast_dose.config, dev)  # type: ignore[arg-type]
+        pre_ms = 1000.0 * (time.perf_counter() - t0)
+        with stage("ai_inference"):
+            out = pipe(prep, s_o, feedback=feedback, sync=True)
+            fl = out.fluence[0].clamp_min(0.0) * (pipe.spec.fluence_mu_per_rx_gy * rx_gy)
+            fluence = fl.float().cpu().numpy()
+    module_ms = {"preprocessing": pre_ms, **out.module_ms}
+    module_ms["total"] = 1000.0 * (time.perf_counter() - t_all)
+    module_ms = {k: round(module_ms.get(k, 0.0), 3) for k in MODULE_KEYS}
+    if not np.isfinite(fluence).all() or float(fluence.max()) <= 0.0:
+        raise PlanningError(
+            f"case {case.case_id}: the AI model produced no usable fluence (max {float(np.nanmax(fluence))}); "
+            "use --method optimize or retrain the model"
+        )
+    log.info("case %s: AI fluence predicted in %.0f ms (%s), max %.2f MU per pixel", case.case_id,
+             module_ms["total"], ", ".join(f"{k} {v:.0f}" for k, v in module_ms.items() if k != "total"),
+             float(fluence.max()))
+    return fluence.astype(np.float32), module_ms

@@ -1,0 +1,356 @@
+"""Training data of the AIRT networks: planned cases, a compact cache of their leaf sequences, and samples.
+
+What a training case is
+-----------------------
+A planning case (CT + masks) and a *sequenced* single-arc VMAT plan for it. The paper's targets
+come from Eclipse-optimised plans; ours come from
+
+* synthetic cases: ``pipeline.synth.synth_case(seed)`` planned by ``pipeline.optimizer.optimize_fluence``
+  through the reference dose engine, sequenced by ``sequencing.sequencer.sequence_arc`` and
+  MU-normalised so that PTV D95 equals the prescription (the appliance's default normalisation);
+* clinical exports (CT + RTSTRUCT + RT Plan), read in ``appliance.cmd_train`` (DICOM lives there).
+
+The *target fluence* is re-derived from the sequenced apertures by
+``sequencing.fluence.fluence_from_sequence`` (two-level maps, like maps from TPS apertures) and the
+*target dose* is the reference engine's dose of that fluence, on the networks' grid.
+
+The cache
+---------
+Only what is expensive (the optimizer, tens of seconds a case) is cached: one compressed
+``case_<seed>.npz`` per synthetic case holding the seed and the sequence: leaf positions of every
+pair quantised to 0.1 mm as int16, jaws likewise, cumulative MU as float32 and the gantry angles as
+float32 (about 10-20 kB a case). Anatomy, target fluence and target dose are regenerated from seed
+and sequence. ``cache.json`` beside them records how the plans were made. Generation is resumable:
+a case whose file exists is skipped; files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from pipeline.case import Case, Role
+from pipeline.errors import ConfigError, InputError
+from sequencing.machine import ArcSpec, MachineModel, RotationDirection
+from sequencing.sequencer import ArcSequence
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+CACHE_JSON = "cache.json"
+#: Quantum of the cached leaf and jaw positions, mm.
+POSITION_QUANTUM_MM = 0.1
+
+#: Default (HU, relative electron density) curve of the appliance configuration.
+DEFAULT_HU_CURVE: tuple[tuple[float, float], ...] = (
+    (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
+)
+
+
+# --------------------------------------------------------------------------- the sequence cache
+
+
+def sequence_to_arrays(seq: ArcSequence) -> dict[str, NDArray[Any]]:
+    """The compact arrays of a sequence (positions quantised to 0.1 mm as int16).
+
+    Raises
+    ------
+    InputError
+        A position beyond +-3276.7 mm (cannot be a leaf or jaw of any linac).
+    """
+    q = 1.0 / POSITION_QUANTUM_MM
+    leaves = np.rint(seq.leaves_mm * q)
+    jaws = np.rint(seq.jaws_mm * q)
+    if np.abs(leaves).max() > 32767 or np.abs(jaws).max() > 32767:
+        raise InputError("leaf or jaw positions beyond +-3276.7 mm cannot be cached; the sequence is corrupt")
+    return {
+        "gantry_deg": seq.gantry_deg.astype(np.float32),
+        "leaves_01mm": leaves.astype(np.int16),
+        "jaws_01mm": jaws.astype(np.int16),
+        "cumulative_mu": seq.cumulative_mu.astype(np.float32),
+        "collimator_deg": np.array(seq.collimator_deg, dtype=np.float64),
+        "direction": np.array(str(seq.direction.value)),
+    }
+
+
+def sequence_from_arrays(arrays: Any) -> ArcSequence:
+    """Rebuild an :class:`ArcSequence` from :func:`sequence_to_arrays`'s arrays (an ``npz`` works)."""
+    try:
+        return ArcSequence(
+            gantry_deg=np.asarray(arrays["gantry_deg"], dtype=np.float64),
+            leaves_mm=np.asarray(arrays["leaves_01mm"], dtype=np.float64) * POSITION_QUANTUM_MM,
+            jaws_mm=np.asarray(arrays["jaws_01mm"], dtype=np.float64) * POSITION_QUANTUM_MM,
+            cumulative_mu=np.asarray(arrays["cumulative_mu"], dtype=np.float64),
+            collimator_deg=float(arrays["collimator_deg"]),
+            direction=RotationDirection(str(arrays["direction"])),
+        )
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"cached sequence is incomplete or invalid: {exc}") from exc
+
+
+def quantise_sequence(seq: ArcSequence) -> ArcSequence:
+    """The sequence exactly as the cache stores it (what training targets are made from)."""
+    return sequence_from_arrays(sequence_to_arrays(seq))
+
+
+@dataclass(frozen=True)
+class CachedPlan:
+    """One cached synthetic plan.
+
+    Attributes
+    ----------
+    seed
+        The synthetic case seed (``synth_case(seed)`` regenerates the anatomy).
+    sequence
+        The MU-normalised sequenced arc (positions as quantised in the cache).
+    info
+        What the generator recorded (optimizer seconds, evaluations, PTV HI/D98 of the plan).
+    """
+
+    seed: int
+    sequence: ArcSequence
+    info: dict[str, float] = field(default_factory=dict)
+
+
+def cache_path(cache_dir: str | Path, seed: int) -> Path:
+    """The file of case ``seed`` in a cache folder."""
+    return Path(cache_dir) / f"case_{seed:06d}.npz"
+
+
+def save_cached_plan(cache_dir: str | Path, plan: CachedPlan) -> Path:
+    """Write one case of the cache atomically (compressed npz); returns its path."""
+    path = cache_path(cache_dir, plan.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    info = {f"info_{k}": np.float64(v) for k, v in plan.info.items()}
+    np.savez_compressed(buf, seed=np.int64(plan.seed), **sequence_to_arrays(plan.sequence), **info)  # type: ignore[arg-type]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_cached_plan(path: str | Path) -> CachedPlan:
+    """Read one cached case.
+
+    Raises
+    ------
+    InputError
+        The file is not a readable cache entry (truncated, or from another program).
+    """
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            seq = sequence_from_arrays(z)
+            info = {k[5:]: float(z[k]) for k in z.files if k.startswith("info_")}
+            return CachedPlan(int(z["seed"]), seq, info)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read cached plan {path}: {exc}; delete it and run the generator again") from exc
+
+
+def list_cache(cache_dir: str | Path) -> list[Path]:
+    """The case files of a cache folder, sorted by seed."""
+    return sorted(Path(cache_dir).glob("case_*.npz"))
+
+
+def read_cache_description(cache_dir: str | Path) -> dict[str, Any]:
+    """The generation settings recorded in ``cache.json`` (empty when absent)."""
+    p = Path(cache_dir) / CACHE_JSON
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {p}: {exc}") from exc
+    return dict(data) if isinstance(data, dict) else {}
+
+
+# --------------------------------------------------------------------------- planning synthetic cases
+
+
+@dataclass(frozen=True)
+class PlanningRecipe:
+    """How synthetic training plans are made (recorded in ``cache.json`` and in ``model.json``).
+
+    Parameters
+    ----------
+    spacing_mm
+        Dose grid of the optimizer's reference engine, mm (8 on a 2-core CPU: ~0.1 s a dose; the
+        appliance plans at 4 mm).
+    iterations
+        Optimizer objective evaluations per case.
+    case_spacing_mm
+        Voxel size of the synthetic case (CT and masks), mm.
+    normalisation_volume_percent
+        MU are scaled so that the PTV dose covering this volume (D95) equals the prescription.
+    """
+
+    spacing_mm: float = 8.0
+    iterations: int = 100
+    case_spacing_mm: float = 4.0
+    normalisation_volume_percent: float = 95.0
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data description."""
+        return {
+            "planner": "pipeline.optimizer.optimize_fluence (Adam) through the reference dose engine, "
+                       "sequenced by sequencing.sequencer.sequence_arc, MU normalised to PTV "
+                       f"D{self.normalisation_volume_percent:g} = Rx",
+            "optimizer_dose_grid_mm": self.spacing_mm,
+            "optimizer_iterations": self.iterations,
+            "case_spacing_mm": self.case_spacing_mm,
+        }
+
+
+def masks_on_grid(case: Case, grid: Any, device: torch.device | str = "cpu") -> dict[Role, torch.Tensor]:
+    """Case masks resampled to ``grid`` (linear, >= 0.5), as boolean tensors, by role."""
+    from pipeline.dose_engine import resample_to_grid
+
+    return {
+        role: torch.as_tensor(resample_to_grid(m.astype(np.float32), case.grid, grid, order=1) >= 0.5, device=device)
+        for role, m in case.masks.items()
+    }
+
+
+def plan_synthetic_case(
+    seed: int,
+    *,
+    machine: MachineModel,
+    arc: ArcSpec,
+    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_CURVE,
+    recipe: PlanningRecipe = PlanningRecipe(),
+    device: torch.device | str = "cpu",
+) -> CachedPlan:
+    """Plan, sequence and MU-normalise synthetic case ``seed`` (the teacher plan of a training case).
+
+    Returns
+    -------
+    CachedPlan
+        With the sequence as the cache stores it (quantised) and ``info``: ``optimizer_s``,
+        ``evaluations``, ``ptv_HI``, ``ptv_D98_rel`` (D98 / Rx of the sequenced plan on the
+        optimizer's grid).
+    """
+    from pipeline.beam_model import load_beam_model
+    from pipeline.dose_engine import ReferenceDoseEngine
+    from pipeline.dvh import structure_metrics
+    from pipeline.geometry import ArcGeometry
+    from pipeline.goals import normalisation_factor
+    from pipeline.optimizer import optimize_fluence
+    from pipeline.synth import synth_case
+    from sequencing.fluence import fluence_from_sequence
+    from sequencing.sequencer import sequence_arc
+
+    s = recipe.case_spacing_mm
+    case = synth_case(seed, spacing_mm=(s, s, s))
+    rx = case.prescription.dose_gy / case.prescription.fractions
+    geometry = ArcGeometry(arc=arc, isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
+                           machine=machine)
+    engine = ReferenceDoseEngine.for_case(case, geometry, load_beam_model(), hu_curve=tuple(hu_curve),
+                                          spacing_mm=recipe.spacing_mm, device=device)
+    masks = masks_on_grid(case, engine.grid, device)
+    result = optimize_fluence(engine, masks, rx_gy=rx, iterations=recipe.iterations)
+    seq = sequence_arc(np.asarray(result.fluence, dtype=np.float32), arc, machine)
+    delivered = fluence_from_sequence(seq, machine)
+    with torch.inference_mode():
+        dose = engine(torch.as_tensor(delivered, dtype=torch.float32, device=device)).cpu().numpy()
+    ptv = masks[Role.PTV].cpu().numpy()
+    factor = normalisation_factor(dose, ptv, rx_gy=rx, mode="ptv_dx",
+                                  volume_percent=recipe.normalisation_volume_percent)
+    seq = ArcSequence(seq.gantry_deg, seq.leaves_mm, seq.jaws_mm, seq.cumulative_mu * factor,
+                      seq.collimator_deg, seq.direction)
+    m = structure_metrics(dose * factor, ptv, engine.grid.voxel_volume_cc, rx_gy=rx)
+    info = {"optimizer_s": float(result.seconds), "evaluations": float(len(result.history)),
+            "ptv_HI": float(m["HI"]), "ptv_D98_rel": float(m["D98_Gy"]) / rx}
+    return CachedPlan(seed, quantise_sequence(seq), info)
+
+
+def generate_cache(
+    cache_dir: str | Path,
+    seeds: Iterable[int],
+    *,
+    machine: MachineModel,
+    arc: ArcSpec,
+    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_CURVE,
+    recipe: PlanningRecipe = PlanningRecipe(),
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int, int], None] | None = None,
+) -> list[Path]:
+    """Plan every seed not yet in the cache and store it (resumable).
+
+    Parameters
+    ----------
+    cache_dir
+        Cache folder (created). Its ``cache.json`` must agree with ``recipe`` when it exists:
+        mixing recipes in one cache is refused.
+    seeds
+        Synthetic case seeds (>= 0).
+    progress
+        Called as ``progress(seed, done, total)`` after every case.
+
+    Returns
+    -------
+    list of Path
+        The case files of the requested seeds (existing and new).
+    """
+    out = Path(cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    desc = {"format": CACHE_FORMAT, "machine": machine.name, "arc_sectors": arc.n_sectors,
+            "collimator_deg": arc.collimator_deg, **recipe.describe()}
+    existing = read_cache_description(out)
+    if existing and {k: existing.get(k) for k in desc} != desc:
+        raise ConfigError(
+            f"cache {out} was made with other settings ({existing}); use another --out folder for {desc}"
+        )
+    if not existing:
+        (out / CACHE_JSON).write_text(json.dumps(desc, indent=2) + "\n", encoding="utf-8")
+    todo = [int(s) for s in seeds]
+    paths: list[Path] = []
+    for i, seed in enumerate(todo):
+        path = cache_path(out, seed)
+        if path.is_file():
+            log.debug("cache: seed %d already cached", seed)
+        else:
+            t0 = time.perf_counter()
+            plan = plan_synthetic_case(seed, machine=machine, arc=arc, hu_curve=hu_curve, recipe=recipe,
+                                       device=device)
+            save_cached_plan(out, plan)
+            log.info("cache: seed %d planned in %.1f s (PTV HI %.3f, D98 %.3f Rx), %d/%d", seed,
+                     time.perf_counter() - t0, plan.info["ptv_HI"], plan.info["ptv_D98_rel"], i + 1, len(todo))
+        paths.append(path)
+        if progress is not None:
+            progress(seed, i + 1, len(todo))
+    return paths
+
+
+def parse_seed_range(text: str) -> list[int]:
+    """``"A:B"`` (A inclusive, B exclusive), ``"A-B"`` (both inclusive) or ``"N"`` -> list of seeds."""
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            seeds = list(range(int(a), int(b)))
+        elif "-" in text.strip("-"):
+            a, b = text.split("-", 1)
+            seeds = list(range(int(a), int(b) + 1))
+        else:
+            seeds = [int(text)]
+    except ValueError:
+        raise ConfigError(f"seed range {text!r} must look like A:B (B exclusive), A-B or N") from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"seed range {text!r} is empty or negative")
+    return seeds

@@ -1,0 +1,193 @@
+"""The AIRT AI pipeline: inference, the training-data cache, the clinical loader, training and resume."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from appliance.config import Settings
+from pipeline.ai_model import SHIPPED_MODEL_DIR
+from pipeline.ai_planner import MODULE_KEYS, ModelSpec, predict_fluence
+from pipeline.case import Role
+from pipeline.errors import ConfigError, InputError
+from pipeline.geometry import ArcGeometry
+from pipeline.synth import synth_case
+from pipeline.training.data import (
+    CachedPlan,
+    load_cached_plan,
+    parse_seed_range,
+    quantise_sequence,
+    save_cached_plan,
+)
+from pipeline.training.train import PlanRecord, TrainConfig, Trainer, build_sample, size_configs
+from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
+from sequencing.machine import ArcSpec, MachineModel
+from sequencing.sequencer import ArcSequence, sequence_arc
+
+MACHINE = MachineModel()
+ARC = ArcSpec()
+SPEC = ModelSpec(fluence_mu_per_rx_gy=1.2)
+
+
+def teacher_sequence(seed: int) -> ArcSequence:
+    """A cheap sequenced arc (synthetic two-level maps, ~8 Gy-ish), standing in for an optimizer plan."""
+    fl = synthetic_arc_fluence(ARC, MACHINE, seed=seed, mu_per_sector=8.0)
+    return sequence_arc(np.asarray(fl, dtype=np.float32), ARC, MACHINE)
+
+
+def geometry_of(case: object) -> ArcGeometry:
+    return ArcGeometry(arc=ARC, isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,  # type: ignore[attr-defined]
+                       machine=MACHINE)
+
+
+@pytest.fixture(scope="module")
+def tiny_samples() -> list:
+    recs = [PlanRecord(f"synth{s}", quantise_sequence(teacher_sequence(s)), seed=s, case_spacing_mm=8.0) for s in (3, 4)]
+    fast = size_configs("tiny")["fast_dose"][1]
+    rng = np.random.default_rng(0)
+    return [build_sample(r, machine=MACHINE, arc=ARC, spec=SPEC, fast_config=fast, n_perturbed=1, rng=rng)
+            for r in recs]
+
+
+def _check_fluence(fluence: np.ndarray, module_ms: dict[str, float]) -> None:
+    assert fluence.shape == (ARC.n_sectors, MACHINE.bev.n_rows, MACHINE.bev.n_cols)
+    assert fluence.dtype == np.float32
+    assert np.isfinite(fluence).all() and fluence.min() >= 0.0 and fluence.max() > 0.0
+    assert list(module_ms) == list(MODULE_KEYS)
+    assert all(v >= 0 for v in module_ms.values())
+    assert module_ms["total"] >= module_ms["DoseProposer"] + module_ms["Bev2Fluence"]
+
+
+def test_shipped_model_predicts_fluence_and_records_its_training() -> None:
+    meta = json.loads((SHIPPED_MODEL_DIR / "model.json").read_text())
+    assert set(meta["networks"]) >= {"dose_proposer", "bev2fluence", "fast_dose", "correction"}
+    assert meta["meta"]["training"]["n_train_cases"] >= 1
+    assert "not clinically validated" in meta["meta"]["warning"]
+    case = synth_case(11, spacing_mm=(8.0, 8.0, 8.0))
+    fl, ms = predict_fluence(case, "", geometry=geometry_of(case), rx_gy=8.0,
+                             sparing={Role.BLADDER: 0.0, Role.RECTUM: 0.0}, device="cpu")
+    _check_fluence(fl, ms)
+    fl2, _ = predict_fluence(case, "", geometry=geometry_of(case), rx_gy=16.0, sparing={}, device="cpu")
+    np.testing.assert_allclose(fl2, 2.0 * fl, rtol=1e-4, atol=1e-5)  # fluence scales with Rx (normalisation)
+
+
+def test_fresh_tiny_model_folder_predicts_and_sparing_changes_the_fluence(tmp_path: Path, tiny_samples: list) -> None:
+    trainer = Trainer(tmp_path / "run", tiny_samples[:1], [], SPEC,
+                      TrainConfig(size="tiny", epochs={"fast_dose": 0, "stage1": 0, "stage2": 0}), progress=False)
+    trainer.export(tmp_path / "model")
+    case = synth_case(5, spacing_mm=(8.0, 8.0, 8.0))
+    fl0, ms = predict_fluence(case, str(tmp_path / "model"), geometry=geometry_of(case), rx_gy=8.0, sparing={},
+                              device="cpu")
+    _check_fluence(fl0, ms)
+    fl1, _ = predict_fluence(case, str(tmp_path / "model"), geometry=geometry_of(case), rx_gy=8.0,
+                             sparing={Role.BLADDER: 0.4, Role.RECTUM: 0.4}, device="cpu")
+    assert not np.allclose(fl0, fl1)  # the suppression factors reach the correction network
+    with pytest.raises(InputError, match="must be in"):
+        predict_fluence(case, str(tmp_path / "model"), geometry=geometry_of(case), rx_gy=8.0,
+                        sparing={Role.RECTUM: 1.0}, device="cpu")
+    with pytest.raises(ConfigError, match="no trained model"):
+        predict_fluence(case, str(tmp_path / "nothing"), geometry=geometry_of(case), rx_gy=8.0, sparing={})
+
+
+def test_cache_round_trip_regenerates_the_same_target_fluence(tmp_path: Path) -> None:
+    seq = teacher_sequence(2)
+    q = quantise_sequence(seq)
+    path = save_cached_plan(tmp_path, CachedPlan(42, q, {"ptv_HI": 0.1}))
+    assert path.stat().st_size < 40_000  # compact: a few hundred cases fit in a few MB
+    back = load_cached_plan(path)
+    assert back.seed == 42 and back.info == {"ptv_HI": 0.1}
+    np.testing.assert_array_equal(fluence_from_sequence(back.sequence, MACHINE), fluence_from_sequence(q, MACHINE))
+    assert np.abs(back.sequence.leaves_mm - seq.leaves_mm).max() <= 0.05 + 1e-9
+    np.testing.assert_allclose(back.sequence.cumulative_mu, seq.cumulative_mu, rtol=1e-6)
+    exact, quant = fluence_from_sequence(seq, MACHINE), fluence_from_sequence(back.sequence, MACHINE)
+    assert np.abs(exact - quant).max() < 0.02 * exact.max()
+    (tmp_path / "case_000007.npz").write_bytes(b"not an npz")
+    with pytest.raises(InputError, match="cannot read cached plan"):
+        load_cached_plan(tmp_path / "case_000007.npz")
+    assert parse_seed_range("3:6") == [3, 4, 5] and parse_seed_range("3-5") == [3, 4, 5]
+    with pytest.raises(ConfigError):
+        parse_seed_range("x:y")
+
+
+def test_make_data_is_resumable(tmp_path: Path) -> None:
+    from appliance import cmd_train
+
+    parser = argparse.ArgumentParser()
+    cmd_train.add_arguments(parser)
+    args = parser.parse_args(["--make-data", "--seeds", "6:7", "--out", str(tmp_path / "cache"),
+                              "--iterations", "2", "--device", "cpu"])
+    assert cmd_train.run(args) == 0
+    path = tmp_path / "cache" / "case_000006.npz"
+    plan = load_cached_plan(path)
+    assert plan.seed == 6 and plan.sequence.total_mu > 0 and plan.info["evaluations"] >= 1
+    stamp = path.stat().st_mtime_ns
+    assert cmd_train.run(args) == 0  # resumed: nothing re-planned
+    assert path.stat().st_mtime_ns == stamp
+    desc = json.loads((tmp_path / "cache" / "cache.json").read_text())
+    assert desc["optimizer_iterations"] == 2
+    other = parser.parse_args(["--make-data", "--seeds", "6:7", "--out", str(tmp_path / "cache"), "--iterations", "5"])
+    with pytest.raises(ConfigError, match="other settings"):
+        cmd_train.run(other)
+
+
+@pytest.mark.slow
+def test_training_steps_are_finite_and_checkpoints_resume(tmp_path: Path, tiny_samples: list) -> None:
+    cfg = TrainConfig(size="tiny", epochs={"fast_dose": 1, "stage1": 1, "stage2": 1}, disc_maps=8)
+    trainer = Trainer(tmp_path / "run", tiny_samples[:1], tiny_samples[1:], SPEC, cfg, progress=False)
+    first = trainer.fast_dose_step(tiny_samples[0])
+    for _ in range(3):
+        last = trainer.fast_dose_step(tiny_samples[0])
+    assert np.isfinite(list(last.values())).all() and last["loss"] < first["loss"]
+
+    history = trainer.run()  # one epoch of each phase, validation after each
+    assert [r["phase"] for r in history] == ["fast_dose", "stage1", "stage2"]
+    for r in history:
+        assert all(np.isfinite(v) for v in r.values() if isinstance(v, float)), r
+        assert "val_loss" in r
+    assert {"train_proposer", "train_fluence1", "train_dose1", "train_dose_error1", "train_fluence",
+            "train_dose_error"} <= set(history[1])
+    assert {"train_d_hinge", "train_r1", "train_g_hinge", "train_fluence", "train_dose_error"} <= set(history[2])
+    assert (tmp_path / "run" / "log.csv").read_text().count("\n") == 4
+
+    resumed = Trainer(tmp_path / "run", tiny_samples[:1], tiny_samples[1:], SPEC, cfg, progress=False)
+    before = {k: v.clone() for k, v in resumed.pipe.correction.state_dict().items()}
+    resumed.load_checkpoint()
+    after = resumed.pipe.correction.state_dict()
+    for k, v in trainer.pipe.correction.state_dict().items():
+        torch.testing.assert_close(after[k], v)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert resumed.phase_index == 3 and resumed.run() == history  # finished run: nothing left to do
+    with pytest.raises(ConfigError, match="another grid"):
+        Trainer(tmp_path / "run", tiny_samples[:1], [], dataclasses.replace(SPEC, net_grid_mm=6.0), cfg,
+                progress=False).load_checkpoint()
+
+
+def test_clinical_loader_reads_our_own_plan_and_refuses_others(tmp_path: Path) -> None:
+    from appliance.cmd_train import load_clinical_record
+    from appliance.dicom_in import load_case
+    from appliance.rtplan import write_rtplan
+    from appliance.synth_dicom import write_synth_case
+
+    st = Settings()
+    folder = tmp_path / "patient1"
+    write_synth_case(folder, 9, n_slices=40, slice_mm=5.0, matrix=128, pixel_mm=3.9)
+    case = load_case(folder, structures=st.structures, prescription=st.prescription.to_prescription())
+    seq = teacher_sequence(9)
+    write_rtplan(folder / "rtplan.dcm", sequence=seq, machine=MACHINE, case=case, isocenter_mm=case.ptv_centroid_mm(),
+                 fractions=5, rx_gy=40.0, dose_rate_mu_min=600.0)
+    rec = load_clinical_record(folder, st)
+    assert rec.case is not None and rec.seed is None
+    np.testing.assert_allclose(fluence_from_sequence(rec.sequence, MACHINE), fluence_from_sequence(seq, MACHINE),
+                               atol=1e-3 * float(seq.total_mu))
+    other = dataclasses.replace(st, machine=dataclasses.replace(st.machine, collimator_deg=10.0))
+    with pytest.raises(InputError, match="collimator"):
+        load_clinical_record(folder, other)
+    (folder / "rtplan.dcm").rename(tmp_path / "away.dcm")
+    with pytest.raises(InputError, match="exactly one RT Plan"):
+        load_clinical_record(folder, st)
