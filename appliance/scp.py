@@ -12,7 +12,8 @@ C-STORE statuses the node answers
 ========  ====================================================================================
 0x0000    Success: the file is on disk (fsynced, renamed) and its row committed; also for an
           exact duplicate (same SOP Instance UID, same bytes).
-0xA700    Out of resources: free disk below ``storage.min_free_disk_mb``.
+0xA700    Out of resources: free disk below ``storage.min_free_disk_mb``, or the disk filled up
+          while the file was written (nothing of it remains).
 0xA701    Out of resources: the dataset is larger than ``node.max_dataset_bytes``.
 0xA900    Dataset does not match SOP class: SOP Class/Instance UID in the dataset differ from
           the C-STORE request.
@@ -28,6 +29,7 @@ C-STORE statuses the node answers
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import shutil
@@ -420,7 +422,13 @@ class StorageSCP:
                                                  f"{self.settings.node.max_dataset_bytes}")
         hdr = parse_header(source, expected_class=expected_class, expected_uid=expected_uid)
         rel = self.store.relative_path(hdr.study_uid, hdr.series_uid, hdr.sop_instance_uid)
-        written = self.store.write_temp(rel, _chunks(source))
+        try:
+            written = self.store.write_temp(rel, _chunks(source))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk filled up under the free-space check
+                raise StoreRefusedError(STATUS_OUT_OF_RESOURCES, f"no space left in {self.store.root} while "
+                                        f"writing {hdr.sop_instance_uid}: {exc.strerror}") from exc
+            raise
         renamed = False
         try:
             with self.db.session() as s:

@@ -121,8 +121,8 @@ def store_paths(port: int, paths: Sequence[Path], *, aet: str = PEER, called: st
             rsp = assoc.send_c_store(p)
             run.latencies_s.append(time.perf_counter() - t0)
             run.statuses.append(int(rsp.Status) if "Status" in rsp else -1)
-            if not assoc.is_established:
-                break
+            if run.statuses[-1] == -1 or not assoc.is_established:
+                break  # no answer: the association is gone
     finally:
         if assoc.is_established:
             assoc.release()
