@@ -81,7 +81,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     from appliance.rtdose import write_rtdose
     from appliance.rtplan import write_rtplan
     from pipeline.dvh import structure_metrics
-    from pipeline.evaluation import check_ptv_fits_field, evaluate_structures
+    from pipeline.evaluation import check_ptv_fits_field, evaluate_structures, structure_dvh_inputs
     from pipeline.geometry import ArcGeometry
     from pipeline.goals import GoalSpec, evaluate_goals, normalisation_factor
     from pipeline.problem import build_problem
@@ -140,9 +140,11 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         norm = settings.prescription.normalisation
         if norm is not Normalisation.NONE:
             mode = "ptv_dx" if norm is Normalisation.PTV_DX else "ptv_mean"
-            ptv_dg = masks_dg[Role.PTV].cpu().numpy()
+            # On the CT grid, as the reported metrics are, so the reported PTV D95 equals Rx.
+            ptv_inputs = structure_dvh_inputs(dose_fx, grid, case, Role.PTV)
+            assert ptv_inputs is not None  # Case guarantees a non-empty PTV
             factor = normalisation_factor(
-                dose_fx, ptv_dg, rx_gy=rx_fx, mode=mode,
+                ptv_inputs[0], ptv_inputs[1], rx_gy=rx_fx, mode=mode,
                 volume_percent=settings.prescription.normalisation_volume_percent,
             )
             if not np.isfinite(factor) or factor <= 0:
