@@ -171,8 +171,11 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
         plans = [load_cached_plan(p) for p in list_cache(cache)]
         spacing = float(desc.get("case_spacing_mm", 4.0))
         records += [PlanRecord(f"synth{p.seed}", p.sequence, seed=p.seed, case_spacing_mm=spacing) for p in plans]
+        teacher = {k: float(np.median([p.info[k] for p in plans if k in p.info])) if plans else None
+                   for k in ("optimizer_s", "ptv_HI", "ptv_D98_rel")}
         description["synthetic"].append({"cache": Path(cache).name, "n_cases": len(plans),
-                                         "seeds": [p.seed for p in plans], "recipe": desc})
+                                         "seeds": [p.seed for p in plans], "recipe": desc,
+                                         "teacher_plans_median_after_sequencing": teacher})
     for root in args.clinical:
         for sub in sorted(p for p in Path(root).iterdir() if p.is_dir()):
             try:

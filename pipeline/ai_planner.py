@@ -401,3 +401,40 @@ def predict_fluence(
              module_ms["total"], ", ".join(f"{k} {v:.0f}" for k, v in module_ms.items() if k != "total"),
              float(fluence.max()))
     return fluence.astype(np.float32), module_ms
+
+
+def predict_candidates(
+    case: Case,
+    model_dir: str,
+    *,
+    geometry: ArcGeometry,
+    rx_gy: float,
+    sparings: list[Mapping[Role, float]],
+    device: torch.device | str = "cpu",
+) -> list[tuple[dict[str, float], NDArray[np.float32]]]:
+    """Several candidate fluences of one case, one per sparing setting (preprocessing done once).
+
+    Parameters
+    ----------
+    sparings
+        Suppression factors per candidate, e.g. ``[{}, {Role.RECTUM: 0.3}, {Role.BLADDER: 0.3}]``.
+
+    Returns
+    -------
+    list of (sparing by role value, fluence)
+        Fluence ``(n_sectors, rows, cols)`` MU per pixel per fraction, in the order of ``sparings``.
+    """
+    if not rx_gy > 0:
+        raise InputError(f"prescription per fraction must be > 0 Gy, got {rx_gy}")
+    dev = torch.device(device)
+    out: list[tuple[dict[str, float], NDArray[np.float32]]] = []
+    with torch.inference_mode():
+        pipe = load_pipeline(model_dir, dev)
+        prep = prepare_case(case, geometry, pipe.spec, pipe.fast_dose.config, dev)  # type: ignore[arg-type]
+        for sparing in sparings:
+            s_o = _sparing_values(sparing)
+            res = pipe(prep, s_o)
+            fl = (res.fluence[0].clamp_min(0.0) * (pipe.spec.fluence_mu_per_rx_gy * rx_gy)).float().cpu().numpy()
+            out.append((s_o, fl.astype(np.float32)))
+    log.info("case %s: %d AI candidates predicted", case.case_id, len(out))
+    return out

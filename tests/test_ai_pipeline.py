@@ -13,7 +13,7 @@ import torch
 
 from appliance.config import Settings
 from pipeline.ai_model import SHIPPED_MODEL_DIR
-from pipeline.ai_planner import MODULE_KEYS, ModelSpec, predict_fluence
+from pipeline.ai_planner import MODULE_KEYS, ModelSpec, predict_candidates, predict_fluence
 from pipeline.case import Role
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import ArcGeometry
@@ -88,6 +88,11 @@ def test_fresh_tiny_model_folder_predicts_and_sparing_changes_the_fluence(tmp_pa
     fl1, _ = predict_fluence(case, str(tmp_path / "model"), geometry=geometry_of(case), rx_gy=8.0,
                              sparing={Role.BLADDER: 0.4, Role.RECTUM: 0.4}, device="cpu")
     assert not np.allclose(fl0, fl1)  # the suppression factors reach the correction network
+    cands = predict_candidates(case, str(tmp_path / "model"), geometry=geometry_of(case), rx_gy=8.0,
+                               sparings=[{}, {Role.BLADDER: 0.4, Role.RECTUM: 0.4}])
+    assert [c[0] for c in cands] == [{}, {"bladder": 0.4, "rectum": 0.4}]
+    np.testing.assert_allclose(cands[0][1], fl0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cands[1][1], fl1, rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="must be in"):
         predict_fluence(case, str(tmp_path / "model"), geometry=geometry_of(case), rx_gy=8.0,
                         sparing={Role.RECTUM: 1.0}, device="cpu")

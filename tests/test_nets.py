@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.case import Grid, PatientPosition
@@ -388,29 +387,15 @@ def test_model_folder_refuses_foreign_contents(tmp_path) -> None:  # type: ignor
 
 
 def bev_like_projection(dose: Tensor, grid: Grid, arc: ArcSpec, n_depth: int = 16) -> Tensor:
-    """Mean of ``dose`` (B, 1, nz, ny, nx) along the divergent rays through each BEV pixel: (B, n_cp, 40, 40)."""
-    machine = MachineModel()
-    g = ArcGeometry(arc, (0.0, 0.0, 0.0), PatientPosition.HFS, machine)
-    rot = torch.as_tensor(g.sector_rotations(), dtype=torch.float32)
-    src = torch.as_tensor(g.sources_mm(), dtype=torch.float32)
-    edges = torch.as_tensor(machine.bev.col_edges_mm(), dtype=torch.float32)
-    c = 0.5 * (edges[1:] + edges[:-1])
-    w, u = torch.meshgrid(c, c, indexing="ij")
-    half = 0.5 * float(np.linalg.norm(np.array(grid.shape) * grid.spacing_mm[0]))
-    r = torch.linspace(1000.0 - half, 1000.0 + half, n_depth)
-    target = u[..., None] * rot[:, None, None, :, 0] + w[..., None] * rot[:, None, None, :, 1] - 1000.0 * rot[
-        :, None, None, :, 2
-    ]
-    p = src[:, None, None, None] + (r[None, :, None, None, None] / 1000.0) * target[:, None]
-    origin = torch.tensor(grid.origin_mm)
-    size = torch.tensor(grid.shape[::-1], dtype=torch.float32)
-    q = (p - origin) / torch.tensor(grid.spacing_mm) / (size - 1) * 2 - 1
-    n_cp = rot.shape[0]
-    out = []
-    for b in range(dose.shape[0]):
-        vals = F.grid_sample(dose[b : b + 1].expand(n_cp, -1, -1, -1, -1), q, align_corners=True)
-        out.append(vals[:, 0].mean(1))
-    return torch.stack(out)
+    """Mean of ``dose`` (B, 1, nz, ny, nx) along the divergent rays through each BEV pixel: (B, n_cp, 40, 40).
+
+    The pipeline's own projector (:class:`pipeline.bev.BevProjector`), so gradients are checked
+    through the module the planner uses.
+    """
+    from pipeline.bev import BevProjector
+
+    g = ArcGeometry(arc, (0.0, 0.0, 0.0), PatientPosition.HFS, MachineModel())
+    return BevProjector(grid, g, depth_samples=n_depth)(dose[:, 0])
 
 
 def test_gradients_flow_through_the_whole_pipeline() -> None:
