@@ -290,4 +290,4 @@ def save_dataset(ds: Dataset, path: Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"cannot write {path}: {exc}; check the output folder and free disk space") from exc
-    logger.info("wrote %s %s to %s", ds.Modality, ds.SOPInstanceUID, path)
+    logger.debug("wrote %s %s to %s", ds.Modality, ds.SOPInstanceUID, path)
