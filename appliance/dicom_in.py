@@ -55,6 +55,8 @@ MISSING_SLICE_FACTOR = 1.5
 UNEVEN_SPACING_REL = 0.02
 #: Absolute deviation (mm) below which a spacing difference is rounding noise.
 UNEVEN_SPACING_ABS_MM = 0.01
+#: Largest fraction of PTV voxels outside the BODY contour (skin-flash margins) before the case is refused.
+PTV_OUTSIDE_BODY_MAX_FRACTION = 0.10
 #: In-plane shift of ImagePositionPatient between slices (in pixels) that reveals a tilted series.
 IN_PLANE_SHIFT_TOLERANCE_PX = 0.1
 
@@ -843,4 +845,14 @@ def _structure_masks(
             )
         names[role] = best[0]
         masks[role] = best[2]
+    if Role.BODY in masks:
+        ptv_voxels = int(np.count_nonzero(masks[Role.PTV]))
+        outside = int(np.count_nonzero(masks[Role.PTV] & ~masks[Role.BODY]))
+        if outside > PTV_OUTSIDE_BODY_MAX_FRACTION * ptv_voxels:
+            raise InputError(
+                f"{100.0 * outside / ptv_voxels:.0f} % of the PTV {names[Role.PTV]!r} of RT Structure Set "
+                f"{rtstruct.sop_uid} lies outside the body contour {names[Role.BODY]!r} (at most "
+                f"{100.0 * PTV_OUTSIDE_BODY_MAX_FRACTION:.0f} % accepted); the PTV or the body was contoured "
+                "on another image or shifted: correct the structure set and send it again"
+            )
     return masks, names
