@@ -42,7 +42,6 @@ from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
@@ -131,8 +130,7 @@ def parse_header(source: Path | bytes, *, expected_class: str, expected_uid: str
             for_uid = _first(ds, "ReferencedFrameOfReferenceSequence", "FrameOfReferenceUID")
             ref_series = _first(ds, "ReferencedFrameOfReferenceSequence", "RTReferencedStudySequence",
                                 "RTReferencedSeriesSequence", "SeriesInstanceUID")
-    except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, EOFError, OSError,
-            IndexError, NotImplementedError) as exc:
+    except Exception as exc:  # corrupt input makes pydicom raise many types (struct.error, ...: fuzzing)
         raise StoreRefusedError(STATUS_CANNOT_UNDERSTAND,
                            f"instance {expected_uid}: cannot parse the dataset: {exc}") from exc
     if sop_class != expected_class or str(sop_uid) != expected_uid:
