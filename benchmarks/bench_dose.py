@@ -1,7 +1,9 @@
 """Benchmark of the reference dose engine and the BEV projection on a synthetic pelvis (2 threads).
 
 Run: ``.venv/bin/python -m benchmarks.bench_dose [--repeats N]``. Prints a markdown table of medians:
-engine set-up (ray tracing), full-arc dose forward, forward + backward, BEV projection.
+engine set-up (ray tracing), full-arc dose forward, forward + backward, BEV projection (set-up and projection
+of both back-ends: numba ray marching, the CPU default, and torch grid_sample, the previous CPU path and the
+CUDA one; forward + backward of the default).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def main() -> int:
     t = time.perf_counter()
     bev = BevProjector(engine.grid, geo, device=args.device)
     bev_setup_s = time.perf_counter() - t
+    t = time.perf_counter()
+    bev_torch = BevProjector(engine.grid, geo, device=args.device, backend="torch")
+    bev_torch_setup_s = time.perf_counter() - t
     gen = torch.Generator().manual_seed(0)
     fluence = torch.rand(engine.fluence_shape, generator=gen).to(args.device)
     sync = torch.cuda.synchronize if str(args.device).startswith("cuda") else (lambda: None)
@@ -94,12 +99,30 @@ def main() -> int:
             bev(dose)
         sync()
 
+    def proj_torch() -> None:
+        with torch.no_grad():
+            bev_torch(dose)
+        sync()
+
+    weights = torch.rand(bev.out_shape, generator=gen).to(args.device)
+
+    def proj_bwd() -> None:
+        d = dose.clone().requires_grad_(True)
+        (bev(d) * weights).sum().backward()
+        sync()
+
+    bev_t = _median(proj, args.repeats)
+    bev_torch_t = _median(proj_torch, args.repeats)
+
     rows = [
         ("engine set-up (ray tracing, once per case)", setup_s, 1),
         ("full-arc dose forward (180 CP)", _median(fwd, args.repeats), args.repeats),
         ("full-arc dose forward + backward", _median(fwd_bwd, args.repeats), args.repeats),
-        ("BEV projector set-up", bev_setup_s, 1),
-        ("BEV projection (180 x 40 x 40, 64 samples/ray)", _median(proj, args.repeats), args.repeats),
+        (f"BEV projector set-up ({bev.backend})", bev_setup_s, 1),
+        (f"BEV projection (180 x 40 x 40, 64 samples/ray), {bev.backend}", bev_t, args.repeats),
+        (f"BEV projection forward + backward, {bev.backend}", _median(proj_bwd, args.repeats), args.repeats),
+        ("BEV projector set-up (torch)", bev_torch_setup_s, 1),
+        ("BEV projection (180 x 40 x 40, 64 samples/ray), torch", bev_torch_t, args.repeats),
     ]
     nz, ny, nx = engine.grid.shape
     print(f"{label}: dose grid {nx} x {ny} x {nz} at 4 mm ({engine.points.shape[1]} voxels in the body), "
@@ -107,6 +130,7 @@ def main() -> int:
     print("| step | median (s) | runs |\n|---|---|---|")
     for name, sec, n in rows:
         print(f"| {name} | {sec:.3f} | {n} |")
+    print(f"\nBEV projection: torch / {bev.backend} = {bev_torch_t / bev_t:.1f}x")
     return 0
 
 
