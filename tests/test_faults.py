@@ -421,3 +421,32 @@ def test_planning_bug_fails_the_job_with_an_internal_error(tmp_path: Path) -> No
     job = _job(db, job_id)
     assert job.state == JobState.FAILED and "internal error in planning (IndexError" in str(job.failure_reason)
     db.dispose()
+
+
+# ------------------------------------------------------------------------------------------------
+# Load (small; the full-size figures come from benchmarks/bench_load_node.py)
+
+
+def test_concurrent_associations_store_everything_and_make_one_job_per_study(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, node={"max_associations": 10})
+    cases = [write_case(tmp_path / f"case{k}", n_slices=6) for k in range(8)]
+    runs: list[Any] = [None] * len(cases)
+    with running_scp(settings) as scp:
+        def client(k: int) -> None:
+            runs[k] = store_paths(scp.port, cases[k]["paths"])  # type: ignore[arg-type]
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [r.statuses for r in runs] == [[0] * 7] * len(cases)
+        sched = StudyScheduler(settings, scp.db)
+        jobs = sched.tick()
+        assert len(jobs) == len(cases) and sched.tick() == []
+        with scp.db.session() as s:
+            studies = sorted(s.scalars(select(Job.study_uid)))
+        assert studies == sorted(str(c["study"]) for c in cases)
+        every = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                 for c in cases for p in c["paths"]}  # type: ignore[attr-defined]
+        assert _consistent(settings, scp.db, every) == every
