@@ -50,34 +50,39 @@ BACKENDS = ("auto", "numba", "torch")
 # ---------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
+# fastmath: the volumes are finite, and letting the compiler fuse and reorder the interpolation's
+# arithmetic halves the time; indices are unsigned (no negative-index wrap-around test per load) and
+# need no clamping because the sample range keeps every position inside the padded grid.
+
+
+@njit(cache=True, parallel=True, fastmath=True)
 def _ray_mean_kernel(vol: NDArray[Any], start: NDArray[np.float64], step: NDArray[np.float64],
                      s_lo: NDArray[np.int64], s_hi: NDArray[np.int64], inv_n: float,
                      out: NDArray[Any]) -> None:  # pragma: no cover - compiled
-    nb, d2, h2, w2 = vol.shape
-    dmax, hmax, wmax = d2 - 2, h2 - 2, w2 - 2
-    hw = h2 * w2
+    nb, _, h2, w2 = vol.shape
+    uh, uw, uhw = np.uint64(h2), np.uint64(w2), np.uint64(h2 * w2)
+    one, uw1 = np.uint64(1), np.uint64(w2 + 1)
     n_rays = start.shape[0]
     for b in range(nb):
         v = vol[b].ravel()
         for r in prange(n_rays):
             acc = 0.0
-            x0, y0, z0 = start[r, 0], start[r, 1], start[r, 2]
             dx, dy, dz = step[r, 0], step[r, 1], step[r, 2]
-            for s in range(s_lo[r], s_hi[r] + 1):
-                px = x0 + s * dx
-                py = y0 + s * dy
-                pz = z0 + s * dz
-                i = min(max(int(px), 0), wmax)
-                j = min(max(int(py), 0), hmax)
-                k = min(max(int(pz), 0), dmax)
+            s0 = s_lo[r]
+            px = start[r, 0] + s0 * dx
+            py = start[r, 1] + s0 * dy
+            pz = start[r, 2] + s0 * dz
+            for _s in range(s0, s_hi[r] + 1):
+                i = np.uint64(px)
+                j = np.uint64(py)
+                k = np.uint64(pz)
                 fx = px - i
                 fy = py - j
                 fz = pz - k
-                o = (k * h2 + j) * w2 + i
-                a0, a1, a2, a3 = v[o], v[o + 1], v[o + w2], v[o + w2 + 1]
-                o += hw
-                b0, b1, b2, b3 = v[o], v[o + 1], v[o + w2], v[o + w2 + 1]
+                o = (k * uh + j) * uw + i
+                a0, a1, a2, a3 = v[o], v[o + one], v[o + uw], v[o + uw1]
+                o += uhw
+                b0, b1, b2, b3 = v[o], v[o + one], v[o + uw], v[o + uw1]
                 c00 = a0 + fx * (a1 - a0)
                 c01 = a2 + fx * (a3 - a2)
                 c10 = b0 + fx * (b1 - b0)
@@ -85,16 +90,19 @@ def _ray_mean_kernel(vol: NDArray[Any], start: NDArray[np.float64], step: NDArra
                 c0 = c00 + fy * (c01 - c00)
                 c1 = c10 + fy * (c11 - c10)
                 acc += c0 + fz * (c1 - c0)
+                px += dx
+                py += dy
+                pz += dz
             out[b, r] = acc * inv_n
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=True)
 def _ray_mean_adjoint_kernel(grad: NDArray[Any], start: NDArray[np.float64], step: NDArray[np.float64],
                              s_lo: NDArray[np.int64], s_hi: NDArray[np.int64], inv_n: float,
                              buf: NDArray[Any]) -> None:  # pragma: no cover - compiled
-    n_threads, nb, d2, h2, w2 = buf.shape
-    dmax, hmax, wmax = d2 - 2, h2 - 2, w2 - 2
-    hw = h2 * w2
+    n_threads, nb, _, h2, w2 = buf.shape
+    uh, uw, uhw = np.uint64(h2), np.uint64(w2), np.uint64(h2 * w2)
+    one, uw1 = np.uint64(1), np.uint64(w2 + 1)
     n_rays = start.shape[0]
     for t in prange(n_threads):
         r0 = (n_rays * t) // n_threads
@@ -105,15 +113,15 @@ def _ray_mean_adjoint_kernel(grad: NDArray[Any], start: NDArray[np.float64], ste
                 g = grad[b, r] * inv_n
                 if g == 0.0:
                     continue
-                x0, y0, z0 = start[r, 0], start[r, 1], start[r, 2]
                 dx, dy, dz = step[r, 0], step[r, 1], step[r, 2]
-                for s in range(s_lo[r], s_hi[r] + 1):
-                    px = x0 + s * dx
-                    py = y0 + s * dy
-                    pz = z0 + s * dz
-                    i = min(max(int(px), 0), wmax)
-                    j = min(max(int(py), 0), hmax)
-                    k = min(max(int(pz), 0), dmax)
+                s0 = s_lo[r]
+                px = start[r, 0] + s0 * dx
+                py = start[r, 1] + s0 * dy
+                pz = start[r, 2] + s0 * dz
+                for _s in range(s0, s_hi[r] + 1):
+                    i = np.uint64(px)
+                    j = np.uint64(py)
+                    k = np.uint64(pz)
                     fx = px - i
                     fy = py - j
                     fz = pz - k
@@ -123,16 +131,19 @@ def _ray_mean_adjoint_kernel(grad: NDArray[Any], start: NDArray[np.float64], ste
                     g00 = g0 - g01
                     g11 = g1 * fy
                     g10 = g1 - g11
-                    o = (k * h2 + j) * w2 + i
+                    o = (k * uh + j) * uw + i
                     a[o] += g00 - g00 * fx
-                    a[o + 1] += g00 * fx
-                    a[o + w2] += g01 - g01 * fx
-                    a[o + w2 + 1] += g01 * fx
-                    o += hw
+                    a[o + one] += g00 * fx
+                    a[o + uw] += g01 - g01 * fx
+                    a[o + uw1] += g01 * fx
+                    o += uhw
                     a[o] += g10 - g10 * fx
-                    a[o + 1] += g10 * fx
-                    a[o + w2] += g11 - g11 * fx
-                    a[o + w2 + 1] += g11 * fx
+                    a[o + one] += g10 * fx
+                    a[o + uw] += g11 - g11 * fx
+                    a[o + uw1] += g11 * fx
+                    px += dx
+                    py += dy
+                    pz += dz
 
 
 class _RayPlan:
@@ -145,18 +156,19 @@ class _RayPlan:
     def __init__(self, start: NDArray[np.float64], step: NDArray[np.float64], shape: tuple[int, int, int],
                  n_samples: int) -> None:
         d, h, w = shape
-        upper = np.array([w + 1.0, h + 1.0, d + 1.0])
+        eps = 1e-6  # samples within eps of the padded grid's faces read (almost) only padding: skipped
+        upper = np.array([w + 1.0, h + 1.0, d + 1.0]) - eps
         lo = np.full(start.shape[0], -np.inf)
         hi = np.full(start.shape[0], np.inf)
-        for ax in range(3):  # keep 0 < start + s * step < upper along every axis
+        for ax in range(3):  # keep eps < start + s * step < upper along every axis
             p0, dp = start[:, ax], step[:, ax]
-            inside = (p0 > 0.0) & (p0 < upper[ax])
+            inside = (p0 > eps) & (p0 < upper[ax])
             moving = dp != 0.0
             safe = np.where(moving, dp, 1.0)
-            a, b = (0.0 - p0) / safe, (upper[ax] - p0) / safe
+            a, b = (eps - p0) / safe, (upper[ax] - p0) / safe
             lo = np.maximum(lo, np.where(moving, np.minimum(a, b), np.where(inside, -np.inf, np.inf)))
             hi = np.minimum(hi, np.where(moving, np.maximum(a, b), np.where(inside, np.inf, -np.inf)))
-        # samples strictly inside; a sample on the padded boundary reads only padding (0) anyway
+        # samples strictly inside (every index and index + 1 then lies in the padded grid)
         lo = np.clip(np.floor(lo) + 1.0, 0.0, float(n_samples))
         hi = np.clip(np.ceil(hi) - 1.0, -1.0, n_samples - 1.0)
         self.s_lo = lo.astype(np.int64)
