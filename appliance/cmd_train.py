@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--no-adversarial", action="store_true", help="stage 2 without the adversarial loss")
     train.add_argument("--resume", action="store_true", help="continue the run in --run from its checkpoint")
     train.add_argument("--seed", type=int, default=0, help="random seed")
+    train.add_argument("--note", default="", help="free text recorded in model.json (how and why it was trained)")
 
 
 def load_clinical_record(folder: Path, settings: Settings) -> Any:
@@ -207,7 +208,7 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
         trainer.load_checkpoint()
     trainer.run()
     out = args.model_out or (args.run / "model")
-    path = trainer.export(out)
+    path = trainer.export(out, {"note": args.note} if args.note else None)
     print(f"model written: {path}")
     return 0
 

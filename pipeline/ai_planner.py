@@ -48,6 +48,10 @@ MODULE_KEYS: tuple[str, ...] = (
 )
 #: The networks a model folder must hold.
 REQUIRED_NETWORKS: tuple[str, ...] = ("dose_proposer", "bev2fluence", "fast_dose", "correction")
+#: A control point's map is scaled down when its maximum exceeds this multiple of the median
+#: control-point maximum (the networks' rare spikes would exceed the machine's MU per degree
+#: after sequencing and normalisation; the teacher plans' MU vary smoothly along the arc).
+MAX_CP_TO_MEDIAN = 2.0
 #: OARs with a suppression factor s_o.
 SPARING_ROLES: tuple[Role, ...] = (Role.BLADDER, Role.RECTUM)
 
@@ -303,6 +307,35 @@ def load_pipeline(model_dir: str | Path, device: torch.device | str = "cpu") -> 
     return _LOADED[key]
 
 
+def limit_control_point_spikes(fluence: Tensor, ratio: float = MAX_CP_TO_MEDIAN) -> Tensor:
+    """Scale down the maps ``(n_cp, rows, cols)`` whose maximum exceeds ``ratio`` x the median map maximum."""
+    peak = fluence.flatten(1).amax(dim=1)
+    cap = ratio * peak.median()
+    scale = torch.where(peak > cap, cap / peak.clamp_min(1e-12), torch.ones_like(peak))
+    return fluence * scale[:, None, None]
+
+
+def deliverability_guard(fluence: Tensor, prep: PreparedCase, smoothing_passes: int = 2) -> Tensor:
+    """Post-process predicted maps ``(n_cp, rows, cols)`` towards what one aperture per sector delivers.
+
+    Not in the paper (its adversarial loss does this job); needed by the briefly trained CPU
+    model, whose maps carry background fluence outside the target and intensities alternating
+    between neighbouring control points that the leaf sequencer turns into too many MU per
+    degree. Three steps: keep only pixels whose ray crosses the PTV (dilated by one pixel, as
+    the optimizer's free pixels), smooth along the arc with ``smoothing_passes`` passes of a
+    [1, 2, 1] / 4 filter, and scale down spiking control points (:func:`limit_control_point_spikes`).
+    """
+    import torch.nn.functional as F
+
+    aperture = (prep.projector(prep.masks[Role.PTV.value]) > 0).to(fluence.dtype)
+    aperture = F.max_pool2d(aperture[:, None], 3, stride=1, padding=1)[:, 0]
+    f = fluence * aperture
+    for _ in range(smoothing_passes):
+        padded = torch.cat([f[:1], f, f[-1:]])
+        f = 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+    return limit_control_point_spikes(f)
+
+
 def _sparing_values(sparing: Mapping[Role, float] | Mapping[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for role, s in sparing.items():
@@ -325,6 +358,7 @@ def predict_fluence(
     device: torch.device | str = "cpu",
     timings: Any = None,
     feedback: bool = True,
+    postprocess: bool = True,
 ) -> tuple[NDArray[np.float32], dict[str, float]]:
     """Predict the arc's fluence maps of a case with the AIRT pipeline.
 
@@ -349,6 +383,8 @@ def predict_fluence(
         Optional ``appliance.planning.Timings``-like object with a ``stage(name)`` context manager.
     feedback
         False skips the dose-feedback correction (ablation).
+    postprocess
+        Apply :func:`deliverability_guard` (default; False returns the networks' maps as they are).
 
     Returns
     -------
@@ -387,7 +423,10 @@ def predict_fluence(
         pre_ms = 1000.0 * (time.perf_counter() - t0)
         with stage("ai_inference"):
             out = pipe(prep, s_o, feedback=feedback, sync=True)
-            fl = out.fluence[0].clamp_min(0.0) * (pipe.spec.fluence_mu_per_rx_gy * rx_gy)
+            fl = out.fluence[0].clamp_min(0.0)
+            if postprocess:
+                fl = deliverability_guard(fl, prep)
+            fl = fl * (pipe.spec.fluence_mu_per_rx_gy * rx_gy)
             fluence = fl.float().cpu().numpy()
     module_ms = {"preprocessing": pre_ms, **out.module_ms}
     module_ms["total"] = 1000.0 * (time.perf_counter() - t_all)
@@ -434,7 +473,8 @@ def predict_candidates(
         for sparing in sparings:
             s_o = _sparing_values(sparing)
             res = pipe(prep, s_o)
-            fl = (res.fluence[0].clamp_min(0.0) * (pipe.spec.fluence_mu_per_rx_gy * rx_gy)).float().cpu().numpy()
+            fl = (deliverability_guard(res.fluence[0].clamp_min(0.0), prep)
+                  * (pipe.spec.fluence_mu_per_rx_gy * rx_gy)).float().cpu().numpy()
             out.append((s_o, fl.astype(np.float32)))
     log.info("case %s: %d AI candidates predicted", case.case_id, len(out))
     return out
