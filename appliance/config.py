@@ -35,7 +35,7 @@ def doc(text: str, unit: str = "") -> dict[str, str]:
 
 class PlanningMethod(enum.StrEnum):
     """How plans are made: ``ai`` (the AIRT networks), ``optimize`` (gradient optimisation),
-    ``auto`` (``ai`` when a trained model is installed, else ``optimize``)."""
+    ``auto`` (``ai`` when the installed model is qualified for unattended use, else ``optimize``)."""
 
     AUTO = "auto"
     AI = "ai"
@@ -338,7 +338,7 @@ class MachineSettings:
 class PlanningSettings:
     """The planning pipeline."""
 
-    method: PlanningMethod = field(default=PlanningMethod.AUTO, metadata=doc("auto, ai or optimize"))
+    method: PlanningMethod = field(default=PlanningMethod.AUTO, metadata=doc("auto (ai when the installed model is qualified for unattended use, else optimize), ai or optimize"))
     device: str = field(default="auto", metadata=doc("auto (CUDA when present), cpu, cuda or cuda:N"))
     model_dir: str = field(default="", metadata=doc("Trained model folder; empty uses the shipped model", "path"))
     dose_grid_mm: float = field(default=4.0, metadata=doc("Dose grid spacing", "mm"))

@@ -57,14 +57,22 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
-    """The planning method to use: explicit argument, else the configuration (``auto`` -> ai when
-    a trained model is installed, else optimize)."""
-    from pipeline.ai_model import installed_model_dir
+    """The planning method to use: explicit argument, else the configuration. ``auto`` means ai
+    when an installed model is qualified for unattended use (its held-out plans passed the quality
+    gate recorded in model.json), else optimize."""
+    from pipeline.ai_model import installed_model_dir, model_is_qualified
 
     chosen = PlanningMethod(method) if method else settings.planning.method
+    folder = installed_model_dir(settings.planning.model_dir)
     if chosen is PlanningMethod.AUTO:
-        return PlanningMethod.AI if installed_model_dir(settings.planning.model_dir) else PlanningMethod.OPTIMIZE
-    if chosen is PlanningMethod.AI and not installed_model_dir(settings.planning.model_dir):
+        if folder is None:
+            return PlanningMethod.OPTIMIZE
+        ok, why = model_is_qualified(folder)
+        if not ok:
+            log.info("method auto: using the optimizer; the installed model is not qualified for unattended use (%s)", why)
+            return PlanningMethod.OPTIMIZE
+        return PlanningMethod.AI
+    if chosen is PlanningMethod.AI and folder is None:
         raise PlanningError(
             "planning method 'ai' needs a trained model, none is installed "
             f"(planning.model_dir = {settings.planning.model_dir!r}); use --method optimize or train one"

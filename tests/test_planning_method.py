@@ -1,0 +1,45 @@
+"""Which planning method runs: ``auto`` uses a model only when it is qualified for unattended use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.config import PlanningMethod, settings_from_dict
+from appliance.planning import resolve_method
+from pipeline.ai_model import SHIPPED_MODEL_DIR, model_is_qualified
+from pipeline.errors import PlanningError
+
+
+def _model(folder: Path, meta: dict[str, object]) -> Path:
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"format_version": 1, "meta": meta, "networks": {}}))
+    return folder
+
+
+def test_auto_uses_a_qualified_model_only(tmp_path: Path) -> None:
+    plain = _model(tmp_path / "plain", {"note": "demo model"})
+    good = _model(tmp_path / "good", {"qualified_for_auto": True})
+    assert resolve_method(settings_from_dict({"planning": {"model_dir": str(plain)}}), None) is PlanningMethod.OPTIMIZE
+    assert resolve_method(settings_from_dict({"planning": {"model_dir": str(good)}}), None) is PlanningMethod.AI
+    # explicit choices are honoured
+    assert resolve_method(settings_from_dict({"planning": {"model_dir": str(plain)}}), "ai") is PlanningMethod.AI
+    assert resolve_method(settings_from_dict({"planning": {"model_dir": str(good)}}), "optimize") is PlanningMethod.OPTIMIZE
+    assert model_is_qualified(plain) == (False, "demo model")
+
+
+def test_no_model_means_optimize_and_ai_is_refused_clearly(tmp_path: Path) -> None:
+    s = settings_from_dict({"planning": {"model_dir": str(tmp_path / "none")}})
+    assert resolve_method(s, None) is PlanningMethod.OPTIMIZE
+    with pytest.raises(PlanningError, match="needs a trained model"):
+        resolve_method(s, "ai")
+
+
+def test_shipped_demonstration_model_is_not_used_unattended() -> None:
+    if not (SHIPPED_MODEL_DIR / "model.json").exists():
+        pytest.skip("no shipped model")
+    ok, why = model_is_qualified(SHIPPED_MODEL_DIR)
+    assert not ok and why
+    assert resolve_method(settings_from_dict({}), None) is PlanningMethod.OPTIMIZE
