@@ -343,6 +343,10 @@ class PlanningSettings:
     model_dir: str = field(default="", metadata=doc("Trained model folder; empty uses the shipped model", "path"))
     dose_grid_mm: float = field(default=4.0, metadata=doc("Dose grid spacing", "mm"))
     optimizer_iterations: int = field(default=50, metadata=doc("Iterations of the fluence optimizer (one dose forward + backward each)", "count"))
+    aperture_threshold: float = field(
+        default=0.02,
+        metadata=doc("Leaf sequencer: a pixel belongs to a row's aperture at this fraction of the map maximum (PTV HI after sequencing 0.07 at 0.02, 0.28 at 0.15 on a synthetic case)", "fraction 0-1"),
+    )
     sparing_bladder: float = field(default=0.0, metadata=doc("Bladder suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     sparing_rectum: float = field(default=0.0, metadata=doc("Rectum suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     hu_to_density: tuple[tuple[float, float], ...] = field(
@@ -356,6 +360,8 @@ class PlanningSettings:
         if not 1.0 <= self.dose_grid_mm <= 10.0:
             raise ConfigError(f"planning.dose_grid_mm must be in [1, 10] mm, got {self.dose_grid_mm}")
         _check_positive("planning.optimizer_iterations", self.optimizer_iterations)
+        if not 0.0 < self.aperture_threshold < 1.0:
+            raise ConfigError(f"planning.aperture_threshold must be in (0, 1), got {self.aperture_threshold}")
         for name in ("sparing_bladder", "sparing_rectum"):
             v = getattr(self, name)
             if not 0.0 <= v <= 0.5:

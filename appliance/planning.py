@@ -138,7 +138,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         extra["ai_module_ms"] = module_ms
 
     with timings.stage("sequence"):
-        seq = sequence_arc(fluence, arc, machine)
+        seq = sequence_arc(fluence, arc, machine, threshold=settings.planning.aperture_threshold)
 
     with timings.stage("final_dose"):
         delivered = fluence_from_sequence(seq, machine)
