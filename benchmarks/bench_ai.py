@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from appliance.config import Settings
 from pipeline.ai_planner import load_pipeline, predict_fluence, prepare_case
 from pipeline.beam_model import load_beam_model
 from pipeline.case import Role
@@ -115,7 +116,7 @@ def run_case(seed: int, model_dir: str, recipe: PlanningRecipe) -> dict[str, Any
         t = time.perf_counter()
         fl, ms = predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing=sparing, device="cpu",
                                  feedback=feedback)
-        seq = sequence_arc(fl, ARC, MACHINE)
+        seq = sequence_arc(fl, ARC, MACHINE, threshold=Settings().planning.aperture_threshold)
         return seq, time.perf_counter() - t, ms
 
     predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing={}, device="cpu")  # warm-up

@@ -39,7 +39,7 @@ def run_case(seed: int, iterations: int) -> dict[str, float]:
     factor = normalisation_factor(res.dose, ptv, rx_gy=rx_fx)
     fluence = res.fluence * factor
     t0 = time.perf_counter()
-    seq = sequence_arc(fluence, arc, machine)
+    seq = sequence_arc(fluence, arc, machine, threshold=st.planning.aperture_threshold)
     seq_ms = 1000 * (time.perf_counter() - t0)
     assert check_deliverable(seq, machine) == []
     with torch.inference_mode():
