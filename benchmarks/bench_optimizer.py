@@ -14,17 +14,14 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 
 from appliance.config import Settings
-from pipeline.beam_model import load_beam_model
 from pipeline.case import Role
-from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
 from pipeline.dvh import structure_metrics
-from pipeline.geometry import ArcGeometry
 from pipeline.goals import normalisation_factor
 from pipeline.optimizer import optimize_fluence
+from pipeline.problem import build_problem
 from pipeline.synth import synth_case
 
 
@@ -33,14 +30,9 @@ def run_case(seed: int, iterations: int, method: str, time_limit_s: float | None
     st = Settings()
     t0 = time.perf_counter()
     case = synth_case(seed, spacing_mm=(4.0, 4.0, 4.0))
-    geometry = ArcGeometry(arc=st.machine.arc(), isocenter_mm=case.ptv_centroid_mm(),
-                           position=case.patient_position, machine=st.machine.model())
-    engine = ReferenceDoseEngine.for_case(case, geometry, load_beam_model(), hu_curve=st.planning.hu_to_density,
-                                          spacing_mm=4.0)
-    masks = {
-        role: torch.as_tensor(resample_to_grid(m.astype(np.float32), case.grid, engine.grid, order=1) >= 0.5)
-        for role, m in case.masks.items()
-    }
+    prob = build_problem(case, st.machine.arc(), st.machine.model(), hu_curve=st.planning.hu_to_density,
+                         spacing_mm=4.0)
+    engine, masks = prob.engine, prob.masks
     setup_s = time.perf_counter() - t0
     rx_total = case.prescription.dose_gy
     rx_fx = rx_total / case.prescription.fractions
