@@ -36,6 +36,7 @@ from pipeline.case import Grid
 from pipeline.dose_engine import depth_range_mm, sample_planned, trilinear_plan
 from pipeline.errors import PlanningError
 from pipeline.geometry import ArcGeometry
+from pipeline.map_sampling import numba_threads
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +183,6 @@ class _RayPlan:
         return int(np.maximum(self.s_hi - self.s_lo + 1, 0).sum())
 
 
-def _numba_threads() -> int:
-    return max(1, min(torch.get_num_threads(), int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
-
-
 class _RayMean(torch.autograd.Function):
     """Autograd wrapper of the numba kernels: (B, D, H, W) CPU volume -> (B, n_rays) ray means."""
 
@@ -194,7 +191,7 @@ class _RayMean(torch.autograd.Function):
         padded = F.pad(vol.detach(), (1, 1, 1, 1, 1, 1)).contiguous().numpy()
         out = np.empty((vol.shape[0], plan.start.shape[0]), dtype=padded.dtype)
         previous = numba.get_num_threads()
-        numba.set_num_threads(_numba_threads())
+        numba.set_num_threads(numba_threads())
         try:
             _ray_mean_kernel(padded, plan.start, plan.step, plan.s_lo, plan.s_hi, 1.0 / plan.n_samples, out)
         finally:
@@ -209,7 +206,7 @@ class _RayMean(torch.autograd.Function):
         plan: _RayPlan = ctx.plan
         b, d, h, w = ctx.vol_shape
         g = grad_out.detach().to(ctx.dtype).contiguous().numpy()
-        n_threads = _numba_threads()
+        n_threads = numba_threads()
         buf = np.zeros((n_threads, b, d + 2, h + 2, w + 2), dtype=g.dtype)
         previous = numba.get_num_threads()
         numba.set_num_threads(n_threads)

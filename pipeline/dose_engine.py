@@ -51,8 +51,12 @@ from pipeline.beam_model import BeamModel
 from pipeline.case import Case, Grid, Role
 from pipeline.errors import InputError, PlanningError
 from pipeline.geometry import ArcGeometry
+from pipeline.map_sampling import SamplePlan, weighted_sample
 
 log = logging.getLogger(__name__)
+
+ENGINE_BACKENDS = ("auto", "numba", "torch")
+"""Accepted values of ``ReferenceDoseEngine(backend=...)``."""
 
 BODY_HU_THRESHOLD = -400.0
 """HU above which a voxel counts as body when a case has no BODY structure."""
@@ -322,7 +326,12 @@ class ReferenceDoseEngine(torch.nn.Module):
     depth_step_mm
         Step between ray-tracing planes, mm; default the smallest dose grid spacing.
     chunk
-        Control points processed together (memory vs. speed).
+        Control points processed together by the torch back-end (memory vs. speed).
+    backend
+        How the channel maps are read at the voxels: ``"numba"`` (CPU: parallel gather and an adjoint
+        scatter without atomics, :mod:`pipeline.map_sampling`), ``"torch"`` (``grid_sample`` under
+        activation checkpointing; any device) or ``"auto"`` (numba on the CPU, torch elsewhere). Both
+        give the same dose and gradient to floating-point rounding.
 
     Attributes
     ----------
@@ -351,9 +360,18 @@ class ReferenceDoseEngine(torch.nn.Module):
     def __init__(self, density: torch.Tensor, grid: Grid, geometry: ArcGeometry, beam: BeamModel, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  active: torch.Tensor | NDArray[np.bool_] | None = None, lateral_mm: float = 2.5,
-                 ray_mm: float | None = None, depth_step_mm: float | None = None, chunk: int = 30) -> None:
+                 ray_mm: float | None = None, depth_step_mm: float | None = None, chunk: int = 30,
+                 backend: str = "auto") -> None:
         super().__init__()
         dev = torch.device(device)
+        if backend not in ENGINE_BACKENDS:
+            raise PlanningError(f"dose engine backend must be one of {', '.join(ENGINE_BACKENDS)}, got {backend!r}")
+        if backend == "auto":
+            backend = "numba" if dev.type == "cpu" and dtype in (torch.float32, torch.float64) else "torch"
+        if backend == "numba" and (dev.type != "cpu" or dtype not in (torch.float32, torch.float64)):
+            raise PlanningError(f"the numba dose back-end runs on the CPU in float32/float64 only, got {dev} and "
+                                f"{dtype}; use backend='torch'")
+        self.backend = backend
         dens = torch.as_tensor(density, dtype=dtype, device=dev)
         if tuple(dens.shape) != grid.shape:
             raise PlanningError(f"density shape {tuple(dens.shape)} does not match the dose grid {grid.shape}")
@@ -538,6 +556,17 @@ class ReferenceDoseEngine(torch.nn.Module):
         self.register_buffer("ld_idx", ld)
         self.register_buffer("ld_grid", grid_xy[:, ld].contiguous())
         self.register_buffer("ld_weights", (weights[:, 0, ld] * alpha_all[:, ld]).contiguous())
+        if self.backend == "numba":
+            self._make_sample_plans()
+
+    def _make_sample_plans(self) -> None:
+        """Sample plans of the numba back-end over the traced buffers (views, no copies)."""
+        to_fine = (self.half_u / self.fine_u, self.half_v / self.fine_v)
+        fine_size = (int(self.mat_v_fine.shape[2]), int(self.mat_u_fine.shape[2]))
+        coarse_size = (int(self.mat_v_coarse.shape[2]), int(self.mat_u_coarse.shape[2]))
+        self._plan_prim = SamplePlan(self.grid_xy, self.weights, fine_size, to_fine, n_channels=1)
+        self._plan_smooth = SamplePlan(self.grid_xy, self.weights, coarse_size, n_channels=3)
+        self._plan_ld = SamplePlan(self.ld_grid, self.ld_weights[:, None, :], fine_size, to_fine)
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -586,6 +615,8 @@ class ReferenceDoseEngine(torch.nn.Module):
         if tuple(fluence.shape) != self.fluence_shape:
             raise PlanningError(f"fluence shape {tuple(fluence.shape)} does not match the arc's {self.fluence_shape}")
         fl = fluence.to(device=self.device, dtype=self.dtype)
+        if self.backend == "numba":
+            return self._forward_numba(fl)
         total = torch.zeros(self.points.shape[1], device=self.device, dtype=self.dtype)
         for s in range(0, fl.shape[0], self.chunk):
             e = min(fl.shape[0], s + self.chunk)
@@ -594,6 +625,16 @@ class ReferenceDoseEngine(torch.nn.Module):
                 total = total + checkpoint(self._chunk_dose, *args, use_reentrant=False)
             else:
                 total = total + self._chunk_dose(*args)
+        n_all = self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2]
+        full = torch.zeros(n_all, device=self.device, dtype=self.dtype).index_add(0, self.act_idx, total * self.cal)
+        return full.reshape(self.grid.shape)
+
+    def _forward_numba(self, fl: torch.Tensor) -> torch.Tensor:
+        fine = self.channel_maps(fl, "fine")
+        coarse = self.channel_maps(fl, "coarse")
+        total = weighted_sample(fine[:, :1], self._plan_prim) + weighted_sample(coarse, self._plan_smooth)
+        if self.ld_idx.numel() > 0:
+            total = total.index_add(0, self.ld_idx, weighted_sample(fine[:, 1:], self._plan_ld))
         n_all = self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2]
         full = torch.zeros(n_all, device=self.device, dtype=self.dtype).index_add(0, self.act_idx, total * self.cal)
         return full.reshape(self.grid.shape)

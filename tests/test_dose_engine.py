@@ -135,7 +135,8 @@ def test_lung_slab() -> None:
     assert abs(rel10(150.0) - rel10(132.0)) < 0.03
 
 
-def test_linearity_and_gradcheck() -> None:
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_linearity_and_gradcheck(backend: str) -> None:
     # tiny problem in double precision: a 4 x 4 BEV (central leaf pairs), 3 control points
     machine = MachineModel(bev=BevGrid(n_rows=4, n_cols=4, pixel_mm=5.0), first_bev_leaf_pair=28)
     geo = ArcGeometry(arc=ArcSpec(start_deg=30.0, stop_deg=150.0, n_sectors=3, collimator_deg=30.0),
@@ -144,7 +145,8 @@ def test_linearity_and_gradcheck() -> None:
     gen = torch.Generator().manual_seed(1)
     dens = 0.2 + torch.rand(grid.shape, generator=gen, dtype=torch.float64)
     beam = replace(load_beam_model(), field_margin_mm=20.0)
-    eng = ReferenceDoseEngine(dens, grid, geo, beam, dtype=torch.float64, lateral_mm=2.5, chunk=2)
+    eng = ReferenceDoseEngine(dens, grid, geo, beam, dtype=torch.float64, lateral_mm=2.5, chunk=2, backend=backend)
+    assert eng.backend == backend
     assert eng.ld_idx.numel() > 0  # the random density exercises the low-density channel too
     f1 = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64)
     f2 = torch.rand(3, 4, 4, generator=gen, dtype=torch.float64)
@@ -210,6 +212,22 @@ def test_for_case_synthetic_pelvis() -> None:
     d = dose.numpy()
     assert d[ptv].mean() > 2.0 * d[body_dg & ~ptv].mean()  # the arc's fields meet in the PTV
     assert d[~body_dg].max() == 0.0  # dose only inside the body
+    # the torch back-end (grid_sample, the CUDA path) gives the same dose and gradient as the numba one
+    assert eng.backend == "numba"
+    eng_t = ReferenceDoseEngine.for_case(case, geo, load_beam_model(), hu_curve=curve, backend="torch", chunk=3)
+    gen = torch.Generator().manual_seed(3)
+    fr = torch.rand(8, 40, 40, generator=gen)
+    wt = torch.rand(grid.shape, generator=gen)
+    out = []
+    for e in (eng, eng_t):
+        f = fr.clone().requires_grad_(True)
+        dd = e(f)
+        (dd * wt).sum().backward()
+        out.append((dd.detach(), f.grad))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-5 * float(out[1][0].max()))
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-5 * float(out[1][1].abs().max()))
+    with pytest.raises(PlanningError, match="backend"):
+        ReferenceDoseEngine.for_case(case, geo, load_beam_model(), hu_curve=curve, backend="opencl")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
