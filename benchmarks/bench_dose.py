@@ -1,7 +1,8 @@
 """Benchmark of the reference dose engine and the BEV projection on a synthetic pelvis (2 threads).
 
 Run: ``.venv/bin/python -m benchmarks.bench_dose [--repeats N]``. Prints a markdown table of medians:
-engine set-up (ray tracing), full-arc dose forward, forward + backward, BEV projection (set-up and projection
+engine set-up (ray tracing), full-arc dose forward and forward + backward of both engine back-ends (numba,
+the CPU default, and torch grid_sample, the CUDA path), BEV projection (set-up and projection
 of both back-ends: numba ray marching, the CPU default, and torch grid_sample, the previous CPU path and the
 CUDA one; forward + backward of the default).
 """
@@ -72,6 +73,8 @@ def main() -> int:
     t = time.perf_counter()
     engine = ReferenceDoseEngine.for_case(case, geo, beam, hu_curve=HU_CURVE, device=args.device)
     setup_s = time.perf_counter() - t
+    engine_torch = ReferenceDoseEngine.for_case(case, geo, beam, hu_curve=HU_CURVE, device=args.device,
+                                                backend="torch")
     t = time.perf_counter()
     bev = BevProjector(engine.grid, geo, device=args.device)
     bev_setup_s = time.perf_counter() - t
@@ -90,6 +93,16 @@ def main() -> int:
     def fwd_bwd() -> None:
         f = fluence.clone().requires_grad_(True)
         engine(f).square().sum().backward()
+        sync()
+
+    def fwd_torch() -> None:
+        with torch.no_grad():
+            engine_torch(fluence)
+        sync()
+
+    def fwd_bwd_torch() -> None:
+        f = fluence.clone().requires_grad_(True)
+        engine_torch(f).square().sum().backward()
         sync()
 
     dose = engine(fluence).detach()
@@ -114,10 +127,14 @@ def main() -> int:
     bev_t = _median(proj, args.repeats)
     bev_torch_t = _median(proj_torch, args.repeats)
 
+    eng_fb = _median(fwd_bwd, args.repeats)
+    eng_fb_torch = _median(fwd_bwd_torch, args.repeats)
     rows = [
         ("engine set-up (ray tracing, once per case)", setup_s, 1),
-        ("full-arc dose forward (180 CP)", _median(fwd, args.repeats), args.repeats),
-        ("full-arc dose forward + backward", _median(fwd_bwd, args.repeats), args.repeats),
+        (f"full-arc dose forward (180 CP), {engine.backend}", _median(fwd, args.repeats), args.repeats),
+        (f"full-arc dose forward + backward, {engine.backend}", eng_fb, args.repeats),
+        ("full-arc dose forward (180 CP), torch", _median(fwd_torch, args.repeats), args.repeats),
+        ("full-arc dose forward + backward, torch", eng_fb_torch, args.repeats),
         (f"BEV projector set-up ({bev.backend})", bev_setup_s, 1),
         (f"BEV projection (180 x 40 x 40, 64 samples/ray), {bev.backend}", bev_t, args.repeats),
         (f"BEV projection forward + backward, {bev.backend}", _median(proj_bwd, args.repeats), args.repeats),
@@ -130,7 +147,8 @@ def main() -> int:
     print("| step | median (s) | runs |\n|---|---|---|")
     for name, sec, n in rows:
         print(f"| {name} | {sec:.3f} | {n} |")
-    print(f"\nBEV projection: torch / {bev.backend} = {bev_torch_t / bev_t:.1f}x")
+    print(f"\nDose forward + backward: torch / {engine.backend} = {eng_fb_torch / eng_fb:.2f}x; "
+          f"BEV projection: torch / {bev.backend} = {bev_torch_t / bev_t:.1f}x")
     return 0
 
 

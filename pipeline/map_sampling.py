@@ -12,6 +12,11 @@ sum (``align_corners=True``, zero outside the map) and its exact adjoint:
 * the adjoint runs in parallel over control points: each control point's gradient map is written by
   one thread only, so the scatter needs no atomics and no per-thread copies.
 
+The engine uses the adjoint (:func:`sample_adjoint`) with torch's own forward, whose AVX2 gathers
+are faster than the numba forward (0.26 s against 0.40 s for a 180-control-point arc on 2 cores);
+:func:`weighted_sample` is the self-contained differentiable operation the tests check against
+``grid_sample``.
+
 Maps are passed zero-padded by one pixel on every side, so a position inside
 ``[-1, size]`` (pixel units) reads its four neighbours without bounds tests; positions further out
 contribute 0, as with ``grid_sample``'s zero padding.
@@ -189,22 +194,31 @@ class _WeightedSample(torch.autograd.Function):
         finally:
             numba.set_num_threads(previous)
         ctx.plan = plan
-        ctx.shape = tuple(maps.shape)
         return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        plan: SamplePlan = ctx.plan
-        b, c, h, w = ctx.shape
-        g = np.ascontiguousarray(grad_out.detach().to(plan.dtype).numpy())
-        gmaps = np.zeros((b, c, h + 2, w + 2), dtype=g.dtype)
-        previous = numba.get_num_threads()
-        numba.set_num_threads(numba_threads())
-        try:
-            _scatter_kernel(g, plan.xy, plan.weights, plan.c0, plan.sx, plan.ox, plan.sy, plan.oy, gmaps)
-        finally:
-            numba.set_num_threads(previous)
-        return torch.from_numpy(np.ascontiguousarray(gmaps[:, :, 1:-1, 1:-1])), None
+        return sample_adjoint(grad_out, ctx.plan), None
+
+
+def sample_adjoint(grad: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
+    """The adjoint of :func:`weighted_sample`: (N,) point values -> (B, C, rows, cols) map gradient.
+
+    ``out[b, c]`` is the bilinear splat of ``grad[n] * w[b, c, n]`` at ``xy[b, n]``; parallel over
+    control points, each map written by one thread.
+    """
+    if grad.shape != (plan.n_points,):
+        raise PlanningError(f"adjoint input has shape {tuple(grad.shape)}, the plan has {plan.n_points} points")
+    g = np.ascontiguousarray(grad.detach().to(device="cpu", dtype=plan.dtype).numpy())
+    rows, cols = plan.map_size
+    gmaps = np.zeros((plan.weights.shape[0], plan.n_channels, rows + 2, cols + 2), dtype=g.dtype)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(numba_threads())
+    try:
+        _scatter_kernel(g, plan.xy, plan.weights, plan.c0, plan.sx, plan.ox, plan.sy, plan.oy, gmaps)
+    finally:
+        numba.set_num_threads(previous)
+    return torch.from_numpy(np.ascontiguousarray(gmaps[:, :, 1:-1, 1:-1]))
 
 
 def weighted_sample(maps: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
