@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--make-data", action="store_true", help="plan synthetic cases into the cache --out")
     data.add_argument("--seeds", default="1000:1100", help="synthetic seeds A:B (B exclusive), A-B or N")
     data.add_argument("--out", type=Path, default=None, help="cache folder written by --make-data")
-    data.add_argument("--iterations", type=int, default=60, help="optimizer evaluations per synthetic case")
-    data.add_argument("--plan-grid-mm", type=float, default=8.0, help="dose grid of the teacher optimizer, mm")
+    data.add_argument("--iterations", type=int, default=30, help="optimizer evaluations per synthetic case")
+    data.add_argument("--plan-grid-mm", type=float, default=4.0, help="dose grid of the teacher optimizer, mm")
     train = parser.add_argument_group("training")
     train.add_argument("--cache", type=Path, action="append", default=[], help="cache folder (repeatable)")
     train.add_argument("--clinical", type=Path, action="append", default=[],
@@ -137,7 +137,8 @@ def _make_data(args: argparse.Namespace, settings: Settings, device: str) -> int
     if args.out is None:
         raise ConfigError("--make-data needs --out CACHE_FOLDER")
     seeds = parse_seed_range(args.seeds)
-    recipe = PlanningRecipe(spacing_mm=args.plan_grid_mm, iterations=args.iterations)
+    recipe = PlanningRecipe(spacing_mm=args.plan_grid_mm, iterations=args.iterations,
+                            aperture_threshold=settings.planning.aperture_threshold)
     bar = tqdm(total=len(seeds), desc="planning synthetic cases", unit="case")
 
     def progress(seed: int, done: int, total: int) -> None:

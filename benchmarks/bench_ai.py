@@ -1,27 +1,36 @@
-"""Benchmark of the AIRT AI planner against the optimizer on held-out synthetic cases.
+"""Benchmark of the AIRT AI planner against the optimizer on held-out synthetic cases (Table 2 shape).
 
-For each seed (not in the model's training data): the optimizer plan (the teacher recipe of the
-training cache, timed), the AI plan (full pipeline), the AI plan without dose feedback (F0
-directly, "-DF") and AI plans with bladder or rectum suppression s_o = 0.2, 0.4. Every plan is
-sequenced, its delivered fluence dosed by the reference engine on a 4 mm grid and MU-normalised
-to PTV D95 = Rx, then evaluated (PTV HI, D98, D2, Paddick CI; bladder/rectum Dmean, D2). The fast
-dose network is compared with the reference engine on the network grid for the AI plan's
-delivered fluence (global gamma 3 %/3 mm, 10 % threshold, reference supersampled to 2 mm; MAE in
-the PTV in % of Rx).
+For each seed (not in the model's training data): the appliance's optimizer plan (4 mm, the
+configured evaluations and aperture threshold: what ``airt plan --method optimize`` does; timed),
+the AI plan (full pipeline), the AI plan without dose feedback (F0 directly, "-DF"), optionally the
+AI plan of a model trained without the adversarial loss ("-GAN", ``--model-nogan``) and AI plans
+with bladder or rectum suppression s_o = 0.2, 0.4. Every plan is sequenced, its delivered fluence
+dosed by the reference engine on a 4 mm grid and MU-normalised to PTV D95 = Rx, then evaluated
+(PTV HI, D98, D2, Paddick CI; bladder/rectum Dmean, D2). The fast dose network is compared with the
+reference engine on the network grid for the AI plan's delivered fluence (global gamma 3 %/3 mm,
+10 % threshold; MAE in the PTV in % of Rx).
 
-    .venv/bin/python -m benchmarks.bench_ai [--seeds 2000:2020] [--model DIR] [--threads 2]
+Non-inferiority of the AI plan against the optimizer's (the paper's margins): for PTV HI and the
+bladder/rectum Dmean and D2, the one-sided 95 % upper confidence bound of the mean paired
+difference (AI - optimizer) must stay below the margin (HI 0.01, OAR 1.5 Gy), and every AI plan
+must reach PTV D98 >= 97 % of Rx.
+
+    .venv/bin/python -m benchmarks.bench_ai [--seeds 2000:2020] [--model DIR] [--model-nogan DIR]
+                                            [--threads 2] [--json OUT.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import time
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import stats
 
 from appliance.config import Settings
 from pipeline.ai_planner import load_pipeline, predict_fluence, prepare_case
@@ -29,51 +38,21 @@ from pipeline.beam_model import load_beam_model
 from pipeline.case import Role
 from pipeline.dose_engine import ReferenceDoseEngine
 from pipeline.dvh import structure_metrics
-from pipeline.geometry import ArcGeometry
+from pipeline.gamma import gamma_pass_rate
 from pipeline.goals import normalisation_factor
+from pipeline.problem import build_problem
 from pipeline.synth import synth_case
-from pipeline.training.data import (
-    DEFAULT_HU_CURVE,
-    PlanningRecipe,
-    masks_on_grid,
-    parse_seed_range,
-    plan_synthetic_case,
-)
+from pipeline.training.data import PlanningRecipe, parse_seed_range, plan_synthetic_case
 from sequencing.fluence import fluence_from_sequence
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import ArcSequence, sequence_arc
 
-MACHINE = MachineModel()
-ARC = ArcSpec()
-
-
-def gamma_pass_rate(ref: np.ndarray, ev: np.ndarray, spacing_mm: float, dose_pct: float = 3.0,
-                    dta_mm: float = 3.0, threshold_pct: float = 10.0, supersample: int = 4) -> float:
-    """Global gamma pass rate (%) of ``ev`` against ``ref`` (same grid), brute-force search.
-
-    The reference is supersampled ``supersample`` times (trilinear); candidate points are those
-    within ``dta_mm`` on the fine grid. Points with ``ev`` or ``ref`` below ``threshold_pct`` of the
-    reference maximum are not evaluated.
-    """
-    fine = ndimage.zoom(ref, supersample, order=1)
-    h = spacing_mm / supersample
-    r = int(np.floor(dta_mm / h))
-    dd = dose_pct / 100.0 * float(ref.max())
-    mask = (ref > threshold_pct / 100.0 * ref.max()) | (ev > threshold_pct / 100.0 * ref.max())
-    idx = np.argwhere(mask)
-    centre = np.clip(np.rint(idx * supersample + (supersample - 1) / 2.0).astype(int), 0, np.array(fine.shape) - 1)
-    best = np.full(len(idx), np.inf)
-    evv = ev[mask]
-    for dz in range(-r, r + 1):
-        for dy in range(-r, r + 1):
-            for dx in range(-r, r + 1):
-                dist2 = (dz * dz + dy * dy + dx * dx) * h * h
-                if dist2 > dta_mm**2:
-                    continue
-                p = np.clip(centre + np.array([dz, dy, dx]), 0, np.array(fine.shape) - 1)
-                g = (fine[p[:, 0], p[:, 1], p[:, 2]] - evv) ** 2 / dd**2 + dist2 / dta_mm**2
-                best = np.minimum(best, g)
-    return 100.0 * float(np.mean(best <= 1.0)) if len(best) else float("nan")
+SETTINGS = Settings()
+MACHINE = SETTINGS.machine.model()
+ARC = SETTINGS.machine.arc()
+#: Non-inferiority margins of the paper: metric -> margin (AI - optimizer must stay below it).
+MARGINS: dict[str, float] = {"HI": 0.01, "bladder_Dmean_Gy": 1.5, "bladder_D2_Gy": 1.5, "rectum_Dmean_Gy": 1.5,
+                             "rectum_D2_Gy": 1.5}
+D98_MIN_REL = 0.97
 
 
 def evaluate(seq: ArcSequence, engine: ReferenceDoseEngine, masks: dict[Role, torch.Tensor], rx_fx: float,
@@ -95,28 +74,27 @@ def evaluate(seq: ArcSequence, engine: ReferenceDoseEngine, masks: dict[Role, to
     return row
 
 
-def run_case(seed: int, model_dir: str, recipe: PlanningRecipe) -> dict[str, Any]:
+def run_case(seed: int, model_dir: str, nogan_dir: str, recipe: PlanningRecipe) -> dict[str, Any]:
     """All plans and measurements of one held-out case."""
     case = synth_case(seed, spacing_mm=(4.0, 4.0, 4.0))
     rx_fx = case.prescription.dose_gy / case.prescription.fractions
     fx = case.prescription.fractions
-    geometry = ArcGeometry(arc=ARC, isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
-                           machine=MACHINE)
-    engine = ReferenceDoseEngine.for_case(case, geometry, load_beam_model(),
-                                          hu_curve=DEFAULT_HU_CURVE, spacing_mm=4.0)
-    masks = masks_on_grid(case, engine.grid)
+    prob = build_problem(case, ARC, MACHINE, hu_curve=SETTINGS.planning.hu_to_density, spacing_mm=4.0)
+    geometry, engine, masks = prob.geometry, prob.engine, prob.masks
     out: dict[str, Any] = {"seed": seed, "quality": {}, "time_s": {}, "sparing": {}}
 
     t0 = time.perf_counter()
-    teacher = plan_synthetic_case(seed, machine=MACHINE, arc=ARC, recipe=recipe)
+    teacher = plan_synthetic_case(seed, machine=MACHINE, arc=ARC, recipe=recipe,
+                                  hu_curve=SETTINGS.planning.hu_to_density)
     out["time_s"]["optimizer"] = time.perf_counter() - t0
     out["quality"]["optimizer"] = evaluate(teacher.sequence, engine, masks, rx_fx, fx)
 
-    def ai(sparing: dict[Role, float], feedback: bool = True) -> tuple[ArcSequence, float, dict[str, float]]:
+    def ai(sparing: dict[Role, float], feedback: bool = True,
+           model: str = model_dir) -> tuple[ArcSequence, float, dict[str, float]]:
         t = time.perf_counter()
-        fl, ms = predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing=sparing, device="cpu",
+        fl, ms = predict_fluence(case, model, geometry=geometry, rx_gy=rx_fx, sparing=sparing, device="cpu",
                                  feedback=feedback)
-        seq = sequence_arc(fl, ARC, MACHINE, threshold=Settings().planning.aperture_threshold)
+        seq = sequence_arc(fl, ARC, MACHINE, threshold=SETTINGS.planning.aperture_threshold)
         return seq, time.perf_counter() - t, ms
 
     predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing={}, device="cpu")  # warm-up
@@ -126,6 +104,9 @@ def run_case(seed: int, model_dir: str, recipe: PlanningRecipe) -> dict[str, Any
     out["quality"]["AI full"] = evaluate(seq_ai, engine, masks, rx_fx, fx)
     seq_df, _, _ = ai({}, feedback=False)
     out["quality"]["AI -DF"] = evaluate(seq_df, engine, masks, rx_fx, fx)
+    if nogan_dir:
+        seq_ng, _, _ = ai({}, model=nogan_dir)
+        out["quality"]["AI -GAN"] = evaluate(seq_ng, engine, masks, rx_fx, fx)
     for role in (Role.BLADDER, Role.RECTUM):
         out["sparing"][role.value] = {0.0: out["quality"]["AI full"][f"{role.value}_Dmean_Gy"]}
         for s in (0.2, 0.4):
@@ -142,9 +123,27 @@ def run_case(seed: int, model_dir: str, recipe: PlanningRecipe) -> dict[str, Any
         ref = eng_net(delivered).numpy() / rx_fx
         fast = pipe.fast_dose(delivered[None] / (pipe.spec.fluence_mu_per_rx_gy * rx_fx), prep.primary)[0, 0].numpy()
     ptv = prep.masks["ptv"].numpy() > 0
-    out["fast_dose"] = {"gamma_3_3_pct": gamma_pass_rate(ref, fast, pipe.spec.net_grid_mm),
+    g = pipe.spec.net_grid_mm
+    out["fast_dose"] = {"gamma_3_3_pct": 100.0 * gamma_pass_rate(ref, fast, (g, g, g)),
                         "mae_ptv_pct_rx": 100.0 * float(np.abs(fast - ref)[ptv].mean())}
     return out
+
+
+def non_inferiority(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired AI - optimizer differences per metric: mean, one-sided 95 % upper bound, verdict."""
+    res = []
+    for metric, margin in MARGINS.items():
+        d = np.array([r["quality"]["AI full"][metric] - r["quality"]["optimizer"][metric] for r in rows])
+        d = d[np.isfinite(d)]
+        mean = float(d.mean()) if d.size else float("nan")
+        if d.size >= 2:
+            upper = mean + float(stats.t.ppf(0.95, d.size - 1)) * float(d.std(ddof=1)) / math.sqrt(d.size)
+        else:
+            upper = float("nan")
+        res.append({"metric": metric, "margin": margin, "mean_diff": mean, "upper95": upper,
+                    "cases_within_margin": int((d <= margin).sum()), "n": int(d.size),
+                    "non_inferior": bool(np.isfinite(upper) and upper < margin)})
+    return res
 
 
 def _med(vals: list[float]) -> float:
@@ -156,15 +155,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="2000:2020", help="held-out synthetic seeds, A:B (B exclusive)")
     ap.add_argument("--model", default="", help="model folder (default: the shipped model)")
-    ap.add_argument("--iterations", type=int, default=60, help="optimizer evaluations (the teacher recipe)")
-    ap.add_argument("--plan-grid-mm", type=float, default=8.0, help="optimizer dose grid, mm (teacher recipe)")
+    ap.add_argument("--model-nogan", default="", help="model folder trained without the adversarial loss")
+    ap.add_argument("--iterations", type=int, default=SETTINGS.planning.optimizer_iterations,
+                    help="optimizer evaluations (default: the appliance's planning.optimizer_iterations)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="", help="also write every case's measurements to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = PlanningRecipe(spacing_mm=args.plan_grid_mm, iterations=args.iterations)
+    recipe = PlanningRecipe(spacing_mm=SETTINGS.planning.dose_grid_mm, iterations=args.iterations,
+                            aperture_threshold=SETTINGS.planning.aperture_threshold)
     rows = []
     for seed in parse_seed_range(args.seeds):
-        rows.append(run_case(seed, args.model, recipe))
+        rows.append(run_case(seed, args.model, args.model_nogan, recipe))
         print(f"seed {seed} done", flush=True)
     n = len(rows)
 
@@ -172,7 +174,7 @@ def main() -> None:
     t_ai = _med([r["time_s"]["ai"] for r in rows])
     print(f"\n### Planning time, {n} held-out cases (CPU, {args.threads} threads; medians)\n")
     print("| method | median s | ratio optimizer / AI |\n|---|---|---|")
-    print(f"| optimizer ({args.iterations} evaluations, {args.plan_grid_mm:g} mm) + sequencing | {t_opt:.2f} | |")
+    print(f"| optimizer ({args.iterations} evaluations, {recipe.spacing_mm:g} mm) + sequencing | {t_opt:.2f} | |")
     print(f"| AI (fluence prediction + sequencing) | {t_ai:.2f} | {t_opt / t_ai:.1f} |")
 
     print("\n### AI modules, median ms (Table S4 shape)\n")
@@ -183,9 +185,26 @@ def main() -> None:
     cols = ["HI", "D98_Gy", "D2_Gy", "CI", "bladder_Dmean_Gy", "bladder_D2_Gy", "rectum_Dmean_Gy", "rectum_D2_Gy"]
     print(f"\n### Plan quality after sequencing (reference engine, 4 mm, PTV D95 = Rx = 40 Gy; medians of {n})\n")
     print("| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    for method in ("optimizer", "AI full", "AI -DF"):
+    for method in ("optimizer", "AI full", "AI -DF", "AI -GAN"):
+        if method not in rows[0]["quality"]:
+            continue
         print(f"| {method} | " + " | ".join(f"{_med([r['quality'][method][c] for r in rows]):.3f}" for c in cols)
               + " |")
+
+    ni = non_inferiority(rows)
+    rx_total = 40.0
+    d98 = [r["quality"]["AI full"]["D98_Gy"] / rx_total for r in rows]
+    d98_ok = sum(v >= D98_MIN_REL for v in d98)
+    print(f"\n### Non-inferiority of AI full against the optimizer ({n} paired cases)\n")
+    print("| metric | margin | mean AI - optimizer | one-sided 95 % upper bound | cases within margin | verdict |")
+    print("|---|---|---|---|---|---|")
+    for x in ni:
+        print(f"| {x['metric']} | {x['margin']:g} | {x['mean_diff']:+.3f} | {x['upper95']:+.3f} | "
+              f"{x['cases_within_margin']}/{x['n']} | {'non-inferior' if x['non_inferior'] else 'NOT shown'} |")
+    print(f"| PTV D98 >= {100 * D98_MIN_REL:.0f} % Rx | | | | {d98_ok}/{n} | "
+          f"{'met' if d98_ok == n else 'NOT met'} |")
+    overall = all(x["non_inferior"] for x in ni) and d98_ok == n
+    print(f"\nOverall: {'non-inferior' if overall else 'non-inferiority NOT shown'}")
 
     print(f"\n### Fast dose vs reference engine (network grid; medians of {n})\n")
     print("| gamma 3%/3mm pass % | MAE in PTV, % of Rx |\n|---|---|")
@@ -197,6 +216,10 @@ def main() -> None:
     for organ in ("bladder", "rectum"):
         print(f"| {organ} | " + " | ".join(f"{_med([r['sparing'][organ][s] for r in rows]):.2f}"
                                             for s in (0.0, 0.2, 0.4)) + " |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"rows": rows, "non_inferiority": ni, "d98_ok": d98_ok, "overall_non_inferior": overall},
+                      f, indent=1, default=str)
 
 
 if __name__ == "__main__":
