@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--time-limit-min", type=float, default=0.0, help="per-phase wall-time limit, minutes")
     train.add_argument("--no-adversarial", action="store_true", help="stage 2 without the adversarial loss")
     train.add_argument("--resume", action="store_true", help="continue the run in --run from its checkpoint")
+    train.add_argument("--stop-after", choices=["fast_dose", "stage1", "stage2"], default=None,
+                       help="end the run after this phase without exporting a model (resume a copy of the run "
+                            "folder to branch the remaining phases)")
     train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--note", default="", help="free text recorded in model.json (how and why it was trained)")
 
@@ -207,7 +210,10 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
     trainer = Trainer(args.run, train_s, val_s, spec, config, device, data_description=description)
     if args.resume:
         trainer.load_checkpoint()
-    trainer.run()
+    trainer.run(stop_after=args.stop_after)
+    if args.stop_after is not None and trainer.phase_index < 3:
+        print(f"stopped after {args.stop_after}; checkpoint in {trainer.checkpoint_path} (resume with --resume)")
+        return 0
     out = args.model_out or (args.run / "model")
     path = trainer.export(out, {"note": args.note} if args.note else None)
     print(f"model written: {path}")

@@ -174,6 +174,23 @@ def test_training_steps_are_finite_and_checkpoints_resume(tmp_path: Path, tiny_s
                 progress=False).load_checkpoint()
 
 
+@pytest.mark.slow
+def test_stop_after_stage1_branches_stage2(tmp_path: Path, tiny_samples: list) -> None:
+    cfg = TrainConfig(size="tiny", epochs={"fast_dose": 1, "stage1": 1, "stage2": 1}, disc_maps=8)
+    trainer = Trainer(tmp_path / "run", tiny_samples[:1], [], SPEC, cfg, progress=False)
+    history = trainer.run(stop_after="stage1")
+    assert [r["phase"] for r in history] == ["fast_dose", "stage1"] and trainer.phase_index == 2
+    # the same stage 1, continued without the adversarial loss (the "-GAN" ablation)
+    nogan = Trainer(tmp_path / "run", tiny_samples[:1], [], SPEC, dataclasses.replace(cfg, adversarial=False),
+                    progress=False)
+    nogan.load_checkpoint()
+    rows = nogan.run()
+    assert [r["phase"] for r in rows] == ["fast_dose", "stage1", "stage2"]
+    assert "train_d_hinge" not in rows[2] and rows[2]["train_g_hinge"] == 0.0
+    with pytest.raises(ConfigError, match="stop_after"):
+        nogan.run(stop_after="stage3")
+
+
 def test_clinical_loader_reads_our_own_plan_and_refuses_others(tmp_path: Path) -> None:
     from appliance.cmd_train import load_clinical_record
     from appliance.dicom_in import load_case

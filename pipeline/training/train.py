@@ -536,9 +536,19 @@ class Trainer:
         print(f"[{row['phase']} epoch {row['epoch']}] {row['seconds']:.0f} s: {shown}", flush=True)
         log.info("%s epoch %d: %s", row["phase"], row["epoch"], shown)
 
-    def run(self) -> list[dict[str, Any]]:
-        """Run the remaining epochs of every phase, checkpointing after each; returns the history."""
+    def run(self, stop_after: str | None = None) -> list[dict[str, Any]]:
+        """Run the remaining epochs of every phase, checkpointing after each; returns the history.
+
+        ``stop_after`` (a phase name) ends the run once that phase is complete, with the checkpoint
+        pointing at the next phase: a copy of the run folder can then be resumed with other settings
+        for the remaining phases (the ablation's stage 2 with and without the adversarial loss from one
+        stage 1).
+        """
+        if stop_after is not None and stop_after not in PHASES:
+            raise ConfigError(f"stop_after must be one of {PHASES}, got {stop_after!r}")
         while self.phase_index < len(PHASES):
+            if stop_after is not None and self.phase_index > PHASES.index(stop_after):
+                break
             phase = PHASES[self.phase_index]
             t_phase = time.perf_counter()
             while self.epoch < self.config.epochs[phase]:
