@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="epochs of the fast-dose, stage-1 and stage-2 phases")
     train.add_argument("--lr", type=float, default=1e-3,
                        help="Adam learning rate (paper 1e-4; 1e-3 suits the small CPU networks)")
+    train.add_argument("--lr-final-fraction", type=float, default=0.1,
+                       help="cosine learning-rate decay within each phase down to this fraction of --lr")
     train.add_argument("--val-fraction", type=float, default=0.1, help="fraction of cases held out for validation")
     train.add_argument("--time-limit-min", type=float, default=0.0, help="per-phase wall-time limit, minutes")
     train.add_argument("--no-adversarial", action="store_true", help="stage 2 without the adversarial loss")
@@ -194,7 +196,8 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
     if not records:
         raise InputError("no training cases: give --cache folders made by --make-data and/or --clinical exports")
     config = TrainConfig(size=args.size, epochs=dict(zip(("fast_dose", "stage1", "stage2"), args.epochs)),
-                         lr=args.lr, val_fraction=args.val_fraction, adversarial=not args.no_adversarial,
+                         lr=args.lr, lr_final_fraction=args.lr_final_fraction, val_fraction=args.val_fraction,
+                         adversarial=not args.no_adversarial,
                          time_limit_min=args.time_limit_min, seed=args.seed)
     machine, arc = settings.machine.model(), settings.machine.arc()
     spec = default_spec(records, machine, hu_to_density=tuple(settings.planning.hu_to_density))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -189,6 +190,13 @@ def test_stop_after_stage1_branches_stage2(tmp_path: Path, tiny_samples: list) -
     assert "train_d_hinge" not in rows[2] and rows[2]["train_g_hinge"] == 0.0
     with pytest.raises(ConfigError, match="stop_after"):
         nogan.run(stop_after="stage3")
+    # cosine learning-rate decay within a phase: lr at the first epoch, lr * final fraction at the last
+    five = Trainer(tmp_path / "run5", tiny_samples[:1], [], SPEC,
+                   dataclasses.replace(cfg, epochs={"fast_dose": 5, "stage1": 1, "stage2": 1}), progress=False)
+    lrs = [five.phase_lr("fast_dose", e) for e in range(5)]
+    assert lrs[0] == pytest.approx(cfg.lr) and lrs[-1] == pytest.approx(cfg.lr * cfg.lr_final_fraction)
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    assert rows[1]["lr"] == pytest.approx(cfg.lr)  # a one-epoch phase keeps the base rate
 
 
 def test_clinical_loader_reads_our_own_plan_and_refuses_others(tmp_path: Path) -> None:

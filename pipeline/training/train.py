@@ -209,6 +209,9 @@ class TrainConfig:
         Epochs of each phase, ``{"fast_dose": n, "stage1": n, "stage2": n}``.
     lr
         Adam learning rate (the paper: 1e-4; the small CPU nets train faster with 1e-3).
+    lr_final_fraction
+        Within each phase the learning rate follows a cosine from ``lr`` at the first epoch down to
+        ``lr * lr_final_fraction`` at the phase's last planned epoch (1 keeps it constant).
     val_fraction
         Fraction (0-0.5) of cases held out for validation (at least one when there are >= 2).
     n_perturbed
@@ -229,6 +232,7 @@ class TrainConfig:
     size: str = "small"
     epochs: dict[str, int] = field(default_factory=lambda: {"fast_dose": 4, "stage1": 6, "stage2": 3})
     lr: float = 1e-3
+    lr_final_fraction: float = 0.1
     val_fraction: float = 0.1
     n_perturbed: int = 2
     sparing_max: float = 0.5
@@ -244,6 +248,8 @@ class TrainConfig:
             raise ConfigError(f"epochs must give a count >= 0 for each of {PHASES}, got {self.epochs}")
         if not (self.lr > 0 and 0 <= self.val_fraction <= 0.5 and 0 <= self.sparing_max < 1):
             raise ConfigError("lr must be > 0, val_fraction in [0, 0.5], sparing_max in [0, 1)")
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ConfigError(f"lr_final_fraction must be in (0, 1], got {self.lr_final_fraction}")
         if self.disc_maps < 1 or self.n_perturbed < 0:
             raise ConfigError("disc_maps must be >= 1 and n_perturbed >= 0")
 
@@ -490,9 +496,20 @@ class Trainer:
 
     # ---- epochs
 
+    def phase_lr(self, phase: str, epoch: int) -> float:
+        """Learning rate of ``epoch`` (0-based) of ``phase``: cosine from ``lr`` to ``lr * lr_final_fraction``."""
+        n = self.config.epochs[phase]
+        frac = epoch / (n - 1) if n > 1 else 0.0
+        lo = self.config.lr * self.config.lr_final_fraction
+        return lo + (self.config.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+
     def _run_epoch(self, phase: str) -> dict[str, Any]:
         step = {"fast_dose": self.fast_dose_step, "stage1": self.stage1_step, "stage2": self.stage2_step}[phase]
         self._freeze(phase)
+        lr = self.phase_lr(phase, self.epoch)
+        for name in ((phase, "disc") if phase == "stage2" else (phase,)):
+            for group in self.opt[name].param_groups:
+                group["lr"] = lr
         order = list(range(len(self.train_set)))
         self.rng.shuffle(order)
         t0 = time.perf_counter()
@@ -510,7 +527,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             if self.progress:
                 it.set_postfix(loss=f"{r['loss']:.4f}")
-        row: dict[str, Any] = {"phase": phase, "epoch": self.epoch + 1, "seconds": round(time.perf_counter() - t0, 2)}
+        row: dict[str, Any] = {"phase": phase, "epoch": self.epoch + 1, "seconds": round(time.perf_counter() - t0, 2),
+                               "lr": lr}
         row.update({f"train_{k}": v / len(order) for k, v in sums.items()})
         if self.val_set:
             vs: dict[str, float] = {}
