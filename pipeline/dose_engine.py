@@ -24,8 +24,8 @@ projected to the isocenter plane, ``t`` is the distance from the source along th
 Everything in step 2-3 is linear in the fluence and differentiable (autograd through matmul and
 grid_sample); control points are processed in chunks under activation checkpointing so memory stays
 bounded in the backward pass. On the CPU the backward of the map reads is a numba scatter kernel
-instead (``backend``), which halves the cost of a gradient. The absolute scale ``k_cal`` is derived by the beam model evaluating
-the reference condition (10 x 10 cm, SSD 100 cm, d_max: 1 cGy/MU).
+instead (``backend``), which halves the cost of a gradient. The absolute scale ``k_cal`` is derived
+by the beam model evaluating the reference condition (10 x 10 cm, SSD 100 cm, d_max: 1 cGy/MU).
 
 Approximations (documented, tested where it matters): a pencil-beam superposition in fan coordinates
 (kernel widths fixed at the isocenter plane, depth-dependence through the component weights);
@@ -623,8 +623,13 @@ class ReferenceDoseEngine(torch.nn.Module):
         if tuple(fluence.shape) != self.fluence_shape:
             raise PlanningError(f"fluence shape {tuple(fluence.shape)} does not match the arc's {self.fluence_shape}")
         fl = fluence.to(device=self.device, dtype=self.dtype)
-        if self.backend == "numba":
-            return self._forward_numba(fl)
+        total = self._active_dose_numba(fl) if self.backend == "numba" else self._active_dose_torch(fl)
+        n_all = self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2]
+        full = torch.zeros(n_all, device=self.device, dtype=self.dtype).index_add(0, self.act_idx, total * self.cal)
+        return full.reshape(self.grid.shape)
+
+    def _active_dose_torch(self, fl: torch.Tensor) -> torch.Tensor:
+        """Dose at the active voxels (without ``cal``): chunks under checkpointing, autograd backward."""
         total = torch.zeros(self.points.shape[1], device=self.device, dtype=self.dtype)
         for s in range(0, fl.shape[0], self.chunk):
             e = min(fl.shape[0], s + self.chunk)
@@ -633,20 +638,15 @@ class ReferenceDoseEngine(torch.nn.Module):
                 total = total + checkpoint(self._chunk_dose, *args, use_reentrant=False)
             else:
                 total = total + self._chunk_dose(*args)
-        n_all = self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2]
-        full = torch.zeros(n_all, device=self.device, dtype=self.dtype).index_add(0, self.act_idx, total * self.cal)
-        return full.reshape(self.grid.shape)
+        return total
 
-    def _forward_numba(self, fl: torch.Tensor) -> torch.Tensor:
+    def _active_dose_numba(self, fl: torch.Tensor) -> torch.Tensor:
+        """Dose at the active voxels (without ``cal``): the numba adjoint when a gradient is needed."""
         fine = self.channel_maps(fl, "fine")
         coarse = self.channel_maps(fl, "coarse")
         if torch.is_grad_enabled() and fl.requires_grad:
-            total = _MapsDose.apply(fine, coarse, self)
-        else:
-            total = self._maps_dose_chunked(fine, coarse)
-        n_all = self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2]
-        full = torch.zeros(n_all, device=self.device, dtype=self.dtype).index_add(0, self.act_idx, total * self.cal)
-        return full.reshape(self.grid.shape)
+            return _MapsDose.apply(fine, coarse, self)  # type: ignore[no-any-return]
+        return self._maps_dose_chunked(fine, coarse)
 
     def _maps_dose_chunked(self, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         total = torch.zeros(self.points.shape[1], device=self.device, dtype=self.dtype)

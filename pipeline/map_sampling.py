@@ -73,8 +73,7 @@ def _gather_kernel(maps: NDArray[Any], xy: NDArray[Any], w: NDArray[Any], c0: in
                     fx = px - ix
                     fy = py - iy
                     acc = out[i]
-                    c = 0
-                    while c < nc:  # a while loop: numba's range() would cost ~40 % with one channel
+                    for c in range(nc):
                         a0 = m[c, iy, ix]
                         a1 = m[c, iy, ix + 1]
                         b0 = m[c, iy + 1, ix]
@@ -82,7 +81,6 @@ def _gather_kernel(maps: NDArray[Any], xy: NDArray[Any], w: NDArray[Any], c0: in
                         r0 = a0 + fx * (a1 - a0)
                         r1 = b0 + fx * (b1 - b0)
                         acc += wb[c0 + c, i] * (r0 + fy * (r1 - r0))
-                        c += 1
                     out[i] = acc
 
 

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from pipeline.case import Case, Role
+from pipeline.case import Role
 from pipeline.errors import ConfigError, InputError
+from pipeline.problem import DEFAULT_HU_CURVE
 from sequencing.machine import ArcSpec, MachineModel, RotationDirection
 from sequencing.sequencer import ArcSequence
 
@@ -52,11 +53,6 @@ CACHE_FORMAT = 1
 CACHE_JSON = "cache.json"
 #: Quantum of the cached leaf and jaw positions, mm.
 POSITION_QUANTUM_MM = 0.1
-
-#: Default (HU, relative electron density) curve of the appliance configuration.
-DEFAULT_HU_CURVE: tuple[tuple[float, float], ...] = (
-    (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
-)
 
 
 # --------------------------------------------------------------------------- the sequence cache
@@ -223,16 +219,6 @@ class PlanningRecipe:
             "case_spacing_mm": self.case_spacing_mm,
             "sequencer_aperture_threshold": self.aperture_threshold,
         }
-
-
-def masks_on_grid(case: Case, grid: Any, device: torch.device | str = "cpu") -> dict[Role, torch.Tensor]:
-    """Case masks resampled to ``grid`` (linear, >= 0.5), as boolean tensors, by role."""
-    from pipeline.dose_engine import resample_to_grid
-
-    return {
-        role: torch.as_tensor(resample_to_grid(m.astype(np.float32), case.grid, grid, order=1) >= 0.5, device=device)
-        for role, m in case.masks.items()
-    }
 
 
 def plan_synthetic_case(
