@@ -1,4 +1,4 @@
-"""``airt plan CASE_DIR --out DIR [--method ai|optimize] [--config PATH]``."""
+"""``airt plan CASE_DIR --out DIR [--method ai|optimize] [--config PATH] [--candidate BLADDER:RECTUM ...]``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=["ai", "optimize"], default=None,
                         help="planning method (default: planning.method of the configuration)")
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration (default: built-in defaults)")
+    parser.add_argument("--candidate", action="append", default=None, metavar="BLADDER:RECTUM",
+                        help="also make an AI candidate plan with these suppression factors s_o in [0, 0.5] "
+                             "(repeatable; replaces planning.candidate_sparings), written under OUT/candidates/")
+
+
+def parse_candidate(text: str) -> tuple[float, float]:
+    """``"0.2:0.4"`` -> (bladder s_o, rectum s_o); ConfigError naming the expected form otherwise."""
+    from pipeline.errors import ConfigError
+
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        b, r = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigError(f"--candidate {text!r}: expected BLADDER:RECTUM suppression factors, e.g. 0:0.4") from None
+    if not (0.0 <= b <= 0.5 and 0.0 <= r <= 0.5):
+        raise ConfigError(f"--candidate {text!r}: suppression factors must be in [0, 0.5]")
+    return b, r
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,7 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from appliance.report import format_summary
 
     settings = load_settings(args.config)
-    metrics = plan_folder(args.case_dir, args.out, settings, method=args.method)
+    candidates = None if args.candidate is None else [parse_candidate(c) for c in args.candidate]
+    metrics = plan_folder(args.case_dir, args.out, settings, method=args.method, candidates=candidates)
     print(format_summary(metrics), end="")
     print(f"outputs in {args.out}/: rtplan.dcm rtdose.dcm metrics.json report_dvh.png report_slices.png report.txt")
+    for c in metrics.get("candidates", []):
+        st = c["structures"]
+        print(f"candidate s_bladder {c['sparing']['bladder']:.2f} s_rectum {c['sparing']['rectum']:.2f}: "
+              f"PTV HI {st.get('ptv', {}).get('HI', float('nan')):.3f}, "
+              f"bladder Dmean {st.get('bladder', {}).get('Dmean_Gy', float('nan')):.2f} Gy, "
+              f"rectum Dmean {st.get('rectum', {}).get('Dmean_Gy', float('nan')):.2f} Gy -> {args.out}/{c['folder']}/")
     return 0

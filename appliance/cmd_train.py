@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--stop-after", choices=["fast_dose", "stage1", "stage2"], default=None,
                        help="end the run after this phase without exporting a model (resume a copy of the run "
                             "folder to branch the remaining phases)")
+    train.add_argument("--init-from", type=Path, default=None,
+                       help="start from this model folder's networks (fine-tuning; its grids and normalisation "
+                            "are kept); give 0 fast-dose epochs to keep its fast dose network as it is")
     train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--note", default="", help="free text recorded in model.json (how and why it was trained)")
 
@@ -200,7 +203,18 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
                          adversarial=not args.no_adversarial,
                          time_limit_min=args.time_limit_min, seed=args.seed)
     machine, arc = settings.machine.model(), settings.machine.arc()
-    spec = default_spec(records, machine, hu_to_density=tuple(settings.planning.hu_to_density))
+    if args.init_from is not None:
+        import json
+
+        from pipeline.ai_planner import ModelSpec
+
+        try:
+            meta = json.loads((args.init_from / "model.json").read_text(encoding="utf-8"))["meta"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"--init-from {args.init_from}: no readable model.json ({exc})") from None
+        spec = ModelSpec.from_meta(meta)
+    else:
+        spec = default_spec(records, machine, hu_to_density=tuple(settings.planning.hu_to_density))
     fast_cfg = size_configs(args.size)["fast_dose"][1]
     train_r, val_r = split_records(records, config.val_fraction)
     rng = np.random.default_rng(config.seed)
@@ -213,6 +227,8 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
     trainer = Trainer(args.run, train_s, val_s, spec, config, device, data_description=description)
     if args.resume:
         trainer.load_checkpoint()
+    elif args.init_from is not None:
+        trainer.init_from_model(args.init_from)
     trainer.run(stop_after=args.stop_after)
     if args.stop_after is not None and trainer.phase_index < 3:
         print(f"stopped after {args.stop_after}; checkpoint in {trainer.checkpoint_path} (resume with --resume)")

@@ -347,8 +347,16 @@ class PlanningSettings:
         default=0.02,
         metadata=doc("Leaf sequencer: a pixel belongs to a row's aperture at this fraction of the map maximum (PTV HI after sequencing 0.07 at 0.02, 0.28 at 0.15 on a synthetic case)", "fraction 0-1"),
     )
+    ai_aperture_threshold: float = field(
+        default=0.0,
+        metadata=doc("Leaf sequencer threshold for AI fluence; 0 uses the model's tuned value (model.json sequencing.aperture_threshold), else planning.aperture_threshold", "fraction 0-1"),
+    )
     sparing_bladder: float = field(default=0.0, metadata=doc("Bladder suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     sparing_rectum: float = field(default=0.0, metadata=doc("Rectum suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
+    candidate_sparings: tuple[tuple[float, float], ...] = field(
+        default=(),
+        metadata=doc("Extra AI plans, one per (bladder s_o, rectum s_o) pair, each sequenced, dosed and sent as its own RT Plan + RT Dose beside the main plan, e.g. [[0.0, 0.4], [0.4, 0.0]]"),
+    )
     hu_to_density: tuple[tuple[float, float], ...] = field(
         default=((-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8)),
         metadata=doc("CT calibration curve: (HU, relative electron density) pairs, HU increasing"),
@@ -362,10 +370,17 @@ class PlanningSettings:
         _check_positive("planning.optimizer_iterations", self.optimizer_iterations)
         if not 0.0 < self.aperture_threshold < 1.0:
             raise ConfigError(f"planning.aperture_threshold must be in (0, 1), got {self.aperture_threshold}")
+        if not 0.0 <= self.ai_aperture_threshold < 1.0:
+            raise ConfigError(f"planning.ai_aperture_threshold must be in [0, 1) (0: the model's), got {self.ai_aperture_threshold}")
         for name in ("sparing_bladder", "sparing_rectum"):
             v = getattr(self, name)
             if not 0.0 <= v <= 0.5:
                 raise ConfigError(f"planning.{name} must be in [0, 0.5], got {v}")
+        if len(self.candidate_sparings) > 8:
+            raise ConfigError(f"planning.candidate_sparings: at most 8 candidate plans, got {len(self.candidate_sparings)}")
+        for pair in self.candidate_sparings:
+            if len(pair) != 2 or not all(0.0 <= float(v) <= 0.5 for v in pair):
+                raise ConfigError(f"planning.candidate_sparings: each entry is [bladder s_o, rectum s_o] in [0, 0.5], got {list(pair)}")
         hus = [p[0] for p in self.hu_to_density]
         if len(hus) < 2 or any(b <= a for a, b in itertools.pairwise(hus)):
             raise ConfigError("planning.hu_to_density needs >= 2 pairs with strictly increasing HU")

@@ -26,6 +26,14 @@ from pipeline.errors import PlanningError, SequencingError
 
 log = logging.getLogger(__name__)
 
+#: Leaf travel is limited for this fraction fewer MU than sequenced, so that the MU normalisation
+#: may scale a plan down by up to this fraction without a leaf exceeding its speed.
+MU_HEADROOM = 0.02
+#: Sequencing passes at most: a plan normalised down by more than MU_HEADROOM is sequenced again
+#: from its scaled fluence.
+MAX_SEQUENCING_PASSES = 3
+#: Sub-folder of a plan's output folder holding the candidate plans (one sub-folder each).
+CANDIDATES_DIR = "candidates"
 DISCLAIMER = "Research output of an automated planner; not clinically approved. Review in a TPS."
 
 
@@ -80,22 +88,151 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
     return chosen
 
 
-def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | None = None,
-              timings: Timings | None = None) -> dict[str, Any]:
-    """Plan a loaded Case and write the outputs into ``out_dir``; returns the metrics dict."""
+def ai_sequencing_threshold(settings: Settings) -> float:
+    """The leaf sequencer's aperture threshold for AI fluence: ``planning.ai_aperture_threshold`` when set,
+    else the threshold tuned for the model (model.json), else ``planning.aperture_threshold``."""
+    from pipeline.ai_planner import model_aperture_threshold
+
+    if settings.planning.ai_aperture_threshold > 0:
+        return settings.planning.ai_aperture_threshold
+    tuned = model_aperture_threshold(settings.planning.model_dir)
+    return settings.planning.aperture_threshold if tuned is None else tuned
+
+
+@dataclass(frozen=True)
+class _PlanContext:
+    """What turning a fluence into an exported plan needs (one case, one dose grid)."""
+
+    case: Case
+    settings: Settings
+    engine: Any
+    grid: Any
+    machine: Any
+    arc: Any
+    device: str
+    isocenter_mm: tuple[float, float, float]
+    geometry: Any
+
+
+def _sequence_and_dose(ctx: _PlanContext, fluence: np.ndarray, threshold: float,
+                       timings: Timings) -> tuple[Any, np.ndarray, float]:
+    """Sequence a fluence, dose the delivered plan with the reference engine, MU-normalise it.
+
+    Returns the normalised sequence, its dose per fraction (Gy) and the normalisation factor;
+    raises PlanningError / SequencingError when the plan delivers no PTV dose or breaks a limit.
+    """
     import torch
 
-    from appliance.report import write_report
-    from appliance.rtdose import write_rtdose
-    from appliance.rtplan import write_rtplan
-    from pipeline.dvh import structure_metrics
-    from pipeline.evaluation import check_ptv_fits_field, evaluate_structures, structure_dvh_inputs
-    from pipeline.geometry import ArcGeometry
-    from pipeline.goals import GoalSpec, evaluate_goals, normalisation_factor
-    from pipeline.problem import build_problem
+    from pipeline.evaluation import structure_dvh_inputs
+    from pipeline.goals import normalisation_factor
     from sequencing.deliverability import check_deliverable
     from sequencing.fluence import fluence_from_sequence
     from sequencing.sequencer import sequence_arc
+
+    settings, case = ctx.settings, ctx.case
+    norm = settings.prescription.normalisation
+    scale = 1.0
+    for _ in range(MAX_SEQUENCING_PASSES):
+        with timings.stage("sequence"):
+            seq = sequence_arc(fluence * scale, ctx.arc, ctx.machine, threshold=threshold, mu_headroom=MU_HEADROOM)
+        with timings.stage("final_dose"):
+            delivered = fluence_from_sequence(seq, ctx.machine)
+            with torch.inference_mode():
+                dose_fx = ctx.engine(torch.as_tensor(delivered, dtype=torch.float32, device=ctx.device)).cpu().numpy()
+        factor = 1.0
+        if norm is Normalisation.NONE:
+            break
+        mode = "ptv_dx" if norm is Normalisation.PTV_DX else "ptv_mean"
+        # On the CT grid, as the reported metrics are, so the reported PTV D95 equals Rx.
+        ptv_inputs = structure_dvh_inputs(dose_fx, ctx.grid, case, Role.PTV)
+        assert ptv_inputs is not None  # Case guarantees a non-empty PTV
+        factor = normalisation_factor(
+            ptv_inputs[0], ptv_inputs[1], rx_gy=case.prescription.dose_gy / case.prescription.fractions,
+            mode=mode, volume_percent=settings.prescription.normalisation_volume_percent,
+        )
+        if not np.isfinite(factor) or factor <= 0:
+            raise PlanningError(f"MU normalisation failed (factor {factor}); the plan delivers no PTV dose")
+        if factor >= 1.0 - MU_HEADROOM:
+            break
+        # Fewer MU would shorten MU-limited segments below what the leaves need: sequence the
+        # scaled fluence again, so that the leaf travel is limited for the MU it will deliver.
+        scale *= factor
+    with timings.stage("final_dose"):
+        seq = dataclasses.replace(seq, cumulative_mu=seq.cumulative_mu * factor)
+        dose_fx = dose_fx * factor
+        problems = check_deliverable(seq, ctx.machine)
+        if problems:
+            raise SequencingError("the sequenced plan violates machine limits: " + "; ".join(problems[:5]))
+    return seq, dose_fx, float(factor)
+
+
+def _export(ctx: _PlanContext, out_dir: Path, seq: Any, dose_plan: np.ndarray, label: str) -> str:
+    """Write ``rtplan.dcm`` and ``rtdose.dcm`` of a sequenced plan into ``out_dir``; returns the plan's UID."""
+    from appliance.rtdose import write_rtdose
+    from appliance.rtplan import write_rtplan
+
+    case = ctx.case
+    plan_uid = write_rtplan(
+        out_dir / "rtplan.dcm", sequence=seq, machine=ctx.machine, case=case, isocenter_mm=ctx.isocenter_mm,
+        plan_label=label, fractions=case.prescription.fractions, rx_gy=case.prescription.dose_gy,
+        dose_rate_mu_min=ctx.settings.machine.dose_rate_mu_min,
+    )
+    write_rtdose(out_dir / "rtdose.dcm", dose_gy=dose_plan, grid=ctx.grid, case=case, plan_sop_instance_uid=plan_uid)
+    return plan_uid
+
+
+def candidate_folder_name(bladder: float, rectum: float) -> str:
+    """Sub-folder of ``candidates/`` holding the plan made with these suppression factors."""
+    return f"bladder{bladder:.2f}_rectum{rectum:.2f}"
+
+
+def _plan_candidate(ctx: _PlanContext, out_dir: Path, bladder: float, rectum: float, threshold: float, *,
+                    method: PlanningMethod) -> dict[str, Any]:
+    """One extra AI plan with OAR suppression factors: exported under ``candidates/`` with its metrics."""
+    from pipeline.ai_planner import predict_fluence
+    from pipeline.evaluation import evaluate_structures
+
+    case, settings = ctx.case, ctx.settings
+    folder = out_dir / CANDIDATES_DIR / candidate_folder_name(bladder, rectum)
+    folder.mkdir(parents=True, exist_ok=True)
+    sub = Timings()
+    fluence, module_ms = predict_fluence(
+        case, settings.planning.model_dir, geometry=ctx.geometry,
+        rx_gy=case.prescription.dose_gy / case.prescription.fractions,
+        sparing={Role.BLADDER: bladder, Role.RECTUM: rectum}, device=ctx.device, timings=sub,
+    )
+    seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, sub)
+    dose_plan = (dose_fx * case.prescription.fractions).astype(np.float32)
+    plan_uid = _export(ctx, folder, seq, dose_plan, f"AIRT B{bladder:.2f} R{rectum:.2f}")
+    structures = evaluate_structures(dose_plan, ctx.grid, case)
+    row = {"sparing": {"bladder": bladder, "rectum": rectum}, "folder": f"{CANDIDATES_DIR}/{folder.name}",
+           "method": method.value, "rtplan_sop_instance_uid": plan_uid, "total_MU": float(seq.total_mu),
+           "normalisation_factor": factor, "ai_module_ms": module_ms,
+           "timings_s": {k: round(v, 4) for k, v in sub.stages.items()}, "structures": structures}
+    (folder / "metrics.json").write_text(json.dumps({"disclaimer": DISCLAIMER, "case_id": case.case_id, **row},
+                                                    indent=2, default=_json_default))
+    log.info("case %s: candidate plan s_bladder %.2f s_rectum %.2f written (%.0f MU)", case.case_id, bladder,
+             rectum, seq.total_mu)
+    return row
+
+
+def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | None = None,
+              timings: Timings | None = None,
+              candidates: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """Plan a loaded Case and write the outputs into ``out_dir``; returns the metrics dict.
+
+    With the AI method, ``candidates`` (default ``planning.candidate_sparings``) adds one plan per
+    (bladder s_o, rectum s_o) pair under ``out_dir/candidates/`` (each with its RT Plan, RT Dose
+    and metrics.json); the main plan uses ``planning.sparing_bladder`` / ``sparing_rectum``.
+    """
+    import torch
+
+    from appliance.report import write_report
+    from pipeline.dvh import structure_metrics
+    from pipeline.evaluation import check_ptv_fits_field, evaluate_structures
+    from pipeline.geometry import ArcGeometry
+    from pipeline.goals import GoalSpec, evaluate_goals
+    from pipeline.problem import build_problem
 
     timings = timings or Timings()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +255,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         engine, grid, masks_dg, geometry = problem.engine, problem.grid, problem.masks, problem.geometry
 
     extra: dict[str, Any] = {}
+    threshold = settings.planning.aperture_threshold
     if chosen is PlanningMethod.OPTIMIZE:
         from pipeline.optimizer import optimize_fluence
 
@@ -136,41 +274,15 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
             device=device, timings=timings,
         )
         extra["ai_module_ms"] = module_ms
+        threshold = ai_sequencing_threshold(settings)
 
-    with timings.stage("sequence"):
-        seq = sequence_arc(fluence, arc, machine, threshold=settings.planning.aperture_threshold)
-
-    with timings.stage("final_dose"):
-        delivered = fluence_from_sequence(seq, machine)
-        with torch.inference_mode():
-            dose_fx = engine(torch.as_tensor(delivered, dtype=torch.float32, device=device)).cpu().numpy()
-        factor = 1.0
-        norm = settings.prescription.normalisation
-        if norm is not Normalisation.NONE:
-            mode = "ptv_dx" if norm is Normalisation.PTV_DX else "ptv_mean"
-            # On the CT grid, as the reported metrics are, so the reported PTV D95 equals Rx.
-            ptv_inputs = structure_dvh_inputs(dose_fx, grid, case, Role.PTV)
-            assert ptv_inputs is not None  # Case guarantees a non-empty PTV
-            factor = normalisation_factor(
-                ptv_inputs[0], ptv_inputs[1], rx_gy=rx_fx, mode=mode,
-                volume_percent=settings.prescription.normalisation_volume_percent,
-            )
-            if not np.isfinite(factor) or factor <= 0:
-                raise PlanningError(f"MU normalisation failed (factor {factor}); the plan delivers no PTV dose")
-            seq = dataclasses.replace(seq, cumulative_mu=seq.cumulative_mu * factor)
-            dose_fx = dose_fx * factor
-        problems = check_deliverable(seq, machine)
-        if problems:
-            raise SequencingError("the sequenced plan violates machine limits: " + "; ".join(problems[:5]))
-        dose_plan = (dose_fx * fractions).astype(np.float32)
-
+    ctx = _PlanContext(case=case, settings=settings, engine=engine, grid=grid, machine=machine, arc=arc,
+                       device=device, isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), geometry=geometry)
+    seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, timings)
+    extra["sequencer_aperture_threshold"] = threshold
+    dose_plan = (dose_fx * fractions).astype(np.float32)
     with timings.stage("export"):
-        plan_uid = write_rtplan(
-            out_dir / "rtplan.dcm", sequence=seq, machine=machine, case=case, isocenter_mm=iso,
-            plan_label="AIRT VMAT", fractions=fractions, rx_gy=rx_total,
-            dose_rate_mu_min=settings.machine.dose_rate_mu_min,
-        )
-        write_rtdose(out_dir / "rtdose.dcm", dose_gy=dose_plan, grid=grid, case=case, plan_sop_instance_uid=plan_uid)
+        plan_uid = _export(ctx, out_dir, seq, dose_plan, "AIRT VMAT")
 
     with timings.stage("evaluate"):
         structures = evaluate_structures(dose_plan, grid, case)
@@ -180,6 +292,16 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         with torch.inference_mode():
             dose_unseq = engine(torch.as_tensor(fluence * factor, device=device)).cpu().numpy() * fractions
         ptv_unseq = structure_metrics(dose_unseq, masks_dg[Role.PTV].cpu().numpy(), grid.voxel_volume_cc, rx_gy=rx_total)
+
+    sparings = settings.planning.candidate_sparings if candidates is None else tuple(candidates)
+    if sparings and chosen is PlanningMethod.AI:
+        with timings.stage("candidates"):
+            extra["candidates"] = [
+                _plan_candidate(ctx, out_dir, bladder, rectum, threshold, method=chosen)
+                for bladder, rectum in sparings
+            ]
+    elif sparings:
+        log.info("case %s: candidate plans need the AI method (method is %s); none made", case.case_id, chosen.value)
 
     metrics: dict[str, Any] = {
         "disclaimer": DISCLAIMER,
@@ -213,7 +335,8 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     return metrics
 
 
-def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None) -> dict[str, Any]:
+def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
+                candidates: list[tuple[float, float]] | None = None) -> dict[str, Any]:
     """Load the DICOM files of ``case_dir`` into a Case and plan it (see :func:`plan_case`)."""
     from appliance.dicom_in import load_case
 
@@ -222,7 +345,7 @@ def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: st
         case = load_case(
             Path(case_dir), structures=settings.structures, prescription=settings.prescription.to_prescription()
         )
-    return plan_case(case, Path(out_dir), settings, method=method, timings=timings)
+    return plan_case(case, Path(out_dir), settings, method=method, timings=timings, candidates=candidates)
 
 
 def _json_default(o: object) -> object:

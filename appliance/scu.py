@@ -35,7 +35,19 @@ from storage.states import DeliveryState, TransitionError, transition_delivery, 
 log = logging.getLogger(__name__)
 
 RESULT_FILES = ("rtplan.dcm", "rtdose.dcm")
-"""What a delivery sends, in this order."""
+"""What a delivery sends, in this order (then the same of each candidate plan, see :func:`result_files`)."""
+
+
+def result_files(output_dir: Path) -> list[Path]:
+    """The files a delivery of a job sends: the main plan's RT Plan and RT Dose, then those of each
+    candidate plan (``candidates/<name>/``, sorted by name) that has both."""
+    files = [output_dir / n for n in RESULT_FILES]
+    cand = output_dir / "candidates"
+    if cand.is_dir():
+        for sub in sorted(p for p in cand.iterdir() if p.is_dir()):
+            if all((sub / n).is_file() for n in RESULT_FILES):
+                files += [sub / n for n in RESULT_FILES]
+    return files
 
 PEER_RE = re.compile(r"^(?P<ae>[^@\\]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:@\s]+):(?P<port>\d{1,5})$")
 
@@ -217,7 +229,7 @@ class Deliverer:
         except TransitionError:
             return False  # another loop took it
         peer = PeerAddress(row.ae_title, row.host, row.port)
-        files = [self.settings.data_dir / str(output_dir) / n for n in RESULT_FILES]
+        files = result_files(self.settings.data_dir / str(output_dir))
         dest_cfg = next((x for x in self.settings.destinations if x.name == dest), None)
         tls = client_ssl_context(self.settings) if dest_cfg is not None and dest_cfg.tls else None
         error: str | None = None
@@ -238,8 +250,8 @@ class Deliverer:
             if error is None:
                 transition_delivery(s, d_id, {DeliveryState.SENDING}, DeliveryState.DELIVERED,
                                     values={"delivered_at": utcnow(), "last_error": None})
-                log.info("job %d: RT Plan and RT Dose delivered to %s (%s) after %d attempt(s)", job_id, dest,
-                         peer, n)
+                log.info("job %d: %d file(s) (RT Plan and RT Dose of %d plan(s)) delivered to %s (%s) after "
+                         "%d attempt(s)", job_id, len(files), len(files) // 2, dest, peer, n)
                 return True
             cfg = self.settings.delivery
             give_up = finished is not None and (now - finished).total_seconds() > cfg.give_up_after_s

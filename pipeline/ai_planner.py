@@ -307,6 +307,32 @@ def load_pipeline(model_dir: str | Path, device: torch.device | str = "cpu") -> 
     return _LOADED[key]
 
 
+def model_aperture_threshold(model_dir: str | Path) -> float | None:
+    """The leaf sequencer's aperture threshold recorded for a model (``meta.sequencing.aperture_threshold``).
+
+    A network's maps are smoother than an optimised fluence: where the teacher plans open or
+    close a leaf from one control point to the next, the network predicts a partial value, and a
+    low threshold opens every such pixel fully (wider apertures, more OAR dose). The threshold
+    is chosen on tuning cases after training (``benchmarks.tune_ai_threshold``); None when the
+    model records none (the caller uses ``planning.aperture_threshold``).
+    """
+    import json
+
+    from pipeline.ai_model import SHIPPED_MODEL_DIR
+
+    folder = Path(model_dir) if str(model_dir) else SHIPPED_MODEL_DIR
+    try:
+        meta = json.loads((folder / "model.json").read_text(encoding="utf-8")).get("meta", {})
+        value = meta.get("sequencing", {}).get("aperture_threshold")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
+        raise ConfigError(f"{folder}/model.json: sequencing.aperture_threshold must be in (0, 1), got {value!r}")
+    return float(value)
+
+
 def limit_control_point_spikes(fluence: Tensor, ratio: float = MAX_CP_TO_MEDIAN) -> Tensor:
     """Scale down the maps ``(n_cp, rows, cols)`` whose maximum exceeds ``ratio`` x the median map maximum."""
     peak = fluence.flatten(1).amax(dim=1)

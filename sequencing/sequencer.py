@@ -204,6 +204,7 @@ def sequence_arc(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     allow_gantry_slowdown: bool = False,
+    mu_headroom: float = 0.0,
 ) -> ArcSequence:
     """Turn the arc's fluence maps into a deliverable leaf, jaw and MU sequence.
 
@@ -224,6 +225,10 @@ def sequence_arc(
         False (default): limit each leaf move to what the leaves can do in the segment's
         gantry/MU time, at some cost in fidelity. True: keep the apertures and let the delivery
         system slow the gantry (check with ``check_deliverable(..., allow_gantry_slowdown=True)``).
+    mu_headroom
+        In [0, 0.5): limit leaf travel as if every segment carried ``1 - mu_headroom`` of its MU,
+        so that scaling the plan's MU afterwards (normalisation) by any factor >= ``1 - mu_headroom``
+        keeps every leaf within its speed (fewer MU shorten an MU-limited segment).
 
     Returns
     -------
@@ -238,6 +243,8 @@ def sequence_arc(
     """
     t0 = time.perf_counter()
     _check_inputs(fluence, arc, machine, threshold)
+    if not 0.0 <= mu_headroom < 0.5:
+        raise SequencingError(f"mu_headroom must be in [0, 0.5), got {mu_headroom}")
     bev = machine.bev
     F = np.ascontiguousarray(fluence, dtype=np.float64)
     x0 = -bev.half_width_mm
@@ -271,7 +278,7 @@ def sequence_arc(
     leaves[:, first : first + bev.n_rows, :] = bev_leaves
 
     if not allow_gantry_slowdown:
-        travel = allowed_leaf_travel_mm(seg_mu, delta_deg, machine) * (1.0 - 1e-9)
+        travel = allowed_leaf_travel_mm(seg_mu * (1.0 - mu_headroom), delta_deg, machine) * (1.0 - 1e-9)
         limited = _kernels.limit_leaf_travel(leaves, travel, gap)
         moved = float(np.abs(limited - leaves).max())
         if moved > 0.0:

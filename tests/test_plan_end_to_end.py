@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pydicom
 import pytest
 
 from appliance.config import Settings, load_settings
-from tests.conftest import require_tool
+from tests.conftest import plan_synthetic_case_cli, require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -33,20 +32,8 @@ dose_grid_mm = 5.0
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from appliance.synth_dicom import write_synth_case
-
-    root = tmp_path_factory.mktemp("e2e")
-    case_dir = root / "case"
-    write_synth_case(case_dir, 11, n_slices=56, matrix=256, pixel_mm=1.95, slice_mm=2.5)
-    cfg = root / "airt.toml"
-    cfg.write_text(CONFIG)
-    out = root / "out"
-    res = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "-q", "plan", str(case_dir), "--out", str(out), "--config", str(cfg)],
-        capture_output=True, text=True, check=False,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "research output" in res.stdout.lower() or "not clinically approved" in res.stdout
+    case_dir, cfg, out, stdout = plan_synthetic_case_cli(tmp_path_factory.mktemp("e2e"), 11, CONFIG)
+    assert "research output" in stdout.lower() or "not clinically approved" in stdout
     return {"case_dir": case_dir, "out": out, "settings": load_settings(cfg),
             "metrics": json.loads((out / "metrics.json").read_text())}
 

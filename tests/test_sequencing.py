@@ -427,6 +427,24 @@ def test_random_maps_are_deliverable_after_travel_limiting() -> None:
     np.testing.assert_allclose(seq.segment_mu(), relaxed.segment_mu())
 
 
+def test_mu_headroom_keeps_leaves_within_speed_after_scaling_down() -> None:
+    """Normalising a plan to fewer MU shortens MU-limited segments; the headroom covers that."""
+    rng = np.random.default_rng(2)
+    F = rng.uniform(0, 1, (N, R, C)) * rng.uniform(8, 12, (N, 1, 1))  # MU-limited segments
+
+    def scaled(seq: ArcSequence, f: float) -> ArcSequence:
+        return dataclasses.replace(seq, cumulative_mu=seq.cumulative_mu * f)
+
+    plain = sequence_arc(F, ARC, MACHINE)
+    assert check_deliverable(plain, MACHINE) == []
+    assert any(p.startswith("leaf speed above") for p in check_deliverable(scaled(plain, 0.9), MACHINE))
+    roomy = sequence_arc(F, ARC, MACHINE, mu_headroom=0.1)
+    assert check_deliverable(scaled(roomy, 0.9), MACHINE) == []
+    np.testing.assert_allclose(roomy.segment_mu(), plain.segment_mu())  # only the leaf travel differs
+    with pytest.raises(SequencingError, match="mu_headroom"):
+        sequence_arc(F, ARC, MACHINE, mu_headroom=0.5)
+
+
 def test_jumping_aperture_is_limited_to_leaf_speed() -> None:
     """An aperture that jumps 80 mm every 10 sectors cannot be followed at full gantry speed."""
     F = np.zeros((N, R, C))

@@ -393,6 +393,32 @@ class Trainer:
         self.history = list(json.loads(state["history_json"]))
         log.info("resumed %s at phase %s epoch %d", self.run_dir, PHASES[min(self.phase_index, 2)], self.epoch)
 
+    def init_from_model(self, folder: str | Path) -> None:
+        """Start from the networks of a model folder (fine-tuning, e.g. the shipped model on a clinic's plans).
+
+        Every network of this run must be in the folder with the same architecture and config, and
+        the folder's grids and normalisation must equal this run's spec (build the spec with
+        :meth:`pipeline.ai_planner.ModelSpec.from_meta` of the folder's meta). The optimizers and
+        the position start afresh. ConfigError otherwise.
+        """
+        from pipeline.model_io import load_model_folder
+
+        model = load_model_folder(folder, self.device)
+        if ModelSpec.from_meta(model.meta) != self.spec:
+            raise ConfigError(f"model in {folder} was trained with another grid/normalisation than this run")
+        for key, (arch, cfg, module) in self.nets.items():
+            if key not in model.networks:
+                raise ConfigError(f"model in {folder} has no {key!r} network to start from")
+            if model.architectures[key] != arch or model.configs[key] != cfg:
+                raise ConfigError(f"model in {folder}: network {key!r} is not a {self.config.size!r} {arch}; "
+                                  "use the --size it was trained with")
+            module.load_state_dict(model.networks[key].state_dict())
+        self.data_description["initialised_from"] = {
+            "model": Path(folder).name,
+            "sha256": {k: v.get("sha256") for k, v in _model_json_networks(folder).items()},
+        }
+        log.info("initialised the networks from %s", folder)
+
     # ---- steps
 
     def _freeze(self, phase: str) -> None:
@@ -606,6 +632,11 @@ class Trainer:
             **(extra_meta or {}),
         }
         return save_model_folder(model_dir, self.nets, meta)
+
+
+def _model_json_networks(folder: str | Path) -> dict[str, dict[str, Any]]:
+    nets = json.loads((Path(folder) / "model.json").read_text(encoding="utf-8")).get("networks", {})
+    return {k: dict(v) for k, v in nets.items()}
 
 
 def split_records(records: Sequence[PlanRecord], val_fraction: float) -> tuple[list[PlanRecord], list[PlanRecord]]:

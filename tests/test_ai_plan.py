@@ -1,0 +1,153 @@
+"""``airt plan --method ai`` end to end with candidate plans, the model's sequencing threshold,
+fine-tuning from a model folder, and the delivery file list."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from appliance.config import settings_from_dict
+from appliance.planning import ai_sequencing_threshold, candidate_folder_name
+from appliance.scu import result_files
+from pipeline.ai_model import SHIPPED_MODEL_DIR
+from pipeline.ai_planner import ModelSpec, model_aperture_threshold
+from pipeline.errors import ConfigError
+from pipeline.model_io import update_model_meta
+from pipeline.training.train import TrainConfig, Trainer
+from tests.conftest import plan_synthetic_case_cli, require_tool
+from tests.test_ai_pipeline import ARC, MACHINE, SPEC, teacher_sequence
+
+CONFIG = """
+[planning]
+method = "ai"
+dose_grid_mm = 5.0
+"""
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    _, _, out, stdout = plan_synthetic_case_cli(tmp_path_factory.mktemp("ai_e2e"), 12, CONFIG,
+                                                "--candidate", "0:0.4", "--candidate", "0.4:0")
+    return {"out": out, "stdout": stdout, "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+@pytest.mark.slow
+def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
+    out: Path = planned["out"]
+    m = planned["metrics"]
+    assert m["method"] == "ai"
+    assert set(m["ai_module_ms"]) >= {"DoseProposer", "Bev2Fluence", "DL dose", "fluence correction", "total"}
+    # the sequencer ran at the threshold tuned for the shipped model, not the optimizer's default
+    tuned = model_aperture_threshold("")
+    assert tuned is not None and m["sequencer_aperture_threshold"] == pytest.approx(tuned)
+    assert m["structures"]["ptv"]["D95_Gy"] == pytest.approx(40.0, rel=0.02)
+    names = [c["folder"] for c in m["candidates"]]
+    assert names == [f"candidates/{candidate_folder_name(0.0, 0.4)}", f"candidates/{candidate_folder_name(0.4, 0.0)}"]
+    uids = {m["plan"]["rtplan_sop_instance_uid"]}
+    for c in m["candidates"]:
+        folder = out / c["folder"]
+        plan = pydicom.dcmread(folder / "rtplan.dcm")
+        dose = pydicom.dcmread(folder / "rtdose.dcm")
+        assert plan.ApprovalStatus == "UNAPPROVED"
+        assert dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+        assert plan.SOPInstanceUID == c["rtplan_sop_instance_uid"]
+        uids.add(plan.SOPInstanceUID)
+        assert c["structures"]["ptv"]["D95_Gy"] == pytest.approx(40.0, rel=0.02)  # each plan normalised itself
+        sub = json.loads((folder / "metrics.json").read_text())
+        assert "not clinically approved" in sub["disclaimer"] and sub["sparing"] == c["sparing"]
+        assert f"-> {out}/{c['folder']}/" in planned["stdout"]
+    assert len(uids) == 3  # three distinct plans
+    # suppressing one organ changes that plan (the sparing reaches the correction network)
+    assert m["candidates"][0]["total_MU"] != pytest.approx(m["plan"]["total_MU"], rel=1e-6)
+    # a delivery sends the main plan and dose first, then each candidate's
+    files = result_files(out)
+    assert [p.relative_to(out).as_posix() for p in files] == [
+        "rtplan.dcm", "rtdose.dcm",
+        f"{names[0]}/rtplan.dcm", f"{names[0]}/rtdose.dcm", f"{names[1]}/rtplan.dcm", f"{names[1]}/rtdose.dcm"]
+
+
+@pytest.mark.slow
+def test_candidate_plan_passes_dciodvfy(planned: dict[str, Any]) -> None:
+    dciodvfy = require_tool("dciodvfy")
+    folder = planned["out"] / planned["metrics"]["candidates"][0]["folder"]
+    res = subprocess.run([dciodvfy, str(folder / "rtplan.dcm")], capture_output=True, text=True, check=False)
+    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
+    assert not errors, errors
+
+
+def test_candidate_option_is_checked() -> None:
+    from appliance.cmd_plan import parse_candidate
+
+    assert parse_candidate("0.2:0.4") == (0.2, 0.4)
+    with pytest.raises(ConfigError, match="BLADDER:RECTUM"):
+        parse_candidate("0.2")
+    with pytest.raises(ConfigError, match=r"\[0, 0.5\]"):
+        parse_candidate("0:0.9")
+    with pytest.raises(ConfigError, match="candidate_sparings"):
+        settings_from_dict({"planning": {"candidate_sparings": [[0.0, 0.7]]}})
+
+
+def test_sequencing_threshold_comes_from_the_model_unless_configured(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.json").write_text(json.dumps({"format_version": 1, "networks": {}, "meta": {"note": "x"}}))
+    assert model_aperture_threshold(folder) is None
+    s = settings_from_dict({"planning": {"model_dir": str(folder), "aperture_threshold": 0.05}})
+    assert ai_sequencing_threshold(s) == 0.05  # nothing recorded: the planning default
+    update_model_meta(folder, {"sequencing": {"aperture_threshold": 0.3}})
+    doc = json.loads((folder / "model.json").read_text())
+    assert doc["meta"] == {"note": "x", "sequencing": {"aperture_threshold": 0.3}}  # merged, rest kept
+    assert ai_sequencing_threshold(s) == 0.3
+    s2 = settings_from_dict({"planning": {"model_dir": str(folder), "ai_aperture_threshold": 0.2}})
+    assert ai_sequencing_threshold(s2) == 0.2  # the configuration wins
+    update_model_meta(folder, {"sequencing": {"aperture_threshold": 1.5}})
+    with pytest.raises(ConfigError, match=r"must be in \(0, 1\)"):
+        model_aperture_threshold(folder)
+    with pytest.raises(ConfigError, match=r"no readable model\.json"):
+        update_model_meta(tmp_path / "none", {"a": 1})
+    with pytest.raises(ConfigError, match="ai_aperture_threshold"):
+        settings_from_dict({"planning": {"ai_aperture_threshold": 1.0}})
+
+
+def test_shipped_model_records_its_tuned_threshold() -> None:
+    meta = json.loads((SHIPPED_MODEL_DIR / "model.json").read_text())["meta"]
+    seq = meta["sequencing"]
+    assert 0.0 < seq["aperture_threshold"] < 1.0
+    table = seq["table"][f"{seq['aperture_threshold']:.2f}"]
+    assert table["feasible"] is True and table["D98_min_rel"] >= 0.97  # the chosen one met the tuning criterion
+
+
+def test_init_from_model_copies_the_weights_and_refuses_another_size(tmp_path: Path) -> None:
+    cfg = TrainConfig(size="tiny", epochs={"fast_dose": 0, "stage1": 0, "stage2": 0})
+    samples = _tiny(tmp_path)
+    src = Trainer(tmp_path / "a", samples, [], SPEC, cfg, progress=False)
+    src.export(tmp_path / "model")
+    dst = Trainer(tmp_path / "b", samples, [], SPEC, TrainConfig(size="tiny", seed=7, epochs=cfg.epochs),
+                  progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(src.pipe.correction.state_dict().values(),
+                                                        dst.pipe.correction.state_dict().values()))
+    dst.init_from_model(tmp_path / "model")
+    for k, v in src.pipe.state_dict().items():
+        torch.testing.assert_close(dst.pipe.state_dict()[k], v)
+    assert dst.data_description["initialised_from"]["model"] == "model"
+    other = Trainer(tmp_path / "c", samples, [], ModelSpec(fluence_mu_per_rx_gy=9.0), cfg, progress=False)
+    with pytest.raises(ConfigError, match="another grid/normalisation"):
+        other.init_from_model(tmp_path / "model")
+    with pytest.raises(ConfigError, match="is not a 'small'"):
+        Trainer(tmp_path / "d", samples, [], SPEC, TrainConfig(size="small", epochs=cfg.epochs),
+                progress=False).init_from_model(tmp_path / "model")
+
+
+def _tiny(tmp_path: Path) -> list[Any]:
+    from pipeline.training.data import quantise_sequence
+    from pipeline.training.train import PlanRecord, build_sample, size_configs
+    rec = PlanRecord("synth3", quantise_sequence(teacher_sequence(3)), seed=3, case_spacing_mm=8.0)
+    return [build_sample(rec, machine=MACHINE, arc=ARC, spec=SPEC, fast_config=size_configs("tiny")["fast_dose"][1],
+                         n_perturbed=0, rng=np.random.default_rng(0))]
