@@ -1,21 +1,14 @@
-"""Weighted bilinear sampling of per-control-point maps at fixed points, and its adjoint (numba, CPU).
+"""The adjoint of weighted bilinear sampling of per-control-point maps at fixed points (numba, CPU).
 
 The reference dose engine's per-call work is, for every control point ``b`` and dose voxel ``n``,
 ``out[n] += sum_c w[b, c, n] * bilinear(maps[b, c], x[b, n], y[b, n])``: the channel maps
 (fluence convolved with the beam model's lateral kernels on an isocenter-plane lattice) read where
 the voxel projects. ``torch.nn.functional.grid_sample`` does this with autograd, but its CPU
-backward scatters serially and costs about three forward passes. The kernels here compute the same
-sum (``align_corners=True``, zero outside the map) and its exact adjoint:
-
-* the forward runs in parallel over blocks of voxels, each block looping over control points, so
-  no two threads write the same output;
-* the adjoint runs in parallel over control points: each control point's gradient map is written by
-  one thread only, so the scatter needs no atomics and no per-thread copies.
-
-The engine uses the adjoint (:func:`sample_adjoint`) with torch's own forward, whose AVX2 gathers
-are faster than the numba forward (0.26 s against 0.40 s for a 180-control-point arc on 2 cores);
-:func:`weighted_sample` is the self-contained differentiable operation the tests check against
-``grid_sample``.
+backward scatters serially and costs about three forward passes. :func:`sample_adjoint` computes
+the exact adjoint of that sum (``align_corners=True``, zero outside the map) in parallel over
+control points: each control point's gradient map is written by one thread only, so the scatter
+needs no atomics and no per-thread copies. The engine keeps torch's forward, whose AVX2 gathers
+were faster than a numba forward (0.26 s against 0.40 s for a 180-control-point arc on 2 cores).
 
 Maps are passed zero-padded by one pixel on every side, so a position inside
 ``[-1, size]`` (pixel units) reads its four neighbours without bounds tests; positions further out
@@ -29,14 +22,10 @@ from typing import Any
 import numba
 import numpy as np
 import torch
-import torch.nn.functional as F
 from numba import njit, prange
 from numpy.typing import NDArray
 
 from pipeline.errors import PlanningError
-
-BLOCK = 4096
-"""Voxels per parallel work item of the forward kernel."""
 
 
 def numba_threads() -> int:
@@ -46,42 +35,6 @@ def numba_threads() -> int:
 
 # Coordinates: ``xy[b, n]`` in [-1, 1] normalised units (align_corners=True) are mapped to padded
 # pixel units by ``p = xy * scale + offset`` per axis (scale = (size - 1) / 2, offset = scale + 1).
-
-
-@njit(cache=True, parallel=True, fastmath=True, boundscheck=False)
-def _gather_kernel(maps: NDArray[Any], xy: NDArray[Any], w: NDArray[Any], c0: int, sx: Any, ox: Any, sy: Any,
-                   oy: Any, out: NDArray[Any]) -> None:  # pragma: no cover - compiled
-    nb, nc, h2, w2 = maps.shape
-    n = out.shape[0]
-    xmax = xy.dtype.type(w2 - 1.0)
-    ymax = xy.dtype.type(h2 - 1.0)
-    n_blocks = (n + BLOCK - 1) // BLOCK
-    for blk in prange(n_blocks):
-        n0 = blk * BLOCK
-        n1 = min(n, n0 + BLOCK)
-        for i in range(n0, n1):
-            out[i] = 0.0
-        for b in range(nb):
-            m = maps[b]
-            wb = w[b]
-            for i in range(n0, n1):
-                px = xy[b, i, 0] * sx + ox
-                py = xy[b, i, 1] * sy + oy
-                if px >= 0.0 and px < xmax and py >= 0.0 and py < ymax:
-                    ix = np.int32(px)
-                    iy = np.int32(py)
-                    fx = px - ix
-                    fy = py - iy
-                    acc = out[i]
-                    for c in range(nc):
-                        a0 = m[c, iy, ix]
-                        a1 = m[c, iy, ix + 1]
-                        b0 = m[c, iy + 1, ix]
-                        b1 = m[c, iy + 1, ix + 1]
-                        r0 = a0 + fx * (a1 - a0)
-                        r1 = b0 + fx * (b1 - b0)
-                        acc += wb[c0 + c, i] * (r0 + fy * (r1 - r0))
-                    out[i] = acc
 
 
 @njit(cache=True, parallel=True, fastmath=True, boundscheck=False)
@@ -113,7 +66,7 @@ def _scatter_kernel(grad: NDArray[Any], xy: NDArray[Any], w: NDArray[Any], c0: i
 
 
 class SamplePlan:
-    """Fixed sample positions and weights for :func:`weighted_sample` (numpy arrays on the CPU).
+    """Fixed sample positions and weights of the sampling whose adjoint :func:`sample_adjoint` computes.
 
     Parameters
     ----------
@@ -180,30 +133,12 @@ def _as_numpy(a: torch.Tensor | NDArray[Any]) -> NDArray[Any]:
     return np.asarray(a)
 
 
-class _WeightedSample(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, maps: torch.Tensor, plan: SamplePlan) -> torch.Tensor:  # type: ignore[override]
-        padded = F.pad(maps.detach(), (1, 1, 1, 1)).contiguous().numpy()
-        out = np.empty(plan.n_points, dtype=padded.dtype)
-        previous = numba.get_num_threads()
-        numba.set_num_threads(numba_threads())
-        try:
-            _gather_kernel(padded, plan.xy, plan.weights, plan.c0, plan.sx, plan.ox, plan.sy, plan.oy, out)
-        finally:
-            numba.set_num_threads(previous)
-        ctx.plan = plan
-        return torch.from_numpy(out)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return sample_adjoint(grad_out, ctx.plan), None
-
-
 def sample_adjoint(grad: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-    """The adjoint of :func:`weighted_sample`: (N,) point values -> (B, C, rows, cols) map gradient.
+    """Adjoint of ``out[n] = sum_b sum_c w[b, c, n] * bilinear(maps[b, c], xy[b, n])``.
 
-    ``out[b, c]`` is the bilinear splat of ``grad[n] * w[b, c, n]`` at ``xy[b, n]``; parallel over
-    control points, each map written by one thread.
+    (N,) point values -> (B, C, rows, cols) map gradient: ``out[b, c]`` is the bilinear splat of
+    ``grad[n] * w[b, c, n]`` at ``xy[b, n]`` (``align_corners=True``, zero outside the map, as
+    ``grid_sample``); parallel over control points, each map written by one thread.
     """
     if grad.shape != (plan.n_points,):
         raise PlanningError(f"adjoint input has shape {tuple(grad.shape)}, the plan has {plan.n_points} points")
@@ -217,31 +152,3 @@ def sample_adjoint(grad: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     finally:
         numba.set_num_threads(previous)
     return torch.from_numpy(np.ascontiguousarray(gmaps[:, :, 1:-1, 1:-1]))
-
-
-def weighted_sample(maps: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-    """``out[n] = sum_b sum_c w[b, c, n] * bilinear(maps[b, c], xy[b, n])``, differentiable in ``maps``.
-
-    Parameters
-    ----------
-    maps
-        (B, C, rows, cols) CPU tensor with the plan's dtype, rows and cols as ``plan.map_size``.
-    plan
-        Positions and weights (:class:`SamplePlan`).
-
-    Returns
-    -------
-    torch.Tensor
-        (N,) samples summed over control points and channels; bilinear with ``align_corners=True`` and
-        zero outside the maps, as ``grid_sample``.
-    """
-    if maps.device.type != "cpu":
-        raise PlanningError(f"weighted_sample runs on the CPU, got maps on {maps.device}")
-    b, c, h, w = maps.shape
-    if (b, c) != (plan.weights.shape[0], plan.n_channels) or (h, w) != plan.map_size:
-        raise PlanningError(f"maps {tuple(maps.shape)} do not match the sample plan (B, C) = "
-                            f"({plan.weights.shape[0]}, {plan.n_channels}), size {plan.map_size}")
-    if maps.dtype != plan.dtype:
-        raise PlanningError(f"maps dtype {maps.dtype} differs from the sample plan's {plan.xy.dtype}")
-    out: torch.Tensor = _WeightedSample.apply(maps, plan)
-    return out
