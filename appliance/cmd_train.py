@@ -170,6 +170,7 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
         Trainer,
         build_sample,
         default_spec,
+        describe_start_model,
         size_configs,
         split_records,
     )
@@ -227,6 +228,8 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
     trainer = Trainer(args.run, train_s, val_s, spec, config, device, data_description=description)
     if args.resume:
         trainer.load_checkpoint()
+        if args.init_from is not None:  # the weights come from the checkpoint; keep the record of the start
+            trainer.data_description["initialised_from"] = describe_start_model(args.init_from)
     elif args.init_from is not None:
         trainer.init_from_model(args.init_from)
     trainer.run(stop_after=args.stop_after)

@@ -33,7 +33,7 @@ import torch
 from scipy import stats
 
 from appliance.config import Settings
-from pipeline.ai_planner import load_pipeline, predict_fluence, prepare_case
+from pipeline.ai_planner import load_pipeline, model_aperture_threshold, predict_fluence, prepare_case
 from pipeline.beam_model import load_beam_model
 from pipeline.case import Role
 from pipeline.dose_engine import ReferenceDoseEngine
@@ -74,6 +74,12 @@ def evaluate(seq: ArcSequence, engine: ReferenceDoseEngine, masks: dict[Role, to
     return row
 
 
+def ai_threshold(model_dir: str) -> float:
+    """The sequencer threshold ``airt plan --method ai`` uses for this model (its tuned one, else the default)."""
+    tuned = model_aperture_threshold(model_dir)
+    return SETTINGS.planning.aperture_threshold if tuned is None else tuned
+
+
 def run_case(seed: int, model_dir: str, nogan_dir: str, recipe: PlanningRecipe) -> dict[str, Any]:
     """All plans and measurements of one held-out case."""
     case = synth_case(seed, spacing_mm=(4.0, 4.0, 4.0))
@@ -94,7 +100,7 @@ def run_case(seed: int, model_dir: str, nogan_dir: str, recipe: PlanningRecipe) 
         t = time.perf_counter()
         fl, ms = predict_fluence(case, model, geometry=geometry, rx_gy=rx_fx, sparing=sparing, device="cpu",
                                  feedback=feedback)
-        seq = sequence_arc(fl, ARC, MACHINE, threshold=SETTINGS.planning.aperture_threshold)
+        seq = sequence_arc(fl, ARC, MACHINE, threshold=ai_threshold(model))
         return seq, time.perf_counter() - t, ms
 
     predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing={}, device="cpu")  # warm-up
@@ -191,6 +197,10 @@ def main() -> None:
         print(f"| {method} | " + " | ".join(f"{_med([r['quality'][method][c] for r in rows]):.3f}" for c in cols)
               + " |")
 
+    print(f"\nAI plans sequenced at aperture threshold {ai_threshold(args.model):g} (the model's tuned value)"
+          + (f", -GAN at {ai_threshold(args.model_nogan):g}" if args.model_nogan else "")
+          + f"; the optimizer's at {SETTINGS.planning.aperture_threshold:g}.")
+
     ni = non_inferiority(rows)
     rx_total = 40.0
     d98 = [r["quality"]["AI full"]["D98_Gy"] / rx_total for r in rows]
@@ -212,10 +222,11 @@ def main() -> None:
           f"{_med([r['fast_dose']['mae_ptv_pct_rx'] for r in rows]):.2f} |")
 
     print(f"\n### Sparing controls: targeted organ Dmean, Gy (medians of {n})\n")
-    print("| organ | s_o = 0 | s_o = 0.2 | s_o = 0.4 |\n|---|---|---|---|")
+    print("| organ | s_o = 0 | s_o = 0.2 | s_o = 0.4 | cases lowered at 0.2 / 0.4 |\n|---|---|---|---|---|")
     for organ in ("bladder", "rectum"):
+        lowered = [sum(r["sparing"][organ][s] < r["sparing"][organ][0.0] for r in rows) for s in (0.2, 0.4)]
         print(f"| {organ} | " + " | ".join(f"{_med([r['sparing'][organ][s] for r in rows]):.2f}"
-                                            for s in (0.0, 0.2, 0.4)) + " |")
+                                            for s in (0.0, 0.2, 0.4)) + f" | {lowered[0]}/{n} / {lowered[1]}/{n} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "non_inferiority": ni, "d98_ok": d98_ok, "overall_non_inferior": overall},

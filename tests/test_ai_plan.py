@@ -39,6 +39,17 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+def test_jobs_show_lists_the_candidates(planned: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.cmd_jobs import _print_metrics
+
+    _print_metrics(planned["metrics"])
+    text = capsys.readouterr().out
+    assert "Candidate plans" in text
+    rows = [ln for ln in text.splitlines() if ln.strip().endswith(tuple(c["folder"] for c in planned["metrics"]["candidates"]))]
+    assert len(rows) == 2 and rows[0].split()[:2] == ["0.00", "0.40"] and rows[1].split()[:2] == ["0.40", "0.00"]
+
+
+@pytest.mark.slow
 def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
     out: Path = planned["out"]
     m = planned["metrics"]

@@ -413,10 +413,7 @@ class Trainer:
                 raise ConfigError(f"model in {folder}: network {key!r} is not a {self.config.size!r} {arch}; "
                                   "use the --size it was trained with")
             module.load_state_dict(model.networks[key].state_dict())
-        self.data_description["initialised_from"] = {
-            "model": Path(folder).name,
-            "sha256": {k: v.get("sha256") for k, v in _model_json_networks(folder).items()},
-        }
+        self.data_description["initialised_from"] = describe_start_model(folder)
         log.info("initialised the networks from %s", folder)
 
     # ---- steps
@@ -634,9 +631,10 @@ class Trainer:
         return save_model_folder(model_dir, self.nets, meta)
 
 
-def _model_json_networks(folder: str | Path) -> dict[str, dict[str, Any]]:
+def describe_start_model(folder: str | Path) -> dict[str, Any]:
+    """How a fine-tuned model's start is recorded: the folder's name and its networks' SHA-256."""
     nets = json.loads((Path(folder) / "model.json").read_text(encoding="utf-8")).get("networks", {})
-    return {k: dict(v) for k, v in nets.items()}
+    return {"model": Path(folder).name, "sha256": {k: dict(v).get("sha256") for k, v in nets.items()}}
 
 
 def split_records(records: Sequence[PlanRecord], val_fraction: float) -> tuple[list[PlanRecord], list[PlanRecord]]:
