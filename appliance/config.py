@@ -347,10 +347,12 @@ class PlanningSettings:
         default=0.02,
         metadata=doc("Leaf sequencer: a pixel belongs to a row's aperture at this fraction of the map maximum (PTV HI after sequencing 0.07 at 0.02, 0.28 at 0.15 on a synthetic case)", "fraction 0-1"),
     )
-    ai_aperture_threshold: float = field(
-        default=0.0,
-        metadata=doc("Leaf sequencer threshold for AI fluence; 0 uses the model's tuned value (model.json sequencing.aperture_threshold), else planning.aperture_threshold", "fraction 0-1"),
+    ai_aperture_thresholds: tuple[float, ...] = field(
+        default=(0.4, 0.3, 0.2, 0.1, 0.05, 0.02),
+        metadata=doc("Leaf sequencer thresholds tried for AI fluence, in order: the first whose plan meets ai_min_ptv_d98_percent and ai_max_ptv_hi (reference dose, D95 = Rx) is used, else the one with the highest D98", "fractions 0-1"),
     )
+    ai_min_ptv_d98_percent: float = field(default=97.0, metadata=doc("PTV D98 an AI plan's threshold must reach", "% of Rx"))
+    ai_max_ptv_hi: float = field(default=0.10, metadata=doc("Largest PTV homogeneity index (D2 - D98) / D50 an AI plan's threshold may give", "ratio"))
     sparing_bladder: float = field(default=0.0, metadata=doc("Bladder suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     sparing_rectum: float = field(default=0.0, metadata=doc("Rectum suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     candidate_sparings: tuple[tuple[float, float], ...] = field(
@@ -370,8 +372,10 @@ class PlanningSettings:
         _check_positive("planning.optimizer_iterations", self.optimizer_iterations)
         if not 0.0 < self.aperture_threshold < 1.0:
             raise ConfigError(f"planning.aperture_threshold must be in (0, 1), got {self.aperture_threshold}")
-        if not 0.0 <= self.ai_aperture_threshold < 1.0:
-            raise ConfigError(f"planning.ai_aperture_threshold must be in [0, 1) (0: the model's), got {self.ai_aperture_threshold}")
+        if not self.ai_aperture_thresholds or not all(0.0 < t < 1.0 for t in self.ai_aperture_thresholds):
+            raise ConfigError(f"planning.ai_aperture_thresholds must list thresholds in (0, 1), got {list(self.ai_aperture_thresholds)}")
+        if not 50.0 <= self.ai_min_ptv_d98_percent <= 100.0 or not 0.0 < self.ai_max_ptv_hi <= 1.0:
+            raise ConfigError("planning.ai_min_ptv_d98_percent must be in [50, 100] and planning.ai_max_ptv_hi in (0, 1]")
         for name in ("sparing_bladder", "sparing_rectum"):
             v = getattr(self, name)
             if not 0.0 <= v <= 0.5:

@@ -88,17 +88,6 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
     return chosen
 
 
-def ai_sequencing_threshold(settings: Settings) -> float:
-    """The leaf sequencer's aperture threshold for AI fluence: ``planning.ai_aperture_threshold`` when set,
-    else the threshold tuned for the model (model.json), else ``planning.aperture_threshold``."""
-    from pipeline.ai_planner import model_aperture_threshold
-
-    if settings.planning.ai_aperture_threshold > 0:
-        return settings.planning.ai_aperture_threshold
-    tuned = model_aperture_threshold(settings.planning.model_dir)
-    return settings.planning.aperture_threshold if tuned is None else tuned
-
-
 @dataclass(frozen=True)
 class _PlanContext:
     """What turning a fluence into an exported plan needs (one case, one dose grid)."""
@@ -112,6 +101,20 @@ class _PlanContext:
     device: str
     isocenter_mm: tuple[float, float, float]
     geometry: Any
+    ptv_dose_grid: np.ndarray
+
+
+def _choose_ai_threshold(ctx: _PlanContext, fluence: np.ndarray, timings: Timings) -> tuple[float, dict[str, Any]]:
+    """The sequencer threshold for an AI fluence (see ``pipeline.ai_planner.choose_aperture_threshold``)."""
+    from pipeline.ai_planner import choose_aperture_threshold
+
+    p = ctx.settings.planning
+    with timings.stage("ai_threshold"):
+        choice = choose_aperture_threshold(
+            fluence, ctx.arc, ctx.machine, ctx.engine, ctx.ptv_dose_grid, thresholds=p.ai_aperture_thresholds,
+            min_d98_rel=p.ai_min_ptv_d98_percent / 100.0, max_hi=p.ai_max_ptv_hi, mu_headroom=MU_HEADROOM,
+        )
+    return choice.threshold, {"threshold": choice.threshold, "tries": choice.tries}
 
 
 def _sequence_and_dose(ctx: _PlanContext, fluence: np.ndarray, threshold: float,
@@ -186,7 +189,7 @@ def candidate_folder_name(bladder: float, rectum: float) -> str:
     return f"bladder{bladder:.2f}_rectum{rectum:.2f}"
 
 
-def _plan_candidate(ctx: _PlanContext, out_dir: Path, bladder: float, rectum: float, threshold: float, *,
+def _plan_candidate(ctx: _PlanContext, out_dir: Path, bladder: float, rectum: float, *,
                     method: PlanningMethod) -> dict[str, Any]:
     """One extra AI plan with OAR suppression factors: exported under ``candidates/`` with its metrics."""
     from pipeline.ai_planner import predict_fluence
@@ -201,13 +204,14 @@ def _plan_candidate(ctx: _PlanContext, out_dir: Path, bladder: float, rectum: fl
         rx_gy=case.prescription.dose_gy / case.prescription.fractions,
         sparing={Role.BLADDER: bladder, Role.RECTUM: rectum}, device=ctx.device, timings=sub,
     )
+    threshold, choice = _choose_ai_threshold(ctx, fluence, sub)
     seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, sub)
     dose_plan = (dose_fx * case.prescription.fractions).astype(np.float32)
     plan_uid = _export(ctx, folder, seq, dose_plan, f"AIRT B{bladder:.2f} R{rectum:.2f}")
     structures = evaluate_structures(dose_plan, ctx.grid, case)
     row = {"sparing": {"bladder": bladder, "rectum": rectum}, "folder": f"{CANDIDATES_DIR}/{folder.name}",
            "method": method.value, "rtplan_sop_instance_uid": plan_uid, "total_MU": float(seq.total_mu),
-           "normalisation_factor": factor, "ai_module_ms": module_ms,
+           "normalisation_factor": factor, "ai_module_ms": module_ms, "ai_sequencing": choice,
            "timings_s": {k: round(v, 4) for k, v in sub.stages.items()}, "structures": structures}
     (folder / "metrics.json").write_text(json.dumps({"disclaimer": DISCLAIMER, "case_id": case.case_id, **row},
                                                     indent=2, default=_json_default))
@@ -274,10 +278,12 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
             device=device, timings=timings,
         )
         extra["ai_module_ms"] = module_ms
-        threshold = ai_sequencing_threshold(settings)
 
     ctx = _PlanContext(case=case, settings=settings, engine=engine, grid=grid, machine=machine, arc=arc,
-                       device=device, isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), geometry=geometry)
+                       device=device, isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), geometry=geometry,
+                       ptv_dose_grid=masks_dg[Role.PTV].cpu().numpy())
+    if chosen is PlanningMethod.AI:
+        threshold, extra["ai_sequencing"] = _choose_ai_threshold(ctx, fluence, timings)
     seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, timings)
     extra["sequencer_aperture_threshold"] = threshold
     dose_plan = (dose_fx * fractions).astype(np.float32)
@@ -297,7 +303,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     if sparings and chosen is PlanningMethod.AI:
         with timings.stage("candidates"):
             extra["candidates"] = [
-                _plan_candidate(ctx, out_dir, bladder, rectum, threshold, method=chosen)
+                _plan_candidate(ctx, out_dir, bladder, rectum, method=chosen)
                 for bladder, rectum in sparings
             ]
     elif sparings:

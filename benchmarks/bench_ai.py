@@ -2,20 +2,23 @@
 
 For each seed (not in the model's training data): the appliance's optimizer plan (4 mm, the
 configured evaluations and aperture threshold: what ``airt plan --method optimize`` does; timed),
-the AI plan (full pipeline), the AI plan without dose feedback (F0 directly, "-DF"), optionally the
-AI plan of a model trained without the adversarial loss ("-GAN", ``--model-nogan``) and AI plans
-with bladder or rectum suppression s_o = 0.2, 0.4. Every plan is sequenced, its delivered fluence
-dosed by the reference engine on a 4 mm grid and MU-normalised to PTV D95 = Rx, then evaluated
-(PTV HI, D98, D2, Paddick CI; bladder/rectum Dmean, D2). The fast dose network is compared with the
-reference engine on the network grid for the AI plan's delivered fluence (global gamma 3 %/3 mm,
-10 % threshold; MAE in the PTV in % of Rx).
+the AI plan of the model under test (``--model``, default the shipped one: what ``airt plan
+--method ai`` does, threshold choice included; timed), the same without dose feedback ("-DF"),
+the plans of other models for the ablation (``--variant LABEL=DIR``, e.g. a model trained with
+or without the adversarial loss from the same stage 1) and AI plans with bladder or rectum
+suppression s_o = 0.2, 0.4. Every plan is sequenced at the aperture threshold the appliance would
+choose (``pipeline.ai_planner.choose_aperture_threshold``), its delivered fluence dosed by the
+reference engine on a 4 mm grid and MU-normalised to PTV D95 = Rx, then evaluated (PTV HI, D98,
+D2, Paddick CI; bladder/rectum Dmean, D2). The fast dose network is compared with the reference
+engine on the network grid for the AI plan's delivered fluence (global gamma 3 %/3 mm, 10 %
+threshold; MAE in the PTV in % of Rx).
 
 Non-inferiority of the AI plan against the optimizer's (the paper's margins): for PTV HI and the
 bladder/rectum Dmean and D2, the one-sided 95 % upper confidence bound of the mean paired
 difference (AI - optimizer) must stay below the margin (HI 0.01, OAR 1.5 Gy), and every AI plan
 must reach PTV D98 >= 97 % of Rx.
 
-    .venv/bin/python -m benchmarks.bench_ai [--seeds 2000:2020] [--model DIR] [--model-nogan DIR]
+    .venv/bin/python -m benchmarks.bench_ai [--seeds 2000:2020] [--model DIR] [--variant LABEL=DIR ...]
                                             [--threads 2] [--json OUT.json]
 """
 
@@ -33,7 +36,7 @@ import torch
 from scipy import stats
 
 from appliance.config import Settings
-from pipeline.ai_planner import load_pipeline, model_aperture_threshold, predict_fluence, prepare_case
+from pipeline.ai_planner import choose_aperture_threshold, load_pipeline, predict_fluence, prepare_case
 from pipeline.beam_model import load_beam_model
 from pipeline.case import Role
 from pipeline.dose_engine import ReferenceDoseEngine
@@ -44,7 +47,7 @@ from pipeline.problem import build_problem
 from pipeline.synth import synth_case
 from pipeline.training.data import PlanningRecipe, parse_seed_range, plan_synthetic_case
 from sequencing.fluence import fluence_from_sequence
-from sequencing.sequencer import ArcSequence, sequence_arc
+from sequencing.sequencer import ArcSequence
 
 SETTINGS = Settings()
 MACHINE = SETTINGS.machine.model()
@@ -74,20 +77,15 @@ def evaluate(seq: ArcSequence, engine: ReferenceDoseEngine, masks: dict[Role, to
     return row
 
 
-def ai_threshold(model_dir: str) -> float:
-    """The sequencer threshold ``airt plan --method ai`` uses for this model (its tuned one, else the default)."""
-    tuned = model_aperture_threshold(model_dir)
-    return SETTINGS.planning.aperture_threshold if tuned is None else tuned
-
-
-def run_case(seed: int, model_dir: str, nogan_dir: str, recipe: PlanningRecipe) -> dict[str, Any]:
+def run_case(seed: int, model_dir: str, variants: dict[str, str], recipe: PlanningRecipe) -> dict[str, Any]:
     """All plans and measurements of one held-out case."""
     case = synth_case(seed, spacing_mm=(4.0, 4.0, 4.0))
     rx_fx = case.prescription.dose_gy / case.prescription.fractions
     fx = case.prescription.fractions
     prob = build_problem(case, ARC, MACHINE, hu_curve=SETTINGS.planning.hu_to_density, spacing_mm=4.0)
     geometry, engine, masks = prob.geometry, prob.engine, prob.masks
-    out: dict[str, Any] = {"seed": seed, "quality": {}, "time_s": {}, "sparing": {}}
+    ptv = masks[Role.PTV].numpy()
+    out: dict[str, Any] = {"seed": seed, "quality": {}, "time_s": {}, "sparing": {}, "threshold": {}}
 
     t0 = time.perf_counter()
     teacher = plan_synthetic_case(seed, machine=MACHINE, arc=ARC, recipe=recipe,
@@ -96,27 +94,31 @@ def run_case(seed: int, model_dir: str, nogan_dir: str, recipe: PlanningRecipe) 
     out["quality"]["optimizer"] = evaluate(teacher.sequence, engine, masks, rx_fx, fx)
 
     def ai(sparing: dict[Role, float], feedback: bool = True,
-           model: str = model_dir) -> tuple[ArcSequence, float, dict[str, float]]:
+           model: str = model_dir) -> tuple[ArcSequence, float, dict[str, float], float]:
+        """Predict, choose the threshold and sequence, as ``airt plan --method ai`` does."""
         t = time.perf_counter()
         fl, ms = predict_fluence(case, model, geometry=geometry, rx_gy=rx_fx, sparing=sparing, device="cpu",
                                  feedback=feedback)
-        seq = sequence_arc(fl, ARC, MACHINE, threshold=ai_threshold(model))
-        return seq, time.perf_counter() - t, ms
+        p = SETTINGS.planning
+        choice = choose_aperture_threshold(fl, ARC, MACHINE, engine, ptv, thresholds=p.ai_aperture_thresholds,
+                                           min_d98_rel=p.ai_min_ptv_d98_percent / 100.0, max_hi=p.ai_max_ptv_hi)
+        return choice.sequence, time.perf_counter() - t, ms, choice.threshold
 
     predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing={}, device="cpu")  # warm-up
-    seq_ai, t_ai, ms = ai({})
+    seq_ai, t_ai, ms, thr = ai({})
     out["time_s"]["ai"] = t_ai
     out["module_ms"] = ms
-    out["quality"]["AI full"] = evaluate(seq_ai, engine, masks, rx_fx, fx)
-    seq_df, _, _ = ai({}, feedback=False)
+    out["quality"]["AI"] = evaluate(seq_ai, engine, masks, rx_fx, fx)
+    out["threshold"]["AI"] = thr
+    seq_df, _, _, out["threshold"]["AI -DF"] = ai({}, feedback=False)
     out["quality"]["AI -DF"] = evaluate(seq_df, engine, masks, rx_fx, fx)
-    if nogan_dir:
-        seq_ng, _, _ = ai({}, model=nogan_dir)
-        out["quality"]["AI -GAN"] = evaluate(seq_ng, engine, masks, rx_fx, fx)
+    for label, folder in variants.items():
+        seq_v, _, _, out["threshold"][label] = ai({}, model=folder)
+        out["quality"][label] = evaluate(seq_v, engine, masks, rx_fx, fx)
     for role in (Role.BLADDER, Role.RECTUM):
-        out["sparing"][role.value] = {0.0: out["quality"]["AI full"][f"{role.value}_Dmean_Gy"]}
+        out["sparing"][role.value] = {0.0: out["quality"]["AI"][f"{role.value}_Dmean_Gy"]}
         for s in (0.2, 0.4):
-            seq_s, _, _ = ai({role: s})
+            seq_s, _, _, _ = ai({role: s})
             out["sparing"][role.value][s] = evaluate(seq_s, engine, masks, rx_fx, fx)[f"{role.value}_Dmean_Gy"]
 
     # Fast dose vs reference engine on the network grid, for the AI plan's delivered fluence.
@@ -139,7 +141,7 @@ def non_inferiority(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Paired AI - optimizer differences per metric: mean, one-sided 95 % upper bound, verdict."""
     res = []
     for metric, margin in MARGINS.items():
-        d = np.array([r["quality"]["AI full"][metric] - r["quality"]["optimizer"][metric] for r in rows])
+        d = np.array([r["quality"]["AI"][metric] - r["quality"]["optimizer"][metric] for r in rows])
         d = d[np.isfinite(d)]
         mean = float(d.mean()) if d.size else float("nan")
         if d.size >= 2:
@@ -161,7 +163,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="2000:2020", help="held-out synthetic seeds, A:B (B exclusive)")
     ap.add_argument("--model", default="", help="model folder (default: the shipped model)")
-    ap.add_argument("--model-nogan", default="", help="model folder trained without the adversarial loss")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=DIR",
+                    help="another model for the ablation table, e.g. 'AI with adversarial loss=RUN/model' (repeatable)")
     ap.add_argument("--iterations", type=int, default=SETTINGS.planning.optimizer_iterations,
                     help="optimizer evaluations (default: the appliance's planning.optimizer_iterations)")
     ap.add_argument("--threads", type=int, default=2)
@@ -170,9 +173,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = PlanningRecipe(spacing_mm=SETTINGS.planning.dose_grid_mm, iterations=args.iterations,
                             aperture_threshold=SETTINGS.planning.aperture_threshold)
+    variants = dict(v.split("=", 1) for v in args.variant)
     rows = []
     for seed in parse_seed_range(args.seeds):
-        rows.append(run_case(seed, args.model, args.model_nogan, recipe))
+        rows.append(run_case(seed, args.model, variants, recipe))
         print(f"seed {seed} done", flush=True)
     n = len(rows)
 
@@ -181,7 +185,7 @@ def main() -> None:
     print(f"\n### Planning time, {n} held-out cases (CPU, {args.threads} threads; medians)\n")
     print("| method | median s | ratio optimizer / AI |\n|---|---|---|")
     print(f"| optimizer ({args.iterations} evaluations, {recipe.spacing_mm:g} mm) + sequencing | {t_opt:.2f} | |")
-    print(f"| AI (fluence prediction + sequencing) | {t_ai:.2f} | {t_opt / t_ai:.1f} |")
+    print(f"| AI (fluence prediction + threshold choice + sequencing) | {t_ai:.2f} | {t_opt / t_ai:.1f} |")
 
     print("\n### AI modules, median ms (Table S4 shape)\n")
     print("| module | ms |\n|---|---|")
@@ -191,21 +195,20 @@ def main() -> None:
     cols = ["HI", "D98_Gy", "D2_Gy", "CI", "bladder_Dmean_Gy", "bladder_D2_Gy", "rectum_Dmean_Gy", "rectum_D2_Gy"]
     print(f"\n### Plan quality after sequencing (reference engine, 4 mm, PTV D95 = Rx = 40 Gy; medians of {n})\n")
     print("| method | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    for method in ("optimizer", "AI full", "AI -DF", "AI -GAN"):
-        if method not in rows[0]["quality"]:
-            continue
+    for method in rows[0]["quality"]:
         print(f"| {method} | " + " | ".join(f"{_med([r['quality'][method][c] for r in rows]):.3f}" for c in cols)
               + " |")
 
-    print(f"\nAI plans sequenced at aperture threshold {ai_threshold(args.model):g} (the model's tuned value)"
-          + (f", -GAN at {ai_threshold(args.model_nogan):g}" if args.model_nogan else "")
-          + f"; the optimizer's at {SETTINGS.planning.aperture_threshold:g}.")
+    print("\nAperture threshold chosen per plan (planning.ai_aperture_thresholds; optimizer plans at "
+          f"{SETTINGS.planning.aperture_threshold:g}), median [min, max]: " + "; ".join(
+              f"{k} {_med([r['threshold'][k] for r in rows]):g} [{min(r['threshold'][k] for r in rows):g}, "
+              f"{max(r['threshold'][k] for r in rows):g}]" for k in rows[0]["threshold"]))
 
     ni = non_inferiority(rows)
     rx_total = 40.0
-    d98 = [r["quality"]["AI full"]["D98_Gy"] / rx_total for r in rows]
+    d98 = [r["quality"]["AI"]["D98_Gy"] / rx_total for r in rows]
     d98_ok = sum(v >= D98_MIN_REL for v in d98)
-    print(f"\n### Non-inferiority of AI full against the optimizer ({n} paired cases)\n")
+    print(f"\n### Non-inferiority of the AI plan (shipped model) against the optimizer ({n} paired cases)\n")
     print("| metric | margin | mean AI - optimizer | one-sided 95 % upper bound | cases within margin | verdict |")
     print("|---|---|---|---|---|---|")
     for x in ni:

@@ -307,30 +307,82 @@ def load_pipeline(model_dir: str | Path, device: torch.device | str = "cpu") -> 
     return _LOADED[key]
 
 
-def model_aperture_threshold(model_dir: str | Path) -> float | None:
-    """The leaf sequencer's aperture threshold recorded for a model (``meta.sequencing.aperture_threshold``).
+@dataclass(frozen=True)
+class SequencingChoice:
+    """The aperture threshold chosen for a predicted fluence, and what each try gave.
 
-    A network's maps are smoother than an optimised fluence: where the teacher plans open or
-    close a leaf from one control point to the next, the network predicts a partial value, and a
-    low threshold opens every such pixel fully (wider apertures, more OAR dose). The threshold
-    is chosen on tuning cases after training (``benchmarks.tune_ai_threshold``); None when the
-    model records none (the caller uses ``planning.aperture_threshold``).
+    Attributes
+    ----------
+    threshold
+        The threshold the plan is sequenced at.
+    sequence
+        The sequenced arc at that threshold (MU before normalisation).
+    tries
+        Per tried threshold (in order): ``threshold``, ``ptv_D98_rel`` and ``ptv_HI`` of the
+        reference dose normalised to PTV D95 = Rx, and ``accepted``.
     """
-    import json
 
-    from pipeline.ai_model import SHIPPED_MODEL_DIR
+    threshold: float
+    sequence: Any
+    tries: list[dict[str, float | bool]]
 
-    folder = Path(model_dir) if str(model_dir) else SHIPPED_MODEL_DIR
-    try:
-        meta = json.loads((folder / "model.json").read_text(encoding="utf-8")).get("meta", {})
-        value = meta.get("sequencing", {}).get("aperture_threshold")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if value is None:
-        return None
-    if not isinstance(value, int | float) or not 0.0 < float(value) < 1.0:
-        raise ConfigError(f"{folder}/model.json: sequencing.aperture_threshold must be in (0, 1), got {value!r}")
-    return float(value)
+
+def choose_aperture_threshold(
+    fluence: NDArray[np.floating[Any]],
+    arc: Any,
+    machine: Any,
+    engine: Any,
+    ptv_mask: NDArray[Any],
+    *,
+    thresholds: tuple[float, ...],
+    min_d98_rel: float,
+    max_hi: float,
+    mu_headroom: float = 0.0,
+) -> SequencingChoice:
+    """Sequence a network's fluence at the highest threshold whose plan still covers the PTV.
+
+    The networks' maps are smoother than an optimised fluence: where the teacher plans open a
+    leaf at one control point and close it at the next, a network predicts a partial value. The
+    sequencer opens every pixel at or above ``threshold`` x the map maximum, so a low threshold
+    widens the fields (more OAR dose, lower conformity) and a high one may cut target pixels
+    (cold PTV) in some cases. Each threshold, in the order given (highest first), is sequenced,
+    dosed with the reference ``engine`` (in the PTV only) and normalised to PTV D95 = Rx; the first whose PTV D98
+    is at least ``min_d98_rel`` of Rx and whose HI is at most ``max_hi`` is taken, else the one
+    with the highest D98.
+    """
+    import torch
+
+    from pipeline.dvh import structure_metrics
+    from pipeline.goals import normalisation_factor
+    from sequencing.fluence import fluence_from_sequence
+    from sequencing.sequencer import sequence_arc
+
+    if not thresholds:
+        raise ConfigError("no aperture thresholds to try; give at least one in (0, 1)")
+    ptv = np.asarray(ptv_mask, dtype=np.float32)
+    if hasattr(engine, "restricted"):  # only the PTV's dose is needed: a PTV-only engine is much faster
+        engine = engine.restricted(ptv > 0)
+    tries: list[dict[str, float | bool]] = []
+    best: tuple[float, float, Any] | None = None  # (D98, threshold, sequence)
+    for t in thresholds:
+        seq = sequence_arc(fluence, arc, machine, threshold=t, mu_headroom=mu_headroom)
+        delivered = torch.as_tensor(fluence_from_sequence(seq, machine), dtype=torch.float32,
+                                    device=getattr(engine, "device", "cpu"))
+        with torch.inference_mode():
+            dose = engine(delivered).cpu().numpy()
+        dose = dose * normalisation_factor(dose, ptv, rx_gy=1.0, mode="ptv_dx", volume_percent=95.0)
+        m = structure_metrics(dose, ptv, 1.0, rx_gy=1.0)
+        ok = bool(m["D98_Gy"] >= min_d98_rel and m["HI"] <= max_hi)
+        tries.append({"threshold": t, "ptv_D98_rel": round(float(m["D98_Gy"]), 4), "ptv_HI": round(float(m["HI"]), 4),
+                      "accepted": ok})
+        if ok:
+            return SequencingChoice(t, seq, tries)
+        if best is None or m["D98_Gy"] > best[0]:
+            best = (float(m["D98_Gy"]), t, seq)
+    assert best is not None
+    log.info("no aperture threshold met PTV D98 >= %.3f Rx and HI <= %.3f; using %.2f (D98 %.3f Rx)",
+             min_d98_rel, max_hi, best[1], best[0])
+    return SequencingChoice(best[1], best[2], tries)
 
 
 def limit_control_point_spikes(fluence: Tensor, ratio: float = MAX_CP_TO_MEDIAN) -> Tensor:

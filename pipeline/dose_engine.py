@@ -408,6 +408,7 @@ class ReferenceDoseEngine(torch.nn.Module):
         sig = beam.channel_sigmas_mm()
         coarse = 4.0 * lateral_mm
         self.lateral_mm = float(lateral_mm)
+        self.ray_mm, self.depth_step_mm = ray, dt
         self.half_u = coarse * math.ceil((bev.half_width_mm + beam.field_margin_mm) / coarse)
         self.half_v = coarse * math.ceil((bev.half_height_mm + beam.field_margin_mm) / coarse)
         reach = 4.0 * max(sig[0][0], sig[1][0])
@@ -449,6 +450,22 @@ class ReferenceDoseEngine(torch.nn.Module):
         log.debug("dose engine: grid %s (%d active voxels), %d sectors, lattice %dx%d, %d low-density voxels, "
                   "device %s", grid.shape, self.points.shape[1], geometry.n_sectors, self.mat_v_fine.shape[2],
                   self.mat_u_fine.shape[2], int(self.ld_idx.numel()), dev)
+
+    def restricted(self, mask: NDArray[np.bool_]) -> ReferenceDoseEngine:
+        """The same engine computing dose only in ``mask`` (bool on ``grid``) and where this one does.
+
+        For quick checks of one structure's dose (the AI planner's PTV coverage test): the cost of a
+        forward pass is mostly per active voxel, so a PTV-only engine is tens of times faster. The
+        dose it gives in ``mask`` equals this engine's.
+        """
+        keep = torch.zeros(self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2], dtype=torch.bool,
+                           device=self.device)
+        keep[self.act_idx] = True
+        keep &= torch.as_tensor(np.asarray(mask), device=self.device).bool().reshape(-1)
+        return ReferenceDoseEngine(self.density, self.grid, self.geometry, self.beam, device=self.device,
+                                   dtype=self.dtype, active=keep.reshape(self.grid.shape), lateral_mm=self.lateral_mm,
+                                   ray_mm=self.ray_mm, depth_step_mm=self.depth_step_mm, chunk=self.chunk,
+                                   backend=self.backend)
 
     @classmethod
     def for_case(cls, case: Case, geometry: ArcGeometry, beam: BeamModel, *,

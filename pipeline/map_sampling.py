@@ -106,7 +106,7 @@ class SamplePlan:
             raise PlanningError(f"sample plan weights {self.weights.shape} do not match positions {self.xy.shape}")
         if self.weights.dtype != self.xy.dtype:
             raise PlanningError(f"sample plan positions ({self.xy.dtype}) and weights ({self.weights.dtype}) differ")
-        self.dtype = torch.from_numpy(self.xy[:0, 0, 0]).dtype
+        self.dtype = torch.from_numpy(np.empty(0, dtype=self.xy.dtype)).dtype  # also for N = 0 points
         self.c0 = int(first_channel)
         self.n_channels = int(n_channels) if n_channels is not None else self.weights.shape[1] - self.c0
         if self.c0 < 0 or self.n_channels < 1 or self.c0 + self.n_channels > self.weights.shape[1]:

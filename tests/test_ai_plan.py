@@ -13,13 +13,11 @@ import pydicom
 import pytest
 import torch
 
-from appliance.config import settings_from_dict
-from appliance.planning import ai_sequencing_threshold, candidate_folder_name
+from appliance.config import Settings, settings_from_dict
+from appliance.planning import candidate_folder_name
 from appliance.scu import result_files
-from pipeline.ai_model import SHIPPED_MODEL_DIR
-from pipeline.ai_planner import ModelSpec, model_aperture_threshold
+from pipeline.ai_planner import ModelSpec, choose_aperture_threshold, predict_fluence
 from pipeline.errors import ConfigError
-from pipeline.model_io import update_model_meta
 from pipeline.training.train import TrainConfig, Trainer
 from tests.conftest import plan_synthetic_case_cli, require_tool
 from tests.test_ai_pipeline import ARC, MACHINE, SPEC, teacher_sequence
@@ -55,9 +53,16 @@ def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
     m = planned["metrics"]
     assert m["method"] == "ai"
     assert set(m["ai_module_ms"]) >= {"DoseProposer", "Bev2Fluence", "DL dose", "fluence correction", "total"}
-    # the sequencer ran at the threshold tuned for the shipped model, not the optimizer's default
-    tuned = model_aperture_threshold("")
-    assert tuned is not None and m["sequencer_aperture_threshold"] == pytest.approx(tuned)
+    # the sequencer ran at the first threshold (in the configured order) whose plan covers the PTV
+    seq_choice = m["ai_sequencing"]
+    assert m["sequencer_aperture_threshold"] == seq_choice["threshold"]
+    tried = [t["threshold"] for t in seq_choice["tries"]]
+    assert tried == list(Settings().planning.ai_aperture_thresholds[: len(tried)])
+    if seq_choice["tries"][-1]["accepted"]:
+        assert tried[-1] == seq_choice["threshold"]
+        assert seq_choice["tries"][-1]["ptv_D98_rel"] >= 0.97 and seq_choice["tries"][-1]["ptv_HI"] <= 0.10
+    assert not any(t["accepted"] for t in seq_choice["tries"][:-1])
+    assert all("ai_sequencing" in c for c in m["candidates"])
     assert m["structures"]["ptv"]["D95_Gy"] == pytest.approx(40.0, rel=0.02)
     names = [c["folder"] for c in m["candidates"]]
     assert names == [f"candidates/{candidate_folder_name(0.0, 0.4)}", f"candidates/{candidate_folder_name(0.4, 0.0)}"]
@@ -105,34 +110,39 @@ def test_candidate_option_is_checked() -> None:
         settings_from_dict({"planning": {"candidate_sparings": [[0.0, 0.7]]}})
 
 
-def test_sequencing_threshold_comes_from_the_model_unless_configured(tmp_path: Path) -> None:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "model.json").write_text(json.dumps({"format_version": 1, "networks": {}, "meta": {"note": "x"}}))
-    assert model_aperture_threshold(folder) is None
-    s = settings_from_dict({"planning": {"model_dir": str(folder), "aperture_threshold": 0.05}})
-    assert ai_sequencing_threshold(s) == 0.05  # nothing recorded: the planning default
-    update_model_meta(folder, {"sequencing": {"aperture_threshold": 0.3}})
-    doc = json.loads((folder / "model.json").read_text())
-    assert doc["meta"] == {"note": "x", "sequencing": {"aperture_threshold": 0.3}}  # merged, rest kept
-    assert ai_sequencing_threshold(s) == 0.3
-    s2 = settings_from_dict({"planning": {"model_dir": str(folder), "ai_aperture_threshold": 0.2}})
-    assert ai_sequencing_threshold(s2) == 0.2  # the configuration wins
-    update_model_meta(folder, {"sequencing": {"aperture_threshold": 1.5}})
-    with pytest.raises(ConfigError, match=r"must be in \(0, 1\)"):
-        model_aperture_threshold(folder)
-    with pytest.raises(ConfigError, match=r"no readable model\.json"):
-        update_model_meta(tmp_path / "none", {"a": 1})
-    with pytest.raises(ConfigError, match="ai_aperture_threshold"):
-        settings_from_dict({"planning": {"ai_aperture_threshold": 1.0}})
+def test_threshold_choice_takes_the_first_plan_that_covers_the_ptv() -> None:
+    from pipeline.case import Role
+    from pipeline.problem import build_problem
+    from pipeline.synth import synth_case
+
+    case = synth_case(13, spacing_mm=(8.0, 8.0, 8.0))
+    prob = build_problem(case, ARC, MACHINE, hu_curve=Settings().planning.hu_to_density, spacing_mm=8.0)
+    fl, _ = predict_fluence(case, "", geometry=prob.geometry, rx_gy=2.0, sparing={})
+    ptv = prob.masks[Role.PTV].numpy()
+
+    def choose(thresholds: tuple[float, ...], d98: float, hi: float) -> Any:
+        return choose_aperture_threshold(fl, ARC, MACHINE, prob.engine, ptv, thresholds=thresholds,
+                                         min_d98_rel=d98, max_hi=hi)
+
+    easy = choose((0.4, 0.02), 0.0, 1.0)  # any plan will do: the first threshold, one try
+    assert easy.threshold == 0.4 and [t["threshold"] for t in easy.tries] == [0.4] and easy.tries[0]["accepted"]
+    impossible = choose((0.5, 0.2, 0.02), 1.01, 1.0)  # D98 above D95 = Rx cannot be: every threshold tried
+    assert [t["threshold"] for t in impossible.tries] == [0.5, 0.2, 0.02]
+    assert not any(t["accepted"] for t in impossible.tries)
+    best = max(impossible.tries, key=lambda t: t["ptv_D98_rel"])
+    assert impossible.threshold == best["threshold"]  # the best-covering plan is kept
+    assert impossible.sequence.total_mu > 0
+    with pytest.raises(ConfigError, match="no aperture thresholds"):
+        choose((), 0.97, 0.1)
 
 
-def test_shipped_model_records_its_tuned_threshold() -> None:
-    meta = json.loads((SHIPPED_MODEL_DIR / "model.json").read_text())["meta"]
-    seq = meta["sequencing"]
-    assert 0.0 < seq["aperture_threshold"] < 1.0
-    table = seq["table"][f"{seq['aperture_threshold']:.2f}"]
-    assert table["feasible"] is True and table["D98_min_rel"] >= 0.97  # the chosen one met the tuning criterion
+def test_ai_threshold_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="ai_aperture_thresholds"):
+        settings_from_dict({"planning": {"ai_aperture_thresholds": [0.3, 1.0]}})
+    with pytest.raises(ConfigError, match="ai_aperture_thresholds"):
+        settings_from_dict({"planning": {"ai_aperture_thresholds": []}})
+    with pytest.raises(ConfigError, match="ai_min_ptv_d98_percent"):
+        settings_from_dict({"planning": {"ai_min_ptv_d98_percent": 101}})
 
 
 def test_init_from_model_copies_the_weights_and_refuses_another_size(tmp_path: Path) -> None:

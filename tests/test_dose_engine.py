@@ -228,6 +228,14 @@ def test_for_case_synthetic_pelvis() -> None:
     torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-5 * float(out[1][1].abs().max()))
     with pytest.raises(PlanningError, match="backend"):
         ReferenceDoseEngine.for_case(case, geo, load_beam_model(), hu_curve=curve, backend="opencl")
+    # a PTV-only engine gives the same dose in the PTV (nothing elsewhere) for a fraction of the voxels
+    sub = eng.restricted(ptv)
+    assert sub.points.shape[1] == int((ptv & body_dg).sum()) < eng.points.shape[1] // 10
+    with torch.no_grad():
+        d_sub = sub(fr).numpy()
+        d_all = eng(fr).numpy()
+    np.testing.assert_allclose(d_sub[ptv], d_all[ptv], rtol=1e-5, atol=1e-6 * float(d_all.max()))
+    assert d_sub[~ptv].max() == 0.0 and d_sub[ptv].min() > 0.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
