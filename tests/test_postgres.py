@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,9 +101,16 @@ def test_scp_and_scheduler_on_postgresql(tmp_path: Path, pg: PostgresServer) -> 
 
 
 CLAIMER = textwrap.dedent("""
-    import json, sys
+    import json, pathlib, sys, time
+    from sqlalchemy import text
     from storage.db import Database, claim_next_job
     db = Database(sys.argv[1], create=False)
+    with db.session() as s:  # connected and imported: tell the test, then wait for the start signal
+        s.execute(text("SELECT 1"))
+    gate = pathlib.Path(sys.argv[3])
+    (gate / ("ready-" + sys.argv[2])).touch()
+    while not (gate / "go").exists():
+        time.sleep(0.01)
     got = []
     while True:
         with db.session() as s:
@@ -110,16 +118,22 @@ CLAIMER = textwrap.dedent("""
             if job is None:
                 break
             got.append(job.id)
+        time.sleep(0.005)  # a worker plans between claims; let the others in
     print(json.dumps(got))
 """)
 
 
-def test_processes_racing_for_jobs_each_claim_a_job_exactly_once(pg: PostgresServer) -> None:
+def test_processes_racing_for_jobs_each_claim_a_job_exactly_once(pg: PostgresServer, tmp_path: Path) -> None:
     url = _fresh_db(pg, "race")
     db = Database(url)
     ids = _add_jobs(db, 120)
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url, f"claimer-{k}"], cwd=REPO,
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, url, f"claimer-{k}", str(tmp_path)], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3:  # all three connected before any claims
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a claimer did not start"
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
     claimed: list[list[int]] = []
     for p in procs:
         out, err = p.communicate(timeout=120)
