@@ -104,8 +104,12 @@ class _PlanContext:
     ptv_dose_grid: np.ndarray
 
 
-def _choose_ai_threshold(ctx: _PlanContext, fluence: np.ndarray, timings: Timings) -> tuple[float, dict[str, Any]]:
-    """The sequencer threshold for an AI fluence (see ``pipeline.ai_planner.choose_aperture_threshold``)."""
+def _choose_ai_threshold(ctx: _PlanContext, fluence: np.ndarray, timings: Timings) -> tuple[Any, dict[str, Any]]:
+    """The sequencer threshold for an AI fluence (see ``pipeline.ai_planner.choose_aperture_threshold``).
+
+    Returns the choice (its threshold and its sequence, made as :func:`_sequence_and_dose` makes its
+    first one) and what ``metrics.json`` records of it.
+    """
     from pipeline.ai_planner import choose_aperture_threshold
 
     p = ctx.settings.planning
@@ -114,12 +118,15 @@ def _choose_ai_threshold(ctx: _PlanContext, fluence: np.ndarray, timings: Timing
             fluence, ctx.arc, ctx.machine, ctx.engine, ctx.ptv_dose_grid, thresholds=p.ai_aperture_thresholds,
             min_d98_rel=p.ai_min_ptv_d98_percent / 100.0, max_hi=p.ai_max_ptv_hi, mu_headroom=MU_HEADROOM,
         )
-    return choice.threshold, {"threshold": choice.threshold, "tries": choice.tries}
+    return choice, {"threshold": choice.threshold, "tries": choice.tries}
 
 
 def _sequence_and_dose(ctx: _PlanContext, fluence: np.ndarray, threshold: float,
-                       timings: Timings) -> tuple[Any, np.ndarray, float]:
+                       timings: Timings, first: Any = None) -> tuple[Any, np.ndarray, float]:
     """Sequence a fluence, dose the delivered plan with the reference engine, MU-normalise it.
+
+    ``first``: the sequence of ``fluence`` at ``threshold`` when the caller has it already (the
+    AI threshold choice), used for the first pass instead of sequencing again.
 
     Returns the normalised sequence, its dose per fraction (Gy) and the normalisation factor;
     raises PlanningError / SequencingError when the plan delivers no PTV dose or breaks a limit.
@@ -135,9 +142,10 @@ def _sequence_and_dose(ctx: _PlanContext, fluence: np.ndarray, threshold: float,
     settings, case = ctx.settings, ctx.case
     norm = settings.prescription.normalisation
     scale = 1.0
-    for _ in range(MAX_SEQUENCING_PASSES):
+    for attempt in range(MAX_SEQUENCING_PASSES):
         with timings.stage("sequence"):
-            seq = sequence_arc(fluence * scale, ctx.arc, ctx.machine, threshold=threshold, mu_headroom=MU_HEADROOM)
+            seq = first if attempt == 0 and first is not None else sequence_arc(
+                fluence * scale, ctx.arc, ctx.machine, threshold=threshold, mu_headroom=MU_HEADROOM)
         with timings.stage("final_dose"):
             delivered = fluence_from_sequence(seq, ctx.machine)
             with torch.inference_mode():
@@ -189,8 +197,7 @@ def candidate_folder_name(bladder: float, rectum: float) -> str:
     return f"bladder{bladder:.2f}_rectum{rectum:.2f}"
 
 
-def _plan_candidate(ctx: _PlanContext, out_dir: Path, bladder: float, rectum: float, *,
-                    method: PlanningMethod) -> dict[str, Any]:
+def _plan_candidate(ctx: _PlanContext, out_dir: Path, bladder: float, rectum: float) -> dict[str, Any]:
     """One extra AI plan with OAR suppression factors: exported under ``candidates/`` with its metrics."""
     from pipeline.ai_planner import predict_fluence
     from pipeline.evaluation import evaluate_structures
@@ -204,14 +211,14 @@ def _plan_candidate(ctx: _PlanContext, out_dir: Path, bladder: float, rectum: fl
         rx_gy=case.prescription.dose_gy / case.prescription.fractions,
         sparing={Role.BLADDER: bladder, Role.RECTUM: rectum}, device=ctx.device, timings=sub,
     )
-    threshold, choice = _choose_ai_threshold(ctx, fluence, sub)
-    seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, sub)
+    choice, record = _choose_ai_threshold(ctx, fluence, sub)
+    seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, choice.threshold, sub, first=choice.sequence)
     dose_plan = (dose_fx * case.prescription.fractions).astype(np.float32)
     plan_uid = _export(ctx, folder, seq, dose_plan, f"AIRT B{bladder:.2f} R{rectum:.2f}")
     structures = evaluate_structures(dose_plan, ctx.grid, case)
     row = {"sparing": {"bladder": bladder, "rectum": rectum}, "folder": f"{CANDIDATES_DIR}/{folder.name}",
-           "method": method.value, "rtplan_sop_instance_uid": plan_uid, "total_MU": float(seq.total_mu),
-           "normalisation_factor": factor, "ai_module_ms": module_ms, "ai_sequencing": choice,
+           "method": PlanningMethod.AI.value, "rtplan_sop_instance_uid": plan_uid, "total_MU": float(seq.total_mu),
+           "normalisation_factor": factor, "ai_module_ms": module_ms, "ai_sequencing": record,
            "timings_s": {k: round(v, 4) for k, v in sub.stages.items()}, "structures": structures}
     (folder / "metrics.json").write_text(json.dumps({"disclaimer": DISCLAIMER, "case_id": case.case_id, **row},
                                                     indent=2, default=_json_default))
@@ -282,9 +289,11 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     ctx = _PlanContext(case=case, settings=settings, engine=engine, grid=grid, machine=machine, arc=arc,
                        device=device, isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), geometry=geometry,
                        ptv_dose_grid=masks_dg[Role.PTV].cpu().numpy())
+    first = None
     if chosen is PlanningMethod.AI:
-        threshold, extra["ai_sequencing"] = _choose_ai_threshold(ctx, fluence, timings)
-    seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, timings)
+        choice, extra["ai_sequencing"] = _choose_ai_threshold(ctx, fluence, timings)
+        threshold, first = choice.threshold, choice.sequence
+    seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, timings, first=first)
     extra["sequencer_aperture_threshold"] = threshold
     dose_plan = (dose_fx * fractions).astype(np.float32)
     with timings.stage("export"):
@@ -303,7 +312,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     if sparings and chosen is PlanningMethod.AI:
         with timings.stage("candidates"):
             extra["candidates"] = [
-                _plan_candidate(ctx, out_dir, bladder, rectum, method=chosen)
+                _plan_candidate(ctx, out_dir, bladder, rectum)
                 for bladder, rectum in sparings
             ]
     elif sparings:

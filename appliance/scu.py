@@ -41,8 +41,10 @@ RESULT_FILES = ("rtplan.dcm", "rtdose.dcm")
 def result_files(output_dir: Path) -> list[Path]:
     """The files a delivery of a job sends: the main plan's RT Plan and RT Dose, then those of each
     candidate plan (``candidates/<name>/``, sorted by name) that has both."""
+    from appliance.planning import CANDIDATES_DIR
+
     files = [output_dir / n for n in RESULT_FILES]
-    cand = output_dir / "candidates"
+    cand = output_dir / CANDIDATES_DIR
     if cand.is_dir():
         for sub in sorted(p for p in cand.iterdir() if p.is_dir()):
             if all((sub / n).is_file() for n in RESULT_FILES):
