@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 
 from appliance.config import load_settings
+from appliance.report import format_candidates
 from pipeline.errors import InputError
 from storage.db import Database
 from storage.models import Delivery, Job, JobEvent
@@ -96,18 +97,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         print(f"\nPlan: {_fmt(plan.get('total_MU'), 1)} MU, {plan.get('control_points', '-')} control points")
     candidates = metrics.get("candidates")
     if isinstance(candidates, list) and candidates:
-        print("\nCandidate plans (AI, OAR suppression s_o; each sent as its own RT Plan + RT Dose):")
-        print(f"  {'s_bladder':>9} {'s_rectum':>9} {'PTV HI':>8} {'PTV D98':>8} {'bladder Dmean':>14} "
-              f"{'rectum Dmean':>13} {'MU':>7}  folder")
-        for c in candidates:
-            if not isinstance(c, dict):
-                continue
-            sp, st = c.get("sparing") or {}, c.get("structures") or {}
-            ptv, bl, re_ = st.get("ptv") or {}, st.get("bladder") or {}, st.get("rectum") or {}
-            print(f"  {_fmt(sp.get('bladder')):>9} {_fmt(sp.get('rectum')):>9} {_fmt(ptv.get('HI'), 3):>8} "
-                  f"{_fmt(ptv.get('D98_Gy')):>8} {_fmt(bl.get('Dmean_Gy')):>14} {_fmt(re_.get('Dmean_Gy')):>13} "
-                  f"{_fmt(c.get('total_MU'), 1):>7}  {c.get('folder', '-')}")
-
+        print("\n" + format_candidates(candidates), end="")
 
 def cmd_show(db: Database, job_id: int) -> int:
     """Print everything known about one job."""

@@ -22,18 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_candidate(text: str) -> tuple[float, float]:
     """``"0.2:0.4"`` -> (bladder s_o, rectum s_o); ConfigError naming the expected form otherwise."""
+    from appliance.config import check_sparing_pair
     from pipeline.errors import ConfigError
 
     parts = text.split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        b, r = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ConfigError(f"--candidate {text!r}: expected BLADDER:RECTUM suppression factors, e.g. 0:0.4") from None
-    if not (0.0 <= b <= 0.5 and 0.0 <= r <= 0.5):
-        raise ConfigError(f"--candidate {text!r}: suppression factors must be in [0, 0.5]")
-    return b, r
+    if len(parts) != 2:
+        raise ConfigError(f"--candidate {text!r}: expected BLADDER:RECTUM suppression factors, e.g. 0:0.4")
+    return check_sparing_pair(parts, f"--candidate {text!r}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,10 +41,4 @@ def run(args: argparse.Namespace) -> int:
     metrics = plan_folder(args.case_dir, args.out, settings, method=args.method, candidates=candidates)
     print(format_summary(metrics), end="")
     print(f"outputs in {args.out}/: rtplan.dcm rtdose.dcm metrics.json report_dvh.png report_slices.png report.txt")
-    for c in metrics.get("candidates", []):
-        st = c["structures"]
-        print(f"candidate s_bladder {c['sparing']['bladder']:.2f} s_rectum {c['sparing']['rectum']:.2f}: "
-              f"PTV HI {st.get('ptv', {}).get('HI', float('nan')):.3f}, "
-              f"bladder Dmean {st.get('bladder', {}).get('Dmean_Gy', float('nan')):.2f} Gy, "
-              f"rectum Dmean {st.get('rectum', {}).get('Dmean_Gy', float('nan')):.2f} Gy -> {args.out}/{c['folder']}/")
     return 0

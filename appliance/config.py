@@ -334,6 +334,17 @@ class MachineSettings:
             raise ConfigError(f"[machine] {exc}") from exc
 
 
+def check_sparing_pair(pair: Any, source: str) -> tuple[float, float]:
+    """A candidate plan's (bladder s_o, rectum s_o), each in [0, 0.5]; ConfigError naming ``source`` otherwise."""
+    try:
+        b, r = (float(v) for v in pair)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: each candidate is [bladder s_o, rectum s_o], got {pair!r}") from None
+    if not (0.0 <= b <= 0.5 and 0.0 <= r <= 0.5):
+        raise ConfigError(f"{source}: suppression factors s_o must be in [0, 0.5], got {[b, r]}")
+    return b, r
+
+
 @dataclass(frozen=True)
 class PlanningSettings:
     """The planning pipeline."""
@@ -353,6 +364,10 @@ class PlanningSettings:
     )
     ai_min_ptv_d98_percent: float = field(default=97.0, metadata=doc("PTV D98 an AI plan's threshold must reach", "% of Rx"))
     ai_max_ptv_hi: float = field(default=0.10, metadata=doc("Largest PTV homogeneity index (D2 - D98) / D50 an AI plan's threshold may give", "ratio"))
+    ai_refine_iterations: int = field(
+        default=20,
+        metadata=doc("Optimizer evaluations refining the AI fluence near the target before sequencing (the PTV, an 8 mm shell and bladder/rectum within 15 mm; not in the paper: the small CPU networks leave the OAR walls next to the PTV hotter than the optimizer does); 0 = the networks' fluence as it is", "count 0-200"),
+    )
     sparing_bladder: float = field(default=0.0, metadata=doc("Bladder suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     sparing_rectum: float = field(default=0.0, metadata=doc("Rectum suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     candidate_sparings: tuple[tuple[float, float], ...] = field(
@@ -376,6 +391,8 @@ class PlanningSettings:
             raise ConfigError(f"planning.ai_aperture_thresholds must list thresholds in (0, 1), got {list(self.ai_aperture_thresholds)}")
         if not 50.0 <= self.ai_min_ptv_d98_percent <= 100.0 or not 0.0 < self.ai_max_ptv_hi <= 1.0:
             raise ConfigError("planning.ai_min_ptv_d98_percent must be in [50, 100] and planning.ai_max_ptv_hi in (0, 1]")
+        if not 0 <= self.ai_refine_iterations <= 200:
+            raise ConfigError(f"planning.ai_refine_iterations must be in [0, 200], got {self.ai_refine_iterations}")
         for name in ("sparing_bladder", "sparing_rectum"):
             v = getattr(self, name)
             if not 0.0 <= v <= 0.5:
@@ -383,8 +400,7 @@ class PlanningSettings:
         if len(self.candidate_sparings) > 8:
             raise ConfigError(f"planning.candidate_sparings: at most 8 candidate plans, got {len(self.candidate_sparings)}")
         for pair in self.candidate_sparings:
-            if len(pair) != 2 or not all(0.0 <= float(v) <= 0.5 for v in pair):
-                raise ConfigError(f"planning.candidate_sparings: each entry is [bladder s_o, rectum s_o] in [0, 0.5], got {list(pair)}")
+            check_sparing_pair(pair, "planning.candidate_sparings")
         hus = [p[0] for p in self.hu_to_density]
         if len(hus) < 2 or any(b <= a for a, b in itertools.pairwise(hus)):
             raise ConfigError("planning.hu_to_density needs >= 2 pairs with strictly increasing HU")

@@ -104,11 +104,13 @@ class _PlanContext:
     ptv_dose_grid: np.ndarray
 
 
-def _choose_ai_threshold(ctx: _PlanContext, fluence: np.ndarray, timings: Timings) -> tuple[Any, dict[str, Any]]:
+def _choose_ai_threshold(ctx: _PlanContext, fluence: np.ndarray, timings: Timings,
+                         ptv_engine: Any = None) -> tuple[Any, dict[str, Any]]:
     """The sequencer threshold for an AI fluence (see ``pipeline.ai_planner.choose_aperture_threshold``).
 
     Returns the choice (its threshold and its sequence, made as :func:`_sequence_and_dose` makes its
-    first one) and what ``metrics.json`` records of it.
+    first one) and what ``metrics.json`` records of it. ``ptv_engine``: the refinement's restricted
+    engine, reused for the tries.
     """
     from pipeline.ai_planner import choose_aperture_threshold
 
@@ -117,6 +119,7 @@ def _choose_ai_threshold(ctx: _PlanContext, fluence: np.ndarray, timings: Timing
         choice = choose_aperture_threshold(
             fluence, ctx.arc, ctx.machine, ctx.engine, ctx.ptv_dose_grid, thresholds=p.ai_aperture_thresholds,
             min_d98_rel=p.ai_min_ptv_d98_percent / 100.0, max_hi=p.ai_max_ptv_hi, mu_headroom=MU_HEADROOM,
+            ptv_engine=ptv_engine,
         )
     return choice, {"threshold": choice.threshold, "tries": choice.tries}
 
@@ -267,6 +270,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
 
     extra: dict[str, Any] = {}
     threshold = settings.planning.aperture_threshold
+    ptv_engine = None
     if chosen is PlanningMethod.OPTIMIZE:
         from pipeline.optimizer import optimize_fluence
 
@@ -285,13 +289,21 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
             device=device, timings=timings,
         )
         extra["ai_module_ms"] = module_ms
+        if settings.planning.ai_refine_iterations > 0:
+            from pipeline.refine import refine_fluence
+
+            with timings.stage("ai_refine"):
+                refined = refine_fluence(fluence, engine, masks_dg, rx_gy=rx_fx,
+                                         iterations=settings.planning.ai_refine_iterations)
+            fluence, ptv_engine = refined.fluence, refined.engine
+            extra["ai_refine"] = {"iterations": settings.planning.ai_refine_iterations, **refined.record()}
 
     ctx = _PlanContext(case=case, settings=settings, engine=engine, grid=grid, machine=machine, arc=arc,
                        device=device, isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), geometry=geometry,
                        ptv_dose_grid=masks_dg[Role.PTV].cpu().numpy())
     first = None
     if chosen is PlanningMethod.AI:
-        choice, extra["ai_sequencing"] = _choose_ai_threshold(ctx, fluence, timings)
+        choice, extra["ai_sequencing"] = _choose_ai_threshold(ctx, fluence, timings, ptv_engine)
         threshold, first = choice.threshold, choice.sequence
     seq, dose_fx, factor = _sequence_and_dose(ctx, fluence, threshold, timings, first=first)
     extra["sequencer_aperture_threshold"] = threshold

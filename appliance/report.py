@@ -95,6 +95,26 @@ def write_report(out_dir: Path, *, metrics: dict[str, Any], dose: NDArray[np.flo
     (out_dir / "report.txt").write_text(format_summary(metrics))
 
 
+def _num(v: Any, nd: int = 2) -> str:
+    return f"{v:.{nd}f}" if isinstance(v, int | float) else "-"
+
+
+def format_candidates(candidates: list[Any]) -> str:
+    """The candidate plans of metrics.json as a text table, one row each (its folder last)."""
+    lines = ["Candidate plans (AI networks, OAR suppression s_o; each sent as its own RT Plan + RT Dose):",
+             f"  {'s_bladder':>9} {'s_rectum':>9} {'PTV HI':>8} {'PTV D98':>8} {'bladder Dmean':>14} "
+             f"{'rectum Dmean':>13} {'MU':>7}  folder"]
+    for c in candidates:
+        if not isinstance(c, dict):
+            continue
+        sp, st = c.get("sparing") or {}, c.get("structures") or {}
+        ptv, bl, rec = st.get("ptv") or {}, st.get("bladder") or {}, st.get("rectum") or {}
+        lines.append(f"  {_num(sp.get('bladder')):>9} {_num(sp.get('rectum')):>9} {_num(ptv.get('HI'), 3):>8} "
+                     f"{_num(ptv.get('D98_Gy')):>8} {_num(bl.get('Dmean_Gy')):>14} {_num(rec.get('Dmean_Gy')):>13} "
+                     f"{_num(c.get('total_MU'), 1):>7}  {c.get('folder', '-')}")
+    return "\n".join(lines) + "\n"
+
+
 def format_summary(metrics: dict[str, Any]) -> str:
     """A plain-text summary of metrics.json for a physicist."""
     lines = [metrics.get("disclaimer", ""), ""]
@@ -120,5 +140,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
         vs = f"{value:.2f}" if isinstance(value, float) else str(value)
         lines.append(f"  [{status}] P{g['priority']} {g['structure']} {g['metric']} {g['comparison']} {g['limit']:g}: {vs}")
     lines.append("")
+    if metrics.get("candidates"):
+        lines.append(format_candidates(metrics["candidates"]))
     lines.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in metrics["timings_s"].items()))
     return "\n".join(lines) + "\n"

@@ -338,6 +338,7 @@ def choose_aperture_threshold(
     min_d98_rel: float,
     max_hi: float,
     mu_headroom: float = 0.0,
+    ptv_engine: Any = None,
 ) -> SequencingChoice:
     """Sequence a network's fluence at the highest threshold whose plan still covers the PTV.
 
@@ -348,7 +349,8 @@ def choose_aperture_threshold(
     (cold PTV) in some cases. Each threshold, in the order given (highest first), is sequenced,
     dosed with the reference ``engine`` (in the PTV only) and normalised to PTV D95 = Rx; the first whose PTV D98
     is at least ``min_d98_rel`` of Rx and whose HI is at most ``max_hi`` is taken, else the one
-    with the highest D98.
+    with the highest D98. ``ptv_engine``: an engine whose dose in the PTV equals ``engine``'s (the
+    refinement's restricted one), used instead of building a PTV-only copy of ``engine``.
     """
     import torch
 
@@ -360,7 +362,9 @@ def choose_aperture_threshold(
     if not thresholds:
         raise ConfigError("no aperture thresholds to try; give at least one in (0, 1)")
     ptv = np.asarray(ptv_mask, dtype=np.float32)
-    if hasattr(engine, "restricted"):  # only the PTV's dose is needed: a PTV-only engine is much faster
+    if ptv_engine is not None:
+        engine = ptv_engine
+    elif hasattr(engine, "restricted"):  # only the PTV's dose is needed: a PTV-only engine is much faster
         engine = engine.restricted(ptv > 0)
     tries: list[dict[str, float | bool]] = []
     best: tuple[float, float, Any] | None = None  # (D98, threshold, sequence)

@@ -329,6 +329,12 @@ class ReferenceDoseEngine(torch.nn.Module):
         Step between ray-tracing planes, mm; default the smallest dose grid spacing.
     chunk
         Control points processed together by the torch back-end (memory vs. speed).
+    lattice_reach_mm
+        Optional ``(u, v)``: no active voxel projects farther than this from the beam axis (mm, at
+        the isocenter plane) in any control point. The convolution lattices are then cut to that
+        reach (plus one node): the nodes kept are the same, so the dose is the same, and the
+        per-pass cost of the convolutions falls with the lattice area (engines restricted to a few
+        structures near the isocenter, :meth:`restricted`).
     backend
         How the gradient of the per-voxel map reads is computed: ``"numba"`` (CPU: the forward reads
         with ``grid_sample`` without keeping a graph, the backward is the numba scatter adjoint of
@@ -365,7 +371,7 @@ class ReferenceDoseEngine(torch.nn.Module):
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  active: torch.Tensor | NDArray[np.bool_] | None = None, lateral_mm: float = 2.5,
                  ray_mm: float | None = None, depth_step_mm: float | None = None, chunk: int = 30,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", lattice_reach_mm: tuple[float, float] | None = None) -> None:
         super().__init__()
         dev = torch.device(device)
         if backend not in ENGINE_BACKENDS:
@@ -414,6 +420,12 @@ class ReferenceDoseEngine(torch.nn.Module):
         reach = 4.0 * max(sig[0][0], sig[1][0])
         self.fine_u = min(self.half_u, lateral_mm * math.ceil((bev.half_width_mm + reach) / lateral_mm))
         self.fine_v = min(self.half_v, lateral_mm * math.ceil((bev.half_height_mm + reach) / lateral_mm))
+        if lattice_reach_mm is not None:  # keep the nodes up to one beyond the farthest voxel (same node positions)
+            ru, rv = (float(r) for r in lattice_reach_mm)
+            self.half_u = min(self.half_u, coarse * math.ceil((ru + coarse) / coarse))
+            self.half_v = min(self.half_v, coarse * math.ceil((rv + coarse) / coarse))
+            self.fine_u = min(self.fine_u, self.half_u, lateral_mm * math.ceil((ru + lateral_mm) / lateral_mm))
+            self.fine_v = min(self.fine_v, self.half_v, lateral_mm * math.ceil((rv + lateral_mm) / lateral_mm))
         h = beam.head_scatter_fraction
         # each channel: list of (sigma, weight) Gaussian terms; the fine channel 1 is the low-density
         # correction (wide primary minus primary)
@@ -456,16 +468,23 @@ class ReferenceDoseEngine(torch.nn.Module):
 
         For quick checks of one structure's dose (the AI planner's PTV coverage test): the cost of a
         forward pass is mostly per active voxel, so a PTV-only engine is tens of times faster. The
-        dose it gives in ``mask`` equals this engine's.
+        dose it gives in ``mask`` equals this engine's. Its convolution lattices are cut to the reach
+        of the kept voxels' projections. The rays are traced again for the kept voxels (no traced
+        value of this engine is reused), so building it costs what building it from the case would.
         """
         keep = torch.zeros(self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2], dtype=torch.bool,
                            device=self.device)
         keep[self.act_idx] = True
         keep &= torch.as_tensor(np.asarray(mask), device=self.device).bool().reshape(-1)
+        reach = None
+        sub = keep[self.act_idx]
+        if bool(sub.any()):  # farthest projection of a kept voxel, mm at the isocenter plane
+            xy = self.grid_xy[:, sub].abs().amax(dim=(0, 1))
+            reach = (float(xy[0]) * self.half_u, float(xy[1]) * self.half_v)
         return ReferenceDoseEngine(self.density, self.grid, self.geometry, self.beam, device=self.device,
                                    dtype=self.dtype, active=keep.reshape(self.grid.shape), lateral_mm=self.lateral_mm,
                                    ray_mm=self.ray_mm, depth_step_mm=self.depth_step_mm, chunk=self.chunk,
-                                   backend=self.backend)
+                                   backend=self.backend, lattice_reach_mm=reach)
 
     @classmethod
     def for_case(cls, case: Case, geometry: ArcGeometry, beam: BeamModel, *,

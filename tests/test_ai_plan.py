@@ -63,6 +63,11 @@ def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
         assert seq_choice["tries"][-1]["ptv_D98_rel"] >= 0.97 and seq_choice["tries"][-1]["ptv_HI"] <= 0.10
     assert not any(t["accepted"] for t in seq_choice["tries"][:-1])
     assert all("ai_sequencing" in c for c in m["candidates"])
+    # the main plan's fluence was refined near the target (the candidates are the networks' alone)
+    refine = m["ai_refine"]
+    assert refine["iterations"] == Settings().planning.ai_refine_iterations > 0
+    assert refine["loss_end"] < refine["loss_start"] and refine["voxels"] > 0
+    assert m["timings_s"]["ai_refine"] > 0 and not any("ai_refine" in c for c in m["candidates"])
     assert m["structures"]["ptv"]["D95_Gy"] == pytest.approx(40.0, rel=0.02)
     names = [c["folder"] for c in m["candidates"]]
     assert names == [f"candidates/{candidate_folder_name(0.0, 0.4)}", f"candidates/{candidate_folder_name(0.4, 0.0)}"]
@@ -78,10 +83,10 @@ def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
         assert c["structures"]["ptv"]["D95_Gy"] == pytest.approx(40.0, rel=0.02)  # each plan normalised itself
         sub = json.loads((folder / "metrics.json").read_text())
         assert "not clinically approved" in sub["disclaimer"] and sub["sparing"] == c["sparing"]
-        assert f"-> {out}/{c['folder']}/" in planned["stdout"]
+        assert any(ln.strip().endswith(c["folder"]) for ln in planned["stdout"].splitlines())  # the summary's table
     assert len(uids) == 3  # three distinct plans
-    # suppressing one organ changes that plan (the sparing reaches the correction network)
-    assert m["candidates"][0]["total_MU"] != pytest.approx(m["plan"]["total_MU"], rel=1e-6)
+    # suppressing the rectum or the bladder gives different plans (the sparing reaches the correction network)
+    assert m["candidates"][0]["total_MU"] != pytest.approx(m["candidates"][1]["total_MU"], rel=1e-6)
     # a delivery sends the main plan and dose first, then each candidate's
     files = result_files(out)
     assert [p.relative_to(out).as_posix() for p in files] == [

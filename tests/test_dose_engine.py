@@ -231,6 +231,8 @@ def test_for_case_synthetic_pelvis() -> None:
     # a PTV-only engine gives the same dose in the PTV (nothing elsewhere) for a fraction of the voxels
     sub = eng.restricted(ptv)
     assert sub.points.shape[1] == int((ptv & body_dg).sum()) < eng.points.shape[1] // 10
+    # its convolution lattices are cut to the PTV's projections (same nodes, fewer of them)
+    assert sub.mat_u_fine.shape[2] < eng.mat_u_fine.shape[2] and sub.mat_v_coarse.shape[2] < eng.mat_v_coarse.shape[2]
     with torch.no_grad():
         d_sub = sub(fr).numpy()
         d_all = eng(fr).numpy()

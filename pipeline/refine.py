@@ -1,0 +1,142 @@
+"""Dose-guided refinement of a predicted fluence: a few optimizer steps near the target.
+
+Not in the paper. The small CPU networks reproduce the optimizer's PTV coverage and OAR mean
+doses but not the steep dose fall-off it builds where the bladder and rectum walls touch the PTV
+(their near-maximum dose, D2, is several Gy higher). Refinement starts from the networks'
+fluence and runs ``iterations`` evaluations of the appliance's own optimizer
+(:func:`pipeline.optimizer.optimize_fluence`, same objective terms) through a copy of the
+reference engine restricted to the voxels that decide that fall-off:
+
+- the PTV and a shell of ``shell_mm`` around it (coverage, homogeneity, conformity terms);
+- the bladder and rectum voxels within ``oar_reach_mm`` of the PTV (their high-dose terms).
+
+A forward and backward pass of that engine costs about a tenth of the full one (a few thousand
+voxels instead of about 2e5 on a pelvis at 4 mm), so a refinement of 20 evaluations takes about
+1.5 s on two CPU cores where the optimizer from a flat start takes about 40 s for 50
+evaluations on the full grid. The plan's dose is then computed, as always, by the full reference
+engine after sequencing; refinement only changes the fluence handed to the sequencer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from pipeline.case import Role
+from pipeline.errors import PlanningError
+from pipeline.optimizer import OptimizerWeights, optimize_fluence
+
+log = logging.getLogger(__name__)
+
+#: OARs whose voxels near the PTV the refinement sees.
+NEAR_TARGET_OARS: tuple[Role, ...] = (Role.BLADDER, Role.RECTUM)
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What :func:`refine_fluence` returns.
+
+    Attributes
+    ----------
+    fluence
+        Refined fluence maps, MU per pixel, ``(n_sectors, rows, cols)`` float32, >= 0.
+    engine
+        The restricted reference engine it used; its dose in the PTV equals the full engine's,
+        so the sequencer's threshold choice can reuse it.
+    voxels
+        Voxels the restricted engine computes.
+    loss
+        Objective before and after (first and last evaluation).
+    seconds
+        Wall time, s (restricted engine included).
+    """
+
+    fluence: NDArray[np.float32]
+    engine: Any
+    voxels: int
+    loss: tuple[float, float]
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """What ``metrics.json`` records."""
+        return {"voxels": self.voxels, "loss_start": round(self.loss[0], 6), "loss_end": round(self.loss[1], 6),
+                "seconds": round(self.seconds, 3)}
+
+
+def refinement_region(masks: Mapping[Role, NDArray[np.bool_]], spacing_mm: tuple[float, float, float], *,
+                      shell_mm: float, oar_reach_mm: float) -> NDArray[np.bool_]:
+    """The voxels refinement computes: PTV + ``shell_mm`` shell, bladder/rectum within ``oar_reach_mm``.
+
+    ``spacing_mm`` is (dx, dy, dz) of the grid; arrays are indexed [z, y, x].
+    """
+    if not (shell_mm >= 0 and oar_reach_mm >= 0):
+        raise PlanningError(f"refinement shell and OAR reach must be >= 0 mm, got {shell_mm}, {oar_reach_mm}")
+    ptv = np.asarray(masks[Role.PTV], dtype=bool)
+    dx, dy, dz = spacing_mm
+    dist = ndimage.distance_transform_edt(~ptv, sampling=(dz, dy, dx))
+    region = dist <= shell_mm
+    for role in NEAR_TARGET_OARS:
+        if role in masks:
+            region |= np.asarray(masks[role], dtype=bool) & (dist <= oar_reach_mm)
+    return np.asarray(region, dtype=bool)
+
+
+def refine_fluence(
+    fluence: NDArray[np.floating[Any]],
+    engine: Any,
+    masks: Mapping[Role, torch.Tensor],
+    *,
+    rx_gy: float,
+    iterations: int,
+    shell_mm: float = 8.0,
+    oar_reach_mm: float = 15.0,
+    weights: OptimizerWeights | None = None,
+) -> Refinement:
+    """Refine a fluence with ``iterations`` optimizer evaluations near the target (see the module doc).
+
+    Parameters
+    ----------
+    fluence
+        Starting fluence ``(n_sectors, rows, cols)``, MU per pixel per fraction.
+    engine
+        The reference engine of the case (:class:`pipeline.dose_engine.ReferenceDoseEngine`); an
+        engine without ``restricted`` is used as it is.
+    masks
+        Boolean masks on the engine's grid by role (``ptv`` required).
+    rx_gy
+        Prescription per fraction, Gy.
+    iterations
+        Optimizer evaluations (>= 1).
+    shell_mm, oar_reach_mm
+        Extent of the restricted region (:func:`refinement_region`).
+    weights
+        Objective weights; the optimizer's defaults when ``None``.
+    """
+    t0 = time.perf_counter()
+    if iterations < 1:
+        raise PlanningError(f"refinement needs at least one iteration, got {iterations}")
+    if Role.PTV not in masks:
+        raise PlanningError("refinement needs a PTV mask on the dose grid")
+    masks_np = {role: m.detach().cpu().numpy().astype(bool) for role, m in masks.items()}
+    grid = getattr(engine, "grid", None)
+    spacing = tuple(float(s) for s in grid.spacing_mm) if grid is not None else (4.0, 4.0, 4.0)
+    region = refinement_region(masks_np, spacing, shell_mm=shell_mm, oar_reach_mm=oar_reach_mm)  # type: ignore[arg-type]
+    sub = engine.restricted(region) if hasattr(engine, "restricted") else engine
+    device = masks[Role.PTV].device
+    sub_masks = {role.value: torch.as_tensor(m & region, device=device) for role, m in masks_np.items()}
+    result = optimize_fluence(sub, sub_masks, rx_gy=rx_gy, iterations=iterations,
+                              init=torch.as_tensor(np.asarray(fluence, dtype=np.float32), device=device),
+                              weights=weights)
+    seconds = time.perf_counter() - t0
+    log.info("refinement: %d evaluations on %d voxels, loss %.4g -> %.4g in %.2f s", iterations, int(region.sum()),
+             result.history[0], result.history[-1], seconds)
+    return Refinement(fluence=result.fluence, engine=sub, voxels=int(region.sum()),
+                      loss=(result.history[0], result.history[-1]), seconds=seconds)
