@@ -75,7 +75,7 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
     if chosen is PlanningMethod.AUTO:
         if folder is None:
             return PlanningMethod.OPTIMIZE
-        ok, why = model_is_qualified(folder)
+        ok, why = model_is_qualified(folder, settings.planning.ai_refine_iterations)
         if not ok:
             log.info("method auto: using the optimizer; the installed model is not qualified for unattended use (%s)", why)
             return PlanningMethod.OPTIMIZE

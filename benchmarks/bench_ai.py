@@ -170,6 +170,24 @@ def non_inferiority(rows: list[dict[str, Any]], label: str = "AI") -> list[dict[
     return res
 
 
+def record_quality_gate(model_dir: str, gate: dict[str, Any]) -> str:
+    """Write ``gate`` into the model's ``model.json`` (``meta.quality_gate``) and set
+    ``meta.qualified_for_auto`` to its verdict; returns the file's path."""
+    from pathlib import Path
+
+    from pipeline.ai_model import installed_model_dir
+
+    folder = installed_model_dir(model_dir)
+    if folder is None:
+        raise SystemExit(f"no model.json in {model_dir or 'the shipped model folder'}")
+    path = Path(folder) / "model.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["meta"]["quality_gate"] = gate
+    doc["meta"]["qualified_for_auto"] = bool(gate["passed"])
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return str(path)
+
+
 def _med(vals: list[float]) -> float:
     v = [x for x in vals if np.isfinite(x)]
     return statistics.median(v) if v else float("nan")
@@ -187,15 +205,27 @@ def main() -> None:
                     help="refinement evaluations of the 'AI' row (default: the appliance's planning.ai_refine_iterations)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="", help="also write every case's measurements to this JSON file")
+    ap.add_argument("--from-json", default="", metavar="FILE",
+                    help="print the tables of a run saved with --json instead of planning again")
+    ap.add_argument("--record-gate", action="store_true",
+                    help="record the verdict of the 'AI' row in the model's model.json (meta.quality_gate; "
+                         "meta.qualified_for_auto is true only when every criterion is met)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     recipe = PlanningRecipe(spacing_mm=SETTINGS.planning.dose_grid_mm, iterations=args.iterations,
                             aperture_threshold=SETTINGS.planning.aperture_threshold)
     variants = dict(v.split("=", 1) for v in args.variant)
-    rows = []
-    for seed in parse_seed_range(args.seeds):
-        rows.append(run_case(seed, args.model, variants, recipe, args.refine))
-        print(f"seed {seed} done", flush=True)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as f:
+            saved = json.load(f)
+        rows, args.refine = saved["rows"], int(saved["refine_iterations"])
+        for r in rows:  # JSON object keys are strings
+            r["sparing"] = {organ: {float(k): v for k, v in by_s.items()} for organ, by_s in r["sparing"].items()}
+    else:
+        rows = []
+        for seed in parse_seed_range(args.seeds):
+            rows.append(run_case(seed, args.model, variants, recipe, args.refine))
+            print(f"seed {seed} done", flush=True)
     n = len(rows)
 
     t_opt = _med([r["time_s"]["optimizer"] for r in rows])
@@ -256,6 +286,17 @@ def main() -> None:
         lowered = [sum(r["sparing"][organ][s] < r["sparing"][organ][0.0] for r in rows) for s in (0.2, 0.4)]
         print(f"| {organ} | " + " | ".join(f"{_med([r['sparing'][organ][s] for r in rows]):.2f}"
                                             for s in (0.0, 0.2, 0.4)) + f" | {lowered[0]}/{n} / {lowered[1]}/{n} |")
+    if args.record_gate:
+        gate = {"cases": n, "seeds": [r["seed"] for r in rows], "ai_refine_iterations": args.refine,
+                "optimizer_iterations": args.iterations, "median_s": {"optimizer": round(t_opt, 3), "ai": round(t_ai, 3)},
+                "criteria": [{k: x[k] for k in ("metric", "margin", "mean_diff", "upper95", "non_inferior")}
+                             for x in verdicts["AI"]["non_inferiority"]]
+                + [{"metric": f"PTV D98 >= {100 * D98_MIN_REL:.0f} % Rx", "cases": verdicts["AI"]["d98_ok"],
+                    "non_inferior": verdicts["AI"]["d98_ok"] == n}],
+                "passed": verdicts["AI"]["overall_non_inferior"],
+                "measured_by": "python -m benchmarks.bench_ai (held-out synthetic cases; see benchmarks/RESULTS.md)"}
+        path = record_quality_gate(args.model, gate)
+        print(f"\nquality gate {'passed' if gate['passed'] else 'NOT passed'}; recorded in {path}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "refine_iterations": args.refine, **verdicts["AI"],

@@ -1,6 +1,6 @@
 """Benchmark of the DICOM node: end-to-end latency and receive throughput, with real dcmtk peers.
 
-``python -m benchmarks.bench_node [--slices 120] [--repeats 1] [--iterations 20]``
+``python -m benchmarks.bench_node [--slices 120] [--repeats 1] [--method auto] [--iterations 20] [--dose-grid-mm 4]``
 
 1. End to end: a synthetic CT series (``--slices`` slices, 512 x 512) + RTSTRUCT is pushed with
    dcmtk ``storescu`` to ``airt serve``; dcmtk ``storescp`` is the destination. Reported: the time
@@ -45,7 +45,7 @@ def _wait_port(port: int, timeout: float = 120.0) -> None:
 
 
 def _config(path: Path, *, data: Path, port: int, receiver_port: int | None, worker: bool, stable_age_s: float,
-            iterations: int, dose_grid_mm: float) -> None:
+            iterations: int, dose_grid_mm: float, method: str = "optimize") -> None:
     dest = (f'[[destinations]]\nname = "receiver"\nae_title = "{RECEIVER_AET}"\nhost = "127.0.0.1"\n'
             f"port = {receiver_port}\n" if receiver_port else "")
     path.write_text(f"""
@@ -73,7 +73,7 @@ enabled = {"true" if worker else "false"}
 retry_initial_s = 1.0
 
 [planning]
-method = "optimize"
+method = "{method}"
 optimizer_iterations = {iterations}
 dose_grid_mm = {dose_grid_mm}
 """)
@@ -92,8 +92,8 @@ def _push(folder: Path, port: int) -> subprocess.Popen[bytes]:
                              str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def end_to_end(work: Path, case: Path, *, stable_age_s: float, iterations: int, dose_grid_mm: float
-               ) -> tuple[float, float]:
+def end_to_end(work: Path, case: Path, *, stable_age_s: float, iterations: int, dose_grid_mm: float,
+               method: str) -> tuple[float, float]:
     """One push -> results run; returns (latency minus stable age, job's planning process time), s."""
     port, rport = _free_port(), _free_port()
     out = work / "received"
@@ -102,7 +102,7 @@ def end_to_end(work: Path, case: Path, *, stable_age_s: float, iterations: int, 
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = work / "airt.toml"
     _config(cfg, data=work / "data", port=port, receiver_port=rport, worker=True, stable_age_s=stable_age_s,
-            iterations=iterations, dose_grid_mm=dose_grid_mm)
+            iterations=iterations, dose_grid_mm=dose_grid_mm, method=method)
     node = _start_node(cfg, port, work / "node.log")
     try:
         push = _push(case, port)
@@ -158,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_node")
     ap.add_argument("--slices", type=int, default=120, help="CT slices per case (default 120)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per measurement (median reported)")
+    ap.add_argument("--method", choices=["auto", "ai", "optimize"], default="auto",
+                    help="planning.method for the end-to-end run (default auto, as the appliance ships)")
     ap.add_argument("--iterations", type=int, default=20, help="planning.optimizer_iterations for the end-to-end run")
-    ap.add_argument("--dose-grid-mm", type=float, default=6.0, help="planning.dose_grid_mm for the end-to-end run")
+    ap.add_argument("--dose-grid-mm", type=float, default=4.0, help="planning.dose_grid_mm for the end-to-end run")
     ap.add_argument("--stable-age-s", type=float, default=2.0, help="scheduler.stable_age_s for the end-to-end run")
     args = ap.parse_args(argv)
     for tool in ("storescu", "storescp"):
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         lat, plan, tp1, tp4 = [], [], [], []
         for r in range(args.repeats):
             la, pl = end_to_end(root / f"e2e{r}", cases[0], stable_age_s=args.stable_age_s,
-                                iterations=args.iterations, dose_grid_mm=args.dose_grid_mm)
+                                iterations=args.iterations, dose_grid_mm=args.dose_grid_mm, method=args.method)
             lat.append(la)
             plan.append(pl)
             print(f"run {r}: latency - stable age {la:.1f} s, planning process {pl:.1f} s", file=sys.stderr)
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| measure | value |")
     print("|---|---|")
     print(f"| last C-STORE -> RT Dose at receiver, minus stable age ({args.stable_age_s:g} s) | {med(lat):.1f} s |")
-    print(f"| of which planning process (optimize, {args.iterations} it, {args.dose_grid_mm:g} mm grid) | "
+    how = f"optimize, {args.iterations} it" if args.method == "optimize" else f"method {args.method}"
+    print(f"| of which planning process ({how}, {args.dose_grid_mm:g} mm grid) | "
           f"{med(plan):.1f} s |")
     print(f"| node overhead (latency - planning) | {med(lat) - med(plan):.1f} s |")
     print(f"| receive throughput, 1 sender | {med(tp1):.1f} instances/s |")

@@ -14,13 +14,16 @@ def installed_model_dir(configured: str = "") -> Path | None:
     return folder if (folder / "model.json").is_file() else None
 
 
-def model_is_qualified(folder: Path) -> tuple[bool, str]:
+def model_is_qualified(folder: Path, refine_iterations: int | None = None) -> tuple[bool, str]:
     """Whether ``planning.method = auto`` may use this model, and why (not).
 
     A model qualifies only when its ``model.json`` records ``meta.qualified_for_auto = true``,
-    which training sets after the model's held-out plans met the quality gate. A model without
-    it (such as the shipped CPU demonstration model) is used only when asked for explicitly
-    (``--method ai``).
+    which the held-out benchmark sets when the model's plans met the quality gate
+    (``python -m benchmarks.bench_ai --record-gate``). A model without it is used only when asked
+    for explicitly (``--method ai``). The gate's plans were refined by
+    ``meta.quality_gate.ai_refine_iterations`` optimizer evaluations (``pipeline.refine``); with
+    fewer (``refine_iterations``, the configured number) the verdict does not hold and the model
+    does not qualify.
     """
     import json
 
@@ -28,6 +31,11 @@ def model_is_qualified(folder: Path) -> tuple[bool, str]:
         meta = json.loads((folder / "model.json").read_text()).get("meta", {})
     except (OSError, ValueError) as exc:
         return False, f"model.json unreadable: {exc}"
-    if meta.get("qualified_for_auto") is True:
-        return True, "qualified on held-out cases"
-    return False, str(meta.get("note") or "the model has not passed the held-out quality gate")
+    if meta.get("qualified_for_auto") is not True:
+        return False, str(meta.get("note") or "the model has not passed the held-out quality gate")
+    gate = meta.get("quality_gate") or {}
+    needed = int(gate.get("ai_refine_iterations", 0))
+    if refine_iterations is not None and refine_iterations < needed:
+        return False, (f"its quality gate was passed with {needed} refinement evaluations and "
+                       f"planning.ai_refine_iterations is {refine_iterations}")
+    return True, "qualified on held-out cases"

@@ -8,8 +8,10 @@ The chain (paper section 5.2, Note S1)::
 
 Everything runs on a coarse *network grid* (``meta.grid.net_grid_mm`` of the model folder, 8 mm
 for the CPU model) built like the dose grid (``pipeline.dose_engine.dose_grid_for_case``). The
-networks never produce the delivered dose: ``appliance.planning`` sequences ``F`` and computes the
-final dose of the sequenced plan with the reference engine.
+networks never produce the delivered dose: ``appliance.planning`` refines ``F`` near the target
+(``pipeline.refine``, not in the paper; ``planning.ai_refine_iterations``), sequences it at the
+threshold :func:`choose_aperture_threshold` picks and computes the final dose of the sequenced
+plan with the reference engine.
 
 Normalisation (recorded in ``model.json`` ``meta.normalisation``, applied identically by
 ``pipeline.training``): doses are in units of the per-fraction prescription (``D / Rx``), fluence

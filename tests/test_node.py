@@ -37,6 +37,7 @@ from storage.instance_store import InstanceStore
 from storage.models import Job
 from storage.states import JobState, utcnow
 from tests.conftest import free_port, require_tool
+from tests.node_helpers import case_files, tiny_case
 from tests.test_scp import PEER, associate, write_case
 from tests.test_scu import _received_order, _wait_port, start_storescp
 
@@ -78,7 +79,9 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
 # In-process worker on tiny cases (fast: planning fails or times out early)
 
 
-def _ingest_tiny_case(tmp_path: Path, **settings_over: Any) -> tuple[Any, Database, int]:
+def _ingest_tiny_case(tmp_path: Path, plannable: bool = False, **settings_over: Any) -> tuple[Any, Database, int]:
+    """Push a 3-slice case whose PTV is empty (unplannable), or with ``plannable`` a small real one,
+    to an SCP, and let the scheduler make its job."""
     table: dict[str, Any] = {"node": {"port": free_port()}, "peers": [{"ae_title": PEER}],
                              "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 1},
                              "scheduler": {"stable_age_s": 0.0},
@@ -89,9 +92,12 @@ def _ingest_tiny_case(tmp_path: Path, **settings_over: Any) -> tuple[Any, Databa
     scp = StorageSCP(settings, db, InstanceStore(settings.data_dir))
     scp.start()
     try:
-        case = write_case(tmp_path / "case", n_slices=3)
+        if plannable:
+            paths = case_files(tiny_case(tmp_path / "case"))
+        else:
+            paths = write_case(tmp_path / "case", n_slices=3)["paths"]  # type: ignore[assignment]
         assoc = associate(scp.port)
-        for p in case["paths"]:  # type: ignore[attr-defined]
+        for p in paths:
             assert assoc.send_c_store(pydicom.dcmread(p)).Status == 0  # type: ignore[attr-defined]
         assoc.release()  # type: ignore[attr-defined]
     finally:
@@ -112,7 +118,8 @@ def test_unplannable_case_fails_with_the_loaders_message(tmp_path: Path) -> None
 
 
 def test_plan_timeout_kills_the_planning_process(tmp_path: Path) -> None:
-    settings, db, job_id = _ingest_tiny_case(tmp_path, worker={"plan_timeout_s": 0.3})
+    # a plannable case: the loader's own error must not end the plan before the timeout does
+    settings, db, job_id = _ingest_tiny_case(tmp_path, plannable=True, worker={"plan_timeout_s": 0.3})
     t0 = time.perf_counter()
     assert Worker(settings, db).run_once() == job_id
     assert time.perf_counter() - t0 < 30

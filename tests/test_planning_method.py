@@ -37,9 +37,27 @@ def test_no_model_means_optimize_and_ai_is_refused_clearly(tmp_path: Path) -> No
         resolve_method(s, "ai")
 
 
-def test_shipped_demonstration_model_is_not_used_unattended() -> None:
+def test_a_gate_passed_with_refinement_does_not_hold_without_it(tmp_path: Path) -> None:
+    gated = _model(tmp_path / "gated", {"qualified_for_auto": True,
+                                        "quality_gate": {"ai_refine_iterations": 20, "passed": True}})
+    assert resolve_method(settings_from_dict({"planning": {"model_dir": str(gated)}}), None) is PlanningMethod.AI
+    fewer = settings_from_dict({"planning": {"model_dir": str(gated), "ai_refine_iterations": 5}})
+    assert resolve_method(fewer, None) is PlanningMethod.OPTIMIZE
+    ok, why = model_is_qualified(gated, 5)
+    assert not ok and "20 refinement evaluations" in why and "is 5" in why
+
+
+def test_shipped_model_is_used_unattended_only_as_its_recorded_gate_says() -> None:
     if not (SHIPPED_MODEL_DIR / "model.json").exists():
         pytest.skip("no shipped model")
-    ok, why = model_is_qualified(SHIPPED_MODEL_DIR)
-    assert not ok and why
-    assert resolve_method(settings_from_dict({}), None) is PlanningMethod.OPTIMIZE
+    meta = json.loads((SHIPPED_MODEL_DIR / "model.json").read_text())["meta"]
+    settings = settings_from_dict({})
+    ok, why = model_is_qualified(SHIPPED_MODEL_DIR, settings.planning.ai_refine_iterations)
+    gate = meta.get("quality_gate")
+    if gate is None:
+        assert not ok and why
+    else:  # the verdict is the conjunction of the measured criteria, on at least 20 held-out cases
+        assert ok is gate["passed"] is all(c["non_inferior"] for c in gate["criteria"])
+        assert gate["cases"] == len(set(gate["seeds"])) >= 20
+        assert gate["ai_refine_iterations"] <= settings.planning.ai_refine_iterations
+    assert resolve_method(settings, None) is (PlanningMethod.AI if ok else PlanningMethod.OPTIMIZE)
