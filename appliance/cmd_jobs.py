@@ -70,6 +70,14 @@ def cmd_list(db: Database, state: str | None, limit: int) -> int:
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
+    how = [f"method {metrics.get('method', '-')}"]
+    refine = metrics.get("ai_refine")
+    if isinstance(refine, dict):
+        how.append(f"networks' fluence refined by {_fmt(refine.get('iterations'))} optimizer evaluations on "
+                   f"{_fmt(refine.get('voxels'))} voxels near the PTV")
+    if metrics.get("sequencer_aperture_threshold") is not None:
+        how.append(f"sequencer threshold {_fmt(metrics['sequencer_aperture_threshold'])}")
+    print("\nPlanned with: " + "; ".join(how))
     structures = metrics.get("structures")
     if isinstance(structures, dict) and structures:
         keys: list[str] = []

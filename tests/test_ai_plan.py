@@ -43,6 +43,7 @@ def test_jobs_show_lists_the_candidates(planned: dict[str, Any], capsys: pytest.
     _print_metrics(planned["metrics"])
     text = capsys.readouterr().out
     assert "Candidate plans" in text
+    assert "method ai; networks' fluence refined by 20 optimizer evaluations on" in text
     rows = [ln for ln in text.splitlines() if ln.strip().endswith(tuple(c["folder"] for c in planned["metrics"]["candidates"]))]
     assert len(rows) == 2 and rows[0].split()[:2] == ["0.00", "0.40"] and rows[1].split()[:2] == ["0.40", "0.00"]
 
