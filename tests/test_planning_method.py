@@ -61,3 +61,23 @@ def test_shipped_model_is_used_unattended_only_as_its_recorded_gate_says() -> No
         assert gate["cases"] == len(set(gate["seeds"])) >= 20
         assert gate["ai_refine_iterations"] <= settings.planning.ai_refine_iterations
     assert resolve_method(settings, None) is (PlanningMethod.AI if ok else PlanningMethod.OPTIMIZE)
+
+
+def test_the_shipped_gate_is_the_one_the_benchmark_file_measured() -> None:
+    """The verdict in model.json is recomputed from the per-case values it was written from."""
+    from benchmarks.bench_ai import D98_MIN_REL, non_inferiority
+
+    gate = json.loads((SHIPPED_MODEL_DIR / "model.json").read_text())["meta"].get("quality_gate")
+    if gate is None:
+        pytest.skip("the shipped model records no quality gate")
+    saved = json.loads((Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ai_latest.json").read_text())
+    rows = saved["rows"]
+    assert gate["seeds"] == [r["seed"] for r in rows]
+    assert gate["ai_refine_iterations"] == saved["refine_iterations"]
+    recomputed = non_inferiority(rows, "AI")
+    assert [c["metric"] for c in gate["criteria"][:-1]] == [x["metric"] for x in recomputed]
+    for c, x in zip(gate["criteria"], recomputed, strict=False):
+        assert c["upper95"] == pytest.approx(x["upper95"]) and c["non_inferior"] is x["non_inferior"]
+    d98_ok = sum(r["quality"]["AI"]["D98_Gy"] / 40.0 >= D98_MIN_REL for r in rows)
+    assert gate["criteria"][-1]["cases"] == d98_ok
+    assert gate["passed"] is (all(x["non_inferior"] for x in recomputed) and d98_ok == len(rows))
