@@ -173,19 +173,13 @@ def non_inferiority(rows: list[dict[str, Any]], label: str = "AI") -> list[dict[
 def record_quality_gate(model_dir: str, gate: dict[str, Any]) -> str:
     """Write ``gate`` into the model's ``model.json`` (``meta.quality_gate``) and set
     ``meta.qualified_for_auto`` to its verdict; returns the file's path."""
-    from pathlib import Path
-
     from pipeline.ai_model import installed_model_dir
+    from pipeline.model_io import update_model_meta
 
     folder = installed_model_dir(model_dir)
     if folder is None:
         raise SystemExit(f"no model.json in {model_dir or 'the shipped model folder'}")
-    path = Path(folder) / "model.json"
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    doc["meta"]["quality_gate"] = gate
-    doc["meta"]["qualified_for_auto"] = bool(gate["passed"])
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return str(path)
+    return str(update_model_meta(folder, {"quality_gate": gate, "qualified_for_auto": bool(gate["passed"])}))
 
 
 def _med(vals: list[float]) -> float:

@@ -139,6 +139,28 @@ def save_model_folder(
     return path
 
 
+def update_model_meta(folder: str | Path, updates: Mapping[str, Any]) -> Path:
+    """Merge ``updates`` into the ``meta`` of a model folder's ``model.json`` (top-level keys replaced).
+
+    For what is learned about a model after training (its held-out quality gate); the weights and
+    their hashes are untouched. The file is replaced atomically, written as :func:`save_model_folder`
+    writes it.
+    """
+    path = Path(folder) / MODEL_JSON
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: no readable model.json ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict):
+        raise ConfigError(f"{path} is not a model folder description (no meta object)")
+    try:
+        doc["meta"].update(json.loads(json.dumps(dict(updates))))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model meta must be JSON-serialisable plain data: {exc}") from exc
+    _atomic_write(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
 def load_model_folder(folder: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Read, verify and build the networks of a model folder.
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from pipeline.case import Grid, PatientPosition
 from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import ArcGeometry
-from pipeline.model_io import load_model_folder, save_model_folder
+from pipeline.model_io import load_model_folder, save_model_folder, update_model_meta
 from pipeline.nets.bev2fluence import Bev2Fluence, Bev2FluenceConfig
 from pipeline.nets.blocks import count_parameters
 from pipeline.nets.discriminator import (
@@ -349,6 +349,17 @@ def test_model_folder_round_trip_and_tamper_refusal(tmp_path) -> None:  # type: 
         ref = module.state_dict()
         for k, v in loaded.networks[key].state_dict().items():
             assert torch.equal(v, ref[k]), f"{key}.{k}"
+
+    # What is learned after training is merged into meta; the weights' records stay as they were.
+    update_model_meta(tmp_path / "model", {"quality_gate": {"passed": False}, "training": {"cases": 4}})
+    updated = json.loads(path.read_text())
+    assert updated["meta"] == {**meta, "quality_gate": {"passed": False}, "training": {"cases": 4}}
+    assert updated["networks"] == doc["networks"]
+    assert load_model_folder(tmp_path / "model", "cpu").meta["quality_gate"] == {"passed": False}
+    with pytest.raises(ConfigError, match="JSON"):
+        update_model_meta(tmp_path / "model", {"bad": object()})
+    with pytest.raises(ConfigError, match=r"no readable model\.json"):
+        update_model_meta(tmp_path / "none", {"a": 1})
 
     # One flipped byte in a weights file is refused.
     weights = tmp_path / "model" / "bev2fluence.safetensors"
