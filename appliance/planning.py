@@ -296,7 +296,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
                 refined = refine_fluence(fluence, engine, masks_dg, rx_gy=rx_fx,
                                          iterations=settings.planning.ai_refine_iterations)
             fluence, ptv_engine = refined.fluence, refined.engine
-            extra["ai_refine"] = {"iterations": settings.planning.ai_refine_iterations, **refined.record()}
+            extra["ai_refine"] = refined.record()
 
     ctx = _PlanContext(case=case, settings=settings, engine=engine, grid=grid, machine=machine, arc=arc,
                        device=device, isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), geometry=geometry,

@@ -52,6 +52,8 @@ class Refinement:
     engine
         The restricted reference engine it used; its dose in the PTV equals the full engine's,
         so the sequencer's threshold choice can reuse it.
+    iterations
+        Optimizer evaluations run.
     voxels
         Voxels the restricted engine computes.
     loss
@@ -62,13 +64,14 @@ class Refinement:
 
     fluence: NDArray[np.float32]
     engine: Any
+    iterations: int
     voxels: int
     loss: tuple[float, float]
     seconds: float
 
     def record(self) -> dict[str, Any]:
         """What ``metrics.json`` records."""
-        return {"voxels": self.voxels, "loss_start": round(self.loss[0], 6), "loss_end": round(self.loss[1], 6),
+        return {"iterations": self.iterations, "voxels": self.voxels, "loss_start": round(self.loss[0], 6), "loss_end": round(self.loss[1], 6),
                 "seconds": round(self.seconds, 3)}
 
 
@@ -139,5 +142,5 @@ def refine_fluence(
     seconds = time.perf_counter() - t0
     log.info("refinement: %d evaluations on %d voxels, loss %.4g -> %.4g in %.2f s", iterations, int(region.sum()),
              result.history[0], result.history[-1], seconds)
-    return Refinement(fluence=result.fluence, engine=sub, voxels=int(region.sum()),
+    return Refinement(fluence=result.fluence, engine=sub, iterations=len(result.history), voxels=int(region.sum()),
                       loss=(result.history[0], result.history[-1]), seconds=seconds)

@@ -61,6 +61,7 @@ def test_refinement_cools_the_oar_walls_of_a_wide_open_fluence() -> None:
     assert refined.fluence.shape == shape and refined.fluence.dtype == np.float32
     assert float(refined.fluence.min()) >= 0.0
     assert refined.loss[1] < refined.loss[0]
+    assert refined.record()["iterations"] == refined.iterations == 15
     assert refined.voxels == refined.engine.points.shape[1] < engine.points.shape[1] // 5
     with torch.no_grad():
         full_before = engine(start).numpy()
