@@ -88,6 +88,7 @@ def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
     assert len(uids) == 3  # three distinct plans
     # suppressing the rectum or the bladder gives different plans (the sparing reaches the correction network)
     assert m["candidates"][0]["total_MU"] != pytest.approx(m["candidates"][1]["total_MU"], rel=1e-6)
+    assert m["candidates"][0]["total_MU"] != pytest.approx(m["plan"]["total_MU"], rel=1e-6)
     # a delivery sends the main plan and dose first, then each candidate's
     files = result_files(out)
     assert [p.relative_to(out).as_posix() for p in files] == [
