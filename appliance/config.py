@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from pipeline.case import Prescription, Role
 from pipeline.errors import ConfigError
+from pipeline.goals import Normalisation
 from sequencing.machine import ArcSpec, MachineModel, RotationDirection
 
 T = TypeVar("T")
@@ -40,15 +41,6 @@ class PlanningMethod(enum.StrEnum):
     AUTO = "auto"
     AI = "ai"
     OPTIMIZE = "optimize"
-
-
-class Normalisation(enum.StrEnum):
-    """How MU are scaled after planning: ``ptv_dx`` (PTV D{volume_percent}% = Rx),
-    ``ptv_mean`` (PTV mean = Rx), ``none``."""
-
-    PTV_DX = "ptv_dx"
-    PTV_MEAN = "ptv_mean"
-    NONE = "none"
 
 
 class Comparison(enum.StrEnum):
@@ -368,6 +360,10 @@ class PlanningSettings:
         default=20,
         metadata=doc("Optimizer evaluations refining the AI fluence near the target before sequencing (the PTV, an 8 mm shell and bladder/rectum within 15 mm; not in the paper: the small CPU networks leave the OAR walls next to the PTV hotter than the optimizer does); 0 = the networks' fluence as it is", "count 0-200"),
     )
+    arc_optimizer_iterations: int = field(
+        default=30,
+        metadata=doc("Machine-parameter optimisation of the sequenced arc: evaluations optimising the leaf positions and MU of every control point through the dose (machine limits kept at every step); 0 = the sequencer's arc as it is", "count 0-500"),
+    )
     sparing_bladder: float = field(default=0.0, metadata=doc("Bladder suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     sparing_rectum: float = field(default=0.0, metadata=doc("Rectum suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     candidate_sparings: tuple[tuple[float, float], ...] = field(
@@ -393,6 +389,8 @@ class PlanningSettings:
             raise ConfigError("planning.ai_min_ptv_d98_percent must be in [50, 100] and planning.ai_max_ptv_hi in (0, 1]")
         if not 0 <= self.ai_refine_iterations <= 200:
             raise ConfigError(f"planning.ai_refine_iterations must be in [0, 200], got {self.ai_refine_iterations}")
+        if not 0 <= self.arc_optimizer_iterations <= 500:
+            raise ConfigError(f"planning.arc_optimizer_iterations must be in [0, 500], got {self.arc_optimizer_iterations}")
         for name in ("sparing_bladder", "sparing_rectum"):
             v = getattr(self, name)
             if not 0.0 <= v <= 0.5:

@@ -3,7 +3,9 @@
 For each seed (not in the model's training data): the appliance's optimizer plan (4 mm, the
 configured evaluations and aperture threshold: what ``airt plan --method optimize`` does; timed),
 the AI plan of the model under test (``--model``, default the shipped one: what ``airt plan
---method ai`` does, threshold choice included; timed), the same without dose feedback ("-DF"),
+--method ai`` does through ``pipeline.plan.plan_arc``, threshold choice and the arc's
+machine-parameter optimisation of ``--arc`` evaluations included; timed; the optimizer row is
+the training recipe's teacher plan, sequenced without that optimisation), the same without dose feedback ("-DF"),
 the plans of other models for the ablation (``--variant LABEL=DIR``, e.g. a model trained with
 or without the adversarial loss from the same stage 1) and AI plans with bladder or rectum
 suppression s_o = 0.2, 0.4. "AI" is what the appliance does: the networks' fluence refined by
@@ -23,7 +25,7 @@ difference (AI - optimizer) must stay below the margin (HI 0.01, OAR 1.5 Gy), an
 must reach PTV D98 >= 97 % of Rx.
 
     .venv/bin/python -m benchmarks.bench_ai [--seeds 2000:2020] [--model DIR] [--variant LABEL=DIR ...]
-                                            [--refine N] [--threads 2] [--json OUT.json]
+                                            [--refine N] [--arc N] [--threads 2] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -33,23 +35,25 @@ import json
 import math
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import stats
 
-from appliance.config import Settings
-from appliance.planning import MU_HEADROOM
-from pipeline.ai_planner import choose_aperture_threshold, load_pipeline, predict_fluence, prepare_case
+from appliance.config import PlanningMethod, Settings
+from appliance.planning import planning_options
+from pipeline.ai_planner import load_pipeline, predict_fluence, prepare_case
+from pipeline.arc_optimizer import ArcOptimizerSettings
 from pipeline.beam_model import load_beam_model
 from pipeline.case import Role
 from pipeline.dose_engine import ReferenceDoseEngine
 from pipeline.dvh import structure_metrics
 from pipeline.gamma import gamma_pass_rate
 from pipeline.goals import normalisation_factor
+from pipeline.plan import plan_arc
 from pipeline.problem import build_problem
-from pipeline.refine import refine_fluence
 from pipeline.synth import synth_case
 from pipeline.training.data import PlanningRecipe, parse_seed_range, plan_synthetic_case
 from sequencing.fluence import fluence_from_sequence
@@ -58,6 +62,8 @@ from sequencing.sequencer import ArcSequence
 SETTINGS = Settings()
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
+#: The appliance's AI planning options (the rows change the model, sparing, feedback and refinement).
+AI_OPTIONS = planning_options(SETTINGS, PlanningMethod.AI, "cpu")
 #: Non-inferiority margins of the paper: metric -> margin (AI - optimizer must stay below it).
 MARGINS: dict[str, float] = {"HI": 0.01, "bladder_Dmean_Gy": 1.5, "bladder_D2_Gy": 1.5, "rectum_Dmean_Gy": 1.5,
                              "rectum_D2_Gy": 1.5}
@@ -86,7 +92,7 @@ def evaluate(seq: ArcSequence, engine: ReferenceDoseEngine, masks: dict[Role, to
 
 
 def run_case(seed: int, model_dir: str, variants: dict[str, str], recipe: PlanningRecipe,
-             refine: int) -> dict[str, Any]:
+             refine: int, arc_iterations: int) -> dict[str, Any]:
     """All plans and measurements of one held-out case."""
     case = synth_case(seed, spacing_mm=(4.0, 4.0, 4.0))
     rx_fx = case.prescription.dose_gy / case.prescription.fractions
@@ -104,19 +110,13 @@ def run_case(seed: int, model_dir: str, variants: dict[str, str], recipe: Planni
 
     def ai(sparing: dict[Role, float], feedback: bool = True, model: str = model_dir,
            refine_iterations: int = 0) -> tuple[ArcSequence, float, dict[str, float], float]:
-        """Predict, refine, choose the threshold and sequence, as ``airt plan --method ai`` does."""
+        """Plan with the AI method through the planning core, as ``airt plan --method ai`` does."""
         t = time.perf_counter()
-        fl, ms = predict_fluence(case, model, geometry=geometry, rx_gy=rx_fx, sparing=sparing, device="cpu",
-                                 feedback=feedback)
-        ptv_engine = None
-        if refine_iterations > 0:
-            refined = refine_fluence(fl, engine, masks, rx_gy=rx_fx, iterations=refine_iterations)
-            fl, ptv_engine = refined.fluence, refined.engine
-        p = SETTINGS.planning
-        choice = choose_aperture_threshold(fl, ARC, MACHINE, engine, ptv, thresholds=p.ai_aperture_thresholds,
-                                           min_d98_rel=p.ai_min_ptv_d98_percent / 100.0, max_hi=p.ai_max_ptv_hi,
-                                           mu_headroom=MU_HEADROOM, ptv_engine=ptv_engine)
-        return choice.sequence, time.perf_counter() - t, ms, choice.threshold
+        options = replace(AI_OPTIONS, model_dir=model, sparing=sparing, ai_feedback=feedback,
+                          ai_refine_iterations=refine_iterations, arc=ArcOptimizerSettings(iterations=arc_iterations))
+        result = plan_arc(case, MACHINE, ARC, options, problem=prob)
+        return (result.sequence, time.perf_counter() - t, result.record["ai_module_ms"],
+                float(result.record["sequencer_aperture_threshold"]))
 
     predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing={}, device="cpu")  # warm-up
     seq_ai, t_ai, ms, thr = ai({}, refine_iterations=refine)
@@ -197,6 +197,9 @@ def main() -> None:
                     help="optimizer evaluations (default: the appliance's planning.optimizer_iterations)")
     ap.add_argument("--refine", type=int, default=SETTINGS.planning.ai_refine_iterations,
                     help="refinement evaluations of the 'AI' row (default: the appliance's planning.ai_refine_iterations)")
+    ap.add_argument("--arc", type=int, default=SETTINGS.planning.arc_optimizer_iterations,
+                    help="machine-parameter optimisation evaluations of every AI plan (default: the appliance's "
+                         "planning.arc_optimizer_iterations)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default="", help="also write every case's measurements to this JSON file")
     ap.add_argument("--from-json", default="", metavar="FILE",
@@ -218,7 +221,7 @@ def main() -> None:
     else:
         rows = []
         for seed in parse_seed_range(args.seeds):
-            rows.append(run_case(seed, args.model, variants, recipe, args.refine))
+            rows.append(run_case(seed, args.model, variants, recipe, args.refine, args.arc))
             print(f"seed {seed} done", flush=True)
     n = len(rows)
 

@@ -8,6 +8,7 @@ stop a plan from being delivered to the physicist.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -21,6 +22,17 @@ from pipeline.dvh import METRIC_RE, dose_at_volume_percent, evaluate_metric, met
 from pipeline.errors import InputError, PlanningError
 
 log = logging.getLogger(__name__)
+
+
+
+class Normalisation(enum.StrEnum):
+    """How MU are scaled after planning: ``ptv_dx`` (PTV D{volume_percent}% = Rx),
+    ``ptv_mean`` (PTV mean = Rx), ``none``."""
+
+    PTV_DX = "ptv_dx"
+    PTV_MEAN = "ptv_mean"
+    NONE = "none"
+
 
 AT_LEAST = ">="
 AT_MOST = "<="

@@ -153,6 +153,81 @@ class OptimizationResult:
     terms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class DoseObjective:
+    """The dose terms of the planning objective for one case (see the module docstring, step 3).
+
+    Shared by the fluence optimizer and the arc's machine-parameter optimisation, so that both
+    minimise the same thing. Built by :func:`build_dose_objective`; :meth:`terms` gives each term
+    (unweighted, scale-free) and its weight, :meth:`__call__` their weighted sum.
+    """
+
+    weights: OptimizerWeights
+    rx_gy: float
+    ptv: torch.Tensor
+    region: torch.Tensor
+    ceiling: torch.Tensor
+    oars: dict[str, torch.Tensor]
+    femurs: tuple[torch.Tensor, ...]
+
+    def terms(self, dose: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Each dose term of ``dose`` (engine units) and its weight."""
+        w, rx = self.weights, self.rx_gy
+        t = {
+            "ptv": obj.ptv_homogeneity_term(dose, self.ptv, rx, w.lambda_plus, w.lambda_minus),
+            "cold_tail": obj.lower_dvh_term(dose, self.ptv, w.cold_tail_level * rx, w.cold_tail_fraction, rx),
+            "hot_tail": obj.upper_dvh_term(dose, self.ptv, w.hot_tail_level * rx, w.hot_tail_fraction, rx),
+            "ring": obj.hinge_mean_term(dose, self.region, self.ceiling, rx),
+        }
+        k = {"ptv": w.ptv, "cold_tail": w.cold_tail, "hot_tail": w.hot_tail, "ring": w.ring}
+        for r, m in self.oars.items():
+            t[f"{r}_mean"], k[f"{r}_mean"] = obj.mean_dose_term(dose, m, rx), w.oar_mean
+            t[f"{r}_high"] = obj.upper_dvh_term(dose, m, w.oar_high_level * rx, w.oar_high_fraction, rx)
+            k[f"{r}_high"] = w.oar_high
+        for i, m in enumerate(self.femurs):
+            t[f"femur_{i}"], k[f"femur_{i}"] = obj.hinge_mean_term(dose, m, w.femur_level * rx, rx), w.femur
+        return t, k
+
+    def __call__(self, dose: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of the dose terms (dimensionless)."""
+        t, k = self.terms(dose)
+        return sum((k[name] * value for name, value in t.items()), dose.new_zeros(()))
+
+
+def build_dose_objective(masks_on_dose_grid: Mapping[Any, torch.Tensor], *, rx_gy: float,
+                         spacing_mm: tuple[float, float, float],
+                         weights: OptimizerWeights | None = None) -> DoseObjective:
+    """The dose terms of the planning objective on a case's masks (``ptv`` required; bladder, rectum,
+    body and femoral heads used when present), for doses in the unit of ``rx_gy``."""
+    w = weights or OptimizerWeights()
+    if "ptv" not in masks_on_dose_grid:
+        raise PlanningError("the planning objective needs a PTV mask on the dose grid")
+    ptv_b = masks_on_dose_grid["ptv"]
+    device, dtype = ptv_b.device, torch.float32
+    ptv = ptv_b.to(dtype)
+    outside = 1.0 - (ptv > 0.5).to(dtype)
+
+    def mask(role: str) -> torch.Tensor | None:
+        m = masks_on_dose_grid.get(role)
+        if m is None or not bool(m.any()):
+            return None
+        return m.to(device=device, dtype=dtype)
+
+    oars = {r: m * outside for r in ("bladder", "rectum") if (m := mask(r)) is not None}
+    body = mask("body")
+    ceiling = torch.as_tensor(
+        obj.falloff_reference((ptv > 0.5).cpu().numpy(), spacing_mm, rx_gy,
+                              floor_fraction=w.ring_floor_fraction, falloff_mm=w.ring_falloff_mm),
+        device=device,
+    )
+    return DoseObjective(
+        weights=w, rx_gy=float(rx_gy), ptv=ptv,
+        region=(body if body is not None else torch.ones_like(ptv)) * outside, ceiling=ceiling,
+        oars={r: m for r, m in oars.items() if float(m.sum()) > 0},
+        femurs=tuple(m for r in ("femur_head_l", "femur_head_r") if (m := mask(r)) is not None),
+    )
+
+
 def _fluence_shape(engine: Any, init: torch.Tensor | None) -> tuple[int, int, int]:
     if init is not None:
         if init.ndim != 3:
@@ -276,26 +351,7 @@ def optimize_fluence(
     if float(ptv.sum()) <= 0:
         raise PlanningError("the PTV mask is empty on the dose grid; use a finer planning.dose_grid_mm")
     shape = _fluence_shape(engine, init)
-    outside = 1.0 - (ptv > 0.5).to(dtype)
-
-    def mask(role: str) -> torch.Tensor | None:
-        m = masks_on_dose_grid.get(role)
-        if m is None or not bool(m.any()):
-            return None
-        return m.to(device=device, dtype=dtype)
-
-    oars = {r: m * outside for r in ("bladder", "rectum") if (m := mask(r)) is not None}
-    oars = {r: m for r, m in oars.items() if float(m.sum()) > 0}
-    femurs = [m for r in ("femur_head_l", "femur_head_r") if (m := mask(r)) is not None]
-    body = mask("body")
-    region = (body if body is not None else torch.ones_like(ptv)) * outside
-    ceiling = torch.as_tensor(
-        obj.falloff_reference(
-            (ptv > 0.5).cpu().numpy(), _spacing_mm(engine), rx_gy,
-            floor_fraction=w.ring_floor_fraction, falloff_mm=w.ring_falloff_mm,
-        ),
-        device=device,
-    )
+    dose_terms = build_dose_objective(masks_on_dose_grid, rx_gy=rx_gy, spacing_mm=_spacing_mm(engine), weights=w)
 
     aperture, _ = ptv_aperture(engine, ptv, shape, threshold=w.aperture_threshold, device=device, dtype=dtype)
     free = _dilate(aperture, w.aperture_margin_px).to(dtype)
@@ -327,21 +383,8 @@ def optimize_fluence(
         """Total loss of the parameters; one engine forward. Updates ``terms``."""
         nonlocal terms
         flu = fluence_of(p)
-        dose = engine(flu)
-        t = {
-            "ptv": obj.ptv_homogeneity_term(dose, ptv, rx_gy, w.lambda_plus, w.lambda_minus),
-            "cold_tail": obj.lower_dvh_term(dose, ptv, w.cold_tail_level * rx_gy, w.cold_tail_fraction, rx_gy),
-            "hot_tail": obj.upper_dvh_term(dose, ptv, w.hot_tail_level * rx_gy, w.hot_tail_fraction, rx_gy),
-            "ring": obj.hinge_mean_term(dose, region, ceiling, rx_gy),
-            "smooth": obj.smoothness_term(flu, level),
-        }
-        k = {"ptv": w.ptv, "cold_tail": w.cold_tail, "hot_tail": w.hot_tail, "ring": w.ring, "smooth": w.smooth}
-        for r, m in oars.items():
-            t[f"{r}_mean"], k[f"{r}_mean"] = obj.mean_dose_term(dose, m, rx_gy), w.oar_mean
-            t[f"{r}_high"] = obj.upper_dvh_term(dose, m, w.oar_high_level * rx_gy, w.oar_high_fraction, rx_gy)
-            k[f"{r}_high"] = w.oar_high
-        for i, m in enumerate(femurs):
-            t[f"femur_{i}"], k[f"femur_{i}"] = obj.hinge_mean_term(dose, m, w.femur_level * rx_gy, rx_gy), w.femur
+        t, k = dose_terms.terms(engine(flu))
+        t["smooth"], k["smooth"] = obj.smoothness_term(flu, level), w.smooth
         if w.total_variation > 0:
             t["tv"], k["tv"] = obj.total_variation_term(flu, level), w.total_variation
         if two_level_weight > 0:

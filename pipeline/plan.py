@@ -1,0 +1,317 @@
+"""The planning core: one function from a Case to a deliverable, normalised arc and its reference dose.
+
+``airt plan``, the node's worker (through ``appliance.planning``) and the benchmarks call
+:func:`plan_arc`; nothing else sequences, doses and normalises a plan. No DICOM here: the caller
+writes the RT Plan and RT Dose and evaluates the goals.
+
+Steps::
+
+    fluence      optimizer (method optimize) | networks + refinement (method ai)
+    sequence     leaf sequencer (AI: the threshold whose plan covers the PTV, a start point only)
+    arc          machine-parameter optimisation of leaves and MU through the dose (pipeline.arc_optimizer)
+    dose         full reference engine of the exported arc (fluence_from_sequence), per fraction
+    normalise    MU scaled so that PTV D<v> (or the PTV mean) = Rx on the CT grid; a plan scaled down
+                 by more than the arc's MU headroom has its leaf travel limited again for its new MU
+                 and is dosed again
+
+The dose returned is always the full reference engine's dose of the returned sequence.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from pipeline.arc_optimizer import OAR_REACH_MM, SHELL_MM, ArcOptimizerSettings, optimize_arc, rescale_mu
+from pipeline.case import Case, Role
+from pipeline.errors import PlanningError, SequencingError
+from pipeline.goals import Normalisation
+from pipeline.problem import DEFAULT_HU_CURVE, PlanningProblem, build_problem
+from sequencing.machine import ArcSpec, MachineModel
+from sequencing.sequencer import ArcSequence
+
+log = logging.getLogger(__name__)
+
+#: Normalisation passes at most (dose, factor, leaf travel limited again for the scaled MU).
+MAX_NORMALISATION_PASSES = 3
+
+
+class FluenceSource(enum.StrEnum):
+    """Where the fluence handed to the sequencer comes from."""
+
+    OPTIMIZE = "optimize"
+    AI = "ai"
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage, in the order they ran."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (accumulates when a stage runs twice)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class PlanningOptions:
+    """What :func:`plan_arc` needs besides the case, the machine and the arc.
+
+    Parameters
+    ----------
+    source
+        Fluence from the optimizer or the AI networks.
+    dose_grid_mm
+        Dose grid spacing, mm.
+    hu_curve
+        (HU, relative electron density) calibration pairs.
+    optimizer_iterations
+        Fluence optimizer evaluations (method optimize).
+    sequencer_threshold
+        The leaf sequencer's aperture threshold for an optimizer's fluence (fraction of a map's maximum).
+    ai_thresholds, ai_min_ptv_d98_rel, ai_max_ptv_hi
+        Sequencer thresholds tried for an AI fluence and what the chosen one's plan must reach (see
+        :func:`pipeline.ai_planner.choose_aperture_threshold`).
+    ai_refine_iterations
+        Refinement evaluations of an AI fluence (0: none).
+    model_dir
+        AI model folder (``""`` for the shipped model).
+    sparing
+        AI OAR suppression factors by role.
+    ai_feedback
+        Run the AI pipeline's dose-feedback correction (False only for the ablation "-DF").
+    arc
+        Machine-parameter optimisation settings (``iterations = 0`` keeps the sequencer's arc).
+    normalisation, normalisation_volume_percent
+        MU normalisation: PTV D<v> = Rx, PTV mean = Rx, or none.
+    device
+        Torch device.
+    """
+
+    source: FluenceSource = FluenceSource.OPTIMIZE
+    dose_grid_mm: float = 4.0
+    hu_curve: tuple[tuple[float, float], ...] = DEFAULT_HU_CURVE
+    optimizer_iterations: int = 50
+    sequencer_threshold: float = 0.02
+    ai_thresholds: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
+    ai_min_ptv_d98_rel: float = 0.97
+    ai_max_ptv_hi: float = 0.10
+    ai_refine_iterations: int = 20
+    model_dir: str = ""
+    sparing: Mapping[Role, float] = field(default_factory=dict)
+    ai_feedback: bool = True
+    arc: ArcOptimizerSettings = field(default_factory=ArcOptimizerSettings)
+    normalisation: Normalisation = Normalisation.PTV_DX
+    normalisation_volume_percent: float = 95.0
+    device: str = "cpu"
+
+
+@dataclass(frozen=True, eq=False)
+class PlanResult:
+    """What :func:`plan_arc` returns.
+
+    Attributes
+    ----------
+    sequence
+        The exported arc, MU normalised, within every machine limit.
+    dose_fx
+        Its dose per fraction from the full reference engine, Gy, on ``problem.grid``.
+    fluence
+        The fluence that was sequenced (MU per pixel per fraction, before normalisation).
+    factor
+        The MU normalisation factor applied to ``sequence`` and ``dose_fx``.
+    problem
+        Geometry, reference engine and dose-grid masks of the case.
+    record
+        What ``metrics.json`` records of how the plan was made (method details, sequencer
+        threshold, refinement, arc optimisation).
+    """
+
+    sequence: ArcSequence
+    dose_fx: NDArray[np.float32]
+    fluence: NDArray[np.float32]
+    factor: float
+    problem: PlanningProblem
+    record: dict[str, Any]
+
+
+def near_target_engine(problem: PlanningProblem) -> Any:
+    """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``)."""
+    from pipeline.refine import refinement_region
+
+    masks = {role: m.detach().cpu().numpy().astype(bool) for role, m in problem.masks.items()}
+    region = refinement_region(masks, problem.grid.spacing_mm, shell_mm=SHELL_MM, oar_reach_mm=OAR_REACH_MM)
+    return problem.engine.restricted(region), region
+
+
+def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
+             timings: Timings, record: dict[str, Any]) -> tuple[NDArray[np.float32], Any]:
+    """The fluence to sequence, and the refinement's restricted engine (AI) when there is one."""
+    if options.source is FluenceSource.OPTIMIZE:
+        from pipeline.optimizer import optimize_fluence
+
+        with timings.stage("optimize"):
+            result = optimize_fluence(problem.engine, problem.masks, rx_gy=rx_fx,
+                                      iterations=options.optimizer_iterations)
+        return np.asarray(result.fluence, dtype=np.float32), None
+    from pipeline.ai_planner import predict_fluence
+
+    fluence, module_ms = predict_fluence(case, options.model_dir, geometry=problem.geometry, rx_gy=rx_fx,
+                                         sparing=options.sparing, device=options.device, timings=timings,
+                                         feedback=options.ai_feedback)
+    record["ai_module_ms"] = module_ms
+    if options.ai_refine_iterations <= 0:
+        return fluence, None
+    from pipeline.refine import refine_fluence
+
+    with timings.stage("ai_refine"):
+        refined = refine_fluence(fluence, problem.engine, problem.masks, rx_gy=rx_fx,
+                                 iterations=options.ai_refine_iterations)
+    record["ai_refine"] = refined.record()
+    return refined.fluence, refined.engine
+
+
+def _start_sequence(fluence: NDArray[np.float32], problem: PlanningProblem, machine: MachineModel, arc: ArcSpec,
+                    options: PlanningOptions, ptv_engine: Any, timings: Timings,
+                    record: dict[str, Any]) -> ArcSequence:
+    """The sequencer's arc: the optimizer's fluence at the configured threshold, an AI fluence at
+    the threshold whose plan covers the PTV."""
+    from sequencing.sequencer import sequence_arc
+
+    headroom = options.arc.mu_headroom
+    if options.source is FluenceSource.AI:
+        from pipeline.ai_planner import choose_aperture_threshold
+
+        with timings.stage("ai_threshold"):
+            choice = choose_aperture_threshold(
+                fluence, arc, machine, problem.engine, problem.masks[Role.PTV].cpu().numpy(),
+                thresholds=options.ai_thresholds, min_d98_rel=options.ai_min_ptv_d98_rel,
+                max_hi=options.ai_max_ptv_hi, mu_headroom=headroom, ptv_engine=ptv_engine)
+        record["ai_sequencing"] = {"threshold": choice.threshold, "tries": choice.tries}
+        record["sequencer_aperture_threshold"] = choice.threshold
+        return choice.sequence
+    with timings.stage("sequence"):
+        seq = sequence_arc(fluence, arc, machine, threshold=options.sequencer_threshold, mu_headroom=headroom)
+    record["sequencer_aperture_threshold"] = options.sequencer_threshold
+    return seq
+
+
+def _reference_dose(problem: PlanningProblem, seq: ArcSequence, machine: MachineModel,
+                    device: str) -> NDArray[np.float32]:
+    """Dose per fraction of a sequence from the full reference engine, Gy."""
+    from sequencing.fluence import fluence_from_sequence
+
+    delivered = torch.as_tensor(fluence_from_sequence(seq, machine), dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        return problem.engine(delivered).cpu().numpy().astype(np.float32)
+
+
+def _normalisation_factor(dose_fx: NDArray[np.float32], problem: PlanningProblem, case: Case,
+                          options: PlanningOptions, rx_fx: float) -> float:
+    from pipeline.evaluation import structure_dvh_inputs
+    from pipeline.goals import normalisation_factor
+
+    if options.normalisation is Normalisation.NONE:
+        return 1.0
+    # On the CT grid, as the reported metrics are, so the reported PTV D<v> equals Rx.
+    ptv_inputs = structure_dvh_inputs(dose_fx, problem.grid, case, Role.PTV)
+    if ptv_inputs is None:
+        raise PlanningError("the PTV holds no CT voxel; the case cannot be normalised")
+    factor = normalisation_factor(ptv_inputs[0], ptv_inputs[1], rx_gy=rx_fx, mode=options.normalisation.value,
+                                  volume_percent=options.normalisation_volume_percent)
+    if not np.isfinite(factor) or factor <= 0:
+        raise PlanningError(f"MU normalisation failed (factor {factor}); the plan delivers no PTV dose")
+    return float(factor)
+
+
+def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningOptions, *,
+             problem: PlanningProblem | None = None, timings: Timings | None = None) -> PlanResult:
+    """Plan ``case``: fluence, sequence, arc optimisation, reference dose, MU normalisation.
+
+    Parameters
+    ----------
+    case
+        The planning case (CT in HU, masks by role, prescription).
+    machine, arc
+        The linac and the arc.
+    options
+        Method and settings (:class:`PlanningOptions`).
+    problem
+        The case's geometry, engine and masks when the caller has them (candidate plans of one
+        case share them); built otherwise.
+    timings
+        Stage timings are added here.
+
+    Raises
+    ------
+    PlanningError, SequencingError
+        A plan that cannot be made (with the reason), or one that breaks a machine limit.
+    """
+    from pipeline.optimizer import build_dose_objective
+    from sequencing.deliverability import check_deliverable
+
+    timings = timings if timings is not None else Timings()
+    rx_fx = case.prescription.dose_gy / case.prescription.fractions
+    if problem is None:
+        with timings.stage("setup"):
+            problem = build_problem(case, arc, machine, hu_curve=options.hu_curve, spacing_mm=options.dose_grid_mm,
+                                    device=options.device)
+    record: dict[str, Any] = {}
+    fluence, ptv_engine = _fluence(case, problem, options, rx_fx, timings, record)
+    seq = _start_sequence(fluence, problem, machine, arc, options, ptv_engine, timings, record)
+
+    if options.arc.iterations > 0:
+        with timings.stage("arc_optimize"):
+            near, region = near_target_engine(problem)
+            objective = build_dose_objective(
+                {role.value: torch.as_tensor(m.cpu().numpy() & region, device=options.device)
+                 for role, m in problem.masks.items()},
+                rx_gy=rx_fx, spacing_mm=problem.grid.spacing_mm)
+            result = optimize_arc(seq, near, objective, machine, arc, settings=options.arc, device=options.device)
+        seq = result.sequence
+        record["arc_optimizer"] = {**result.record(), "voxels": int(region.sum())}
+
+    with timings.stage("final_dose"):
+        dose_fx = _reference_dose(problem, seq, machine, options.device)
+        factor = 1.0
+        for _ in range(MAX_NORMALISATION_PASSES):
+            step = _normalisation_factor(dose_fx, problem, case, options, rx_fx)
+            scaled, relimited = rescale_mu(seq, step, machine, arc, mu_headroom=options.arc.mu_headroom)
+            seq, factor = scaled, factor * step
+            if not relimited:
+                dose_fx = (dose_fx * step).astype(np.float32)
+                break
+            # Fewer MU shortened MU-limited segments: the leaves were limited again, so dose again.
+            dose_fx = _reference_dose(problem, seq, machine, options.device)
+        else:
+            log.warning("case %s: the MU normalisation did not settle in %d passes (last factor %.4f)", case.case_id,
+                        MAX_NORMALISATION_PASSES, step)
+        problems = check_deliverable(seq, machine)
+        if problems:
+            raise SequencingError("the planned arc violates machine limits: " + "; ".join(problems[:5]))
+    record["normalisation_factor"] = factor
+    return PlanResult(sequence=seq, dose_fx=dose_fx, fluence=fluence, factor=factor, problem=problem,
+                      record=record)
+
+
+def unsequenced_dose_fx(result: PlanResult, device: str = "cpu") -> NDArray[np.float32]:
+    """Dose per fraction of the sequenced fluence before sequencing, at the plan's normalisation (for
+    the fidelity figures: what sequencing and the arc optimisation kept of the fluence's quality)."""
+    with torch.inference_mode():
+        dose = result.problem.engine(torch.as_tensor(result.fluence * result.factor, device=device))
+    return dose.cpu().numpy().astype(np.float32)
