@@ -62,6 +62,14 @@ ROIS: tuple[tuple[str, str, tuple[int, int, int]], ...] = (
     (synth.BONE_PELVIC, "ORGAN", (230, 230, 230)),
 )
 
+#: ROI names of held-out cases: the clinical spellings the structure mapping must recognise
+#: (``[structures.patterns]``), none of them the generator's TG-263 names.
+HELDOUT_ROI_NAMES: dict[str, str] = {
+    synth.BODY: "External", synth.PTV: "PTV_4000", synth.CTV: "CTV_4000", synth.PROSTATE: "Prostate_Gland",
+    synth.SEMINAL_VESICLES: "SV", synth.BLADDER: "BLADDER", synth.RECTUM: "Rectum_O",
+    synth.FEMUR_HEAD_L: "FemoralHead_L", synth.FEMUR_HEAD_R: "Femoral Head R", synth.BONE_PELVIC: "Pelvis_Bones",
+}
+
 MANUFACTURER = "AIRT synthetic phantom"
 STUDY_DATE = "20250101"
 STUDY_TIME = "120000"
@@ -199,6 +207,7 @@ def write_synth_case(
     patient_position: str = "HFS",
     matrix: int = 512,
     include_bones: bool = True,
+    heldout: bool = False,
 ) -> SynthWritten:
     """Write synthetic case ``seed`` into ``out_dir`` (created if missing).
 
@@ -222,6 +231,10 @@ def write_synth_case(
         quick tests).
     include_bones
         Also write a ``Bone_Pelvic`` ROI (pelvic bones without the femora).
+    heldout
+        A held-out case: anatomy from :func:`pipeline.synth.draw_heldout_params` (ranges no training
+        case has), ROIs named as in :data:`HELDOUT_ROI_NAMES`, UIDs distinct from the training case
+        of the same seed.
 
     Returns
     -------
@@ -241,8 +254,8 @@ def write_synth_case(
             f"{', '.join(p.value for p in PatientPosition)}"
         ) from None
     grid = ct_grid(n_slices, pixel_mm, slice_mm, matrix)
-    anatomy = synth.synth_anatomy(seed, grid)
-    geometry = f"{n_slices}x{matrix}x{matrix}@{pixel_mm:g},{slice_mm:g}:{position.value}"
+    anatomy = synth.synth_anatomy(seed, grid, heldout=heldout)
+    geometry = f"{n_slices}x{matrix}x{matrix}@{pixel_mm:g},{slice_mm:g}:{position.value}" + (":heldout" if heldout else "")
     study_uid = _uid(seed, geometry, "study")
     frame_uid = _uid(seed, geometry, "frame")
     ct_series_uid = _uid(seed, geometry, "ct-series")
@@ -309,8 +322,10 @@ def write_synth_case(
         ct_paths.append(path)
 
     roi_names = tuple(name for name, _, _ in ROIS if include_bones or name != synth.BONE_PELVIC)
+    written_names = {name: HELDOUT_ROI_NAMES[name] if heldout else name for name in roi_names}
     rs = _structure_set(seed, anatomy, grid, roi_names, study_uid=study_uid, frame_uid=frame_uid,
-                        ct_series_uid=ct_series_uid, rs_series_uid=rs_series_uid, rs_uid=rs_uid, ct_uids=ct_uids)
+                        ct_series_uid=ct_series_uid, rs_series_uid=rs_series_uid, rs_uid=rs_uid, ct_uids=ct_uids,
+                        written_names=written_names)
     rs_path = out_dir / f"RS_{rs_uid}.dcm"
     save_dataset(rs, rs_path)
     log.info("synthetic case %d written to %s: CT series %s (%d slices, %s), RTSTRUCT %s", seed, out_dir,
@@ -319,7 +334,8 @@ def write_synth_case(
         folder=out_dir, ct_paths=tuple(ct_paths), rtstruct_path=rs_path, study_instance_uid=study_uid,
         frame_of_reference_uid=frame_uid, ct_series_instance_uid=ct_series_uid,
         rtstruct_series_instance_uid=rs_series_uid, rtstruct_sop_instance_uid=rs_uid,
-        ct_sop_instance_uids=ct_uids, patient_position=position, anatomy=anatomy, roi_names=roi_names,
+        ct_sop_instance_uids=ct_uids, patient_position=position, anatomy=anatomy,
+        roi_names=tuple(written_names[n] for n in roi_names),
     )
 
 
@@ -333,8 +349,10 @@ def _image_ref(uid: str) -> Dataset:
 def _structure_set(
     seed: int, anatomy: synth.SynthAnatomy, grid: Grid, roi_names: tuple[str, ...], *, study_uid: str,
     frame_uid: str, ct_series_uid: str, rs_series_uid: str, rs_uid: str, ct_uids: tuple[str, ...],
+    written_names: dict[str, str],
 ) -> Dataset:
-    """The RT Structure Set dataset (Structure Set, ROI Contour, RT ROI Observations modules)."""
+    """The RT Structure Set dataset (Structure Set, ROI Contour, RT ROI Observations modules);
+    ``written_names`` maps the generator's structure names to the ROI names written."""
     ds = Dataset()
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = rs_uid
@@ -374,7 +392,7 @@ def _structure_set(
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_uid
-        roi.ROIName = name
+        roi.ROIName = written_names[name]
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         roi_seq.append(roi)
         contours = []
@@ -402,7 +420,7 @@ def _structure_set(
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
-        obs.ROIObservationLabel = name
+        obs.ROIObservationLabel = written_names[name]
         obs.RTROIInterpretedType = kind
         obs.ROIInterpreter = ""
         obs_seq.append(obs)

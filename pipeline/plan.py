@@ -129,6 +129,8 @@ class PlanResult:
     ----------
     sequence
         The exported arc, MU normalised, within every machine limit.
+    start
+        The sequencer's arc the machine-parameter optimisation started from (not normalised).
     dose_fx
         Its dose per fraction from the full reference engine, Gy, on ``problem.grid``.
     fluence
@@ -143,6 +145,7 @@ class PlanResult:
     """
 
     sequence: ArcSequence
+    start: ArcSequence
     dose_fx: NDArray[np.float32]
     fluence: NDArray[np.float32]
     factor: float
@@ -221,8 +224,9 @@ def _reference_dose(problem: PlanningProblem, seq: ArcSequence, machine: Machine
         return problem.engine(delivered).cpu().numpy().astype(np.float32)
 
 
-def _normalisation_factor(dose_fx: NDArray[np.float32], problem: PlanningProblem, case: Case,
-                          options: PlanningOptions, rx_fx: float) -> float:
+def mu_normalisation_factor(dose_fx: NDArray[np.float32], problem: PlanningProblem, case: Case,
+                            options: PlanningOptions, rx_fx: float) -> float:
+    """The factor scaling a dose per fraction (and its MU) to the options' normalisation on the CT grid."""
     from pipeline.evaluation import structure_dvh_inputs
     from pipeline.goals import normalisation_factor
 
@@ -273,7 +277,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                                     device=options.device)
     record: dict[str, Any] = {}
     fluence, ptv_engine = _fluence(case, problem, options, rx_fx, timings, record)
-    seq = _start_sequence(fluence, problem, machine, arc, options, ptv_engine, timings, record)
+    seq = start = _start_sequence(fluence, problem, machine, arc, options, ptv_engine, timings, record)
 
     if options.arc.iterations > 0:
         with timings.stage("arc_optimize"):
@@ -290,7 +294,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
         dose_fx = _reference_dose(problem, seq, machine, options.device)
         factor = 1.0
         for _ in range(MAX_NORMALISATION_PASSES):
-            step = _normalisation_factor(dose_fx, problem, case, options, rx_fx)
+            step = mu_normalisation_factor(dose_fx, problem, case, options, rx_fx)
             scaled, relimited = rescale_mu(seq, step, machine, arc, mu_headroom=options.arc.mu_headroom)
             seq, factor = scaled, factor * step
             if not relimited:
@@ -305,7 +309,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
         if problems:
             raise SequencingError("the planned arc violates machine limits: " + "; ".join(problems[:5]))
     record["normalisation_factor"] = factor
-    return PlanResult(sequence=seq, dose_fx=dose_fx, fluence=fluence, factor=factor, problem=problem,
+    return PlanResult(sequence=seq, start=start, dose_fx=dose_fx, fluence=fluence, factor=factor, problem=problem,
                       record=record)
 
 

@@ -36,7 +36,7 @@ import itertools
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -283,6 +283,43 @@ def draw_params(seed: int) -> SynthParams:
         noise_hu=u(10, 20), scale=scale, rotation_deg=rot, deform_amplitude_mm=amp,
         deform_modes=tuple(modes), ptv_margin_mm=ptv_m, rectum_margin_mm=rect_m, bowel=tuple(bowel),
         augmented=tuple(augmented),
+    )
+
+
+def draw_heldout_params(seed: int) -> SynthParams:
+    """Parameters of held-out case ``seed``: anatomy outside every range :func:`draw_params` draws.
+
+    For benchmark case sets that no training or tuning has seen: each case takes, at random, the
+    small or the large side of every range below (training ranges in brackets): body semi-axes
+    140-160 x 95-108 or 200-225 x 135-150 mm [165-195 x 110-130], body shape exponent 1.9-2.15 or
+    2.95-3.3 [2.2-2.9], subcutaneous fat 6-11 or 36-50 mm [12-35], prostate semi-axes 15-19 or
+    27-31 mm laterally [20-26], an empty (35-90 cm3) or full (330-550 cm3) bladder [100-300], rectum
+    radius 9.5-11.5 or 17.5-19 mm [12-17], 4-6 rectal gas pockets of 8-12 mm [1-4 of 2.5-8 mm],
+    femoral heads 76-84 or 96-104 mm off the midline [85-95], and an anatomy shifted by 10-16 mm
+    [up to 8-10 mm]. The augmentation draws (scaling, rotation, deformation, margins) are those of
+    :func:`draw_params` for the same seed.
+    """
+    base = draw_params(seed)
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(3,)))
+
+    def side(small: tuple[float, float], large: tuple[float, float]) -> float:
+        lo, hi = small if rng.random() < 0.5 else large
+        return float(rng.uniform(lo, hi))
+
+    big = rng.random() < 0.5
+    body_ab = ((float(rng.uniform(200, 225)), float(rng.uniform(135, 150))) if big
+               else (float(rng.uniform(140, 160)), float(rng.uniform(95, 108))))
+    lat = side((15.0, 19.0), (27.0, 31.0))
+    shift = tuple(float(rng.choice((-1.0, 1.0)) * rng.uniform(10.0, 16.0)) for _ in range(3))
+    n_gas = int(rng.integers(4, 7))
+    gas = tuple((float(rng.uniform(0.1, 0.95)), float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(8.0, 12.0)),
+                 float(rng.uniform(0.0, 0.6))) for _ in range(n_gas))
+    return replace(
+        base, shift_mm=(shift[0], shift[1], shift[2]), body_ab_mm=body_ab,
+        body_exponent=side((1.9, 2.15), (2.95, 3.3)), fat_mm=side((6.0, 11.0), (36.0, 50.0)),
+        prostate_r_mm=(lat, lat * 0.75, lat * 0.9), bladder_volume_cc=side((35.0, 90.0), (330.0, 550.0)),
+        rectum_radius_mm=side((9.5, 11.5), (17.5, 19.0)), gas_pockets=gas,
+        femur_head_x_mm=side((76.0, 84.0), (96.0, 104.0)),
     )
 
 
@@ -623,7 +660,7 @@ class SynthAnatomy:
 
 
 def synth_anatomy(seed: int, grid: Grid, *, noise: bool = True, blur_mm: float = 0.6,
-                  chunk_voxels: int = 4_000_000) -> SynthAnatomy:
+                  chunk_voxels: int = 4_000_000, heldout: bool = False) -> SynthAnatomy:
     """Generate the synthetic pelvis of ``seed`` on ``grid``.
 
     Parameters
@@ -641,13 +678,16 @@ def synth_anatomy(seed: int, grid: Grid, *, noise: bool = True, blur_mm: float =
         axes where it is under 0.2 voxel are not blurred. 0 disables it.
     chunk_voxels
         Number of voxels evaluated at once (memory: about 40 bytes per voxel).
+    heldout
+        Draw the anatomy with :func:`draw_heldout_params` (ranges no training case has) instead of
+        :func:`draw_params`.
 
     Returns
     -------
     SynthAnatomy
         CT in HU and the masks.
     """
-    p = draw_params(seed)
+    p = draw_heldout_params(seed) if heldout else draw_params(seed)
     anat = _build_anatomy(p)
     tf = _Transform(p)
     td = _target_distances(anat, tf, p)

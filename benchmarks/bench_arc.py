@@ -1,0 +1,247 @@
+"""The deliverable arc's quality on two case sets: the unsequenced fluence, the sequencer's arc and
+the exported arc after machine-parameter optimisation, for both planning methods.
+
+Case sets (each case written as DICOM and read back by the appliance's loader, as ``airt plan``
+reads a folder):
+
+- ``synth``: ``airt synth`` seeds from 2000 (never in the training data, seeds 1000-1169), the
+  default CT (512 x 512, 0.977 mm pixels, 120 slices of 2.5 mm, HFS), TG-263 ROI names;
+- ``heldout``: ``airt synth --heldout`` seeds from 5000: anatomy outside every range the training
+  cases are drawn from (small and large bodies, empty and full bladders, narrow and wide rectums
+  with large gas pockets, small and large prostates, femoral heads closer and farther, larger
+  shifts; ``pipeline.synth.draw_heldout_params``), clinical ROI names, and CT geometries no
+  training or tuning used: 400 and 512 matrices, 1.1-1.25 mm pixels, 2 and 3 mm slices,
+  feet-first. No setting of the planner was chosen on these cases.
+
+Per case and method (``pipeline.plan.plan_arc`` with the appliance's settings), each dose from the
+full reference engine (4 mm) and MU-normalised to PTV D95 = Rx on the CT grid, metrics on the CT
+grid (as ``metrics.json``):
+
+- ``unsequenced``: the fluence handed to the sequencer (optimizer's or networks' + refinement);
+- ``sequencer``: the sequencer's arc (the start of the arc optimisation);
+- ``exported``: the arc written to the RT Plan;
+- gamma 3 %/3 mm (global, 10 % threshold) of the exported arc's dose against the dose the arc
+  optimisation computed for its final arc (its own fluence model), and against the unsequenced
+  fluence's dose;
+- every machine limit checked on the exported arc (``sequencing.deliverability``);
+- times (2 threads): the arc optimisation, and case to exported arc excluding the final dose.
+
+    .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai]
+                                             [--threads 2] [--json OUT.json] [--from-json OUT.json]
+
+With ``--json`` each finished case is appended at once and a rerun skips the cases already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from appliance.config import PlanningMethod, Settings
+from appliance.dicom_in import load_case
+from appliance.planning import planning_options
+from appliance.synth_dicom import write_synth_case
+from pipeline.arc_optimizer import delivered_fluence
+from pipeline.case import Case
+from pipeline.evaluation import evaluate_structures
+from pipeline.gamma import gamma_pass_rate
+from pipeline.plan import PlanResult, Timings, mu_normalisation_factor, plan_arc
+from sequencing.deliverability import check_deliverable
+from sequencing.fluence import fluence_from_sequence
+from sequencing.sequencer import ArcSequence
+
+SETTINGS = Settings()
+MACHINE = SETTINGS.machine.model()
+ARC = SETTINGS.machine.arc()
+
+
+@dataclass(frozen=True)
+class CtGeometry:
+    """How a case's CT is written."""
+
+    matrix: int
+    pixel_mm: float
+    slice_mm: float
+    slices: int
+    position: str
+
+    def label(self) -> str:
+        return f"{self.matrix}/{self.pixel_mm:g}mm/{self.slice_mm:g}mm/{self.position}"
+
+
+SYNTH_CT = CtGeometry(512, 0.977, 2.5, 120, "HFS")
+#: CT geometries of the held-out set, cycled over its cases (fields of view 440-512 mm, 300 mm long).
+HELDOUT_CTS = (
+    CtGeometry(400, 1.25, 3.0, 100, "FFS"),
+    CtGeometry(512, 1.0, 2.0, 150, "HFS"),
+    CtGeometry(400, 1.25, 2.0, 150, "HFS"),
+    CtGeometry(512, 1.17, 3.0, 100, "FFS"),
+    CtGeometry(400, 1.1, 3.0, 100, "HFS"),
+)
+CASE_SETS = {"synth": 2000, "heldout": 5000}
+
+
+def case_spec(case_set: str, index: int) -> tuple[int, CtGeometry, bool]:
+    """Seed, CT geometry and whether the anatomy is held out, of case ``index`` of a set."""
+    if case_set == "synth":
+        return CASE_SETS["synth"] + index, SYNTH_CT, False
+    return CASE_SETS["heldout"] + index, HELDOUT_CTS[index % len(HELDOUT_CTS)], True
+
+
+def _normalised(dose_fx: np.ndarray, result: PlanResult, case: Case) -> dict[str, dict[str, Any]]:
+    """Metrics (CT grid, all fractions) of a dose per fraction scaled to PTV D95 = Rx."""
+
+    options = planning_options(SETTINGS, PlanningMethod.OPTIMIZE, "cpu")
+    rx_fx = case.prescription.dose_gy / case.prescription.fractions
+    f = mu_normalisation_factor(dose_fx, result.problem, case, options, rx_fx)
+    return evaluate_structures(dose_fx * f * case.prescription.fractions, result.problem.grid, case)
+
+
+def _row(structures: dict[str, dict[str, Any]]) -> dict[str, float]:
+    p = structures["ptv"]
+    row = {"HI": p["HI"], "D98_Gy": p["D98_Gy"], "D2_Gy": p["D2_Gy"], "CI": p.get("CI_paddick", float("nan"))}
+    for organ in ("bladder", "rectum"):
+        s = structures.get(organ, {})
+        row[f"{organ}_Dmean_Gy"] = s.get("Dmean_Gy", float("nan"))
+        row[f"{organ}_D2_Gy"] = s.get("D2_Gy", float("nan"))
+    return row
+
+
+def _dose_fx(result: PlanResult, fluence: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return result.problem.engine(torch.as_tensor(fluence, dtype=torch.float32)).numpy()
+
+
+def _model_fluence(seq: ArcSequence) -> np.ndarray:
+    """The arc optimisation's own fluence model of an arc (torch), as numpy."""
+    first, rows = MACHINE.first_bev_leaf_pair, MACHINE.bev.n_rows
+    with torch.no_grad():
+        return delivered_fluence(torch.tensor(seq.leaves_mm[:, first:first + rows], dtype=torch.float64),
+                                 torch.tensor(seq.jaws_mm), torch.tensor(seq.segment_mu()),
+                                 MACHINE).numpy()
+
+
+def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
+    """Plan one case with one method and measure it."""
+    timings = Timings()
+    result = plan_arc(case, MACHINE, ARC, planning_options(SETTINGS, method, "cpu"), timings=timings)
+    fx = case.prescription.fractions
+    exported = evaluate_structures(result.dose_fx * fx, result.problem.grid, case)
+    unseq_fx = _dose_fx(result, result.fluence)
+    start_fx = _dose_fx(result, fluence_from_sequence(result.start, MACHINE))
+    model_fx = _dose_fx(result, _model_fluence(result.sequence))
+    spacing = result.problem.grid.spacing_mm
+    unseq_scaled = unseq_fx * (result.factor if np.isfinite(result.factor) else 1.0)
+    return {
+        "unsequenced": _row(_normalised(unseq_fx, result, case)),
+        "sequencer": _row(_normalised(start_fx, result, case)),
+        "exported": _row(exported),
+        "gamma_vs_optimised_pct": 100.0 * gamma_pass_rate(model_fx, result.dose_fx, spacing),
+        "gamma_vs_unsequenced_pct": 100.0 * gamma_pass_rate(unseq_scaled, result.dose_fx, spacing),
+        "limit_problems": check_deliverable(result.sequence, MACHINE),
+        "segments": int(ARC.n_sectors),
+        "arc_optimize_s": timings.stages.get("arc_optimize", float("nan")),
+        "to_exported_arc_s": sum(v for k, v in timings.stages.items() if k != "final_dose"),
+        "setup_s": timings.stages.get("setup", float("nan")),
+        "final_dose_s": timings.stages.get("final_dose", float("nan")),
+        "timings_s": dict(timings.stages),
+        "record": {k: v for k, v in result.record.items() if k in ("arc_optimizer", "sequencer_aperture_threshold")},
+    }
+
+
+def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[str, Any]:
+    """Write one case as DICOM, load it as ``airt plan`` does, plan it with every method."""
+    seed, ct, heldout = case_spec(case_set, index)
+    with tempfile.TemporaryDirectory(prefix="bench_arc_") as tmp:
+        write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
+                         matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
+        case = load_case(Path(tmp), structures=SETTINGS.structures, prescription=SETTINGS.prescription.to_prescription())
+    out: dict[str, Any] = {"set": case_set, "seed": seed, "ct": ct.label(), "methods": {}}
+    for method in methods:
+        t0 = time.perf_counter()
+        out["methods"][method.value] = run_method(case, method)
+        print(f"  {case_set} seed {seed} ({ct.label()}) {method.value}: HI "
+              f"{out['methods'][method.value]['exported']['HI']:.3f} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def _med(values: list[float]) -> float:
+    v = [x for x in values if np.isfinite(x)]
+    return statistics.median(v) if v else float("nan")
+
+
+def print_tables(rows: list[dict[str, Any]]) -> None:
+    """The tables of ``benchmarks/RESULTS.md``."""
+    rx = SETTINGS.prescription.dose_gy
+    for case_set in CASE_SETS:
+        sub = [r for r in rows if r["set"] == case_set]
+        if not sub:
+            continue
+        methods = list(sub[0]["methods"])
+        n = len(sub)
+        print(f"\n### {case_set} set: {n} cases (CT {', '.join(sorted({r['ct'] for r in sub}))})\n")
+        print("| method | stage | PTV HI median (worst) | PTV D98 Gy median (min) | PTV D2 Gy | bladder Dmean | "
+              "rectum Dmean | rectum D2 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for m in methods:
+            for stage in ("unsequenced", "sequencer", "exported"):
+                q = [r["methods"][m][stage] for r in sub]
+                print(f"| {m} | {stage} | {_med([x['HI'] for x in q]):.3f} ({max(x['HI'] for x in q):.3f}) | "
+                      f"{_med([x['D98_Gy'] for x in q]):.2f} ({min(x['D98_Gy'] for x in q):.2f}) | "
+                      f"{_med([x['D2_Gy'] for x in q]):.2f} | {_med([x['bladder_Dmean_Gy'] for x in q]):.2f} | "
+                      f"{_med([x['rectum_Dmean_Gy'] for x in q]):.2f} | {_med([x['rectum_D2_Gy'] for x in q]):.2f} |")
+        print("\n| method | exported HI - unsequenced HI, median | D98 >= 97 % Rx | gamma vs optimised, min % | "
+              "gamma vs unsequenced, median % | plans within every limit | arc optimisation s, median | "
+              "case -> exported arc s, median (final dose excluded) | of which engine set-up s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for m in methods:
+            x = [r["methods"][m] for r in sub]
+            dhi = _med([v["exported"]["HI"] - v["unsequenced"]["HI"] for v in x])
+            d98 = sum(v["exported"]["D98_Gy"] >= 0.97 * rx for v in x)
+            ok = sum(not v["limit_problems"] for v in x)
+            print(f"| {m} | {dhi:+.3f} | {d98}/{n} | {min(v['gamma_vs_optimised_pct'] for v in x):.1f} | "
+                  f"{_med([v['gamma_vs_unsequenced_pct'] for v in x]):.1f} | {ok}/{n} | "
+                  f"{_med([v['arc_optimize_s'] for v in x]):.2f} | {_med([v['to_exported_arc_s'] for v in x]):.2f} | "
+                  f"{_med([v['setup_s'] for v in x]):.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default="synth,heldout", help="case sets, comma-separated (synth, heldout)")
+    ap.add_argument("--cases", type=int, default=10, help="cases per set (default 10)")
+    ap.add_argument("--methods", default="optimize,ai", help="planning methods, comma-separated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
+    ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
+    args = ap.parse_args()
+    if args.from_json:
+        print_tables(json.loads(Path(args.from_json).read_text())["rows"])
+        return
+    torch.set_num_threads(args.threads)
+    methods = [PlanningMethod(m) for m in args.methods.split(",")]
+    path = Path(args.json) if args.json else None
+    rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path and path.exists() else []
+    for case_set in args.sets.split(","):
+        if case_set not in CASE_SETS:
+            raise SystemExit(f"unknown case set {case_set!r}; use {', '.join(CASE_SETS)}")
+        for index in range(args.cases):
+            seed = case_spec(case_set, index)[0]
+            if any(r["set"] == case_set and r["seed"] == seed for r in rows):
+                continue
+            rows.append(run_case(case_set, index, methods))
+            if path:
+                path.write_text(json.dumps({"rows": rows}, indent=1, default=str))
+    print_tables(rows)
+
+
+if __name__ == "__main__":
+    main()
