@@ -146,7 +146,8 @@ def _make_data(args: argparse.Namespace, settings: Settings, device: str) -> int
         raise ConfigError("--make-data needs --out CACHE_FOLDER")
     seeds = parse_seed_range(args.seeds)
     recipe = PlanningRecipe(spacing_mm=args.plan_grid_mm, iterations=args.iterations,
-                            aperture_threshold=settings.planning.aperture_threshold)
+                            aperture_threshold=settings.planning.aperture_threshold,
+                            arc_iterations=settings.planning.arc_optimizer_iterations)
     bar = tqdm(total=len(seeds), desc="planning synthetic cases", unit="case")
 
     def progress(seed: int, done: int, total: int) -> None:

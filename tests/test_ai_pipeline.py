@@ -138,6 +138,8 @@ def test_make_data_is_resumable(tmp_path: Path) -> None:
     desc = json.loads((tmp_path / "cache" / "cache.json").read_text())
     assert desc["optimizer_iterations"] == 2 and desc["optimizer_dose_grid_mm"] == 4.0
     assert desc["sequencer_aperture_threshold"] == 0.02  # the appliance's planning.aperture_threshold
+    # teacher plans are the arcs the appliance would export: machine-parameter optimisation included
+    assert desc["arc_optimizer_iterations"] == Settings().planning.arc_optimizer_iterations > 0
     other = parser.parse_args(["--make-data", "--seeds", "6:7", "--out", str(tmp_path / "cache"), "--iterations", "5"])
     with pytest.raises(ConfigError, match="other settings"):
         cmd_train.run(other)

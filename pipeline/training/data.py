@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from pipeline.case import Role
 from pipeline.errors import ConfigError, InputError
 from pipeline.problem import DEFAULT_HU_CURVE
 from sequencing.machine import ArcSpec, MachineModel, RotationDirection
@@ -200,6 +199,8 @@ class PlanningRecipe:
     aperture_threshold
         The leaf sequencer's aperture threshold (fraction of a row's maximum), as
         ``planning.aperture_threshold`` of the appliance.
+    arc_iterations
+        Machine-parameter optimisation evaluations of the sequenced arc (0: the sequencer's arc).
     """
 
     spacing_mm: float = 4.0
@@ -207,17 +208,20 @@ class PlanningRecipe:
     case_spacing_mm: float = 4.0
     normalisation_volume_percent: float = 95.0
     aperture_threshold: float = 0.02
+    arc_iterations: int = 0
 
     def describe(self) -> dict[str, Any]:
         """Plain-data description."""
         return {
-            "planner": "pipeline.optimizer.optimize_fluence (Adam) through the reference dose engine, "
-                       "sequenced by sequencing.sequencer.sequence_arc, MU normalised to PTV "
-                       f"D{self.normalisation_volume_percent:g} = Rx",
+            "planner": "pipeline.plan.plan_arc, method optimize: pipeline.optimizer.optimize_fluence (Adam) "
+                       "through the reference dose engine, sequencing.sequencer.sequence_arc, machine-parameter "
+                       "optimisation of the arc (pipeline.arc_optimizer), MU normalised to PTV "
+                       f"D{self.normalisation_volume_percent:g} = Rx on the case grid",
             "optimizer_dose_grid_mm": self.spacing_mm,
             "optimizer_iterations": self.iterations,
             "case_spacing_mm": self.case_spacing_mm,
             "sequencer_aperture_threshold": self.aperture_threshold,
+            "arc_optimizer_iterations": self.arc_iterations,
         }
 
 
@@ -236,37 +240,28 @@ def plan_synthetic_case(
     -------
     CachedPlan
         With the sequence as the cache stores it (quantised) and ``info``: ``optimizer_s``,
-        ``evaluations``, ``ptv_HI``, ``ptv_D98_rel`` (D98 / Rx of the sequenced plan on the
-        optimizer's grid).
+        ``evaluations``, ``ptv_HI``, ``ptv_D98_rel`` (D98 / Rx of the exported arc's reference dose on
+        the case grid).
     """
-    from pipeline.dvh import structure_metrics
-    from pipeline.goals import normalisation_factor
-    from pipeline.optimizer import optimize_fluence
-    from pipeline.problem import build_problem
+    from pipeline.arc_optimizer import ArcOptimizerSettings
+    from pipeline.evaluation import evaluate_structures
+    from pipeline.plan import FluenceSource, PlanningOptions, Timings, plan_arc
     from pipeline.synth import synth_case
-    from sequencing.fluence import fluence_from_sequence
-    from sequencing.sequencer import sequence_arc
 
     s = recipe.case_spacing_mm
     case = synth_case(seed, spacing_mm=(s, s, s))
-    rx = case.prescription.dose_gy / case.prescription.fractions
-    problem = build_problem(case, arc, machine, hu_curve=tuple(hu_curve), spacing_mm=recipe.spacing_mm,
-                            device=device)
-    engine, masks = problem.engine, problem.masks
-    result = optimize_fluence(engine, masks, rx_gy=rx, iterations=recipe.iterations)
-    seq = sequence_arc(np.asarray(result.fluence, dtype=np.float32), arc, machine,
-                       threshold=recipe.aperture_threshold)
-    delivered = fluence_from_sequence(seq, machine)
-    with torch.inference_mode():
-        dose = engine(torch.as_tensor(delivered, dtype=torch.float32, device=device)).cpu().numpy()
-    ptv = masks[Role.PTV].cpu().numpy()
-    factor = normalisation_factor(dose, ptv, rx_gy=rx, mode="ptv_dx",
-                                  volume_percent=recipe.normalisation_volume_percent)
-    seq = ArcSequence(seq.gantry_deg, seq.leaves_mm, seq.jaws_mm, seq.cumulative_mu * factor,
-                      seq.collimator_deg, seq.direction)
-    m = structure_metrics(dose * factor, ptv, engine.grid.voxel_volume_cc, rx_gy=rx)
-    info = {"optimizer_s": float(result.seconds), "evaluations": float(len(result.history)),
-            "ptv_HI": float(m["HI"]), "ptv_D98_rel": float(m["D98_Gy"]) / rx}
+    options = PlanningOptions(
+        source=FluenceSource.OPTIMIZE, dose_grid_mm=recipe.spacing_mm, hu_curve=tuple(hu_curve),
+        optimizer_iterations=recipe.iterations, sequencer_threshold=recipe.aperture_threshold,
+        arc=ArcOptimizerSettings(iterations=recipe.arc_iterations),
+        normalisation_volume_percent=recipe.normalisation_volume_percent, device=str(device))
+    timings = Timings()
+    result = plan_arc(case, machine, arc, options, timings=timings)
+    seq = result.sequence
+    m = evaluate_structures(result.dose_fx * case.prescription.fractions, result.problem.grid, case)["ptv"]
+    info = {"optimizer_s": float(timings.stages.get("optimize", float("nan"))),
+            "evaluations": float(recipe.iterations), "ptv_HI": float(m["HI"]),
+            "ptv_D98_rel": float(m["D98_Gy"]) / case.prescription.dose_gy}
     return CachedPlan(seed, quantise_sequence(seq), info)
 
 

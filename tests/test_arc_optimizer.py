@@ -1,0 +1,165 @@
+"""Machine-parameter optimisation of the sequenced arc (pipeline.arc_optimizer) and the planning core."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from appliance.config import Settings
+from pipeline.arc_optimizer import (
+    ArcOptimizerSettings,
+    delivered_fluence,
+    optimize_arc,
+    rescale_mu,
+)
+from pipeline.case import Role
+from pipeline.errors import PlanningError
+from pipeline.evaluation import evaluate_structures
+from pipeline.optimizer import build_dose_objective
+from pipeline.plan import FluenceSource, PlanningOptions, near_target_engine, plan_arc
+from pipeline.problem import build_problem
+from pipeline.synth import synth_case
+from sequencing.deliverability import check_deliverable
+from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
+from sequencing.machine import ArcSpec, MachineModel
+from sequencing.sequencer import ArcSequence, sequence_arc
+
+torch.set_num_threads(2)
+ARC = ArcSpec()
+MACHINE = MachineModel()
+FIRST, ROWS = MACHINE.first_bev_leaf_pair, MACHINE.bev.n_rows
+
+
+def _sequence(seed: int = 3, threshold: float = 0.1) -> ArcSequence:
+    return sequence_arc(synthetic_arc_fluence(ARC, MACHINE, seed=seed, noise=0.2), ARC, MACHINE, threshold=threshold)
+
+
+def _model(seq: ArcSequence, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return delivered_fluence(torch.tensor(seq.leaves_mm[:, FIRST:FIRST + ROWS], dtype=dtype),
+                             torch.tensor(seq.jaws_mm), torch.tensor(seq.segment_mu(), dtype=dtype), MACHINE)
+
+
+@pytest.mark.parametrize("substeps", [1, 8])
+def test_fluence_model_is_the_sequence_fluence_kernel(substeps: int) -> None:
+    seq = _sequence()
+    # moving, closed and jaw-clipped rows: shift the jaws inwards so that they cut some apertures
+    jaws = np.array(seq.jaws_mm)
+    jaws[:, 0] += 4.0
+    jaws[:, 3] -= 3.0
+    seq = dataclasses.replace(seq, jaws_mm=jaws)
+    expected = fluence_from_sequence(seq, MACHINE, substeps=substeps)
+    got = delivered_fluence(torch.tensor(seq.leaves_mm[:, FIRST:FIRST + ROWS]), torch.tensor(seq.jaws_mm),
+                            torch.tensor(seq.segment_mu()), MACHINE, substeps=substeps).numpy()
+    assert expected.max() > 1.0
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * expected.max())
+
+
+def test_fluence_model_gradient_matches_finite_differences() -> None:
+    seq = _sequence()
+    leaves = torch.tensor(seq.leaves_mm[:, FIRST:FIRST + ROWS], dtype=torch.float64, requires_grad=True)
+    mu = torch.tensor(seq.segment_mu(), dtype=torch.float64, requires_grad=True)
+    jaws = torch.tensor(seq.jaws_mm)
+    weights = torch.rand((ARC.n_sectors, ROWS, MACHINE.bev.n_cols), dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    (delivered_fluence(leaves, jaws, mu, MACHINE) * weights).sum().backward()
+    assert leaves.grad is not None and mu.grad is not None
+    # an open row's leaf, away from pixel edges and jaws: a small move changes the fluence linearly
+    j, r = 60, 20
+    assert seq.leaves_mm[j, FIRST + r, 1] - seq.leaves_mm[j, FIRST + r, 0] > 5.0
+    for side in (0, 1):
+        with torch.no_grad():
+            plus, minus = leaves.detach().clone(), leaves.detach().clone()
+            plus[j, r, side] += 1e-4
+            minus[j, r, side] -= 1e-4
+            fd = float(((delivered_fluence(plus, jaws, mu, MACHINE) - delivered_fluence(minus, jaws, mu, MACHINE))
+                        * weights).sum()) / 2e-4
+        assert float(leaves.grad[j, r, side]) == pytest.approx(fd, rel=1e-4, abs=1e-9)
+        assert abs(fd) > 0
+    # linear in the MU: d/dMU_k = the open area weighted
+    with torch.no_grad():
+        unit = delivered_fluence(leaves.detach(), jaws, torch.ones_like(mu), MACHINE)
+    np.testing.assert_allclose(mu.grad.numpy(), (unit * weights).sum(dim=(1, 2)).numpy(), rtol=1e-10)
+
+
+def test_rescaling_mu_down_limits_the_leaves_again() -> None:
+    seq = _sequence(threshold=0.05)
+    assert not check_deliverable(seq, MACHINE)
+    same, relimited = rescale_mu(seq, 0.99, MACHINE, ARC, mu_headroom=0.02)
+    assert not relimited and same.total_mu == pytest.approx(0.99 * seq.total_mu)
+    np.testing.assert_array_equal(same.leaves_mm, seq.leaves_mm)
+    # a factor the headroom does not cover: leaf moves too fast for the new MU unless limited again
+    plain = dataclasses.replace(seq, cumulative_mu=seq.cumulative_mu * 0.3)
+    assert any("leaf speed" in p for p in check_deliverable(plain, MACHINE))
+    scaled, relimited = rescale_mu(seq, 0.3, MACHINE, ARC, mu_headroom=0.02)
+    assert relimited and scaled.total_mu == pytest.approx(0.3 * seq.total_mu)
+    assert check_deliverable(scaled, MACHINE) == []
+    with pytest.raises(PlanningError, match="factor"):
+        rescale_mu(seq, float("nan"), MACHINE, ARC, mu_headroom=0.02)
+
+
+@pytest.fixture(scope="module")
+def problem() -> dict[str, object]:
+    settings = Settings()
+    case = synth_case(1902, spacing_mm=(4.0, 4.0, 4.0))
+    prob = build_problem(case, ARC, MACHINE, hu_curve=settings.planning.hu_to_density, spacing_mm=5.0)
+    return {"case": case, "problem": prob}
+
+
+def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[str, object]) -> None:
+    prob = problem["problem"]
+    case = problem["case"]
+    rx = case.prescription.dose_gy / case.prescription.fractions  # type: ignore[attr-defined]
+    near, region = near_target_engine(prob)  # type: ignore[arg-type]
+    masks = {r.value: torch.as_tensor(m.numpy() & region) for r, m in prob.masks.items()}  # type: ignore[attr-defined]
+    objective = build_dose_objective(masks, rx_gy=rx, spacing_mm=prob.grid.spacing_mm)  # type: ignore[attr-defined]
+    # a crude start: the sequencer's arc of flat, wide fields at about the right level
+    start = _sequence(seed=5, threshold=0.02)
+    with torch.no_grad():
+        d0 = prob.engine(torch.as_tensor(fluence_from_sequence(start, MACHINE), dtype=torch.float32))  # type: ignore[attr-defined]
+    level = rx / float(d0[prob.masks[Role.PTV]].mean())  # type: ignore[attr-defined]
+    start = dataclasses.replace(start, cumulative_mu=start.cumulative_mu * min(level, 1.0))
+    result = optimize_arc(start, near, objective, MACHINE, ARC,
+                          settings=ArcOptimizerSettings(iterations=12, mu_headroom=0.02))
+    assert result.iterations == 12 and result.loss[1] < 0.7 * result.loss[0]
+    seq = result.sequence
+    assert check_deliverable(seq, MACHINE) == []
+    # leaves outside the BEV rows are untouched, the leaves and MU did move
+    np.testing.assert_array_equal(seq.leaves_mm[:, :FIRST], start.leaves_mm[:, :FIRST])
+    assert np.abs(seq.leaves_mm - start.leaves_mm).max() > 1.0
+    assert not np.allclose(seq.segment_mu(), start.segment_mu())
+    # the MU may be scaled down by the headroom and every leaf stays within its speed
+    assert check_deliverable(dataclasses.replace(seq, cumulative_mu=seq.cumulative_mu * 0.98), MACHINE) == []
+    # the restricted engine's dose of the model's fluence is the full engine's in its region
+    with torch.no_grad():
+        flu = _model(seq, torch.float32)
+        full = prob.engine(flu).numpy()  # type: ignore[attr-defined]
+        sub = near(flu).numpy()
+    np.testing.assert_allclose(sub[region], full[region], rtol=1e-5, atol=1e-6 * float(full.max()))
+    with pytest.raises(PlanningError, match="iterations"):
+        ArcOptimizerSettings(iterations=-1)
+
+
+def test_planning_core_exports_a_better_arc_than_the_sequencer(problem: dict[str, object]) -> None:
+    case = problem["case"]
+    prob = problem["problem"]
+    options = PlanningOptions(source=FluenceSource.OPTIMIZE, optimizer_iterations=20, dose_grid_mm=5.0,
+                              arc=ArcOptimizerSettings(iterations=20))
+    result = plan_arc(case, MACHINE, ARC, options, problem=prob)  # type: ignore[arg-type]
+    assert check_deliverable(result.sequence, MACHINE) == []
+    assert result.record["arc_optimizer"]["iterations"] == 20
+    fx = case.prescription.fractions  # type: ignore[attr-defined]
+    exported = evaluate_structures(result.dose_fx * fx, prob.grid, case)  # type: ignore[attr-defined,arg-type]
+    # the dose returned is the full reference engine's dose of the returned arc
+    with torch.no_grad():
+        again = prob.engine(torch.as_tensor(fluence_from_sequence(result.sequence, MACHINE), dtype=torch.float32))  # type: ignore[attr-defined]
+    np.testing.assert_allclose(result.dose_fx, again.numpy(), rtol=1e-4, atol=1e-5)
+    assert exported["ptv"]["D95_Gy"] == pytest.approx(case.prescription.dose_gy, rel=1e-3)  # type: ignore[attr-defined]
+    # the sequencer's own arc, normalised the same way, is less homogeneous
+    with torch.no_grad():
+        d_start = prob.engine(torch.as_tensor(fluence_from_sequence(result.start, MACHINE), dtype=torch.float32)).numpy()  # type: ignore[attr-defined]
+    start_ptv = evaluate_structures(d_start * fx, prob.grid, case)["ptv"]  # type: ignore[attr-defined,arg-type]
+    start_hi = start_ptv["HI"]
+    assert exported["ptv"]["HI"] < start_hi - 0.01, (exported["ptv"]["HI"], start_hi)
