@@ -32,7 +32,7 @@ demo: setup system-deps
 	$(VENV)/bin/airt demo
 
 test: setup system-deps
-	$(VENV)/bin/ruff check appliance pipeline sequencing storage tests benchmarks
+	$(VENV)/bin/ruff check appliance core pipeline sequencing storage tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.errors import AirtError
+from core.errors import AirtError
 
 log = logging.getLogger(__name__)
 

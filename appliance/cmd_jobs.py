@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from appliance.config import load_settings
 from appliance.report import format_candidates
-from pipeline.errors import InputError
+from core.errors import InputError
 from storage.db import Database
 from storage.models import Delivery, Job, JobEvent
 from storage.states import DeliveryState, JobState, transition, transition_delivery

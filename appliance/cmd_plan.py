@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_candidate(text: str) -> tuple[float, float]:
     """``"0.2:0.4"`` -> (bladder s_o, rectum s_o); ConfigError naming the expected form otherwise."""
     from appliance.config import check_sparing_pair
-    from pipeline.errors import ConfigError
+    from core.errors import ConfigError
 
     parts = text.split(":")
     if len(parts) != 2:

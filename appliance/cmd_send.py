@@ -7,7 +7,7 @@ from pathlib import Path
 
 from appliance.config import load_settings
 from appliance.scu import client_ssl_context, is_stored, parse_peer, send_files
-from pipeline.errors import InputError
+from core.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.case import PatientPosition
-from pipeline.errors import InputError
+from core.case import PatientPosition
+from core.errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from appliance.config import Settings, load_settings
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def load_clinical_record(folder: Path, settings: Settings) -> Any:
 
     from appliance.dicom_in import load_case
     from appliance.rtplan_reader import arc_sequence_from_beam, read_rtplan
-    from pipeline.errors import ExportError
+    from core.errors import ExportError
     from pipeline.training.train import PlanRecord
 
     plans = []

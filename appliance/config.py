@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.case import Prescription, Role
-from pipeline.errors import ConfigError
+from core.case import Prescription, Role
+from core.errors import ConfigError
+from core.machine import ArcSpec, MachineModel, RotationDirection
 from pipeline.goals import Normalisation
-from sequencing.machine import ArcSpec, MachineModel, RotationDirection
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pipeline.errors import ExportError
+from core.errors import ExportError
 
 logger = logging.getLogger(__name__)
 

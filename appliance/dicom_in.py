@@ -2,11 +2,11 @@
 
 The loader reads every file under a folder (recursively), picks the CT series that the RT
 Structure Set refers to, builds the CT volume in Hounsfield units on the canonical grid of
-:mod:`pipeline.case` (indices increasing along +x, +y, +z of the DICOM patient coordinate
+:mod:`core.case` (indices increasing along +x, +y, +z of the DICOM patient coordinate
 system), and rasterises the closed planar contours of every ROI whose name maps to a planning
 role onto that grid.
 
-Everything the planner cannot trust is refused with an :class:`~pipeline.errors.InputError`
+Everything the planner cannot trust is refused with an :class:`~core.errors.InputError`
 whose message says what was wrong, with which UID, ROI or file, and what to do: a folder with
 no CT or no RT Structure Set, several CT series with no way to choose, missing slices, uneven
 slice spacing, gantry tilt or a non-axial orientation, slices that disagree on rows, columns or
@@ -15,7 +15,7 @@ no PTV, or an empty PTV.
 
 pydicom is used directly rather than highdicom's volume support: the loader needs the exact
 refusals above (with the project's messages) and the one canonical flip of
-:mod:`pipeline.case`, and ``ContourData`` is parsed from the raw element bytes, which is 20x
+:mod:`core.case`, and ``ContourData`` is parsed from the raw element bytes, which is 20x
 faster than pydicom's per-value ``DSfloat`` conversion on large structure sets.
 
 Patient names are never read into messages or logs; UIDs and file names are.
@@ -36,8 +36,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from appliance.config import StructureSettings
-from pipeline.case import Case, DicomRefs, Grid, PatientPosition, Prescription, Role
-from pipeline.errors import InputError
+from core.case import Case, DicomRefs, Grid, PatientPosition, Prescription, Role
+from core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

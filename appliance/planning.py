@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from appliance.config import PlanningMethod, Settings
-from pipeline.case import Case, Role
-from pipeline.errors import PlanningError
+from core.case import Case, Role
+from core.errors import PlanningError
 
 if TYPE_CHECKING:
     from pipeline.plan import PlanningOptions, PlanResult, Timings

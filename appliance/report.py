@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.case import Case, Grid, Role
+from core.case import Case, Grid, Role
 
 log = logging.getLogger(__name__)
 

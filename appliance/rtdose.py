@@ -1,6 +1,6 @@
 """DICOM RT Dose writer and reader (a 3D physical dose of a whole plan, in Gy).
 
-Geometry. The dose array is in the project's canonical grid (``pipeline.case``: indices
+Geometry. The dose array is in the project's canonical grid (``core.case``: indices
 ``[k, j, i]`` increase along +z, +y, +x of the patient LPS system). The file is written in the
 orientation of the planning CT (its ImageOrientationPatient, axial only): columns run along the
 CT's row direction, rows along its column direction, and frames along the slice normal
@@ -42,8 +42,8 @@ from appliance.dicom_common import (
     set_equipment,
     set_instance_creation,
 )
-from pipeline.case import Case, Grid
-from pipeline.errors import ExportError
+from core.case import Case, Grid
+from core.errors import ExportError
 
 logger = logging.getLogger(__name__)
 

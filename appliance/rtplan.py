@@ -41,9 +41,9 @@ from appliance.dicom_common import (
     set_equipment,
     set_instance_creation,
 )
-from pipeline.case import Case, Role
-from pipeline.errors import ExportError
-from sequencing.machine import MachineModel
+from core.case import Case, Role
+from core.errors import ExportError
+from core.machine import MachineModel
 
 logger = logging.getLogger(__name__)
 

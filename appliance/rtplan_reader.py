@@ -24,7 +24,7 @@ import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
-from pipeline.errors import ExportError
+from core.errors import ExportError
 
 if TYPE_CHECKING:
     from sequencing.sequencer import ArcSequence
@@ -327,7 +327,7 @@ def arc_sequence_from_beam(beam: BeamData) -> ArcSequence:
         If the beam is not a single-direction arc with MLC, jaws and meterset.
     """
     # Imported here: reading plans must not need the sequencer (and its Numba kernels).
-    from sequencing.machine import RotationDirection
+    from core.machine import RotationDirection
     from sequencing.sequencer import ArcSequence
 
     label = f"beam {beam.beam_number} ({beam.beam_name})"

@@ -55,7 +55,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from appliance.config import Settings
 from appliance.uids import check_uid
-from pipeline.errors import AirtError, InputError
+from core.errors import AirtError, InputError
 from storage.db import Database
 from storage.instance_store import InstanceStore, read_chunks
 from storage.instances import InstanceHeader, RegisterOutcome, classify, register_instance

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from appliance.config import Settings
-from pipeline.errors import ConfigError, ExportError
+from core.errors import ConfigError, ExportError
 from storage.db import Database
 from storage.models import Delivery, Job
 from storage.states import DeliveryState, TransitionError, transition_delivery, utcnow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 """A DICOM UID (PS3.5 9.1): dot-separated numeric components without leading zeros."""

@@ -39,7 +39,7 @@ from typing import Any
 from sqlalchemy import select
 
 from appliance.config import Settings
-from pipeline.errors import AirtError
+from core.errors import AirtError
 from storage.db import Database, claim_next_job
 from storage.models import Delivery, Instance, Job, JobInstance
 from storage.states import DeliveryState, JobState, TransitionError, transition, utcnow

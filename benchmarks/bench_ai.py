@@ -44,10 +44,10 @@ from scipy import stats
 
 from appliance.config import PlanningMethod, Settings
 from appliance.planning import planning_options
+from core.case import Role
 from pipeline.ai_planner import load_pipeline, predict_fluence, prepare_case
 from pipeline.arc_optimizer import ArcOptimizerSettings
 from pipeline.beam_model import load_beam_model
-from pipeline.case import Role
 from pipeline.dose_engine import ReferenceDoseEngine
 from pipeline.dvh import structure_metrics
 from pipeline.gamma import gamma_pass_rate

@@ -50,8 +50,8 @@ from appliance.config import PlanningMethod, Settings
 from appliance.dicom_in import load_case
 from appliance.planning import planning_options
 from appliance.synth_dicom import write_synth_case
+from core.case import Case
 from pipeline.arc_optimizer import delivered_fluence
-from pipeline.case import Case
 from pipeline.evaluation import evaluate_structures
 from pipeline.gamma import gamma_pass_rate
 from pipeline.plan import PlanResult, Timings, mu_normalisation_factor, plan_arc

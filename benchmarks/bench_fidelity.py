@@ -14,7 +14,7 @@ import time
 import torch
 
 from appliance.config import Settings
-from pipeline.case import Role
+from core.case import Role
 from pipeline.dvh import structure_metrics
 from pipeline.gamma import gamma_pass_rate
 from pipeline.goals import normalisation_factor

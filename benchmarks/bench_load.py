@@ -24,7 +24,7 @@ from pathlib import Path
 
 from appliance.config import StructureSettings
 from appliance.dicom_in import load_case
-from pipeline.case import Prescription
+from core.case import Prescription
 
 _WRITE = (
     "import sys; from pathlib import Path; from appliance.synth_dicom import write_synth_case; "

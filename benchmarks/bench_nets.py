@@ -16,11 +16,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.case import Grid, PatientPosition
+from core.case import Grid, PatientPosition
+from core.machine import ArcSpec, MachineModel
 from pipeline.nets.bev2fluence import Bev2Fluence, Bev2FluenceConfig
 from pipeline.nets.dose_proposer import DoseProposer, DoseProposerConfig
 from pipeline.nets.fast_dose import FastDose, FastDoseConfig, primary_geometry_for_arc
-from sequencing.machine import ArcSpec, MachineModel
 
 # A pelvis-sized dose box: 400 x 256 x 160 mm (LR x AP x SI) around the isocenter.
 BOX_MM = (400.0, 256.0, 160.0)

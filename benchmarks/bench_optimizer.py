@@ -17,7 +17,7 @@ import time
 import torch
 
 from appliance.config import Settings
-from pipeline.case import Role
+from core.case import Role
 from pipeline.dvh import structure_metrics
 from pipeline.goals import normalisation_factor
 from pipeline.optimizer import optimize_fluence

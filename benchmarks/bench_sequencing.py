@@ -18,9 +18,9 @@ import numba
 import numpy as np
 from numpy.typing import NDArray
 
+from core.machine import ArcSpec, MachineModel
 from sequencing.deliverability import check_deliverable, delivery_time_s
 from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import sequence_arc
 
 

@@ -7,7 +7,7 @@ an *open* 10 x 10 cm field and an *IMRT-like* field (8 x 8 cm, its +x third at h
 2 x 2 cm blocked square on the axis), each on a *water* box (30 x 30 cm wide, 28 cm deep below 2 cm
 of air) and on the same box with a *bone* slab (relative electron density 1.8, 32 mm thick, from 40 mm
 depth, across the whole box). The isocenter is at 10 cm depth (SSD 90 cm); the fields are given on the
-5 mm BEV grid of ``sequencing.machine`` (1 MU per open pixel).
+5 mm BEV grid of ``core.machine`` (1 MU per open pixel).
 
 This engine computes the dose with :class:`pipeline.dose_engine.ReferenceDoseEngine` on a one-sector arc
 centred on gantry 0. pyRadPlan 0.5.0 (matRad's SVD photon pencil beam, "Generic" 6 MV machine) runs in
@@ -48,13 +48,13 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from core.case import Grid, PatientPosition
+from core.errors import AirtError, ConfigError
+from core.machine import ArcSpec, MachineModel
 from pipeline.beam_model import load_beam_model
-from pipeline.case import Grid, PatientPosition
 from pipeline.dose_engine import ReferenceDoseEngine
-from pipeline.errors import AirtError, ConfigError
 from pipeline.gamma import gamma_pass_rate
 from pipeline.geometry import ArcGeometry
-from sequencing.machine import ArcSpec, MachineModel
 
 PYRADPLAN_REQUIREMENTS = ("pyRadPlan==0.5.0", "numpy<2.4")
 DEFAULT_VENV = Path(os.environ.get("AIRT_XCHECK_VENV", "/tmp/xcheck-venv"))

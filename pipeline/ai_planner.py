@@ -27,19 +27,23 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from pipeline.case import Case, Grid, Role
-from pipeline.errors import ConfigError, InputError, PlanningError
+from core.case import Case, Grid, Role
+from core.errors import ConfigError, InputError, PlanningError
+from pipeline.dose_engine import DoseEngine
 from pipeline.geometry import ArcGeometry
 from pipeline.model_io import LoadedModel, load_model_folder
 from pipeline.nets.err import ErrModule
 from pipeline.nets.fast_dose import FastDoseConfig, PrimaryGeometry, hu_to_density, primary_geometry_for_arc
+
+if TYPE_CHECKING:
+    from pipeline.plan import Timings
 
 log = logging.getLogger(__name__)
 
@@ -333,14 +337,14 @@ def choose_aperture_threshold(
     fluence: NDArray[np.floating[Any]],
     arc: Any,
     machine: Any,
-    engine: Any,
+    engine: DoseEngine,
     ptv_mask: NDArray[Any],
     *,
     thresholds: tuple[float, ...],
     min_d98_rel: float,
     max_hi: float,
     mu_headroom: float = 0.0,
-    ptv_engine: Any = None,
+    ptv_engine: DoseEngine | None = None,
 ) -> SequencingChoice:
     """Sequence a network's fluence at the highest threshold whose plan still covers the PTV.
 
@@ -364,16 +368,14 @@ def choose_aperture_threshold(
     if not thresholds:
         raise ConfigError("no aperture thresholds to try; give at least one in (0, 1)")
     ptv = np.asarray(ptv_mask, dtype=np.float32)
-    if ptv_engine is not None:
-        engine = ptv_engine
-    elif hasattr(engine, "restricted"):  # only the PTV's dose is needed: a PTV-only engine is much faster
-        engine = engine.restricted(ptv > 0)
+    # only the PTV's dose is needed: a PTV-only engine is much faster
+    engine = ptv_engine if ptv_engine is not None else engine.restricted(ptv > 0)
     tries: list[dict[str, float | bool]] = []
     best: tuple[float, float, Any] | None = None  # (D98, threshold, sequence)
     for t in thresholds:
         seq = sequence_arc(fluence, arc, machine, threshold=t, mu_headroom=mu_headroom)
         delivered = torch.as_tensor(fluence_from_sequence(seq, machine), dtype=torch.float32,
-                                    device=getattr(engine, "device", "cpu"))
+                                    device=engine.device)
         with torch.inference_mode():
             dose = engine(delivered).cpu().numpy()
         dose = dose * normalisation_factor(dose, ptv, rx_gy=1.0, mode="ptv_dx", volume_percent=95.0)
@@ -435,12 +437,10 @@ def predict_fluence(
     model_dir: str,
     *,
     geometry: ArcGeometry,
-    engine: Any = None,
-    masks: Mapping[Role, Tensor] | None = None,
     rx_gy: float,
     sparing: Mapping[Role, float],
     device: torch.device | str = "cpu",
-    timings: Any = None,
+    timings: Timings | None = None,
     feedback: bool = True,
     postprocess: bool = True,
 ) -> tuple[NDArray[np.float32], dict[str, float]]:
@@ -454,9 +454,6 @@ def predict_fluence(
         Model folder; ``""`` for the shipped model.
     geometry
         Arc, isocenter (PTV centroid), patient position and machine.
-    engine, masks
-        The appliance's reference engine and masks on its grid; unused by the networks (they work
-        on their own grid), accepted so the planner can be swapped for the optimizer.
     rx_gy
         Prescription per fraction, Gy (> 0).
     sparing
@@ -464,7 +461,7 @@ def predict_fluence(
     device
         Torch device to run on.
     timings
-        Optional ``appliance.planning.Timings``-like object with a ``stage(name)`` context manager.
+        Stage timings (``ai_load``, ``ai_preprocess``, ``ai_inference``) are added here when given.
     feedback
         False skips the dose-feedback correction (ablation).
     postprocess
@@ -483,7 +480,6 @@ def predict_fluence(
     PlanningError
         The networks produced no fluence (all zero or not finite).
     """
-    del engine, masks  # the networks have their own grid
     if not rx_gy > 0:
         raise InputError(f"prescription per fraction must be > 0 Gy, got {rx_gy}")
     dev = torch.device(device)
@@ -491,7 +487,7 @@ def predict_fluence(
 
     @contextmanager
     def stage(name: str) -> Iterator[None]:
-        if timings is not None and hasattr(timings, "stage"):
+        if timings is not None:
             with timings.stage(name):
                 yield
         else:

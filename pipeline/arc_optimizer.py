@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from pipeline.errors import PlanningError
+from core.errors import PlanningError
+from core.machine import ArcSpec, MachineModel
 from sequencing import _kernels
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import ArcSequence, allowed_leaf_travel_mm
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

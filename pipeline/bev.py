@@ -2,7 +2,7 @@
 
 For every control point (sector centre) of the arc, a volume on the dose grid is sampled along the
 divergent rays from the source through the centre of every BEV pixel (the fluence-map convention of
-``sequencing.machine``: row = leaf-pair axis ``y_b``, column = leaf-travel axis ``x_b``, 5 mm at the
+``core.machine``: row = leaf-pair axis ``y_b``, column = leaf-travel axis ``x_b``, 5 mm at the
 isocenter plane, 20 x 20 cm) and **averaged** over the ray segment that crosses the grid's bounding
 box (``depth_samples`` equidistant samples between the box's nearest and farthest planes along the
 beam axis; samples outside the grid count as 0). The result is linear in the volume, so its adjoint
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from numba import njit, prange
 from numpy.typing import NDArray
 
-from pipeline.case import Grid
+from core.case import Grid
+from core.errors import PlanningError
 from pipeline.dose_engine import depth_range_mm, sample_planned, trilinear_plan
-from pipeline.errors import PlanningError
 from pipeline.geometry import ArcGeometry
 from pipeline.map_sampling import numba_threads
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,9 +49,9 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from torch.utils.checkpoint import checkpoint
 
+from core.case import Case, Grid, Role
+from core.errors import InputError, PlanningError
 from pipeline.beam_model import BeamModel
-from pipeline.case import Case, Grid, Role
-from pipeline.errors import InputError, PlanningError
 from pipeline.geometry import ArcGeometry
 from pipeline.map_sampling import SamplePlan, sample_adjoint
 
@@ -62,6 +62,32 @@ ENGINE_BACKENDS = ("auto", "numba", "torch")
 
 BODY_HU_THRESHOLD = -400.0
 """HU above which a voxel counts as body when a case has no BODY structure."""
+
+
+class DoseEngine(Protocol):
+    """What the planners need of a dose engine (:class:`ReferenceDoseEngine` is one).
+
+    Attributes
+    ----------
+    grid
+        The dose grid (its spacing scales the conformity fall-off of the objective).
+    fluence_shape
+        ``(n_sectors, rows, cols)`` the engine takes.
+    device
+        Torch device of its computations.
+    """
+
+    grid: Grid
+    fluence_shape: tuple[int, int, int]
+    device: torch.device
+
+    def __call__(self, fluence: torch.Tensor) -> torch.Tensor:
+        """Dose (Gy) on ``grid`` of fluence maps (MU per pixel); linear and differentiable."""
+        ...
+
+    def restricted(self, mask: NDArray[np.bool_]) -> DoseEngine:
+        """The same engine computing dose only in ``mask`` (bool on ``grid``): the same dose there, cheaper."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -648,7 +674,7 @@ class ReferenceDoseEngine(torch.nn.Module):
         Parameters
         ----------
         fluence
-            (n_sectors, rows, cols) MU per BEV pixel at the isocenter plane (``sequencing.machine``
+            (n_sectors, rows, cols) MU per BEV pixel at the isocenter plane (``core.machine``
             convention), >= 0 for physical results; any real values are accepted (the map is linear).
 
         Returns

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.ndimage import map_coordinates
 
-from pipeline.case import Case, Grid, Role
+from core.case import Case, Grid, Role
+from core.errors import InputError
 from pipeline.dvh import structure_metrics
-from pipeline.errors import InputError
 from pipeline.geometry import ArcGeometry
 
 log = logging.getLogger(__name__)

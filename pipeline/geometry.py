@@ -3,7 +3,7 @@
 Torch-free. Every beam quantity of the project (BEV projection, dose engine, fluence maps) lives
 in the IEC 61217 *beam-limiting-device* frame ``b``: ``x_b`` along leaf travel, ``y_b`` along the
 leaf-pair axis, ``z_b`` from the isocenter towards the source. This module gives the rotation that
-takes a vector from that frame into DICOM patient coordinates (LPS, see ``pipeline.case``).
+takes a vector from that frame into DICOM patient coordinates (LPS, see ``core.case``).
 
 Chain of frames (IEC 61217, all rotations right-handed about the named axis):
 
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.case import PatientPosition
-from pipeline.errors import ConfigError
-from sequencing.machine import ArcSpec, MachineModel
+from core.case import PatientPosition
+from core.errors import ConfigError
+from core.machine import ArcSpec, MachineModel
 
 log = logging.getLogger(__name__)
 

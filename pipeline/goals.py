@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.case import Case, Grid, Role
+from core.case import Case, Grid, Role
+from core.errors import InputError, PlanningError
 from pipeline.dvh import METRIC_RE, dose_at_volume_percent, evaluate_metric, metric_unit, paddick_ci
-from pipeline.errors import InputError, PlanningError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def evaluate_goals_on_masks(
         Dose, Gy.
     masks
         Structure masks (bool or voxel fractions) on the dose's grid by role value
-        (``pipeline.case.Role`` keys work too: they are string enums). The ``"body"`` mask, when
+        (``core.case.Role`` keys work too: they are string enums). The ``"body"`` mask, when
         present, bounds the CI's prescription isodose volume.
     voxel_cc
         Volume of one voxel, cm3.

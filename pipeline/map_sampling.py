@@ -25,7 +25,7 @@ import torch
 from numba import njit, prange
 from numpy.typing import NDArray
 
-from pipeline.errors import PlanningError
+from core.errors import PlanningError
 
 
 def numba_threads() -> int:

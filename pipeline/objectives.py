@@ -30,7 +30,7 @@ import torch
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def err_map(
     dose
         Dose D, Gy, shape (nz, ny, nx) or (B, nz, ny, nx).
     masks
-        Masks or weights by role value (``"ptv"`` required; ``pipeline.case.Role`` keys work),
+        Masks or weights by role value (``"ptv"`` required; ``core.case.Role`` keys work),
         broadcastable to ``dose``.
     rx
         Prescribed dose, Gy (scalar, or a tensor broadcastable to ``dose``).
@@ -238,7 +238,7 @@ def falloff_reference(
 def smoothness_term(fluence: torch.Tensor, level: torch.Tensor | float) -> torch.Tensor:
     """Fluence roughness: mean squared finite differences along leaf travel and between adjacent maps.
 
-    ``fluence`` is (n_sectors, rows, cols) (sequencing/machine.py convention: columns run along leaf
+    ``fluence`` is (n_sectors, rows, cols) (core/machine.py convention: columns run along leaf
     travel); the result is divided by ``level**2`` (a typical open-pixel MU) so it is scale-free.
     """
     d_leaf = fluence[:, :, 1:] - fluence[:, :, :-1]

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from core.errors import PlanningError
 from pipeline import objectives as obj
-from pipeline.errors import PlanningError
+from pipeline.dose_engine import DoseEngine
 
 log = logging.getLogger(__name__)
 
@@ -228,29 +229,6 @@ def build_dose_objective(masks_on_dose_grid: Mapping[Any, torch.Tensor], *, rx_g
     )
 
 
-def _fluence_shape(engine: Any, init: torch.Tensor | None) -> tuple[int, int, int]:
-    if init is not None:
-        if init.ndim != 3:
-            raise PlanningError(f"init fluence must be (n_sectors, rows, cols), got shape {tuple(init.shape)}")
-        return (int(init.shape[0]), int(init.shape[1]), int(init.shape[2]))
-    shape = getattr(engine, "fluence_shape", None)
-    if shape is not None:
-        return (int(shape[0]), int(shape[1]), int(shape[2]))
-    geometry = getattr(engine, "geometry", None)
-    if geometry is not None:
-        bev = geometry.machine.bev
-        return (int(geometry.arc.n_sectors), int(bev.n_rows), int(bev.n_cols))
-    return (180, 40, 40)
-
-
-def _spacing_mm(engine: Any) -> tuple[float, float, float]:
-    grid = getattr(engine, "grid", None)
-    if grid is None:
-        log.debug("engine has no .grid: assuming a 4 mm dose grid for the conformity fall-off")
-        return (4.0, 4.0, 4.0)
-    return tuple(float(s) for s in grid.spacing_mm)  # type: ignore[return-value]
-
-
 def _dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
     """Binary dilation of (n, rows, cols) maps by ``px`` pixels in the map plane (square element)."""
     if px <= 0:
@@ -288,7 +266,7 @@ def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
 
 
 def optimize_fluence(
-    engine: Callable[[torch.Tensor], torch.Tensor],
+    engine: DoseEngine,
     masks_on_dose_grid: Mapping[Any, torch.Tensor],
     *,
     rx_gy: float,
@@ -304,12 +282,11 @@ def optimize_fluence(
     Parameters
     ----------
     engine
-        Differentiable dose engine, linear in fluence: ``engine(fluence) -> dose``. The fluence shape
-        is taken from ``init``, else ``engine.fluence_shape``, else ``engine.geometry`` (arc sectors
-        and BEV grid), else (180, 40, 40). ``engine.grid.spacing_mm`` (if present) scales the
-        conformity fall-off.
+        Differentiable dose engine, linear in fluence (:class:`pipeline.dose_engine.DoseEngine`). The
+        fluence shape is taken from ``init``, else ``engine.fluence_shape``; ``engine.grid.spacing_mm``
+        scales the conformity fall-off.
     masks_on_dose_grid
-        Boolean (or 0-1 weight) masks on the engine's dose grid by role (``pipeline.case.Role`` or its
+        Boolean (or 0-1 weight) masks on the engine's dose grid by role (``core.case.Role`` or its
         string value): ``ptv`` required; ``bladder``, ``rectum``, ``body``, ``femur_head_l/r`` used
         when present.
     rx_gy
@@ -350,8 +327,10 @@ def optimize_fluence(
     ptv = ptv_b.to(dtype)
     if float(ptv.sum()) <= 0:
         raise PlanningError("the PTV mask is empty on the dose grid; use a finer planning.dose_grid_mm")
-    shape = _fluence_shape(engine, init)
-    dose_terms = build_dose_objective(masks_on_dose_grid, rx_gy=rx_gy, spacing_mm=_spacing_mm(engine), weights=w)
+    shape = tuple(int(v) for v in (init.shape if init is not None else engine.fluence_shape))
+    if len(shape) != 3:
+        raise PlanningError(f"init fluence must be (n_sectors, rows, cols), got shape {shape}")
+    dose_terms = build_dose_objective(masks_on_dose_grid, rx_gy=rx_gy, spacing_mm=engine.grid.spacing_mm, weights=w)
 
     aperture, _ = ptv_aperture(engine, ptv, shape, threshold=w.aperture_threshold, device=device, dtype=dtype)
     free = _dilate(aperture, w.aperture_margin_px).to(dtype)

@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from core.case import Case, Role
+from core.errors import PlanningError, SequencingError
+from core.machine import ArcSpec, MachineModel
 from pipeline.arc_optimizer import OAR_REACH_MM, SHELL_MM, ArcOptimizerSettings, optimize_arc, rescale_mu
-from pipeline.case import Case, Role
-from pipeline.errors import PlanningError, SequencingError
+from pipeline.dose_engine import DoseEngine
 from pipeline.goals import Normalisation
 from pipeline.problem import DEFAULT_HU_CURVE, PlanningProblem, build_problem
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import ArcSequence
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,9 @@ class PlanResult:
     record: dict[str, Any]
 
 
-def near_target_engine(problem: PlanningProblem) -> Any:
-    """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``)."""
+def near_target_engine(problem: PlanningProblem) -> tuple[DoseEngine, NDArray[np.bool_]]:
+    """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``),
+    and that region (bool on the dose grid)."""
     from pipeline.refine import refinement_region
 
     masks = {role: m.detach().cpu().numpy().astype(bool) for role, m in problem.masks.items()}
@@ -163,7 +165,7 @@ def near_target_engine(problem: PlanningProblem) -> Any:
 
 
 def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
-             timings: Timings, record: dict[str, Any]) -> tuple[NDArray[np.float32], Any]:
+             timings: Timings, record: dict[str, Any]) -> tuple[NDArray[np.float32], DoseEngine | None]:
     """The fluence to sequence, and the refinement's restricted engine (AI) when there is one."""
     if options.source is FluenceSource.OPTIMIZE:
         from pipeline.optimizer import optimize_fluence
@@ -190,7 +192,7 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
 
 
 def _start_sequence(fluence: NDArray[np.float32], problem: PlanningProblem, machine: MachineModel, arc: ArcSpec,
-                    options: PlanningOptions, ptv_engine: Any, timings: Timings,
+                    options: PlanningOptions, ptv_engine: DoseEngine | None, timings: Timings,
                     record: dict[str, Any]) -> ArcSequence:
     """The sequencer's arc: the optimizer's fluence at the configured threshold, an AI fluence at
     the threshold whose plan covers the PTV."""

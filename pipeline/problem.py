@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.case import Case, Grid, Role
+from core.errors import PlanningError
+from core.machine import ArcSpec, MachineModel
 from pipeline.beam_model import BeamModel, load_beam_model
-from pipeline.case import Case, Grid, Role
 from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
-from pipeline.errors import PlanningError
 from pipeline.geometry import ArcGeometry
-from sequencing.machine import ArcSpec, MachineModel
 
 DEFAULT_HU_CURVE: tuple[tuple[float, float], ...] = (
     (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),

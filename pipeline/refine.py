@@ -31,8 +31,9 @@ import torch
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pipeline.case import Role
-from pipeline.errors import PlanningError
+from core.case import Role
+from core.errors import PlanningError
+from pipeline.dose_engine import DoseEngine
 from pipeline.optimizer import OptimizerWeights, optimize_fluence
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Refinement:
     """
 
     fluence: NDArray[np.float32]
-    engine: Any
+    engine: DoseEngine
     iterations: int
     voxels: int
     loss: tuple[float, float]
@@ -95,7 +96,7 @@ def refinement_region(masks: Mapping[Role, NDArray[np.bool_]], spacing_mm: tuple
 
 def refine_fluence(
     fluence: NDArray[np.floating[Any]],
-    engine: Any,
+    engine: DoseEngine,
     masks: Mapping[Role, torch.Tensor],
     *,
     rx_gy: float,
@@ -111,8 +112,7 @@ def refine_fluence(
     fluence
         Starting fluence ``(n_sectors, rows, cols)``, MU per pixel per fraction.
     engine
-        The reference engine of the case (:class:`pipeline.dose_engine.ReferenceDoseEngine`); an
-        engine without ``restricted`` is used as it is.
+        The reference engine of the case (a :class:`pipeline.dose_engine.DoseEngine`).
     masks
         Boolean masks on the engine's grid by role (``ptv`` required).
     rx_gy
@@ -130,10 +130,8 @@ def refine_fluence(
     if Role.PTV not in masks:
         raise PlanningError("refinement needs a PTV mask on the dose grid")
     masks_np = {role: m.detach().cpu().numpy().astype(bool) for role, m in masks.items()}
-    grid = getattr(engine, "grid", None)
-    spacing = tuple(float(s) for s in grid.spacing_mm) if grid is not None else (4.0, 4.0, 4.0)
-    region = refinement_region(masks_np, spacing, shell_mm=shell_mm, oar_reach_mm=oar_reach_mm)  # type: ignore[arg-type]
-    sub = engine.restricted(region) if hasattr(engine, "restricted") else engine
+    region = refinement_region(masks_np, engine.grid.spacing_mm, shell_mm=shell_mm, oar_reach_mm=oar_reach_mm)
+    sub = engine.restricted(region)
     device = masks[Role.PTV].device
     sub_masks = {role.value: torch.as_tensor(m & region, device=device) for role, m in masks_np.items()}
     result = optimize_fluence(sub, sub_masks, rx_gy=rx_gy, iterations=iterations,

@@ -42,8 +42,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pipeline.case import Case, Grid, PatientPosition, Prescription, Role
-from pipeline.errors import InputError
+from core.case import Case, Grid, PatientPosition, Prescription, Role
+from core.errors import InputError
 
 log = logging.getLogger(__name__)
 

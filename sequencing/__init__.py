@@ -1,1 +1,3 @@
-"""Leaf sequencing (Numba) and the MLC/linac machine model. Never imports torch."""
+"""Leaf sequencing (Numba) and deliverability checks on the machine model of ``core.machine``.
+
+Never imports torch or ``pipeline``."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from sequencing.machine import MachineModel, RotationDirection
+from core.machine import MachineModel, RotationDirection
 from sequencing.sequencer import ArcSequence
 
 #: Tolerances: positions (mm) and MU.

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.errors import SequencingError
+from core.errors import SequencingError
+from core.machine import ArcSpec, MachineModel
 from sequencing import _kernels
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import ArcSequence
 
 

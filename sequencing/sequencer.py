@@ -56,9 +56,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.errors import SequencingError
+from core.errors import SequencingError
+from core.machine import ArcSpec, MachineModel, RotationDirection
 from sequencing import _kernels
-from sequencing.machine import ArcSpec, MachineModel, RotationDirection
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def sequence_arc(
     fluence
         ``(n_sectors, n_rows, n_cols)`` (180 x 40 x 40 by default) MU per pixel, float32 or
         float64, finite, ``>= 0``, not all zero; map ``k`` is delivered in sector ``k``
-        (the convention of ``sequencing.machine``).
+        (the convention of ``core.machine``).
     arc
         The arc (angles, direction, number of sectors, collimator).
     machine

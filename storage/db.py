@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from storage.models import Base, Job, NodeEvent
 from storage.states import JobState, TransitionError, transition, utcnow
 

@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from pipeline.errors import AirtError
+from core.errors import AirtError
 
 log = logging.getLogger(__name__)
 

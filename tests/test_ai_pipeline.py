@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from appliance.config import Settings
+from core.case import Role
+from core.errors import ConfigError, InputError
+from core.machine import ArcSpec, MachineModel
 from pipeline.ai_model import SHIPPED_MODEL_DIR
 from pipeline.ai_planner import MODULE_KEYS, ModelSpec, predict_candidates, predict_fluence
-from pipeline.case import Role
-from pipeline.errors import ConfigError, InputError
 from pipeline.geometry import ArcGeometry
 from pipeline.synth import synth_case
 from pipeline.training.data import (
@@ -28,7 +29,6 @@ from pipeline.training.data import (
 )
 from pipeline.training.train import PlanRecord, TrainConfig, Trainer, build_sample, size_configs
 from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import ArcSequence, sequence_arc
 
 MACHINE = MachineModel()

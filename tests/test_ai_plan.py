@@ -16,8 +16,8 @@ import torch
 from appliance.config import Settings, settings_from_dict
 from appliance.planning import candidate_folder_name
 from appliance.scu import result_files
+from core.errors import ConfigError
 from pipeline.ai_planner import ModelSpec, choose_aperture_threshold, predict_fluence
-from pipeline.errors import ConfigError
 from pipeline.training.train import TrainConfig, Trainer
 from tests.conftest import plan_synthetic_case_cli, require_tool
 from tests.test_ai_pipeline import ARC, MACHINE, SPEC, teacher_sequence
@@ -118,7 +118,7 @@ def test_candidate_option_is_checked() -> None:
 
 
 def test_threshold_choice_takes_the_first_plan_that_covers_the_ptv() -> None:
-    from pipeline.case import Role
+    from core.case import Role
     from pipeline.problem import build_problem
     from pipeline.synth import synth_case
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from appliance.config import Settings
+from core.case import Role
+from core.errors import PlanningError
+from core.machine import ArcSpec, MachineModel
 from pipeline.arc_optimizer import (
     ArcOptimizerSettings,
     delivered_fluence,
     optimize_arc,
     rescale_mu,
 )
-from pipeline.case import Role
-from pipeline.errors import PlanningError
 from pipeline.evaluation import evaluate_structures
 from pipeline.optimizer import build_dose_objective
 from pipeline.plan import FluenceSource, PlanningOptions, near_target_engine, plan_arc
@@ -24,7 +25,6 @@ from pipeline.problem import build_problem
 from pipeline.synth import synth_case
 from sequencing.deliverability import check_deliverable
 from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import ArcSequence, sequence_arc
 
 torch.set_num_threads(2)

@@ -39,8 +39,8 @@ from appliance.scheduler import StudyScheduler
 from appliance.scp import STATUS_DATASET_MISMATCH
 from appliance.synth_dicom import SynthWritten
 from appliance.worker import Worker
-from pipeline.case import Prescription, Role
-from pipeline.errors import InputError
+from core.case import Prescription, Role
+from core.errors import InputError
 from storage.models import Job
 from storage.states import JobState
 from tests.conftest import free_port

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.case import Grid, PatientPosition
+from core.errors import PlanningError
+from core.machine import ArcSpec, BevGrid, MachineModel
 from pipeline.bev import BevProjector
-from pipeline.case import Grid, PatientPosition
-from pipeline.errors import PlanningError
 from pipeline.geometry import ArcGeometry
-from sequencing.machine import ArcSpec, BevGrid, MachineModel
 
 # Beam axes in the IEC fixed frame (x_f, y_f, z_f) at gantry 0/90/180/270, collimator 0, worked out by
 # hand: the source (z_b) starts above the isocenter and turns towards +x_f; x_b is perpendicular to it

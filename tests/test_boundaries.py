@@ -1,4 +1,4 @@
-"""Package boundaries (house style rule 1): imports flow appliance -> storage, pipeline, sequencing."""
+"""Package boundaries (house style rule 1): imports flow appliance -> storage, pipeline -> sequencing -> core."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FORBIDDEN = {
+    "core": {"torch", "numba", "pydicom", "pynetdicom", "sqlalchemy", "highdicom", "apscheduler", "appliance",
+             "pipeline", "sequencing", "storage"},
     "pipeline": {"pydicom", "pynetdicom", "sqlalchemy", "appliance", "storage", "highdicom", "apscheduler"},
-    "sequencing": {"pydicom", "pynetdicom", "sqlalchemy", "appliance", "storage", "highdicom", "apscheduler", "torch"},
-    "storage": {"torch", "pipeline.nets", "numba", "pynetdicom", "appliance"},
+    "sequencing": {"pydicom", "pynetdicom", "sqlalchemy", "appliance", "storage", "highdicom", "apscheduler", "torch",
+                   "pipeline"},
+    "storage": {"torch", "pipeline", "sequencing", "numba", "pynetdicom", "appliance"},
 }
 
 
@@ -45,7 +48,7 @@ def test_sequencing_and_shared_contracts_load_without_torch() -> None:
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module('sequencing.' + m)\n"
-        "import pipeline.case, pipeline.errors, appliance.config\n"
+        "import core.case, core.errors, core.machine, appliance.config\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -17,8 +17,8 @@ from appliance.config import (
     load_settings,
     settings_from_dict,
 )
-from pipeline.case import Role
-from pipeline.errors import ConfigError
+from core.case import Role
+from core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "config" / "airt.toml"

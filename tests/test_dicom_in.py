@@ -28,8 +28,8 @@ from appliance.dicom_in import (
     rasterise_polygons,
     sanitise_case_id,
 )
-from pipeline.case import Grid, PatientPosition, Prescription, Role
-from pipeline.errors import InputError
+from core.case import Grid, PatientPosition, Prescription, Role
+from core.errors import InputError
 from tests.conftest import require_tool
 
 DATA = Path(__file__).parent / "data" / "dicompyler_example"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.case import Grid, PatientPosition, Role
+from core.errors import ConfigError, InputError, PlanningError
+from core.machine import ArcSpec, BevGrid, MachineModel
 from pipeline.beam_model import load_beam_model
-from pipeline.case import Grid, PatientPosition, Role
 from pipeline.dose_engine import ReferenceDoseEngine, dose_grid_for_case, hu_to_density, resample_to_grid
-from pipeline.errors import ConfigError, InputError, PlanningError
 from pipeline.geometry import ArcGeometry
-from sequencing.machine import ArcSpec, BevGrid, MachineModel
 
 H = 2.0  # mm, phantom grid spacing
 NX, NY, NZ = 101, 166, 61

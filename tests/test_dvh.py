@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.errors import InputError, PlanningError
 from pipeline.dvh import (
     METRIC_RE,
     cumulative_dvh,
@@ -22,7 +23,6 @@ from pipeline.dvh import (
     volume_at_dose,
     volume_cc,
 )
-from pipeline.errors import InputError, PlanningError
 from pipeline.goals import GoalSpec, evaluate_goals_on_masks, normalisation_factor
 
 N = 50  # voxels along the ramp

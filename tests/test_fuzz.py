@@ -21,8 +21,8 @@ from appliance.config import StructureSettings
 from appliance.dicom_in import load_case
 from appliance.scp import StoreRefusedError, parse_header
 from appliance.synth_dicom import SynthWritten
-from pipeline.case import Prescription
-from pipeline.errors import InputError
+from core.case import Prescription
+from core.errors import InputError
 from tests.node_helpers import tiny_case
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))

@@ -7,10 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.case import PatientPosition
-from pipeline.errors import ConfigError
+from core.case import PatientPosition
+from core.errors import ConfigError
+from core.machine import ArcSpec, MachineModel
 from pipeline.geometry import ArcGeometry, beam_to_patient, source_position_mm
-from sequencing.machine import ArcSpec, MachineModel
 
 # Where the source is (unit vector from the isocenter, LPS) for gantry 0/90/180/270, worked out by
 # hand: IEC gantry 0 = source up, 90 = source at +x_f (right of an observer at the couch foot facing

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import PlanningError
+from core.errors import PlanningError
 from pipeline.map_sampling import SamplePlan, sample_adjoint
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pipeline.case import Grid, PatientPosition
-from pipeline.errors import ConfigError, InputError
+from core.case import Grid, PatientPosition
+from core.errors import ConfigError, InputError
+from core.machine import ArcSpec, MachineModel
 from pipeline.geometry import ArcGeometry
 from pipeline.model_io import load_model_folder, save_model_folder, update_model_meta
 from pipeline.nets.bev2fluence import Bev2Fluence, Bev2FluenceConfig
@@ -35,7 +36,6 @@ from pipeline.nets.fast_dose import (
     real_sph_harm,
 )
 from pipeline.nets.registry import REGISTRY, build, config_from_dict, config_to_dict
-from sequencing.machine import ArcSpec, MachineModel
 
 torch.manual_seed(0)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.case import Grid
+from core.errors import InputError, PlanningError
 from pipeline import objectives as obj
 from pipeline.dvh import dose_at_volume_percent, homogeneity_index
-from pipeline.errors import InputError, PlanningError
 from pipeline.goals import normalisation_factor
 from pipeline.optimizer import OptimizerWeights, optimize_fluence, ptv_aperture
 
@@ -125,6 +126,9 @@ class ToyArc(torch.nn.Module):
         super().__init__()
         self.fluence_shape = (n_sectors, rows, cols)
         self.n = n
+        self.grid = Grid(origin_mm=(0.0, 0.0, 0.0), spacing_mm=(4.0, 4.0, 4.0), shape=(n, n, n))
+        self.device = torch.device("cpu")
+        self.keep: torch.Tensor | None = None
         c = (n - 1) / 2.0
         y, x = torch.meshgrid(torch.arange(n, dtype=torch.float32) - c, torch.arange(n, dtype=torch.float32) - c,
                               indexing="ij")
@@ -150,7 +154,13 @@ class ToyArc(torch.nn.Module):
         v = torch.nn.functional.grid_sample(img, grid, align_corners=False, padding_mode="zeros")
         dose = (v.reshape(s, nz, self.n, self.n) * self.att.unsqueeze(1)).sum(0)  # (nz, n, n)
         dose = torch.nn.functional.avg_pool3d(dose[None, None], 3, stride=1, padding=1)[0, 0]
-        return 0.01 * dose
+        return 0.01 * dose if self.keep is None else 0.01 * dose * self.keep
+
+    def restricted(self, mask: np.ndarray) -> ToyArc:
+        """The same arc with dose only in ``mask`` (the DoseEngine protocol)."""
+        sub = ToyArc(self.fluence_shape[0], self.n, self.fluence_shape[1], self.fluence_shape[2])
+        sub.keep = torch.as_tensor(mask, dtype=torch.float32)
+        return sub
 
 
 def toy_masks(n: int = 24) -> dict[str, torch.Tensor]:
@@ -255,8 +265,8 @@ def test_optimizer_on_a_synthetic_pelvis_with_the_reference_engine() -> None:
     from dataclasses import replace
 
     from appliance.config import Settings
+    from core.case import Role
     from pipeline.beam_model import load_beam_model
-    from pipeline.case import Role
     from pipeline.geometry import ArcGeometry
 
     st = Settings()

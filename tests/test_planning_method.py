@@ -9,8 +9,8 @@ import pytest
 
 from appliance.config import PlanningMethod, settings_from_dict
 from appliance.planning import resolve_method
+from core.errors import PlanningError
 from pipeline.ai_model import SHIPPED_MODEL_DIR, model_is_qualified
-from pipeline.errors import PlanningError
 
 
 def _model(folder: Path, meta: dict[str, object]) -> Path:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from appliance.config import Settings
-from pipeline.case import Role
+from core.case import Role
+from core.errors import PlanningError
 from pipeline.dvh import dose_at_volume_percent
-from pipeline.errors import PlanningError
 from pipeline.goals import normalisation_factor
 from pipeline.optimizer import ptv_aperture
 from pipeline.problem import build_problem

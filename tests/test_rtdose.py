@@ -14,9 +14,9 @@ from numpy.typing import NDArray
 from appliance.dicom_common import length_violations
 from appliance.rtdose import read_rtdose, write_rtdose
 from appliance.rtplan import write_rtplan
-from pipeline.case import Case, Grid
-from pipeline.errors import ExportError
-from sequencing.machine import MachineModel
+from core.case import Case, Grid
+from core.errors import ExportError
+from core.machine import MachineModel
 from tests.conftest import require_tool
 from tests.test_rtplan import DATA, ORIENTATION, make_arc, write_source_case
 

@@ -25,9 +25,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetSt
 from appliance.dicom_common import format_ds, length_violations
 from appliance.rtplan import write_rtplan
 from appliance.rtplan_reader import arc_sequence_from_beam, read_rtplan
-from pipeline.case import Case, DicomRefs, Grid, PatientPosition, Role
-from pipeline.errors import ExportError
-from sequencing.machine import ArcSpec, MachineModel, RotationDirection
+from core.case import Case, DicomRefs, Grid, PatientPosition, Role
+from core.errors import ExportError
+from core.machine import ArcSpec, MachineModel, RotationDirection
 from tests.conftest import require_tool
 
 DATA = Path(__file__).parent / "data" / "dicompyler_example"

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from appliance.config import settings_from_dict
 from appliance.scu import Deliverer, PeerAddress, backoff_s, echo, parse_peer, send_files
-from pipeline.errors import ConfigError, ExportError
+from core.errors import ConfigError, ExportError
 from storage.db import Database
 from storage.models import Delivery, Job, Study
 from storage.states import DeliveryState, JobState, utcnow

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from pipeline.errors import SequencingError
+from core.errors import SequencingError
+from core.machine import ArcSpec, MachineModel, RotationDirection
 from sequencing import _kernels
 from sequencing.deliverability import check_deliverable, delivery_time_s, segment_times_s
 from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
-from sequencing.machine import ArcSpec, MachineModel, RotationDirection
 from sequencing.sequencer import ArcSequence, allowed_leaf_travel_mm, sequence_arc
 
 ARC = ArcSpec()

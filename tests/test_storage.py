@@ -17,7 +17,7 @@ from appliance.config import settings_from_dict
 from appliance.scheduler import StudyScheduler
 from appliance.service import recover
 from appliance.uids import check_uid, is_strict_uid, is_valid_uid
-from pipeline.errors import InputError
+from core.errors import InputError
 from storage.db import Database, claim_next_job
 from storage.instance_store import InstanceStore, sha256_file
 from storage.instances import InstanceHeader, RegisterOutcome, register_instance

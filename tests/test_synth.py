@@ -23,9 +23,9 @@ from appliance.cli import main as airt_main
 from appliance.config import StructureSettings
 from appliance.dicom_in import load_case
 from appliance.synth_dicom import ORIENTATIONS, SynthWritten, mask_contours, write_synth_case
+from core.case import Grid, PatientPosition, Prescription, Role
+from core.errors import InputError
 from pipeline import synth
-from pipeline.case import Grid, PatientPosition, Prescription, Role
-from pipeline.errors import InputError
 from tests.conftest import require_tool
 
 SMALL = {"n_slices": 48, "pixel_mm": 1.953, "slice_mm": 2.5, "matrix": 256}

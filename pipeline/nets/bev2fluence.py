@@ -10,7 +10,7 @@ fluence non-negative (the dose module never sees negative fluence).
 The same class is the fluence correction network with ``in_channels=2``: channel 0 is the
 initial fluence ``F0``, channel 1 the BEV projection of the dose error ``B_err``.
 The fluence-map convention (row = leaf-pair axis y, column = leaf-travel axis x) is the one of
-:mod:`sequencing.machine`.
+:mod:`core.machine`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.nets.blocks import MedNeXtUNet
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.nets.blocks import DiscriminatorBlock
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from torch import Tensor, nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.nets.blocks import ConvBlock3d, ResBlock3d, crop_to, pad_to_multiple
 
 #: CT window of the proposer's first input channel, HU (clipped, then rescaled to [0, 1]).

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from pipeline.errors import InputError
+from core.errors import InputError
 from pipeline.objectives import err_map
 
 

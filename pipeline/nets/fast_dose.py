@@ -34,11 +34,11 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import special
 from torch import Tensor, nn
 
-from pipeline.case import Grid, PatientPosition
-from pipeline.errors import InputError
+from core.case import Grid, PatientPosition
+from core.errors import InputError
+from core.machine import ArcSpec, BevGrid, MachineModel
 from pipeline.geometry import ArcGeometry
 from pipeline.nets.blocks import MedNeXtUNet
-from sequencing.machine import ArcSpec, BevGrid, MachineModel
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 from pipeline.nets.bev2fluence import Bev2Fluence, Bev2FluenceConfig
 from pipeline.nets.discriminator import DiscriminatorConfig, FluenceDiscriminator
 from pipeline.nets.dose_proposer import DoseProposer, DoseProposerConfig

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from pipeline.errors import ConfigError, InputError
+from core.errors import ConfigError, InputError
+from core.machine import ArcSpec, MachineModel, RotationDirection
 from pipeline.problem import DEFAULT_HU_CURVE
-from sequencing.machine import ArcSpec, MachineModel, RotationDirection
 from sequencing.sequencer import ArcSequence
 
 log = logging.getLogger(__name__)

@@ -38,9 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from core.case import Case
+from core.errors import ConfigError, InputError
+from core.machine import ArcSpec, MachineModel
 from pipeline.ai_planner import AirtPipeline, ModelSpec, PreparedCase, prepare_case
-from pipeline.case import Case
-from pipeline.errors import ConfigError, InputError
 from pipeline.model_io import save_model_folder
 from pipeline.nets.bev2fluence import Bev2FluenceConfig
 from pipeline.nets.discriminator import (
@@ -51,7 +52,6 @@ from pipeline.nets.discriminator import (
 )
 from pipeline.nets.dose_proposer import DoseProposerConfig
 from pipeline.nets.fast_dose import FastDoseConfig, PrimaryGeometry
-from sequencing.machine import ArcSpec, MachineModel
 from sequencing.sequencer import ArcSequence
 
 log = logging.getLogger(__name__)
@@ -648,7 +648,7 @@ def default_spec(records: Sequence[PlanRecord], machine: MachineModel, **kwargs:
     """A :class:`ModelSpec` whose fluence unit is derived from the records' plans."""
     if not records:
         raise InputError("no training records")
-    from pipeline.case import Prescription
+    from core.case import Prescription
 
     case = records[0].case
     prescription = case.prescription if case is not None else Prescription()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.errors import InputError
+from core.errors import InputError
 
 
 class PatientPosition(enum.StrEnum):

@@ -1,6 +1,6 @@
 """Machine model: Varian Millennium 120 MLC, jaws, TrueBeam-like limits, the arc and the BEV grid.
 
-Torch-free; shared by ``pipeline`` (beam geometry, dose engine) and ``sequencing``.
+Torch-free; shared by ``pipeline`` (beam geometry, dose engine), ``sequencing`` and ``appliance``.
 
 Fluence-map convention (the contract between pipeline and sequencing)
 ----------------------------------------------------------------------
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.errors import ConfigError
+from core.errors import ConfigError
 
 
 def millennium120_boundaries_mm() -> tuple[float, ...]:
