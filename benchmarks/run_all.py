@@ -24,6 +24,7 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ("bench_sequencing", [], "leaf sequencer on 180 control points"),
     ("bench_optimizer", [], "fluence optimizer on 5 synthetic cases"),
     ("bench_fidelity", [], "sequencing fidelity: dose of the sequenced plan vs the unsequenced fluence"),
+    ("bench_arc", [], "the deliverable arc on the synthetic and the held-out case sets, both methods"),
     ("bench_nets", [], "network forward times (small configs)"),
     ("bench_ai", [], "AI pipeline vs optimizer: speed, quality, ablation, sparing"),
     ("bench_node", [], "node: push -> results latency, receive throughput"),
