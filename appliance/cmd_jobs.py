@@ -77,6 +77,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
                    f"{_fmt(refine.get('voxels'))} voxels near the PTV")
     if metrics.get("sequencer_aperture_threshold") is not None:
         how.append(f"sequencer threshold {_fmt(metrics['sequencer_aperture_threshold'])}")
+    arc = metrics.get("arc_optimizer")
+    if isinstance(arc, dict):
+        how.append(f"arc's leaves and MU optimised by {_fmt(arc.get('iterations'))} evaluations on "
+                   f"{_fmt(arc.get('voxels'))} voxels")
     print("\nPlanned with: " + "; ".join(how))
     structures = metrics.get("structures")
     if isinstance(structures, dict) and structures:

@@ -88,7 +88,7 @@ def write_report(out_dir: Path, *, metrics: dict[str, Any], dose: NDArray[np.flo
         axis.set_xticks([])
         axis.set_yticks([])
     fig.colorbar(im, ax=axes, shrink=0.8, label="Dose (Gy)")
-    fig.suptitle("Dose of the sequenced plan (reference engine) - research output, not clinically approved")
+    fig.suptitle("Dose of the exported arc (reference engine) - research output, not clinically approved")
     fig.savefig(out_dir / "report_slices.png")
     plt.close(fig)
 

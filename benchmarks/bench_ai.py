@@ -4,8 +4,8 @@ For each seed (not in the model's training data): the appliance's optimizer plan
 configured evaluations and aperture threshold: what ``airt plan --method optimize`` does; timed),
 the AI plan of the model under test (``--model``, default the shipped one: what ``airt plan
 --method ai`` does through ``pipeline.plan.plan_arc``, threshold choice and the arc's
-machine-parameter optimisation of ``--arc`` evaluations included; timed; the optimizer row is
-the training recipe's teacher plan, sequenced without that optimisation), the same without dose feedback ("-DF"),
+machine-parameter optimisation of ``--arc`` evaluations included; timed; the optimizer row is made
+by the same planning core with the same arc optimisation), the same without dose feedback ("-DF"),
 the plans of other models for the ablation (``--variant LABEL=DIR``, e.g. a model trained with
 or without the adversarial loss from the same stage 1) and AI plans with bladder or rectum
 suppression s_o = 0.2, 0.4. "AI" is what the appliance does: the networks' fluence refined by
@@ -210,7 +210,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     recipe = PlanningRecipe(spacing_mm=SETTINGS.planning.dose_grid_mm, iterations=args.iterations,
-                            aperture_threshold=SETTINGS.planning.aperture_threshold)
+                            aperture_threshold=SETTINGS.planning.aperture_threshold, arc_iterations=args.arc)
     variants = dict(v.split("=", 1) for v in args.variant)
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
@@ -230,11 +230,12 @@ def main() -> None:
     t_net = _med([r["time_s"]["ai_networks_only"] for r in rows])
     print(f"\n### Planning time, {n} held-out cases (CPU, {args.threads} threads; medians)\n")
     print("| method | median s | ratio optimizer / AI |\n|---|---|---|")
-    print(f"| optimizer ({args.iterations} evaluations, {recipe.spacing_mm:g} mm) + sequencing | {t_opt:.2f} | |")
-    print(f"| AI (fluence prediction + {args.refine} refinement evaluations + threshold choice + sequencing) | "
-          f"{t_ai:.2f} | {t_opt / t_ai:.1f} |")
-    print(f"| {NETWORKS_ONLY} (fluence prediction + threshold choice + sequencing) | {t_net:.2f} | "
-          f"{t_opt / t_net:.1f} |")
+    print(f"| optimizer ({args.iterations} evaluations, {recipe.spacing_mm:g} mm) + sequencing + {args.arc} arc "
+          f"evaluations + final dose | {t_opt:.2f} | |")
+    print(f"| AI (fluence prediction + {args.refine} refinement evaluations + threshold choice + sequencing + "
+          f"{args.arc} arc evaluations + final dose) | {t_ai:.2f} | {t_opt / t_ai:.1f} |")
+    print(f"| {NETWORKS_ONLY} (fluence prediction + threshold choice + sequencing + {args.arc} arc evaluations + "
+          f"final dose) | {t_net:.2f} | {t_opt / t_net:.1f} |")
 
     print("\n### AI modules, median ms (Table S4 shape)\n")
     print("| module | ms |\n|---|---|")
