@@ -1,7 +1,9 @@
 """Benchmark of the AIRT AI planner against the optimizer on held-out synthetic cases (Table 2 shape).
 
-For each seed (not in the model's training data): the appliance's optimizer plan (4 mm, the
-configured evaluations and aperture threshold: what ``airt plan --method optimize`` does; timed),
+For each seed (not in the model's training data), every plan made by the planning core
+(``pipeline.plan.plan_arc``) on the case's prebuilt engine (engine set-up not timed), timed from
+the fluence to the normalised exported arc and its final dose: the appliance's optimizer plan (4 mm,
+the configured evaluations and aperture threshold: what ``airt plan --method optimize`` does),
 the AI plan of the model under test (``--model``, default the shipped one: what ``airt plan
 --method ai`` does through ``pipeline.plan.plan_arc``, threshold choice and the arc's
 machine-parameter optimisation of ``--arc`` evaluations included; timed; the optimizer row is made
@@ -11,9 +13,9 @@ or without the adversarial loss from the same stage 1) and AI plans with bladder
 suppression s_o = 0.2, 0.4. "AI" is what the appliance does: the networks' fluence refined by
 ``--refine`` optimizer evaluations near the target (``pipeline.refine``; default
 ``planning.ai_refine_iterations``); "AI networks only" and the ablation and sparing rows are the
-paper's pipeline without that refinement. Every plan is sequenced at the aperture threshold the
-appliance would choose (``pipeline.ai_planner.choose_aperture_threshold``, with the appliance's
-MU headroom), its delivered fluence dosed by the
+paper's pipeline without that refinement. Every AI fluence is sequenced at the aperture threshold
+the appliance would choose (``pipeline.ai_planner.choose_aperture_threshold``) and every arc
+optimised (``--arc`` evaluations); the exported arc's delivered fluence is dosed by the
 reference engine on a 4 mm grid and MU-normalised to PTV D95 = Rx, then evaluated (PTV HI, D98,
 D2, Paddick CI; bladder/rectum Dmean, D2). The fast dose network is compared with the reference
 engine on the network grid for the AI plan's delivered fluence (global gamma 3 %/3 mm, 10 %
@@ -55,15 +57,16 @@ from pipeline.goals import normalisation_factor
 from pipeline.plan import plan_arc
 from pipeline.problem import build_problem
 from pipeline.synth import synth_case
-from pipeline.training.data import PlanningRecipe, parse_seed_range, plan_synthetic_case
+from pipeline.training.data import parse_seed_range
 from sequencing.fluence import fluence_from_sequence
 from sequencing.sequencer import ArcSequence
 
 SETTINGS = Settings()
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
-#: The appliance's AI planning options (the rows change the model, sparing, feedback and refinement).
+#: The appliance's planning options (the rows change the iterations, model, sparing, feedback and refinement).
 AI_OPTIONS = planning_options(SETTINGS, PlanningMethod.AI, "cpu")
+OPTIMIZER_OPTIONS = planning_options(SETTINGS, PlanningMethod.OPTIMIZE, "cpu")
 #: Non-inferiority margins of the paper: metric -> margin (AI - optimizer must stay below it).
 MARGINS: dict[str, float] = {"HI": 0.01, "bladder_Dmean_Gy": 1.5, "bladder_D2_Gy": 1.5, "rectum_Dmean_Gy": 1.5,
                              "rectum_D2_Gy": 1.5}
@@ -91,7 +94,7 @@ def evaluate(seq: ArcSequence, engine: ReferenceDoseEngine, masks: dict[Role, to
     return row
 
 
-def run_case(seed: int, model_dir: str, variants: dict[str, str], recipe: PlanningRecipe,
+def run_case(seed: int, model_dir: str, variants: dict[str, str], optimizer_iterations: int,
              refine: int, arc_iterations: int) -> dict[str, Any]:
     """All plans and measurements of one held-out case."""
     case = synth_case(seed, spacing_mm=(4.0, 4.0, 4.0))
@@ -102,9 +105,10 @@ def run_case(seed: int, model_dir: str, variants: dict[str, str], recipe: Planni
     ptv = masks[Role.PTV].numpy()
     out: dict[str, Any] = {"seed": seed, "quality": {}, "time_s": {}, "sparing": {}, "threshold": {}}
 
+    arc = ArcOptimizerSettings(iterations=arc_iterations)
     t0 = time.perf_counter()
-    teacher = plan_synthetic_case(seed, machine=MACHINE, arc=ARC, recipe=recipe,
-                                  hu_curve=SETTINGS.planning.hu_to_density)
+    teacher = plan_arc(case, MACHINE, ARC, replace(OPTIMIZER_OPTIONS, optimizer_iterations=optimizer_iterations,
+                                                   arc=arc), problem=prob)
     out["time_s"]["optimizer"] = time.perf_counter() - t0
     out["quality"]["optimizer"] = evaluate(teacher.sequence, engine, masks, rx_fx, fx)
 
@@ -113,7 +117,7 @@ def run_case(seed: int, model_dir: str, variants: dict[str, str], recipe: Planni
         """Plan with the AI method through the planning core, as ``airt plan --method ai`` does."""
         t = time.perf_counter()
         options = replace(AI_OPTIONS, model_dir=model, sparing=sparing, ai_feedback=feedback,
-                          ai_refine_iterations=refine_iterations, arc=ArcOptimizerSettings(iterations=arc_iterations))
+                          ai_refine_iterations=refine_iterations, arc=arc)
         result = plan_arc(case, MACHINE, ARC, options, problem=prob)
         return (result.sequence, time.perf_counter() - t, result.record["ai_module_ms"],
                 float(result.record["sequencer_aperture_threshold"]))
@@ -209,8 +213,6 @@ def main() -> None:
                          "meta.qualified_for_auto is true only when every criterion is met)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = PlanningRecipe(spacing_mm=SETTINGS.planning.dose_grid_mm, iterations=args.iterations,
-                            aperture_threshold=SETTINGS.planning.aperture_threshold, arc_iterations=args.arc)
     variants = dict(v.split("=", 1) for v in args.variant)
     if args.from_json:
         with open(args.from_json, encoding="utf-8") as f:
@@ -221,7 +223,7 @@ def main() -> None:
     else:
         rows = []
         for seed in parse_seed_range(args.seeds):
-            rows.append(run_case(seed, args.model, variants, recipe, args.refine, args.arc))
+            rows.append(run_case(seed, args.model, variants, args.iterations, args.refine, args.arc))
             print(f"seed {seed} done", flush=True)
     n = len(rows)
 
@@ -230,7 +232,7 @@ def main() -> None:
     t_net = _med([r["time_s"]["ai_networks_only"] for r in rows])
     print(f"\n### Planning time, {n} held-out cases (CPU, {args.threads} threads; medians)\n")
     print("| method | median s | ratio optimizer / AI |\n|---|---|---|")
-    print(f"| optimizer ({args.iterations} evaluations, {recipe.spacing_mm:g} mm) + sequencing + {args.arc} arc "
+    print(f"| optimizer ({args.iterations} evaluations, {OPTIMIZER_OPTIONS.dose_grid_mm:g} mm) + sequencing + {args.arc} arc "
           f"evaluations + final dose | {t_opt:.2f} | |")
     print(f"| AI (fluence prediction + {args.refine} refinement evaluations + threshold choice + sequencing + "
           f"{args.arc} arc evaluations + final dose) | {t_ai:.2f} | {t_opt / t_ai:.1f} |")
