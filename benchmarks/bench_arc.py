@@ -24,6 +24,7 @@ grid (as ``metrics.json``):
   optimisation computed for its final arc (its own fluence model), and against the unsequenced
   fluence's dose;
 - every machine limit checked on the exported arc (``sequencing.deliverability``);
+- the clinical goals of the shipped goal list on the exported arc (all P1 met, P2 met);
 - times (2 threads): the arc optimisation, and case to exported arc excluding the final dose.
 
     .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai]
@@ -54,12 +55,14 @@ from core.case import Case
 from pipeline.arc_optimizer import delivered_fluence
 from pipeline.evaluation import evaluate_structures
 from pipeline.gamma import gamma_pass_rate
+from pipeline.goals import GoalSpec, evaluate_goals
 from pipeline.plan import PlanResult, Timings, mu_normalisation_factor, plan_arc
 from sequencing.deliverability import check_deliverable
 from sequencing.fluence import fluence_from_sequence
 from sequencing.sequencer import ArcSequence
 
 SETTINGS = Settings()
+GOALS = [GoalSpec(g.structure, g.metric, g.comparison.value, g.limit, g.priority) for g in SETTINGS.goals]
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
 
@@ -136,6 +139,7 @@ def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
     result = plan_arc(case, MACHINE, ARC, planning_options(SETTINGS, method, "cpu"), timings=timings)
     fx = case.prescription.fractions
     exported = evaluate_structures(result.dose_fx * fx, result.problem.grid, case)
+    goals = evaluate_goals(GOALS, result.dose_fx * fx, result.problem.grid, case)
     unseq_fx = _dose_fx(result, result.fluence)
     start_fx = _dose_fx(result, fluence_from_sequence(result.start, MACHINE))
     model_fx = _dose_fx(result, _model_fluence(result.sequence))
@@ -145,6 +149,8 @@ def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
         "unsequenced": _row(_normalised(unseq_fx, result, case)),
         "sequencer": _row(_normalised(start_fx, result, case)),
         "exported": _row(exported),
+        "goals": [{k: g[k] for k in ("structure", "metric", "comparison", "limit", "priority", "value", "passed")}
+                  for g in goals],
         "gamma_vs_optimised_pct": 100.0 * gamma_pass_rate(model_fx, result.dose_fx, spacing),
         "gamma_vs_unsequenced_pct": 100.0 * gamma_pass_rate(unseq_scaled, result.dose_fx, spacing),
         "limit_problems": check_deliverable(result.sequence, MACHINE),
@@ -214,6 +220,31 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                   f"{_med([v['setup_s'] for v in x]):.2f} |")
 
 
+def print_goal_table(rows: list[dict[str, Any]]) -> None:
+    """Per set and method: plans meeting every P1 goal, P2 goals met, and each P1 goal's failures."""
+    print("\n### Clinical goals of the shipped goal list (exported arc)\n")
+    print("| set | method | all P1 met | P2 met (of all P2 evaluations) | P1 failures by goal |")
+    print("|---|---|---|---|---|")
+    for case_set in CASE_SETS:
+        sub = [r for r in rows if r["set"] == case_set]
+        if not sub:
+            continue
+        for m in sub[0]["methods"]:
+            goals = [r["methods"][m].get("goals", []) for r in sub]
+            if not any(goals):
+                continue
+            p1_ok = sum(all(g["passed"] is not False for g in gl if g["priority"] == 1) for gl in goals)
+            p2 = [g for gl in goals for g in gl if g["priority"] == 2 and g["passed"] is not None]
+            fails: dict[str, int] = {}
+            for gl in goals:
+                for g in gl:
+                    if g["priority"] == 1 and g["passed"] is False:
+                        key = f"{g['structure']} {g['metric']} {g['comparison']} {g['limit']:g}"
+                        fails[key] = fails.get(key, 0) + 1
+            print(f"| {case_set} | {m} | {p1_ok}/{len(sub)} | {sum(g['passed'] for g in p2)}/{len(p2)} | "
+                  + (", ".join(f"{k}: {v}" for k, v in fails.items()) or "none") + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="synth,heldout", help="case sets, comma-separated (synth, heldout)")
@@ -224,7 +255,9 @@ def main() -> None:
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     args = ap.parse_args()
     if args.from_json:
-        print_tables(json.loads(Path(args.from_json).read_text())["rows"])
+        saved = json.loads(Path(args.from_json).read_text())["rows"]
+        print_tables(saved)
+        print_goal_table(saved)
         return
     torch.set_num_threads(args.threads)
     methods = [PlanningMethod(m) for m in args.methods.split(",")]
@@ -241,6 +274,7 @@ def main() -> None:
             if path:
                 path.write_text(json.dumps({"rows": rows}, indent=1, default=str))
     print_tables(rows)
+    print_goal_table(rows)
 
 
 if __name__ == "__main__":
