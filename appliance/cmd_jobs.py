@@ -59,14 +59,23 @@ def cmd_list(db: Database, state: str | None, limit: int) -> int:
         if state:
             q = q.where(Job.state == JobState(state))
         jobs = list(s.scalars(q))
-    print(f"{'ID':>5}  {'STATE':<10} {'CREATED (UTC)':<19}  {'METHOD':<8} {'D98 Gy':>7} {'HI':>6}  STUDY / REASON")
+    print(f"{'ID':>5}  {'STATE':<10} {'CREATED (UTC)':<19}  {'METHOD':<8} {'D98 Gy':>7} {'HI':>6}  "
+          f"{'GOALS':<9}  STUDY / REASON")
     for j in jobs:
         tail = j.study_uid + (f"  {j.failure_reason[:80]}" if j.failure_reason else "")
         print(f"{j.id:>5}  {j.state.value:<10} {_time(j.created_at):<19}  {_fmt(j.method):<8} "
-              f"{_fmt(j.ptv_d98_gy):>7} {_fmt(j.ptv_hi, 3):>6}  {tail}")
+              f"{_fmt(j.ptv_d98_gy):>7} {_fmt(j.ptv_hi, 3):>6}  {_goals_column(j.metrics):<9}  {tail}")
     if not jobs:
         print("(no jobs)")
     return 0
+
+
+def _goals_column(metrics: dict[str, Any] | None) -> str:
+    """``P1 met`` or ``P1 FAIL`` from a job's metrics (its verdict), ``-`` when it has none."""
+    verdict = (metrics or {}).get("verdict")
+    if not isinstance(verdict, dict) or "p1_met" not in verdict:
+        return "-"
+    return "P1 met" if verdict["p1_met"] else "P1 FAIL"
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -82,6 +91,13 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         how.append(f"arc's leaves and MU optimised by {_fmt(arc.get('iterations'))} evaluations on "
                    f"{_fmt(arc.get('voxels'))} voxels")
     print("\nPlanned with: " + "; ".join(how))
+    verdict = metrics.get("verdict")
+    if isinstance(verdict, dict):
+        print(f"Verdict (clinical goals): {verdict.get('text', '?')}")
+    rescue = metrics.get("rescue")
+    if isinstance(rescue, dict):
+        print(f"Rescue of failing P1 goals: {len(rescue.get('tries', [])) - 1} round(s), kept round "
+              f"{rescue.get('kept_round')}")
     structures = metrics.get("structures")
     if isinstance(structures, dict) and structures:
         keys: list[str] = []

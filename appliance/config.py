@@ -364,6 +364,14 @@ class PlanningSettings:
         default=30,
         metadata=doc("Machine-parameter optimisation of the sequenced arc: evaluations optimising the leaf positions and MU of every control point through the dose (machine limits kept at every step); 0 = the sequencer's arc as it is", "count 0-500"),
     )
+    goal_terms: bool = field(
+        default=True,
+        metadata=doc("Every clinical goal ([[goals]]) is a term of the planning objective (fluence optimizer, AI refinement, arc optimisation), weighted by its priority; false = the goals are evaluated only"),
+    )
+    rescue_rounds: int = field(
+        default=2,
+        metadata=doc("When a priority-1 goal fails, optimise the arc again up to this many times with the failing goals' weights raised, keeping the plan that best meets the goals in priority order; 0 = no rescue", "count 0-10"),
+    )
     sparing_bladder: float = field(default=0.0, metadata=doc("Bladder suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     sparing_rectum: float = field(default=0.0, metadata=doc("Rectum suppression factor s_o of the AI pipeline (0 = baseline)", "fraction 0-0.5"))
     candidate_sparings: tuple[tuple[float, float], ...] = field(
@@ -389,6 +397,8 @@ class PlanningSettings:
             raise ConfigError("planning.ai_min_ptv_d98_percent must be in [50, 100] and planning.ai_max_ptv_hi in (0, 1]")
         if not 0 <= self.ai_refine_iterations <= 200:
             raise ConfigError(f"planning.ai_refine_iterations must be in [0, 200], got {self.ai_refine_iterations}")
+        if not 0 <= self.rescue_rounds <= 10:
+            raise ConfigError(f"planning.rescue_rounds must be in [0, 10], got {self.rescue_rounds}")
         if not 0 <= self.arc_optimizer_iterations <= 500:
             raise ConfigError(f"planning.arc_optimizer_iterations must be in [0, 500], got {self.arc_optimizer_iterations}")
         for name in ("sparing_bladder", "sparing_rectum"):

@@ -21,6 +21,7 @@ from core.case import Case, Role
 from core.errors import PlanningError
 
 if TYPE_CHECKING:
+    from pipeline.goals import Verdict
     from pipeline.plan import PlanningOptions, PlanResult, Timings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
 def planning_options(settings: Settings, method: PlanningMethod, device: str) -> PlanningOptions:
     """The planning core's options from the settings (``method`` resolved: ai or optimize)."""
     from pipeline.arc_optimizer import ArcOptimizerSettings
+    from pipeline.goals import GoalSpec
     from pipeline.plan import FluenceSource, PlanningOptions
 
     p = settings.planning
@@ -79,13 +81,16 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str) ->
         sparing={Role.BLADDER: p.sparing_bladder, Role.RECTUM: p.sparing_rectum},
         arc=ArcOptimizerSettings(iterations=p.arc_optimizer_iterations),
         normalisation=settings.prescription.normalisation,
-        normalisation_volume_percent=settings.prescription.normalisation_volume_percent, device=device,
+        normalisation_volume_percent=settings.prescription.normalisation_volume_percent,
+        goals=tuple(GoalSpec(g.structure, g.metric, g.comparison.value, g.limit, g.priority) for g in settings.goals),
+        goal_terms=p.goal_terms, rescue_rounds=p.rescue_rounds, device=device,
     )
 
 
-def _export(result: PlanResult, case: Case, settings: Settings, out_dir: Path, label: str) -> tuple[str, np.ndarray]:
-    """Write ``rtplan.dcm`` and ``rtdose.dcm`` of a planned arc into ``out_dir``; returns the plan's UID
-    and the plan's dose (all fractions, Gy)."""
+def _export(result: PlanResult, case: Case, settings: Settings, out_dir: Path, label: str,
+            verdict: Verdict | None) -> tuple[str, np.ndarray]:
+    """Write ``rtplan.dcm`` and ``rtdose.dcm`` of a planned arc into ``out_dir`` (the verdict in the RT
+    Plan); returns the plan's UID and the plan's dose (all fractions, Gy)."""
     from appliance.rtdose import write_rtdose
     from appliance.rtplan import write_rtplan
 
@@ -95,7 +100,8 @@ def _export(result: PlanResult, case: Case, settings: Settings, out_dir: Path, l
         out_dir / "rtplan.dcm", sequence=result.sequence, machine=settings.machine.model(), case=case,
         isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), plan_label=label,
         fractions=case.prescription.fractions, rx_gy=case.prescription.dose_gy,
-        dose_rate_mu_min=settings.machine.dose_rate_mu_min,
+        dose_rate_mu_min=settings.machine.dose_rate_mu_min, verdict=verdict.text if verdict else "",
+        p1_met=verdict.p1_met if verdict else None,
     )
     write_rtdose(out_dir / "rtdose.dcm", dose_gy=dose_plan, grid=result.problem.grid, case=case,
                  plan_sop_instance_uid=plan_uid)
@@ -116,6 +122,7 @@ def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, ma
     from dataclasses import replace
 
     from pipeline.evaluation import evaluate_structures
+    from pipeline.goals import plan_verdict
     from pipeline.plan import Timings, plan_arc
 
     folder = out_dir / CANDIDATES_DIR / candidate_folder_name(bladder, rectum)
@@ -124,12 +131,14 @@ def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, ma
     result = plan_arc(case, settings.machine.model(), settings.machine.arc(),
                       replace(options, sparing={Role.BLADDER: bladder, Role.RECTUM: rectum}, ai_refine_iterations=0),
                       problem=main.problem, timings=sub)
-    plan_uid, dose_plan = _export(result, case, settings, folder, f"AIRT B{bladder:.2f} R{rectum:.2f}")
+    verdict = plan_verdict(result.goals) if result.goals is not None else None
+    plan_uid, dose_plan = _export(result, case, settings, folder, f"AIRT B{bladder:.2f} R{rectum:.2f}", verdict)
     structures = evaluate_structures(dose_plan, result.problem.grid, case)
     row = {"sparing": {"bladder": bladder, "rectum": rectum}, "folder": f"{CANDIDATES_DIR}/{folder.name}",
            "method": PlanningMethod.AI.value, "rtplan_sop_instance_uid": plan_uid,
            "total_MU": float(result.sequence.total_mu), **result.record,
-           "timings_s": {k: round(v, 4) for k, v in sub.stages.items()}, "structures": structures}
+           "timings_s": {k: round(v, 4) for k, v in sub.stages.items()}, "structures": structures,
+           "goals": result.goals or [], "verdict": verdict.to_dict() if verdict else None}
     (folder / "metrics.json").write_text(json.dumps({"disclaimer": DISCLAIMER, "case_id": case.case_id, **row},
                                                     indent=2, default=_json_default))
     log.info("case %s: candidate plan s_bladder %.2f s_rectum %.2f written (%.0f MU)", case.case_id, bladder,
@@ -150,7 +159,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     from pipeline.dvh import structure_metrics
     from pipeline.evaluation import check_ptv_fits_field, evaluate_structures
     from pipeline.geometry import ArcGeometry
-    from pipeline.goals import GoalSpec, evaluate_goals
+    from pipeline.goals import plan_verdict
     from pipeline.plan import Timings, plan_arc, unsequenced_dose_fx
 
     timings = timings or Timings()
@@ -169,15 +178,18 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     options = planning_options(settings, chosen, device)
     result = plan_arc(case, machine, arc, options, timings=timings)
     seq, grid = result.sequence, result.problem.grid
+    verdict = plan_verdict(result.goals) if result.goals is not None else None
+    if verdict is not None:
+        log.log(logging.INFO if verdict.p1_met else logging.WARNING, "case %s: clinical goals: %s", case.case_id,
+                verdict.text)
     with timings.stage("export"):
-        plan_uid, dose_plan = _export(result, case, settings, out_dir, "AIRT VMAT")
+        plan_uid, dose_plan = _export(result, case, settings, out_dir, "AIRT VMAT", verdict)
 
     with timings.stage("evaluate"):
         structures = evaluate_structures(dose_plan, grid, case)
-        goal_specs = [GoalSpec(g.structure, g.metric, g.comparison.value, g.limit, g.priority) for g in settings.goals]
-        goals = evaluate_goals(goal_specs, dose_plan, grid, case)
-        # Before sequencing (the optimizer's or network's fluence, same normalisation), for fidelity.
-        dose_unseq = unsequenced_dose_fx(result, device) * fractions
+        goals = result.goals or []
+        # Before sequencing (the optimizer's or network's fluence, normalised alike), for fidelity.
+        dose_unseq = unsequenced_dose_fx(result, case, options) * fractions
         ptv_unseq = structure_metrics(dose_unseq, result.problem.masks[Role.PTV].cpu().numpy(),
                                       grid.voxel_volume_cc, rx_gy=rx_total)
 
@@ -209,6 +221,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         },
         "structures": structures,
         "goals": goals,
+        "verdict": verdict.to_dict() if verdict else None,
         "before_sequencing": {"ptv_HI": ptv_unseq.get("HI"), "ptv_D98_Gy": ptv_unseq.get("D98_Gy")},
         "dose_grid": {"spacing_mm": list(grid.spacing_mm), "shape": list(grid.shape)},
         "timings_s": {k: round(v, 4) for k, v in timings.stages.items()},

@@ -120,6 +120,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
     lines = [metrics.get("disclaimer", ""), ""]
     p = metrics["prescription"]
     lines.append(f"case {metrics['case_id']}  method {metrics['method']}  device {metrics.get('device', '?')}")
+    verdict = metrics.get("verdict")
+    if isinstance(verdict, dict):
+        lines.append(f"VERDICT (clinical goals): {verdict.get('text', '?')}")
     lines.append(f"Rx {p['dose_Gy']:g} Gy in {p['fractions']} fx; normalisation {p['normalisation']} "
                  f"(factor {p['normalisation_factor']:.3f}); total MU/fx {metrics['plan']['total_MU']:.0f}")
     lines.append("")

@@ -165,6 +165,8 @@ def write_rtplan(
     dose_rate_mu_min: float,
     sop_instance_uid: str | None = None,
     series_instance_uid: str | None = None,
+    verdict: str = "",
+    p1_met: bool | None = None,
 ) -> str:
     """Write a single-arc VMAT RT Plan and return its SOP Instance UID.
 
@@ -190,6 +192,10 @@ def write_rtplan(
         DoseRateSet, MU/min (> 0, at most the machine's maximum).
     sop_instance_uid, series_instance_uid
         UIDs to use; new ones are made when ``None``.
+    verdict, p1_met
+        The plan's verdict against its clinical goals (``pipeline.goals.Verdict.text``) and whether
+        every priority-1 goal was met: ``RTPlanName`` says "P1 met" or "P1 FAILED" and
+        ``RTPlanDescription`` carries the verdict, where a TPS shows them beside the plan.
 
     Returns
     -------
@@ -240,11 +246,14 @@ def write_rtplan(
     set_equipment(ds)
     # RT General Plan
     ds.RTPlanLabel = plan_label
-    ds.RTPlanName = f"{plan_label} research"[:64]
-    ds.RTPlanDescription = (
-        f"{RESEARCH_NOTE}. Automatically planned single-arc VMAT, {rx_gy:g} Gy in {fractions} "
-        f"fractions, {total_mu:.1f} MU per fraction. Review in a treatment planning system before any use."
-    )
+    goals_word = "" if p1_met is None else (" P1 met" if p1_met else " P1 FAILED")
+    ds.RTPlanName = f"{plan_label}{goals_word} research"[:64]
+    about = (f"{RESEARCH_NOTE}. Automatically planned single-arc VMAT, {rx_gy:g} Gy in {fractions} "
+             f"fractions, {total_mu:.1f} MU per fraction. Review in a treatment planning system before any use.")
+    if verdict:
+        clean = "".join(c if c.isprintable() and c != "\\" else " " for c in verdict)
+        about = f"Clinical goals: {clean[:1024 - len(about) - 20]}. {about}"
+    ds.RTPlanDescription = about
     ds.RTPlanDate = now.strftime("%Y%m%d")
     ds.RTPlanTime = now.strftime("%H%M%S")
     ds.PlanIntent = PlanIntent.RESEARCH.value

@@ -370,9 +370,12 @@ class Worker:
                         job_id, exc, out_dir)
             return
         s_m = summary_metrics(metrics)
-        log.info("job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; PTV D98 %s Gy, HI %s; "
-                 "%d delivery(ies) queued", job_id, timings["queue_wait_s"], timings["inputs_s"],
-                 timings["plan_process_s"], s_m["ptv_d98_gy"], s_m["ptv_hi"], len(self.settings.destinations))
+        verdict = metrics.get("verdict") if isinstance(metrics.get("verdict"), dict) else {}
+        log.log(logging.INFO if verdict.get("p1_met", True) else logging.WARNING,
+                "job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; PTV D98 %s Gy, HI %s; goals: %s; "
+                "%d delivery(ies) queued", job_id, timings["queue_wait_s"], timings["inputs_s"],
+                timings["plan_process_s"], s_m["ptv_d98_gy"], s_m["ptv_hi"], verdict.get("text", "not evaluated"),
+                len(self.settings.destinations))
 
 
 # ------------------------------------------------------------------------------------------------

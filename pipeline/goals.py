@@ -250,3 +250,55 @@ def normalisation_factor(
             "check the PTV contour and the beam geometry"
         )
     return rx_gy / current
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A plan's verdict against its clinical goals.
+
+    Attributes
+    ----------
+    p1_met
+        Every priority-1 goal that could be evaluated passed (a goal on a missing structure is not
+        counted as failed, but named in ``not_evaluated``).
+    p1_failed
+        The failed priority-1 goals, each as ``"<structure> <metric> <value> vs <comparison> <limit>"``.
+    p2_met, p2_total
+        Priority-2 goals met, of those evaluated.
+    not_evaluated
+        Goals that could not be evaluated (missing structure...), as ``"<structure> <metric>"``.
+    """
+
+    p1_met: bool
+    p1_failed: tuple[str, ...]
+    p2_met: int
+    p2_total: int
+    not_evaluated: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        """One line for the RT Plan, the job list and the log: ``all P1 met; P2 5/6`` or
+        ``P1 failed: rectum V36Gy% 7.21 vs <= 5; P2 4/6``."""
+        head = "all P1 met" if self.p1_met else "P1 failed: " + ", ".join(self.p1_failed)
+        return f"{head}; P2 {self.p2_met}/{self.p2_total}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for metrics.json."""
+        return {"text": self.text, "p1_met": self.p1_met, "p1_failed": list(self.p1_failed),
+                "p2_met": self.p2_met, "p2_total": self.p2_total, "not_evaluated": list(self.not_evaluated)}
+
+
+def plan_verdict(results: Iterable[Mapping[str, Any]]) -> Verdict:
+    """The verdict of goal results (:func:`evaluate_goals` rows)."""
+    rows = list(results)
+
+    def describe(g: Mapping[str, Any]) -> str:
+        unit = f" {g['unit']}" if g.get("unit") not in (None, "", "%") else ("%" if g.get("unit") == "%" else "")
+        value = g.get("value")
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        return f"{g['structure']} {g['metric']} {shown}{unit} vs {g['comparison']} {g['limit']:g}{unit}"
+
+    failed = tuple(describe(g) for g in rows if g["priority"] == 1 and g.get("passed") is False)
+    p2 = [g for g in rows if g["priority"] == 2 and g.get("passed") is not None]
+    return Verdict(p1_met=not failed, p1_failed=failed, p2_met=sum(bool(g["passed"]) for g in p2), p2_total=len(p2),
+                   not_evaluated=tuple(f"{g['structure']} {g['metric']}" for g in rows if g.get("passed") is None))

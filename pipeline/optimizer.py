@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 from core.errors import PlanningError
 from pipeline import objectives as obj
 from pipeline.dose_engine import DoseEngine
+from pipeline.goal_objective import GoalSetup, GoalTerm, goal_terms, normalised
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class DoseObjective:
     ceiling: torch.Tensor
     oars: dict[str, torch.Tensor]
     femurs: tuple[torch.Tensor, ...]
+    goals: tuple[GoalTerm, ...] = ()
+    normalisation_percent: float | None = None
 
     def terms(self, dose: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Each dose term of ``dose`` (engine units) and its weight."""
@@ -187,6 +190,12 @@ class DoseObjective:
             k[f"{r}_high"] = w.oar_high
         for i, m in enumerate(self.femurs):
             t[f"femur_{i}"], k[f"femur_{i}"] = obj.hinge_mean_term(dose, m, w.femur_level * rx, rx), w.femur
+        if self.goals:
+            # the goals hold for the exported plan, i.e. after the MU normalisation
+            seen = dose if self.normalisation_percent is None else normalised(
+                dose, self.ptv, rx, self.normalisation_percent)
+            for g in self.goals:
+                t[g.name], k[g.name] = g.value(seen, rx), g.weight
         return t, k
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
@@ -197,10 +206,19 @@ class DoseObjective:
 
 def build_dose_objective(masks_on_dose_grid: Mapping[Any, torch.Tensor], *, rx_gy: float,
                          spacing_mm: tuple[float, float, float],
-                         weights: OptimizerWeights | None = None) -> DoseObjective:
+                         weights: OptimizerWeights | None = None, goals: GoalSetup | None = None,
+                         region: torch.Tensor | None = None) -> DoseObjective:
     """The dose terms of the planning objective on a case's masks (``ptv`` required; bladder, rectum,
-    body and femoral heads used when present), for doses in the unit of ``rx_gy``."""
+    body and femoral heads used when present), for doses in the unit of ``rx_gy`` (per fraction).
+
+    ``goals``: the clinical goals to add as terms (:mod:`pipeline.goal_objective`). ``region``: the
+    voxels the engine computes when it is a restricted one (bool on the dose grid); the masks are
+    cut to it, and the goals count the whole structures' volumes."""
     w = weights or OptimizerWeights()
+    whole = masks_on_dose_grid
+    if region is not None:
+        keep = region.to(torch.bool)
+        masks_on_dose_grid = {r: m.to(torch.bool) & keep.to(m.device) for r, m in whole.items()}
     if "ptv" not in masks_on_dose_grid:
         raise PlanningError("the planning objective needs a PTV mask on the dose grid")
     ptv_b = masks_on_dose_grid["ptv"]
@@ -226,6 +244,10 @@ def build_dose_objective(masks_on_dose_grid: Mapping[Any, torch.Tensor], *, rx_g
         region=(body if body is not None else torch.ones_like(ptv)) * outside, ceiling=ceiling,
         oars={r: m for r, m in oars.items() if float(m.sum()) > 0},
         femurs=tuple(m for r in ("femur_head_l", "femur_head_r") if (m := mask(r)) is not None),
+        goals=() if goals is None else goal_terms(
+            goals.goals, {str(getattr(r, "value", r)): m for r, m in whole.items()}, fractions=goals.fractions,
+            voxel_cc=goals.voxel_cc, weights=goals.weights, boost=goals.boost, region=region),
+        normalisation_percent=None if goals is None else goals.normalisation_percent,
     )
 
 
@@ -276,6 +298,8 @@ def optimize_fluence(
     progress: ProgressFn | None = None,
     method: str = "adam",
     time_limit_s: float | None = None,
+    goals: GoalSetup | None = None,
+    region: torch.Tensor | None = None,
 ) -> OptimizationResult:
     """Optimise the arc's fluence maps for a homogeneous PTV dose with OAR sparing.
 
@@ -306,6 +330,11 @@ def optimize_fluence(
         two-level term added).
     time_limit_s
         Stop after the evaluation that passes this wall time (s, counted from the call); ``None``: no limit.
+    goals
+        Clinical goals added to the objective as terms (:mod:`pipeline.goal_objective`).
+    region
+        The voxels ``engine`` computes when it is restricted (bool on the dose grid): the masks are
+        cut to it and the goals count the whole structures (see :func:`build_dose_objective`).
 
     Returns
     -------
@@ -330,7 +359,8 @@ def optimize_fluence(
     shape = tuple(int(v) for v in (init.shape if init is not None else engine.fluence_shape))
     if len(shape) != 3:
         raise PlanningError(f"init fluence must be (n_sectors, rows, cols), got shape {shape}")
-    dose_terms = build_dose_objective(masks_on_dose_grid, rx_gy=rx_gy, spacing_mm=engine.grid.spacing_mm, weights=w)
+    dose_terms = build_dose_objective(masks_on_dose_grid, rx_gy=rx_gy, spacing_mm=engine.grid.spacing_mm, weights=w,
+                                      goals=goals, region=region)
 
     aperture, _ = ptv_aperture(engine, ptv, shape, threshold=w.aperture_threshold, device=device, dtype=dtype)
     free = _dilate(aperture, w.aperture_margin_px).to(dtype)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +36,8 @@ from core.errors import PlanningError, SequencingError
 from core.machine import ArcSpec, MachineModel
 from pipeline.arc_optimizer import OAR_REACH_MM, SHELL_MM, ArcOptimizerSettings, optimize_arc, rescale_mu
 from pipeline.dose_engine import DoseEngine
-from pipeline.goals import Normalisation
+from pipeline.goal_objective import GoalSetup, PriorityWeights
+from pipeline.goals import AT_LEAST, GoalSpec, Normalisation
 from pipeline.problem import DEFAULT_HU_CURVE, PlanningProblem, build_problem
 from sequencing.sequencer import ArcSequence
 
@@ -100,6 +101,14 @@ class PlanningOptions:
         Machine-parameter optimisation settings (``iterations = 0`` keeps the sequencer's arc).
     normalisation, normalisation_volume_percent
         MU normalisation: PTV D<v> = Rx, PTV mean = Rx, or none.
+    goals
+        The clinical goal list: evaluated on the plan (``PlanResult.goals``) and, with
+        ``goal_terms``, terms of the objective of every stage (fluence optimizer, refinement, arc
+        optimisation) weighted by priority (``goal_weights``).
+    rescue_rounds, rescue_boost
+        When a P1 goal fails, the arc is optimised again up to ``rescue_rounds`` times with the
+        failing goals' weights multiplied by ``rescue_boost`` each round; the plan that best meets the
+        goals in priority order is kept (0: no rescue).
     device
         Torch device.
     """
@@ -119,6 +128,11 @@ class PlanningOptions:
     arc: ArcOptimizerSettings = field(default_factory=ArcOptimizerSettings)
     normalisation: Normalisation = Normalisation.PTV_DX
     normalisation_volume_percent: float = 95.0
+    goals: Sequence[GoalSpec] = ()
+    goal_terms: bool = True
+    goal_weights: PriorityWeights = field(default_factory=PriorityWeights)
+    rescue_rounds: int = 2
+    rescue_boost: float = 4.0
     device: str = "cpu"
 
 
@@ -142,7 +156,10 @@ class PlanResult:
         Geometry, reference engine and dose-grid masks of the case.
     record
         What ``metrics.json`` records of how the plan was made (method details, sequencer
-        threshold, refinement, arc optimisation).
+        threshold, refinement, arc optimisation, rescue tries).
+    goals
+        The goal results of the returned plan (``pipeline.goals.evaluate_goals``, CT grid), or
+        ``None`` when the options hold no goals.
     """
 
     sequence: ArcSequence
@@ -152,6 +169,7 @@ class PlanResult:
     factor: float
     problem: PlanningProblem
     record: dict[str, Any]
+    goals: list[dict[str, Any]] | None = None
 
 
 def near_target_engine(problem: PlanningProblem) -> tuple[DoseEngine, NDArray[np.bool_]]:
@@ -172,7 +190,8 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
 
         with timings.stage("optimize"):
             result = optimize_fluence(problem.engine, problem.masks, rx_gy=rx_fx,
-                                      iterations=options.optimizer_iterations)
+                                      iterations=options.optimizer_iterations,
+                                      goals=_goal_setup(options, problem, case, {}))
         return np.asarray(result.fluence, dtype=np.float32), None
     from pipeline.ai_planner import predict_fluence
 
@@ -186,7 +205,7 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
 
     with timings.stage("ai_refine"):
         refined = refine_fluence(fluence, problem.engine, problem.masks, rx_gy=rx_fx,
-                                 iterations=options.ai_refine_iterations)
+                                 iterations=options.ai_refine_iterations, goals=_goal_setup(options, problem, case, {}))
     record["ai_refine"] = refined.record()
     return refined.fluence, refined.engine
 
@@ -269,7 +288,6 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
         A plan that cannot be made (with the reason), or one that breaks a machine limit.
     """
     from pipeline.optimizer import build_dose_objective
-    from sequencing.deliverability import check_deliverable
 
     timings = timings if timings is not None else Timings()
     rx_fx = case.prescription.dose_gy / case.prescription.fractions
@@ -281,43 +299,137 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
     fluence, ptv_engine = _fluence(case, problem, options, rx_fx, timings, record)
     seq = start = _start_sequence(fluence, problem, machine, arc, options, ptv_engine, timings, record)
 
+    objective: Callable[[dict[int, float]], Any] | None = None
+    near: DoseEngine | None = None
     if options.arc.iterations > 0:
         with timings.stage("arc_optimize"):
             near, region = near_target_engine(problem)
-            objective = build_dose_objective(
-                {role.value: torch.as_tensor(m.cpu().numpy() & region, device=options.device)
-                 for role, m in problem.masks.items()},
-                rx_gy=rx_fx, spacing_mm=problem.grid.spacing_mm)
-            result = optimize_arc(seq, near, objective, machine, arc, settings=options.arc, device=options.device)
+            region_t = torch.as_tensor(region, device=options.device)
+
+            def objective(boost: dict[int, float]) -> Any:
+                return build_dose_objective(
+                    {role.value: m for role, m in problem.masks.items()}, rx_gy=rx_fx,
+                    spacing_mm=problem.grid.spacing_mm, goals=_goal_setup(options, problem, case, boost),
+                    region=region_t)
+
+            result = optimize_arc(seq, near, objective({}), machine, arc, settings=options.arc,
+                                  device=options.device)
         seq = result.sequence
         record["arc_optimizer"] = {**result.record(), "voxels": int(region.sum())}
 
     with timings.stage("final_dose"):
-        dose_fx = _reference_dose(problem, seq, machine, options.device)
-        factor = 1.0
-        for _ in range(MAX_NORMALISATION_PASSES):
-            step = mu_normalisation_factor(dose_fx, problem, case, options, rx_fx)
-            scaled, relimited = rescale_mu(seq, step, machine, arc, mu_headroom=options.arc.mu_headroom)
-            seq, factor = scaled, factor * step
-            if not relimited:
-                dose_fx = (dose_fx * step).astype(np.float32)
-                break
-            # Fewer MU shortened MU-limited segments: the leaves were limited again, so dose again.
-            dose_fx = _reference_dose(problem, seq, machine, options.device)
-        else:
-            log.warning("case %s: the MU normalisation did not settle in %d passes (last factor %.4f)", case.case_id,
-                        MAX_NORMALISATION_PASSES, step)
-        problems = check_deliverable(seq, machine)
-        if problems:
-            raise SequencingError("the planned arc violates machine limits: " + "; ".join(problems[:5]))
+        seq, dose_fx, factor = _normalised_arc(seq, problem, case, machine, arc, options, rx_fx)
+    goals = _evaluate(options, dose_fx, problem, case)
+    if goals is not None and objective is not None and near is not None and options.rescue_rounds > 0:
+        seq, dose_fx, factor, goals = _rescue(seq, dose_fx, factor, goals, problem, case, machine, arc, options, rx_fx,
+                                             near, objective, timings, record)
     record["normalisation_factor"] = factor
     return PlanResult(sequence=seq, start=start, dose_fx=dose_fx, fluence=fluence, factor=factor, problem=problem,
-                      record=record)
+                      record=record, goals=goals)
 
 
-def unsequenced_dose_fx(result: PlanResult, device: str = "cpu") -> NDArray[np.float32]:
-    """Dose per fraction of the sequenced fluence before sequencing, at the plan's normalisation (for
-    the fidelity figures: what sequencing and the arc optimisation kept of the fluence's quality)."""
+def _goal_setup(options: PlanningOptions, problem: PlanningProblem, case: Case,
+                boost: dict[int, float]) -> GoalSetup | None:
+    """The goals the objective adds as terms (``None`` without goals or with goal terms off)."""
+    if not options.goals or not options.goal_terms:
+        return None
+    percent = (options.normalisation_volume_percent if options.normalisation is Normalisation.PTV_DX else None)
+    return GoalSetup(goals=tuple(options.goals), fractions=case.prescription.fractions,
+                     voxel_cc=problem.grid.voxel_volume_cc, weights=options.goal_weights, boost=boost,
+                     normalisation_percent=percent)
+
+
+def _normalised_arc(seq: ArcSequence, problem: PlanningProblem, case: Case, machine: MachineModel, arc: ArcSpec,
+                    options: PlanningOptions, rx_fx: float) -> tuple[ArcSequence, NDArray[np.float32], float]:
+    """The arc MU-normalised (leaves limited again when scaled down past the headroom), its full
+    reference dose per fraction and the factor; raises when a machine limit is broken."""
+    from sequencing.deliverability import check_deliverable
+
+    dose_fx = _reference_dose(problem, seq, machine, options.device)
+    factor = 1.0
+    for _ in range(MAX_NORMALISATION_PASSES):
+        step = mu_normalisation_factor(dose_fx, problem, case, options, rx_fx)
+        scaled, relimited = rescale_mu(seq, step, machine, arc, mu_headroom=options.arc.mu_headroom)
+        seq, factor = scaled, factor * step
+        if not relimited:
+            dose_fx = (dose_fx * step).astype(np.float32)
+            break
+        # Fewer MU shortened MU-limited segments: the leaves were limited again, so dose again.
+        dose_fx = _reference_dose(problem, seq, machine, options.device)
+    else:
+        log.warning("case %s: the MU normalisation did not settle in %d passes (last factor %.4f)", case.case_id,
+                    MAX_NORMALISATION_PASSES, step)
+    problems = check_deliverable(seq, machine)
+    if problems:
+        raise SequencingError("the planned arc violates machine limits: " + "; ".join(problems[:5]))
+    return seq, dose_fx, factor
+
+
+def _evaluate(options: PlanningOptions, dose_fx: NDArray[np.float32], problem: PlanningProblem,
+              case: Case) -> list[dict[str, Any]] | None:
+    """The goal results of a plan's dose (CT grid, all fractions), or ``None`` without goals."""
+    from pipeline.goals import evaluate_goals
+
+    if not options.goals:
+        return None
+    return evaluate_goals(options.goals, dose_fx * case.prescription.fractions, problem.grid, case)
+
+
+def goal_rank(goals: list[dict[str, Any]]) -> tuple[int, float, int, float]:
+    """Sort key of a plan by its goal results, best first: P1 goals failed, their summed relative
+    violation, P2 goals failed, their summed relative violation."""
+    def violation(g: dict[str, Any]) -> float:
+        value, limit = g["value"], g["limit"]
+        gap = (limit - value) if g["comparison"] == AT_LEAST else (value - limit)
+        return max(0.0, gap) / max(abs(limit), 1e-9)
+
+    failed = {p: [g for g in goals if g["priority"] == p and g["passed"] is False] for p in (1, 2)}
+    return (len(failed[1]), sum(violation(g) for g in failed[1]), len(failed[2]),
+            sum(violation(g) for g in failed[2]))
+
+
+def _rescue(seq: ArcSequence, dose_fx: NDArray[np.float32], factor: float, goals: list[dict[str, Any]],
+            problem: PlanningProblem, case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningOptions,
+            rx_fx: float, near: DoseEngine, objective: Callable[[dict[int, float]], Any], timings: Timings,
+            record: dict[str, Any]) -> tuple[ArcSequence, NDArray[np.float32], float, list[dict[str, Any]]]:
+    """While a P1 goal fails: optimise the arc again from the current one with the failing goals'
+    weights raised (``options.rescue_boost`` per round, up to ``options.rescue_rounds`` rounds); keep
+    the plan that best meets the goals in priority order (:func:`goal_rank`). Records every try."""
+    best = (goal_rank(goals), 0, seq, dose_fx, factor, goals)
+    tries = [{"round": 0, "rank": list(best[0]), "p1_failed": _failed_names(goals, 1)}]
+    boost: dict[int, float] = {}
+    current = seq
+    for round_ in range(1, options.rescue_rounds + 1):
+        failing = [i for i, g in enumerate(goals) if g["priority"] == 1 and g["passed"] is False]
+        if not failing:
+            break
+        for i in failing:
+            boost[i] = boost.get(i, 1.0) * options.rescue_boost
+        with timings.stage("rescue"):
+            result = optimize_arc(current, near, objective(dict(boost)), machine, arc, settings=options.arc,
+                                  device=options.device)
+            current, dose_fx, factor = _normalised_arc(result.sequence, problem, case, machine, arc, options, rx_fx)
+            goals = _evaluate(options, dose_fx, problem, case) or []
+        rank = goal_rank(goals)
+        tries.append({"round": round_, "boost": {str(i): b for i, b in boost.items()}, "rank": list(rank),
+                      "p1_failed": _failed_names(goals, 1)})
+        if rank < best[0]:
+            best = (rank, round_, current, dose_fx, factor, goals)
+    record["rescue"] = {"tries": tries, "kept_round": best[1]}
+    log.info("case %s: rescue of failing P1 goals: %d round(s), kept round %d (%d P1 goal(s) failed)", case.case_id,
+             len(tries) - 1, best[1], best[0][0])
+    return best[2], best[3], best[4], best[5]
+
+
+def _failed_names(goals: list[dict[str, Any]], priority: int) -> list[str]:
+    return [f"{g['structure']} {g['metric']} {g['comparison']} {g['limit']:g}" for g in goals
+            if g["priority"] == priority and g["passed"] is False]
+
+
+def unsequenced_dose_fx(result: PlanResult, case: Case, options: PlanningOptions) -> NDArray[np.float32]:
+    """Dose per fraction of the fluence handed to the sequencer, normalised as the plan is (for the
+    fidelity figures: what sequencing and the arc optimisation kept of the fluence's quality)."""
     with torch.inference_mode():
-        dose = result.problem.engine(torch.as_tensor(result.fluence * result.factor, device=device))
-    return dose.cpu().numpy().astype(np.float32)
+        dose = result.problem.engine(torch.as_tensor(result.fluence, device=options.device)).cpu().numpy()
+    rx_fx = case.prescription.dose_gy / case.prescription.fractions
+    return (dose * mu_normalisation_factor(dose, result.problem, case, options, rx_fx)).astype(np.float32)

@@ -34,6 +34,7 @@ from scipy import ndimage
 from core.case import Role
 from core.errors import PlanningError
 from pipeline.dose_engine import DoseEngine
+from pipeline.goal_objective import GoalSetup
 from pipeline.optimizer import OptimizerWeights, optimize_fluence
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def refine_fluence(
     shell_mm: float = 8.0,
     oar_reach_mm: float = 15.0,
     weights: OptimizerWeights | None = None,
+    goals: GoalSetup | None = None,
 ) -> Refinement:
     """Refine a fluence with ``iterations`` optimizer evaluations near the target (see the module doc).
 
@@ -123,6 +125,8 @@ def refine_fluence(
         Extent of the restricted region (:func:`refinement_region`).
     weights
         Objective weights; the optimizer's defaults when ``None``.
+    goals
+        Clinical goals added to the objective as terms.
     """
     t0 = time.perf_counter()
     if iterations < 1:
@@ -133,10 +137,9 @@ def refine_fluence(
     region = refinement_region(masks_np, engine.grid.spacing_mm, shell_mm=shell_mm, oar_reach_mm=oar_reach_mm)
     sub = engine.restricted(region)
     device = masks[Role.PTV].device
-    sub_masks = {role.value: torch.as_tensor(m & region, device=device) for role, m in masks_np.items()}
-    result = optimize_fluence(sub, sub_masks, rx_gy=rx_gy, iterations=iterations,
+    result = optimize_fluence(sub, {role.value: m for role, m in masks.items()}, rx_gy=rx_gy, iterations=iterations,
                               init=torch.as_tensor(np.asarray(fluence, dtype=np.float32), device=device),
-                              weights=weights)
+                              weights=weights, goals=goals, region=torch.as_tensor(region, device=device))
     seconds = time.perf_counter() - t0
     log.info("refinement: %d evaluations on %d voxels, loss %.4g -> %.4g in %.2f s", iterations, int(region.sum()),
              result.history[0], result.history[-1], seconds)
