@@ -370,7 +370,8 @@ class Worker:
                         job_id, exc, out_dir)
             return
         s_m = summary_metrics(metrics)
-        verdict = metrics.get("verdict") if isinstance(metrics.get("verdict"), dict) else {}
+        found = metrics.get("verdict")
+        verdict: dict[str, Any] = found if isinstance(found, dict) else {}
         log.log(logging.INFO if verdict.get("p1_met", True) else logging.WARNING,
                 "job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; PTV D98 %s Gy, HI %s; goals: %s; "
                 "%d delivery(ies) queued", job_id, timings["queue_wait_s"], timings["inputs_s"],
