@@ -330,8 +330,9 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
 
 def _goal_setup(options: PlanningOptions, problem: PlanningProblem, case: Case,
                 boost: dict[int, float]) -> GoalSetup | None:
-    """The goals the objective adds as terms (``None`` without goals or with goal terms off)."""
-    if not options.goals or not options.goal_terms:
+    """The goals the objective adds as terms: ``None`` without goals, or with goal terms off outside a
+    rescue (a rescue always adds them, with the failing goals boosted)."""
+    if not options.goals or (not options.goal_terms and not boost):
         return None
     percent = (options.normalisation_volume_percent if options.normalisation is Normalisation.PTV_DX else None)
     return GoalSetup(goals=tuple(options.goals), fractions=case.prescription.fractions,

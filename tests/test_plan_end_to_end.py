@@ -52,9 +52,19 @@ def test_outputs_and_metrics(planned: dict[str, Any]) -> None:
     # dose normalised on the dose grid: within 2 %).
     assert ptv["D95_Gy"] == pytest.approx(40.0, rel=0.02)
     assert m["plan"]["total_MU"] > 100
-    assert {"load", "optimize", "sequence", "final_dose", "export", "total"} <= set(m["timings_s"])
+    assert {"load", "optimize", "sequence", "arc_optimize", "final_dose", "export", "total"} <= set(m["timings_s"])
+    assert m["arc_optimizer"]["iterations"] == Settings().planning.arc_optimizer_iterations
+    assert m["arc_optimizer"]["loss_end"] < m["arc_optimizer"]["loss_start"]
     assert all(g["passed"] in (True, False) for g in m["goals"])
+    # the verdict against the goals: in metrics.json, the report and the RT Plan a TPS shows
+    verdict = m["verdict"]
+    p1_failed = [g for g in m["goals"] if g["priority"] == 1 and not g["passed"]]
+    assert verdict["p1_met"] == (not p1_failed) and len(verdict["p1_failed"]) == len(p1_failed)
+    assert verdict["text"].startswith("all P1 met" if not p1_failed else "P1 failed: ")
+    assert f"VERDICT (clinical goals): {verdict['text']}" in (out / "report.txt").read_text()
     plan = pydicom.dcmread(out / "rtplan.dcm")
+    assert ("P1 met" if verdict["p1_met"] else "P1 FAILED") in plan.RTPlanName
+    assert verdict["text"] in plan.RTPlanDescription
     assert plan.ApprovalStatus == "UNAPPROVED"
     assert float(plan.FractionGroupSequence[0].ReferencedBeamSequence[0].BeamMeterset) == pytest.approx(
         m["plan"]["total_MU"], rel=1e-4)
