@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from core.case import Prescription, Role
 from core.errors import ConfigError
 from core.machine import ArcSpec, MachineModel, RotationDirection
-from pipeline.goals import Normalisation
+from pipeline.goals import GoalStages, Normalisation
 
 T = TypeVar("T")
 
@@ -364,9 +364,9 @@ class PlanningSettings:
         default=30,
         metadata=doc("Machine-parameter optimisation of the sequenced arc: evaluations optimising the leaf positions and MU of every control point through the dose (machine limits kept at every step); 0 = the sequencer's arc as it is", "count 0-500"),
     )
-    goal_terms: bool = field(
-        default=True,
-        metadata=doc("Every clinical goal ([[goals]]) is a term of the planning objective (fluence optimizer, AI refinement, arc optimisation), weighted by its priority; false = the goals are evaluated only"),
+    goal_stages: GoalStages = field(
+        default=GoalStages.ARC,
+        metadata=doc("Planning stages whose objective holds every clinical goal ([[goals]]) as a term weighted by its priority: arc (the arc optimisation and the rescue), all (also the fluence optimizer and the AI refinement) or off (goals evaluated only)"),
     )
     rescue_rounds: int = field(
         default=2,

@@ -83,7 +83,7 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str) ->
         normalisation=settings.prescription.normalisation,
         normalisation_volume_percent=settings.prescription.normalisation_volume_percent,
         goals=tuple(GoalSpec(g.structure, g.metric, g.comparison.value, g.limit, g.priority) for g in settings.goals),
-        goal_terms=p.goal_terms, rescue_rounds=p.rescue_rounds, device=device,
+        goal_stages=p.goal_stages, rescue_rounds=p.rescue_rounds, device=device,
     )
 
 

@@ -34,6 +34,19 @@ class Normalisation(enum.StrEnum):
     NONE = "none"
 
 
+class GoalStages(enum.StrEnum):
+    """Which planning stages add the goals to their objective.
+
+    ``arc``: the machine-parameter optimisation of the arc and the rescue (the fluence stages keep
+    the shape objective); ``all``: the fluence optimizer and the AI refinement too; ``off``: none
+    (the goals are evaluated, and a rescue still adds them with the failing ones raised).
+    """
+
+    ARC = "arc"
+    ALL = "all"
+    OFF = "off"
+
+
 AT_LEAST = ">="
 AT_MOST = "<="
 

@@ -37,7 +37,7 @@ from core.machine import ArcSpec, MachineModel
 from pipeline.arc_optimizer import OAR_REACH_MM, SHELL_MM, ArcOptimizerSettings, optimize_arc, rescale_mu
 from pipeline.dose_engine import DoseEngine
 from pipeline.goal_objective import GoalSetup, PriorityWeights
-from pipeline.goals import AT_LEAST, GoalSpec, Normalisation
+from pipeline.goals import AT_LEAST, GoalSpec, GoalStages, Normalisation
 from pipeline.problem import DEFAULT_HU_CURVE, PlanningProblem, build_problem
 from sequencing.sequencer import ArcSequence
 
@@ -102,9 +102,8 @@ class PlanningOptions:
     normalisation, normalisation_volume_percent
         MU normalisation: PTV D<v> = Rx, PTV mean = Rx, or none.
     goals
-        The clinical goal list: evaluated on the plan (``PlanResult.goals``) and, with
-        ``goal_terms``, terms of the objective of every stage (fluence optimizer, refinement, arc
-        optimisation) weighted by priority (``goal_weights``).
+        The clinical goal list: evaluated on the plan (``PlanResult.goals``) and terms of the
+        objective, weighted by priority (``goal_weights``), in the stages ``goal_stages`` names.
     rescue_rounds, rescue_boost
         When a P1 goal fails, the arc is optimised again up to ``rescue_rounds`` times with the
         failing goals' weights multiplied by ``rescue_boost`` each round; the plan that best meets the
@@ -129,7 +128,7 @@ class PlanningOptions:
     normalisation: Normalisation = Normalisation.PTV_DX
     normalisation_volume_percent: float = 95.0
     goals: Sequence[GoalSpec] = ()
-    goal_terms: bool = True
+    goal_stages: GoalStages = GoalStages.ARC
     goal_weights: PriorityWeights = field(default_factory=PriorityWeights)
     rescue_rounds: int = 2
     rescue_boost: float = 4.0
@@ -191,7 +190,7 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
         with timings.stage("optimize"):
             result = optimize_fluence(problem.engine, problem.masks, rx_gy=rx_fx,
                                       iterations=options.optimizer_iterations,
-                                      goals=_goal_setup(options, problem, case, {}))
+                                      goals=_goal_setup(options, problem, case, {}, fluence_stage=True))
         return np.asarray(result.fluence, dtype=np.float32), None
     from pipeline.ai_planner import predict_fluence
 
@@ -205,7 +204,8 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
 
     with timings.stage("ai_refine"):
         refined = refine_fluence(fluence, problem.engine, problem.masks, rx_gy=rx_fx,
-                                 iterations=options.ai_refine_iterations, goals=_goal_setup(options, problem, case, {}))
+                                 iterations=options.ai_refine_iterations,
+                                 goals=_goal_setup(options, problem, case, {}, fluence_stage=True))
     record["ai_refine"] = refined.record()
     return refined.fluence, refined.engine
 
@@ -328,11 +328,12 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                       record=record, goals=goals)
 
 
-def _goal_setup(options: PlanningOptions, problem: PlanningProblem, case: Case,
-                boost: dict[int, float]) -> GoalSetup | None:
-    """The goals the objective adds as terms: ``None`` without goals, or with goal terms off outside a
-    rescue (a rescue always adds them, with the failing goals boosted)."""
-    if not options.goals or (not options.goal_terms and not boost):
+def _goal_setup(options: PlanningOptions, problem: PlanningProblem, case: Case, boost: dict[int, float], *,
+                fluence_stage: bool = False) -> GoalSetup | None:
+    """The goals a stage's objective adds as terms (``None``: none): the arc stage with ``goal_stages``
+    ``arc`` or ``all``, the fluence stages with ``all``; a rescue (``boost``) always adds them."""
+    wanted = {GoalStages.ALL} if fluence_stage else {GoalStages.ARC, GoalStages.ALL}
+    if not options.goals or (options.goal_stages not in wanted and not boost):
         return None
     percent = (options.normalisation_volume_percent if options.normalisation is Normalisation.PTV_DX else None)
     return GoalSetup(goals=tuple(options.goals), fractions=case.prescription.fractions,

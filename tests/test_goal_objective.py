@@ -17,7 +17,7 @@ from pipeline.goal_objective import (
     goal_terms,
     normalised,
 )
-from pipeline.goals import GoalSpec, plan_verdict
+from pipeline.goals import GoalSpec, GoalStages, plan_verdict
 from pipeline.plan import FluenceSource, PlanningOptions, goal_rank, plan_arc
 from pipeline.problem import build_problem
 from pipeline.synth import synth_case
@@ -126,7 +126,8 @@ def test_planning_with_goals_rescues_a_failing_p1_goal() -> None:
     goals = (GoalSpec("ptv", "D98%", ">=", 34.0, 1), GoalSpec("rectum", "Dmean", "<=", 2.0, 1),
              GoalSpec("bladder", "Dmean", "<=", 30.0, 2))
     options = PlanningOptions(source=FluenceSource.OPTIMIZE, optimizer_iterations=10, dose_grid_mm=5.0,
-                              arc=ArcOptimizerSettings(iterations=8), goals=goals, goal_terms=False, rescue_rounds=2)
+                              arc=ArcOptimizerSettings(iterations=8), goals=goals, goal_stages=GoalStages.OFF,
+                              rescue_rounds=2)
     result = plan_arc(case, machine, arc, options, problem=problem)
     assert result.goals is not None and [g["metric"] for g in result.goals] == ["D98%", "Dmean", "Dmean"]
     rescue = result.record["rescue"]
