@@ -160,7 +160,8 @@ def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
         "setup_s": timings.stages.get("setup", float("nan")),
         "final_dose_s": timings.stages.get("final_dose", float("nan")),
         "timings_s": dict(timings.stages),
-        "record": {k: v for k, v in result.record.items() if k in ("arc_optimizer", "sequencer_aperture_threshold")},
+        "record": {k: v for k, v in result.record.items()
+                   if k in ("arc_optimizer", "sequencer_aperture_threshold", "rescue")},
     }
 
 
@@ -223,8 +224,9 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 def print_goal_table(rows: list[dict[str, Any]]) -> None:
     """Per set and method: plans meeting every P1 goal, P2 goals met, and each P1 goal's failures."""
     print("\n### Clinical goals of the shipped goal list (exported arc)\n")
-    print("| set | method | all P1 met | P2 met (of all P2 evaluations) | P1 failures by goal |")
-    print("|---|---|---|---|---|")
+    print("| set | method | all P1 met | P2 met (of all P2 evaluations) | P1 failures by goal | plans rescued "
+          "(P1 failed after the first arc) |")
+    print("|---|---|---|---|---|---|")
     for case_set in CASE_SETS:
         sub = [r for r in rows if r["set"] == case_set]
         if not sub:
@@ -241,8 +243,9 @@ def print_goal_table(rows: list[dict[str, Any]]) -> None:
                     if g["priority"] == 1 and g["passed"] is False:
                         key = f"{g['structure']} {g['metric']} {g['comparison']} {g['limit']:g}"
                         fails[key] = fails.get(key, 0) + 1
+            rescued = sum("rescue" in r["methods"][m].get("record", {}) for r in sub)
             print(f"| {case_set} | {m} | {p1_ok}/{len(sub)} | {sum(g['passed'] for g in p2)}/{len(p2)} | "
-                  + (", ".join(f"{k}: {v}" for k, v in fails.items()) or "none") + " |")
+                  + (", ".join(f"{k}: {v}" for k, v in fails.items()) or "none") + f" | {rescued}/{len(sub)} |")
 
 
 def main() -> None:
