@@ -311,11 +311,22 @@ def test_push_plan_deliver_through_kill9_while_receiving_planning_and_sending(
     assert slow.received[-2:] == ["RTPLAN", "RTDOSE"]
     assert query(db_file, "SELECT state, deliveries_done FROM v_jobs_overview") == [("SUCCEEDED", 2)]
 
-    # 5. a physicist's view, then a clean SIGTERM stop.
+    # 5. a physicist's view: the verdict against the clinical goals in the list, the job and the RT Plan
+    # the destination received; then a clean SIGTERM stop.
+    (metrics_json,) = query(db_file, "SELECT metrics FROM jobs")[0]
+    verdict = json.loads(metrics_json)["verdict"]
+    order = [ln.strip() for ln in (tmp_path / "received" / "order.txt").read_text().splitlines() if ln.strip()]
+    plan = pydicom.dcmread(tmp_path / "received" / order[0])
+    assert ("P1 met" if verdict["p1_met"] else "P1 FAILED") in plan.RTPlanName
+    assert verdict["text"] in plan.RTPlanDescription
+    listed = subprocess.run([sys.executable, "-m", "appliance.cli", "jobs", "--config", str(cfg), "list"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "GOALS" in listed.stdout and ("P1 met" if verdict["p1_met"] else "P1 FAIL") in listed.stdout, listed.stdout
     show = subprocess.run([sys.executable, "-m", "appliance.cli", "jobs", "--config", str(cfg), "show", "1"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert show.returncode == 0, show.stderr
-    for text in ("SUCCEEDED", "node restarted while planning", "DVH metrics", "Clinical goals", "DELIVERED"):
+    for text in ("SUCCEEDED", "node restarted while planning", "DVH metrics", "Clinical goals", "DELIVERED",
+                 f"Verdict (clinical goals): {verdict['text']}"):
         assert text in show.stdout, text
     assert node.stop() == 0
     assert "node stopped" in log.read_text()
