@@ -243,7 +243,7 @@ def print_goal_table(rows: list[dict[str, Any]]) -> None:
                     if g["priority"] == 1 and g["passed"] is False:
                         key = f"{g['structure']} {g['metric']} {g['comparison']} {g['limit']:g}"
                         fails[key] = fails.get(key, 0) + 1
-            rescued = sum("rescue" in r["methods"][m].get("record", {}) for r in sub)
+            rescued = sum(len(r["methods"][m].get("record", {}).get("rescue", {}).get("tries", [])) > 1 for r in sub)
             print(f"| {case_set} | {m} | {p1_ok}/{len(sub)} | {sum(g['passed'] for g in p2)}/{len(p2)} | "
                   + (", ".join(f"{k}: {v}" for k, v in fails.items()) or "none") + f" | {rescued}/{len(sub)} |")
 
