@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from core.case import Prescription, Role
 from core.errors import ConfigError
 from core.machine import ArcSpec, MachineModel, RotationDirection
-from pipeline.goals import GoalStages, Normalisation
+from pipeline.goals import GoalSpec, GoalStages, Normalisation
 
 T = TypeVar("T")
 
@@ -437,6 +437,10 @@ class Goal:
             )
         if self.priority not in (1, 2, 3):
             raise ConfigError(f"goals.priority must be 1, 2 or 3, got {self.priority}")
+
+    def spec(self) -> GoalSpec:
+        """The goal as the planner takes it."""
+        return GoalSpec(self.structure, self.metric, self.comparison.value, self.limit, self.priority)
 
 
 def _default_goals() -> tuple[Goal, ...]:

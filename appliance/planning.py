@@ -69,7 +69,6 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
 def planning_options(settings: Settings, method: PlanningMethod, device: str) -> PlanningOptions:
     """The planning core's options from the settings (``method`` resolved: ai or optimize)."""
     from pipeline.arc_optimizer import ArcOptimizerSettings
-    from pipeline.goals import GoalSpec
     from pipeline.plan import FluenceSource, PlanningOptions
 
     p = settings.planning
@@ -82,7 +81,7 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str) ->
         arc=ArcOptimizerSettings(iterations=p.arc_optimizer_iterations),
         normalisation=settings.prescription.normalisation,
         normalisation_volume_percent=settings.prescription.normalisation_volume_percent,
-        goals=tuple(GoalSpec(g.structure, g.metric, g.comparison.value, g.limit, g.priority) for g in settings.goals),
+        goals=tuple(g.spec() for g in settings.goals),
         goal_stages=p.goal_stages, rescue_rounds=p.rescue_rounds, device=device,
     )
 

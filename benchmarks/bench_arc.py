@@ -55,14 +55,14 @@ from core.case import Case
 from pipeline.arc_optimizer import delivered_fluence
 from pipeline.evaluation import evaluate_structures
 from pipeline.gamma import gamma_pass_rate
-from pipeline.goals import GoalSpec, evaluate_goals
+from pipeline.goals import evaluate_goals
 from pipeline.plan import PlanResult, Timings, mu_normalisation_factor, plan_arc
 from sequencing.deliverability import check_deliverable
 from sequencing.fluence import fluence_from_sequence
 from sequencing.sequencer import ArcSequence
 
 SETTINGS = Settings()
-GOALS = [GoalSpec(g.structure, g.metric, g.comparison.value, g.limit, g.priority) for g in SETTINGS.goals]
+GOALS = [g.spec() for g in SETTINGS.goals]
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
 
