@@ -399,3 +399,43 @@ def test_full_size_case_is_valid_and_round_trips(tmp_path: Path) -> None:
     fast = synth.synth_case(31)
     vol_fast = float(fast.masks[Role.PTV].sum()) * fast.grid.voxel_volume_cc
     assert abs(vol_fast / vol - 1.0) < 0.05, (vol_fast, vol)
+
+
+def test_heldout_anatomy_lies_outside_every_training_range() -> None:
+    seeds = range(5000, 5040)
+    train = [synth.draw_params(s) for s in range(0, 200)]
+    held = [synth.draw_heldout_params(s) for s in seeds]
+
+    def span(values: list[float]) -> tuple[float, float]:
+        return min(values), max(values)
+
+    for name, get in (("body width", lambda p: p.body_ab_mm[0]), ("body depth", lambda p: p.body_ab_mm[1]),
+                      ("body shape", lambda p: p.body_exponent), ("fat", lambda p: p.fat_mm),
+                      ("bladder", lambda p: p.bladder_volume_cc), ("rectum", lambda p: p.rectum_radius_mm),
+                      ("prostate", lambda p: p.prostate_r_mm[0]), ("femoral heads", lambda p: p.femur_head_x_mm)):
+        lo, hi = span([get(p) for p in train])
+        outside = [get(p) < lo or get(p) > hi for p in held]
+        assert all(outside), (name, lo, hi, [get(p) for p in held])
+        # both sides of the training range are drawn
+        assert any(get(p) < lo for p in held) and any(get(p) > hi for p in held), name
+    assert all(len(p.gas_pockets) >= 4 and min(g[2] for g in p.gas_pockets) >= 8.0 for p in held)
+    # the seed's augmentation draws are kept, the anatomy is deterministic
+    assert synth.draw_heldout_params(5000) == synth.draw_heldout_params(5000)
+    assert held[0].augmented == synth.draw_params(5000).augmented
+
+
+def test_heldout_case_has_clinical_names_its_own_uids_and_loads(tmp_path: Path) -> None:
+    from appliance.synth_dicom import HELDOUT_ROI_NAMES
+
+    held = write_synth_case(tmp_path / "held", 5001, n_slices=40, pixel_mm=3.0, slice_mm=3.0, matrix=170,
+                            patient_position="FFS", heldout=True)
+    plain = write_synth_case(tmp_path / "plain", 5001, n_slices=40, pixel_mm=3.0, slice_mm=3.0, matrix=170,
+                             patient_position="FFS")
+    assert set(held.roi_names) <= set(HELDOUT_ROI_NAMES.values())
+    assert not set(held.roi_names) & set(plain.roi_names)
+    assert held.study_instance_uid != plain.study_instance_uid
+    assert held.anatomy.volume_cc(synth.BLADDER) != pytest.approx(plain.anatomy.volume_cc(synth.BLADDER), rel=0.05)
+    # the default structure mapping recognises every planning role under its clinical name
+    case = load_case(tmp_path / "held", structures=StructureSettings(), prescription=Prescription())
+    assert set(case.masks) == {Role.PTV, Role.BLADDER, Role.RECTUM, Role.BODY, Role.FEMUR_HEAD_L, Role.FEMUR_HEAD_R}
+    assert case.structure_names[Role.PTV] == "PTV_4000" and case.patient_position is PatientPosition.FFS
