@@ -27,7 +27,7 @@ Machine limits, by construction. After every Adam step the variables are project
 machine's feasible set: MU per sector within ``[min_mu_per_deg, max_mu_per_deg] x sector angle``;
 leaf positions within the BEV field; every gap ``>= min_leaf_gap_mm``; every leaf move within
 ``max_leaf_speed x`` the segment's time ``max(angle / max gantry speed, MU (1 - headroom) / max
-dose rate)`` (``sequencing``'s travel limiter, which keeps the gap). So every iterate is
+dose rate)`` (``sequencing.sequencer.limit_leaf_travel``, which keeps the gap). So every iterate is
 deliverable, and the MU may later be scaled down by up to ``mu_headroom`` (the MU normalisation)
 without a leaf exceeding its speed. The start is the sequencer's arc.
 
@@ -49,8 +49,7 @@ from numpy.typing import NDArray
 
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
-from sequencing import _kernels
-from sequencing.sequencer import ArcSequence, allowed_leaf_travel_mm
+from sequencing.sequencer import ArcSequence, fit_jaws, limit_leaf_travel
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +169,13 @@ def delivered_fluence(leaves: torch.Tensor, jaws: torch.Tensor, segment_mu: torc
 
 @dataclass(frozen=True)
 class _Limits:
-    """The feasible set of the variables (see the module docstring)."""
+    """The feasible set of the variables (see the module docstring); ``template`` holds the arc's
+    leaf positions, whose pairs outside the BEV rows stay as they are."""
 
     machine: MachineModel
     delta_deg: float
     mu_headroom: float
+    template: NDArray[np.float64]
 
     def project(self, leaves: NDArray[np.float64], mu: NDArray[np.float64]) -> tuple[NDArray[np.float64],
                                                                                       NDArray[np.float64]]:
@@ -188,33 +189,22 @@ class _Limits:
         ctr = np.clip(0.5 * (a + b), -edge + 0.5 * m.min_leaf_gap_mm, edge - 0.5 * m.min_leaf_gap_mm)
         a = np.where(short, ctr - 0.5 * m.min_leaf_gap_mm, a)
         b = np.where(short, ctr + 0.5 * m.min_leaf_gap_mm, b)
-        travel = allowed_leaf_travel_mm(mu * (1.0 - self.mu_headroom), self.delta_deg, m) * (1.0 - 1e-9)
-        out = _kernels.limit_leaf_travel(np.ascontiguousarray(np.stack([a, b], axis=-1)), travel,
-                                         float(m.min_leaf_gap_mm))
-        return np.asarray(out, dtype=np.float64), np.asarray(mu, dtype=np.float64)
+        limited = limit_leaf_travel(np.stack([a, b], axis=-1), mu, self.delta_deg, m, mu_headroom=self.mu_headroom)
+        return limited, np.asarray(mu, dtype=np.float64)
 
-    def jaws(self, bev_leaves: NDArray[np.float64]) -> NDArray[np.float64]:
-        """Jaws fitted to the leaves (``sequencing``'s rule); control points with no open row take the
-        nearest open one's."""
-        m = self.machine
-        jaws, has_open = _kernels.fit_jaws(
-            np.ascontiguousarray(bev_leaves), 0, m.bev.n_rows, -m.bev.half_height_mm, float(m.bev.pixel_mm),
-            float(m.dosimetric_leaf_gap_mm), float(m.min_leaf_gap_mm), float(m.jaw_margin_mm), float(m.max_jaw_mm))
-        if not has_open.all():
-            idx = np.flatnonzero(has_open)
-            if idx.size == 0:
-                raise PlanningError("the arc optimisation closed every leaf pair; the plan delivers nothing")
-            nearest = idx[np.abs(np.arange(has_open.size)[:, None] - idx[None, :]).argmin(axis=1)]
-            jaws = jaws[nearest]
-        return np.asarray(jaws, dtype=np.float64)
+    def full(self, bev_leaves: NDArray[np.float64]) -> NDArray[np.float64]:
+        """All leaf pairs: the template's, with the BEV rows replaced."""
+        first = self.machine.first_bev_leaf_pair
+        leaves = np.array(self.template, dtype=np.float64, copy=True)
+        leaves[:, first:first + self.machine.bev.n_rows, :] = bev_leaves
+        return leaves
 
-
-def _to_sequence(start: ArcSequence, machine: MachineModel, bev_leaves: NDArray[np.float64],
-                 jaws: NDArray[np.float64], mu: NDArray[np.float64]) -> ArcSequence:
-    first = machine.first_bev_leaf_pair
-    leaves = np.array(start.leaves_mm, copy=True)
-    leaves[:, first:first + machine.bev.n_rows, :] = bev_leaves
-    return replace(start, leaves_mm=leaves, jaws_mm=jaws, cumulative_mu=np.concatenate([[0.0], np.cumsum(mu)]))
+    def sequence(self, start: ArcSequence, bev_leaves: NDArray[np.float64],
+                 mu: NDArray[np.float64]) -> ArcSequence:
+        """``start`` with these BEV-row leaves, jaws fitted to them and these sector MU."""
+        leaves = self.full(bev_leaves)
+        return replace(start, leaves_mm=leaves, jaws_mm=fit_jaws(leaves, self.machine),
+                       cumulative_mu=np.concatenate([[0.0], np.cumsum(mu)]))
 
 
 def optimize_arc(
@@ -256,7 +246,8 @@ def optimize_arc(
     if start.leaves_mm.shape != (n + 1, machine.n_leaf_pairs, 2):
         raise PlanningError(f"the arc to optimise has leaves of shape {start.leaves_mm.shape}; the machine and arc "
                             f"need ({n + 1}, {machine.n_leaf_pairs}, 2)")
-    limits = _Limits(machine=machine, delta_deg=arc.span_deg() / n, mu_headroom=s.mu_headroom)
+    limits = _Limits(machine=machine, delta_deg=arc.span_deg() / n, mu_headroom=s.mu_headroom,
+                     template=np.asarray(start.leaves_mm, dtype=np.float64))
     first, rows = machine.first_bev_leaf_pair, machine.bev.n_rows
     leaves_np, mu_np = limits.project(np.asarray(start.leaves_mm[:, first:first + rows, :], dtype=np.float64),
                                       np.asarray(start.segment_mu(), dtype=np.float64))
@@ -264,7 +255,7 @@ def optimize_arc(
     dtype = torch.float32
     leaves = torch.tensor(leaves_np, dtype=dtype, device=device, requires_grad=True)
     mu_rel = torch.tensor(mu_np / mu_scale, dtype=dtype, device=device, requires_grad=True)
-    jaws_np = limits.jaws(leaves_np)
+    jaws_np = fit_jaws(limits.full(leaves_np), machine)
     opt = torch.optim.Adam([{"params": [leaves], "lr": s.leaf_step_mm}, {"params": [mu_rel], "lr": s.mu_step}])
     base_lr = (s.leaf_step_mm, s.mu_step)
 
@@ -291,11 +282,11 @@ def optimize_arc(
                                               mu_rel.detach().cpu().numpy().astype(np.float64) * mu_scale)
             leaves.copy_(torch.as_tensor(leaves_np, dtype=dtype))
             mu_rel.copy_(torch.as_tensor(mu_np / mu_scale, dtype=dtype))
-        jaws_np = limits.jaws(leaves_np)
+        jaws_np = fit_jaws(limits.full(leaves_np), machine)
     with torch.no_grad():
         final = float(loss_of())
     first_loss = history[0] if history else final
-    seq = _to_sequence(start, machine, leaves_np, jaws_np, mu_np)
+    seq = limits.sequence(start, leaves_np, mu_np)
     seconds = time.perf_counter() - t0
     log.info("arc optimisation: %d evaluations, loss %.4g -> %.4g, %.0f -> %.0f MU in %.2f s", len(history),
              first_loss, final, start.total_mu, seq.total_mu, seconds)
@@ -315,9 +306,11 @@ def rescale_mu(seq: ArcSequence, factor: float, machine: MachineModel, arc: ArcS
         raise PlanningError(f"MU normalisation factor must be finite and > 0, got {factor}")
     if factor >= 1.0 - mu_headroom:
         return replace(seq, cumulative_mu=seq.cumulative_mu * factor), False
-    limits = _Limits(machine=machine, delta_deg=arc.span_deg() / arc.n_sectors, mu_headroom=mu_headroom)
+    limits = _Limits(machine=machine, delta_deg=arc.span_deg() / arc.n_sectors, mu_headroom=mu_headroom,
+                     template=np.asarray(seq.leaves_mm, dtype=np.float64))
     first, rows = machine.first_bev_leaf_pair, machine.bev.n_rows
     old = np.asarray(seq.leaves_mm[:, first:first + rows, :], dtype=np.float64)
     leaves, mu = limits.project(old, np.asarray(seq.segment_mu(), dtype=np.float64) * factor)
-    changed = bool(np.abs(leaves - old).max() > 1e-9)
-    return _to_sequence(seq, machine, leaves, limits.jaws(leaves) if changed else np.asarray(seq.jaws_mm), mu), changed
+    if not np.abs(leaves - old).max() > 1e-9:
+        return replace(seq, cumulative_mu=np.concatenate([[0.0], np.cumsum(mu)])), False
+    return limits.sequence(seq, leaves, mu), True

@@ -197,6 +197,54 @@ def allowed_leaf_travel_mm(
     return np.asarray(machine.max_leaf_speed_mm_s * t, dtype=np.float64)
 
 
+def limit_leaf_travel(
+    leaves_mm: NDArray[np.float64],
+    segment_mu: NDArray[np.float64],
+    delta_deg: float,
+    machine: MachineModel,
+    *,
+    mu_headroom: float = 0.0,
+) -> NDArray[np.float64]:
+    """Leaf positions whose every move keeps within the machine's leaf speed.
+
+    ``leaves_mm`` is ``(n_cp, P, 2)`` (any ``P`` pairs, each gap ``>= min_leaf_gap_mm``); the move of
+    segment ``k`` is limited to :func:`allowed_leaf_travel_mm` of ``(1 - mu_headroom) x segment_mu[k]``
+    (a forward and a backward pass towards the targets, averaged, gaps kept). Pairs that need no
+    limiting come back unchanged.
+    """
+    travel = allowed_leaf_travel_mm(np.asarray(segment_mu, dtype=np.float64) * (1.0 - mu_headroom), delta_deg,
+                                    machine) * (1.0 - 1e-9)
+    return np.asarray(_kernels.limit_leaf_travel(np.ascontiguousarray(leaves_mm, dtype=np.float64), travel,
+                                                 float(machine.min_leaf_gap_mm)), dtype=np.float64)
+
+
+def fit_jaws(leaves_mm: NDArray[np.float64], machine: MachineModel) -> NDArray[np.float64]:
+    """Jaws ``(n_cp, 4)`` (X1, X2, Y1, Y2, mm) fitted to the open BEV rows of ``(n_cp, n_pairs, 2)`` leaves.
+
+    X jaws at the outermost effective edges of the open rows widened by ``machine.jaw_margin_mm``, Y
+    jaws at the outer boundaries of the open rows; a control point without an open row takes the
+    jaws of the nearest one that has one.
+
+    Raises
+    ------
+    SequencingError
+        No control point has an open leaf pair.
+    """
+    bev = machine.bev
+    jaws, has_open = _kernels.fit_jaws(
+        np.ascontiguousarray(leaves_mm, dtype=np.float64), int(machine.first_bev_leaf_pair), int(bev.n_rows),
+        -bev.half_height_mm, float(bev.pixel_mm), float(machine.dosimetric_leaf_gap_mm),
+        float(machine.min_leaf_gap_mm), float(machine.jaw_margin_mm), float(machine.max_jaw_mm),
+    )
+    if not has_open.all():
+        idx = np.flatnonzero(has_open)
+        if idx.size == 0:
+            raise SequencingError("no control point has an open leaf pair; the fluence maps are too weak to deliver")
+        nearest = idx[np.abs(np.arange(has_open.size)[:, None] - idx[None, :]).argmin(axis=1)]
+        jaws = jaws[nearest]
+    return np.asarray(jaws, dtype=np.float64)
+
+
 def sequence_arc(
     fluence: NDArray[np.floating],
     arc: ArcSpec,
@@ -248,7 +296,6 @@ def sequence_arc(
     bev = machine.bev
     F = np.ascontiguousarray(fluence, dtype=np.float64)
     x0 = -bev.half_width_mm
-    y0 = -bev.half_height_mm
     dlg = float(machine.dosimetric_leaf_gap_mm)
     gap = float(machine.min_leaf_gap_mm)
     limit = float(machine.max_jaw_mm)
@@ -278,22 +325,13 @@ def sequence_arc(
     leaves[:, first : first + bev.n_rows, :] = bev_leaves
 
     if not allow_gantry_slowdown:
-        travel = allowed_leaf_travel_mm(seg_mu * (1.0 - mu_headroom), delta_deg, machine) * (1.0 - 1e-9)
-        limited = _kernels.limit_leaf_travel(leaves, travel, gap)
+        limited = limit_leaf_travel(leaves, seg_mu, delta_deg, machine, mu_headroom=mu_headroom)
         moved = float(np.abs(limited - leaves).max())
         if moved > 0.0:
             logger.info("leaf travel limited to the machine's leaf speed: largest shift %.2f mm", moved)
         leaves = limited
 
-    jaws, has_open = _kernels.fit_jaws(
-        leaves, first, bev.n_rows, y0, float(bev.pixel_mm), dlg, gap, float(machine.jaw_margin_mm), limit
-    )
-    if not has_open.all():
-        idx = np.flatnonzero(has_open)
-        if idx.size == 0:
-            raise SequencingError("no control point has an open leaf pair; the fluence maps are too weak to deliver")
-        nearest = idx[np.abs(np.arange(has_open.size)[:, None] - idx[None, :]).argmin(axis=1)]
-        jaws = jaws[nearest]
+    jaws = fit_jaws(leaves, machine)
 
     cumulative = np.concatenate([[0.0], np.cumsum(seg_mu)])
     seq = ArcSequence(
