@@ -56,7 +56,7 @@ from pipeline.arc_optimizer import delivered_fluence
 from pipeline.evaluation import evaluate_structures
 from pipeline.gamma import gamma_pass_rate
 from pipeline.goals import evaluate_goals
-from pipeline.plan import PlanResult, Timings, mu_normalisation_factor, plan_arc
+from pipeline.plan import PlanningOptions, PlanResult, Timings, mu_normalisation_factor, plan_arc
 from sequencing.deliverability import check_deliverable
 from sequencing.fluence import fluence_from_sequence
 from sequencing.sequencer import ArcSequence
@@ -100,10 +100,9 @@ def case_spec(case_set: str, index: int) -> tuple[int, CtGeometry, bool]:
     return CASE_SETS["heldout"] + index, HELDOUT_CTS[index % len(HELDOUT_CTS)], True
 
 
-def _normalised(dose_fx: np.ndarray, result: PlanResult, case: Case) -> dict[str, dict[str, Any]]:
-    """Metrics (CT grid, all fractions) of a dose per fraction scaled to PTV D95 = Rx."""
-
-    options = planning_options(SETTINGS, PlanningMethod.OPTIMIZE, "cpu")
+def _normalised(dose_fx: np.ndarray, result: PlanResult, case: Case,
+                options: PlanningOptions) -> dict[str, dict[str, Any]]:
+    """Metrics (CT grid, all fractions) of a dose per fraction normalised as the plan was."""
     rx_fx = case.prescription.dose_gy / case.prescription.fractions
     f = mu_normalisation_factor(dose_fx, result.problem, case, options, rx_fx)
     return evaluate_structures(dose_fx * f * case.prescription.fractions, result.problem.grid, case)
@@ -136,7 +135,8 @@ def _model_fluence(seq: ArcSequence) -> np.ndarray:
 def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
     """Plan one case with one method and measure it."""
     timings = Timings()
-    result = plan_arc(case, MACHINE, ARC, planning_options(SETTINGS, method, "cpu"), timings=timings)
+    options = planning_options(SETTINGS, method, "cpu")
+    result = plan_arc(case, MACHINE, ARC, options, timings=timings)
     fx = case.prescription.fractions
     exported = evaluate_structures(result.dose_fx * fx, result.problem.grid, case)
     goals = evaluate_goals(GOALS, result.dose_fx * fx, result.problem.grid, case)
@@ -146,8 +146,8 @@ def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
     spacing = result.problem.grid.spacing_mm
     unseq_scaled = unseq_fx * (result.factor if np.isfinite(result.factor) else 1.0)
     return {
-        "unsequenced": _row(_normalised(unseq_fx, result, case)),
-        "sequencer": _row(_normalised(start_fx, result, case)),
+        "unsequenced": _row(_normalised(unseq_fx, result, case, options)),
+        "sequencer": _row(_normalised(start_fx, result, case, options)),
         "exported": _row(exported),
         "goals": [{k: g[k] for k in ("structure", "metric", "comparison", "limit", "priority", "value", "passed")}
                   for g in goals],

@@ -35,17 +35,18 @@ log = logging.getLogger(__name__)
 #: The clinical-goal metric grammar (kept identical to ``appliance.config.GOAL_METRIC_RE``).
 METRIC_RE = re.compile(r"^(D\d+(\.\d+)?(%|cc)|V\d+(\.\d+)?Gy(%|cc)|Dmean|Dmax|HI|CI)$")
 
-_D_RE = re.compile(r"^D(?P<x>\d+(\.\d+)?)(?P<unit>%|cc)$")
-_V_RE = re.compile(r"^V(?P<x>\d+(\.\d+)?)Gy(?P<unit>%|cc)$")
+#: ``Dx%`` / ``Dxcc`` (dose to the hottest x % or x cm3) and ``VxGy%`` / ``VxGycc`` (volume receiving x Gy).
+D_METRIC_RE = re.compile(r"^D(?P<x>\d+(\.\d+)?)(?P<unit>%|cc)$")
+V_METRIC_RE = re.compile(r"^V(?P<x>\d+(\.\d+)?)Gy(?P<unit>%|cc)$")
 
 
 def metric_unit(metric: str) -> str:
     """Unit of a goal metric's value: ``"Gy"``, ``"%"``, ``"cm3"`` or ``""`` (HI, CI ratios)."""
     if metric in ("HI", "CI"):
         return ""
-    if _V_RE.match(metric):
+    if V_METRIC_RE.match(metric):
         return "%" if metric.endswith("%") else "cm3"
-    if metric in ("Dmean", "Dmax") or _D_RE.match(metric):
+    if metric in ("Dmean", "Dmax") or D_METRIC_RE.match(metric):
         return "Gy"
     raise InputError(
         f"unknown dose metric {metric!r}: allowed Dx%, Dxcc, VxGy%, VxGycc, Dmean, Dmax, HI, CI "
@@ -293,7 +294,7 @@ def evaluate_metric(
         return s.mean()
     if metric == "Dmax":
         return float(s.dose[-1])
-    m = _D_RE.match(metric)
+    m = D_METRIC_RE.match(metric)
     if m:
         x = float(m.group("x"))
         if m.group("unit") == "%":
@@ -301,7 +302,7 @@ def evaluate_metric(
                 raise InputError(f"metric {metric}: Dx% needs x <= 100")
             return s.d_at_fraction(x / 100.0)
         return s.d_at_fraction(min(x / (s.total * voxel_cc), 1.0))
-    m = _V_RE.match(metric)
+    m = V_METRIC_RE.match(metric)
     if m is None:  # pragma: no cover - METRIC_RE admits nothing else
         raise InputError(f"unknown dose metric {metric!r}")
     frac = s.v_at_dose(float(m.group("x")))

@@ -26,17 +26,15 @@ difference between the optimiser's dose grid and the CT grid the goals are repor
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from core.errors import PlanningError
+from pipeline.dvh import D_METRIC_RE, V_METRIC_RE
 from pipeline.goals import AT_LEAST, GoalSpec
 
-_D = re.compile(r"^D(?P<x>\d+(\.\d+)?)(?P<unit>%|cc)$")
-_V = re.compile(r"^V(?P<x>\d+(\.\d+)?)Gy(?P<unit>%|cc)$")
 #: Tail fraction standing for D2 and D98 in the HI term.
 HI_TAIL = 0.02
 
@@ -165,14 +163,14 @@ class GoalTerm:
         if g.metric == "HI":
             hi = (_tail_mean(d, HI_TAIL, True) - _tail_mean(d, HI_TAIL, False)) / d.mean().clamp_min(1e-9)
             return torch.relu((self.limit_fx - hi) if at_least else (hi - self.limit_fx)) ** 2
-        m = _D.match(g.metric)
+        m = D_METRIC_RE.match(g.metric)
         if m:  # Dx: the dose that the hottest x (% or cc) of the structure receives
             x = float(m.group("x"))
             f = min(1.0, (x / 100.0 if m.group("unit") == "%" else x / (n * self.voxel_cc)) / share)
             if at_least:
                 return at_least_fraction_above(d, self.limit_fx, f, scale)
             return at_most_fraction_above(d, self.limit_fx, f, scale)
-        m = _V.match(g.metric)
+        m = V_METRIC_RE.match(g.metric)
         if m:  # VxGy: the volume (% or cc) receiving at least x Gy; limit_fx is x per fraction here
             f = g.limit / 100.0 if m.group("unit") == "%" else g.limit / (n * self.voxel_cc)
             f = min(1.0, max(0.0, f / share))
@@ -212,7 +210,7 @@ def goal_terms(goals: Sequence[GoalSpec], masks: Mapping[str, torch.Tensor], *, 
         if g.metric == "CI" or mask is None or not bool(mask.any()):
             continue
         tighter = (1.0 + w.margin) if g.comparison == AT_LEAST else (1.0 - w.margin)
-        v = _V.match(g.metric)
+        v = V_METRIC_RE.match(g.metric)
         if v:  # the dose level x is the limit of the term; the goal's volume stays the allowance
             limit = float(v.group("x")) * tighter / fractions
         elif g.metric == "HI":

@@ -245,7 +245,7 @@ def build_dose_objective(masks_on_dose_grid: Mapping[Any, torch.Tensor], *, rx_g
         oars={r: m for r, m in oars.items() if float(m.sum()) > 0},
         femurs=tuple(m for r in ("femur_head_l", "femur_head_r") if (m := mask(r)) is not None),
         goals=() if goals is None else goal_terms(
-            goals.goals, {str(getattr(r, "value", r)): m for r, m in whole.items()}, fractions=goals.fractions,
+            goals.goals, {str(r): m for r, m in whole.items()}, fractions=goals.fractions,
             voxel_cc=goals.voxel_cc, weights=goals.weights, boost=goals.boost, region=region),
         normalisation_percent=None if goals is None else goals.normalisation_percent,
     )

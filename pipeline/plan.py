@@ -320,8 +320,8 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
     with timings.stage("final_dose"):
         seq, dose_fx, factor = _normalised_arc(seq, problem, case, machine, arc, options, rx_fx)
     goals = _evaluate(options, dose_fx, problem, case)
-    p1_failed = goals is not None and any(g["priority"] == 1 and g["passed"] is False for g in goals)
-    if p1_failed and goals is not None and objective is not None and near is not None and options.rescue_rounds > 0:
+    p1_failed = any(g["priority"] == 1 and g["passed"] is False for g in goals or [])
+    if goals and p1_failed and objective is not None and near is not None and options.rescue_rounds > 0:
         seq, dose_fx, factor, goals = _rescue(seq, dose_fx, factor, goals, problem, case, machine, arc, options, rx_fx,
                                              near, objective, timings, record)
     record["normalisation_factor"] = factor
