@@ -1,4 +1,4 @@
-"""``airt jobs list|show ID|retry ID|cancel ID``: inspect and steer the job queue (physicists)."""
+"""``airt jobs list|show ID|retry ID|cancel ID|release ID``: inspect and steer the job queue (physicists)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from appliance.config import load_settings
+from appliance.config import Settings, load_settings
 from appliance.report import format_candidates
 from core.errors import InputError
 from storage.db import Database
@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in (("show", "state history, reasons, timings, DVH metrics and goal results of a job"),
                        ("retry", "re-queue a failed/cancelled/superseded job; for a succeeded job, resend "
                                  "its failed deliveries"),
-                       ("cancel", "cancel a pending or running job")):
+                       ("cancel", "cancel a pending or running job"),
+                       ("release", "send a succeeded job whose deliveries were held (a priority-1 goal failed "
+                                   "and planning.when_p1_fails = hold), after review")):
         p = sub.add_parser(name, help=text)
         p.add_argument("job_id", type=int, metavar="ID")
 
@@ -59,12 +61,13 @@ def cmd_list(db: Database, state: str | None, limit: int) -> int:
         if state:
             q = q.where(Job.state == JobState(state))
         jobs = list(s.scalars(q))
-    print(f"{'ID':>5}  {'STATE':<10} {'CREATED (UTC)':<19}  {'METHOD':<8} {'D98 Gy':>7} {'HI':>6}  "
-          f"{'GOALS':<9}  STUDY / REASON")
+    print(f"{'ID':>5}  {'STATE':<10} {'CREATED (UTC)':<19}  {'PROFILE':<18} {'METHOD':<8} {'D98 Gy':>7} "
+          f"{'HI':>6}  {'GOALS':<9} {'SEND':<5} STUDY / REASON")
     for j in jobs:
         tail = j.study_uid + (f"  {j.failure_reason[:80]}" if j.failure_reason else "")
-        print(f"{j.id:>5}  {j.state.value:<10} {_time(j.created_at):<19}  {_fmt(j.method):<8} "
-              f"{_fmt(j.ptv_d98_gy):>7} {_fmt(j.ptv_hi, 3):>6}  {_goals_column(j.metrics):<9}  {tail}")
+        send = "HELD" if j.hold_reason else "-" if j.state != JobState.SUCCEEDED else "yes"
+        print(f"{j.id:>5}  {j.state.value:<10} {_time(j.created_at):<19}  {_fmt(j.profile):<18} {_fmt(j.method):<8} "
+              f"{_fmt(j.ptv_d98_gy):>7} {_fmt(j.ptv_hi, 3):>6}  {_goals_column(j.metrics):<9} {send:<5} {tail}")
     if not jobs:
         print("(no jobs)")
     return 0
@@ -137,12 +140,15 @@ def cmd_show(db: Database, job_id: int) -> int:
     print(f"  study            {job.study_uid}")
     print(f"  CT series        {_fmt(job.ct_series_uid)}")
     print(f"  RT Struct        {_fmt(job.rtstruct_uid)}")
+    print(f"  profile          {_fmt(job.profile)}" + (f"  ({job.profile_reason})" if job.profile_reason else ""))
     print(f"  method           {_fmt(job.method)}    attempts {job.attempts}    worker {_fmt(job.worker)}")
     print(f"  created/started/finished (UTC)  {_time(job.created_at)} / {_time(job.started_at)} / "
           f"{_time(job.finished_at)}")
     print(f"  output           {_fmt(job.output_dir)}")
     if job.failure_reason:
         print(f"  reason           {job.failure_reason}")
+    if job.hold_reason:
+        print(f"  deliveries HELD  {job.hold_reason}")
     print("\nHistory:")
     for e in events:
         frm = e.from_state.value if e.from_state else "(new)"
@@ -188,6 +194,29 @@ def cmd_retry(db: Database, job_id: int) -> int:
                      "can be retried (or SUCCEEDED ones with failed deliveries)")
 
 
+def cmd_release(db: Database, job_id: int, settings: Settings) -> int:
+    """Queue the deliveries of a job held because a priority-1 goal failed (a person reviewed it)."""
+    import getpass
+
+    from appliance.worker import queue_deliveries
+    from storage.states import utcnow
+
+    with db.session() as s:
+        job = _get_job(s, job_id)
+        if job.state != JobState.SUCCEEDED or not job.hold_reason:
+            raise InputError(f"job {job_id} is {job.state.value} and its deliveries are not held; only a "
+                             "SUCCEEDED job held by planning.when_p1_fails = hold can be released")
+        now = utcnow()
+        n = queue_deliveries(s, job_id, settings, now)
+        released = (f"deliveries released by airt jobs release (user {getpass.getuser()}) after: "
+                    f"{job.hold_reason}")
+        s.add(JobEvent(job_id=job_id, at=now, from_state=JobState.SUCCEEDED, to_state=JobState.SUCCEEDED,
+                       message=released[:2000]))
+        job.hold_reason = None
+    print(f"job {job_id}: released, {n} delivery(ies) queued")
+    return 0
+
+
 def cmd_cancel(db: Database, job_id: int) -> int:
     """Cancel a pending or running job (a running plan is stopped by its worker)."""
     with db.session() as s:
@@ -210,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
             return cmd_show(db, args.job_id)
         if args.jobs_command == "retry":
             return cmd_retry(db, args.job_id)
+        if args.jobs_command == "release":
+            return cmd_release(db, args.job_id, settings)
         return cmd_cancel(db, args.job_id)
     finally:
         db.dispose()

@@ -1,4 +1,4 @@
-"""``airt plan CASE_DIR --out DIR [--method ai|optimize] [--config PATH] [--candidate BLADDER:RECTUM ...]``."""
+"""``airt plan CASE_DIR --out DIR [--method ai|optimize] [--profile NAME] [--config PATH] [--candidate BLADDER:RECTUM ...]``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (rtplan.dcm, rtdose.dcm, metrics.json, report)")
     parser.add_argument("--method", choices=["ai", "optimize"], default=None,
                         help="planning method (default: planning.method of the configuration)")
+    parser.add_argument("--profile", metavar="NAME", default=None,
+                        help="protocol profile ([[profiles]] name: prescription and goal list); default: the "
+                             "one the PTV's name carries the dose of, else planning.profile")
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration (default: built-in defaults)")
     parser.add_argument("--candidate", action="append", default=None, metavar="BLADDER:RECTUM",
                         help="also make an AI candidate plan with these suppression factors s_o in [0, 0.5] "
@@ -38,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     candidates = None if args.candidate is None else [parse_candidate(c) for c in args.candidate]
-    metrics = plan_folder(args.case_dir, args.out, settings, method=args.method, candidates=candidates)
+    metrics = plan_folder(args.case_dir, args.out, settings, method=args.method, profile=args.profile,
+                          candidates=candidates)
     print(format_summary(metrics), end="")
     print(f"outputs in {args.out}/: rtplan.dcm rtdose.dcm metrics.json report_dvh.png report_slices.png report.txt")
     return 0

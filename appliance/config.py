@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import math
 import re
 import tomllib
 import types
@@ -41,6 +42,15 @@ class PlanningMethod(enum.StrEnum):
     AUTO = "auto"
     AI = "ai"
     OPTIMIZE = "optimize"
+
+
+class P1Policy(enum.StrEnum):
+    """What happens to a plan that fails a priority-1 clinical goal: ``send`` it labelled with its
+    verdict, ``hold`` its deliveries until ``airt jobs release ID``, or ``fail`` the job (its files kept)."""
+
+    SEND = "send"
+    HOLD = "hold"
+    FAIL = "fail"
 
 
 class Comparison(enum.StrEnum):
@@ -250,30 +260,6 @@ class StructureSettings:
 
 
 @dataclass(frozen=True)
-class PrescriptionSettings:
-    """The dose prescribed to the PTV and how the plan is normalised to it."""
-
-    dose_gy: float = field(default=40.0, metadata=doc("Total prescribed dose to the PTV", "Gy"))
-    fractions: int = field(default=5, metadata=doc("Number of fractions", "count"))
-    normalisation: Normalisation = field(
-        default=Normalisation.PTV_DX, metadata=doc("MU normalisation: ptv_dx, ptv_mean or none")
-    )
-    normalisation_volume_percent: float = field(
-        default=95.0, metadata=doc("With ptv_dx: the PTV volume that receives the prescribed dose", "%")
-    )
-
-    def __post_init__(self) -> None:
-        _check_positive("prescription.dose_gy", self.dose_gy)
-        _check_positive("prescription.fractions", self.fractions)
-        if not 0 < self.normalisation_volume_percent < 100:
-            raise ConfigError("prescription.normalisation_volume_percent must be in (0, 100)")
-
-    def to_prescription(self) -> Prescription:
-        """The pipeline's Prescription."""
-        return Prescription(dose_gy=self.dose_gy, fractions=self.fractions)
-
-
-@dataclass(frozen=True)
 class MachineSettings:
     """The treatment machine (defaults: TrueBeam-like 6 MV, Millennium 120)."""
 
@@ -341,6 +327,14 @@ def check_sparing_pair(pair: Any, source: str) -> tuple[float, float]:
 class PlanningSettings:
     """The planning pipeline."""
 
+    profile: str = field(
+        default="prostate_40gy_5fx",
+        metadata=doc("The profile ([[profiles]]) of a study that no AE title or PTV name routes to another"),
+    )
+    when_p1_fails: P1Policy = field(
+        default=P1Policy.SEND,
+        metadata=doc("A plan failing a priority-1 goal: send (labelled with its verdict), hold (sent after airt jobs release ID) or fail (the job fails, files kept)"),
+    )
     method: PlanningMethod = field(default=PlanningMethod.AUTO, metadata=doc("auto (ai when the installed model is qualified for unattended use, else optimize), ai or optimize"))
     device: str = field(default="auto", metadata=doc("auto (CUDA when present), cpu, cuda or cuda:N"))
     model_dir: str = field(default="", metadata=doc("Trained model folder; empty uses the shipped model", "path"))
@@ -443,17 +437,124 @@ class Goal:
         return GoalSpec(self.structure, self.metric, self.comparison.value, self.limit, self.priority)
 
 
-def _default_goals() -> tuple[Goal, ...]:
+PTV_NAME_DOSE_RE = re.compile(r"(\d+(?:[.,]\d+)?)\s*(c?gy)?", re.IGNORECASE)
+
+
+def ptv_name_dose_gy(name: str) -> float | None:
+    """The dose a PTV's name carries, Gy, or None: ``PTV_6000`` -> 60 (a number >= 100 is cGy),
+    ``PTV 60Gy`` / ``PTV_60`` -> 60, ``PTV_36.25`` -> 36.25, ``PTV_7800cGy`` -> 78; ``PTV`` and
+    ``PTV_prostate`` carry none. The last number in the name is the one read."""
+    found = PTV_NAME_DOSE_RE.findall(name)
+    if not found:
+        return None
+    value_text, unit = found[-1]
+    value = float(value_text.replace(",", "."))
+    if unit.lower() == "cgy" or (not unit and value >= 100):
+        value /= 100.0
+    return value if 10.0 <= value <= 100.0 else None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A protocol profile: a prescription, the clinical goal list of the protocol it comes from,
+    and which studies it plans (by the called AE title, the calling AE title or the PTV's name)."""
+
+    name: str = field(metadata=doc("Name of the profile (letters, digits, '_'), shown in the job and the RT Plan"))
+    protocol: str = field(metadata=doc("Where the prescription and the goal list come from (citation)"))
+    dose_gy: float = field(metadata=doc("Total prescribed dose to the PTV", "Gy"))
+    fractions: int = field(metadata=doc("Number of fractions", "count"))
+    normalisation: Normalisation = field(
+        default=Normalisation.PTV_DX, metadata=doc("MU normalisation: ptv_dx, ptv_mean or none")
+    )
+    normalisation_volume_percent: float = field(
+        default=95.0, metadata=doc("With ptv_dx: the PTV volume that receives the prescribed dose", "%")
+    )
+    called_ae_title: str = field(
+        default="",
+        metadata=doc("The node also answers as this AE title; studies sent to it are planned with this profile (empty: none)"),
+    )
+    calling_ae_titles: tuple[str, ...] = field(
+        default=(), metadata=doc("Studies sent by these calling AE titles are planned with this profile")
+    )
+    match_ptv_name: bool = field(
+        default=False,
+        metadata=doc("Plan a study with this profile when no AE title chose one and its PTV's name carries this dose (PTV_6000 -> 60 Gy)"),
+    )
+    goals: tuple[Goal, ...] = field(default=(), metadata=doc("The clinical goal list ([[profiles.goals]] tables)"))
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", self.name):
+            raise ConfigError(f"profiles.name {self.name!r}: use 1-64 letters, digits and '_'")
+        _check_positive(f"profiles[{self.name}].dose_gy", self.dose_gy)
+        _check_positive(f"profiles[{self.name}].fractions", self.fractions)
+        if not 0 < self.normalisation_volume_percent < 100:
+            raise ConfigError(f"profiles[{self.name}].normalisation_volume_percent must be in (0, 100)")
+        if self.called_ae_title:
+            _check_ae(f"profiles[{self.name}].called_ae_title", self.called_ae_title)
+        for aet in self.calling_ae_titles:
+            _check_ae(f"profiles[{self.name}].calling_ae_titles", aet)
+        if not self.goals:
+            raise ConfigError(f"profiles[{self.name}] has no goals: every plan is judged against its goal list")
+
+    def to_prescription(self) -> Prescription:
+        """The pipeline's Prescription."""
+        return Prescription(dose_gy=self.dose_gy, fractions=self.fractions)
+
+    def goal_specs(self) -> tuple[GoalSpec, ...]:
+        """The goal list as the planner takes it."""
+        return tuple(g.spec() for g in self.goals)
+
+
+PACE_B = ("PACE-B (Brand et al., Lancet Oncol 2019;20:1531-43; protocol ICR-CTSU): organ-at-risk limits of "
+          "the SBRT arm, mandatory = P1, optimal = P2. The PTV is prescribed 40 Gy as in the AIRT paper's "
+          "schedule (PACE: CTV 40 Gy, PTV 36.25 Gy); PTV D98 >= 95 % and D2 <= 107.5 % of Rx (ICRU 83 near-"
+          "minimum/maximum) and the mean-dose goals (P3) are this project's, not the protocol's")
+CHHIP = ("CHHiP (Dearnaley et al., Lancet Oncol 2012;13:43-54 and 2016;17:1047-60), 60 Gy in 20 fractions arm: "
+         "rectum, bladder and femoral-head dose-volume limits; high-dose limits (rectum V56.7Gy, V60Gy; "
+         "bladder V60Gy) P1, the others P2; the PTV (one PTV at 60 Gy) D98 >= 95 % and D2 <= 105 % of Rx")
+
+
+def _default_profiles() -> tuple[Profile, ...]:
+    ge, le = Comparison.AT_LEAST, Comparison.AT_MOST
     return (
-        Goal("ptv", "D98%", Comparison.AT_LEAST, 38.0, 1),
-        Goal("ptv", "D2%", Comparison.AT_MOST, 43.0, 1),
-        Goal("ptv", "HI", Comparison.AT_MOST, 0.12, 2),
-        Goal("rectum", "V36Gy%", Comparison.AT_MOST, 5.0, 1),
-        Goal("rectum", "Dmean", Comparison.AT_MOST, 12.0, 2),
-        Goal("bladder", "V37Gy%", Comparison.AT_MOST, 10.0, 1),
-        Goal("bladder", "Dmean", Comparison.AT_MOST, 14.0, 2),
-        Goal("femur_head_l", "Dmax", Comparison.AT_MOST, 30.0, 2),
-        Goal("femur_head_r", "Dmax", Comparison.AT_MOST, 30.0, 2),
+        Profile(
+            name="prostate_40gy_5fx", protocol=PACE_B, dose_gy=40.0, fractions=5, match_ptv_name=True,
+            goals=(
+                Goal("ptv", "D98%", ge, 38.0, 1),
+                Goal("ptv", "D2%", le, 43.0, 1),
+                Goal("ptv", "HI", le, 0.12, 2),
+                Goal("rectum", "V36Gycc", le, 2.0, 1),
+                Goal("rectum", "V36Gycc", le, 1.0, 2),
+                Goal("rectum", "V29Gy%", le, 20.0, 2),
+                Goal("rectum", "V18.1Gy%", le, 50.0, 2),
+                Goal("bladder", "V37Gycc", le, 10.0, 1),
+                Goal("bladder", "V37Gycc", le, 5.0, 2),
+                Goal("bladder", "V18.1Gy%", le, 40.0, 2),
+                Goal("femur_head_l", "V14.5Gy%", le, 5.0, 2),
+                Goal("femur_head_r", "V14.5Gy%", le, 5.0, 2),
+                Goal("rectum", "Dmean", le, 12.0, 3),
+                Goal("bladder", "Dmean", le, 14.0, 3),
+            ),
+        ),
+        Profile(
+            name="prostate_60gy_20fx", protocol=CHHIP, dose_gy=60.0, fractions=20, match_ptv_name=True,
+            goals=(
+                Goal("ptv", "D98%", ge, 57.0, 1),
+                Goal("ptv", "D2%", le, 63.0, 1),
+                Goal("rectum", "V60Gy%", le, 3.0, 1),
+                Goal("rectum", "V56.7Gy%", le, 15.0, 1),
+                Goal("rectum", "V52.7Gy%", le, 30.0, 2),
+                Goal("rectum", "V48.6Gy%", le, 50.0, 2),
+                Goal("rectum", "V40.5Gy%", le, 60.0, 2),
+                Goal("rectum", "V32.4Gy%", le, 70.0, 2),
+                Goal("rectum", "V24.3Gy%", le, 80.0, 2),
+                Goal("bladder", "V60Gy%", le, 5.0, 1),
+                Goal("bladder", "V56.8Gy%", le, 25.0, 2),
+                Goal("bladder", "V48.6Gy%", le, 50.0, 2),
+                Goal("femur_head_l", "V40.5Gy%", le, 50.0, 2),
+                Goal("femur_head_r", "V40.5Gy%", le, 50.0, 2),
+            ),
+        ),
     )
 
 
@@ -470,10 +571,9 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings, metadata=doc("Worker"))
     delivery: DeliverySettings = field(default_factory=DeliverySettings, metadata=doc("Delivery"))
     structures: StructureSettings = field(default_factory=StructureSettings, metadata=doc("Structure names"))
-    prescription: PrescriptionSettings = field(default_factory=PrescriptionSettings, metadata=doc("Prescription"))
     machine: MachineSettings = field(default_factory=MachineSettings, metadata=doc("Machine"))
     planning: PlanningSettings = field(default_factory=PlanningSettings, metadata=doc("Planning"))
-    goals: tuple[Goal, ...] = field(default_factory=_default_goals, metadata=doc("Clinical goals"))
+    profiles: tuple[Profile, ...] = field(default_factory=_default_profiles, metadata=doc("Protocol profiles"))
 
     def __post_init__(self) -> None:
         names = [d.name for d in self.destinations]
@@ -481,6 +581,20 @@ class Settings:
             raise ConfigError(f"destinations have duplicate names: {names}")
         if any(d.tls for d in self.destinations) and not self.tls.ca_file:
             raise ConfigError("a destination has tls = true but [tls] ca_file is empty")
+        _check_profiles(self)
+
+    def profile(self, name: str | None = None) -> Profile:
+        """The profile called ``name`` (default: ``planning.profile``); ConfigError naming the known ones."""
+        wanted = name or self.planning.profile
+        for p in self.profiles:
+            if p.name == wanted:
+                return p
+        raise ConfigError(f"no profile named {wanted!r}; known: {[p.name for p in self.profiles]}")
+
+    @property
+    def called_ae_titles(self) -> tuple[str, ...]:
+        """Every AE title the node answers as: its own, then one per profile that has one."""
+        return (self.node.ae_title, *(p.called_ae_title for p in self.profiles if p.called_ae_title))
 
     @property
     def data_dir(self) -> Path:
@@ -491,6 +605,27 @@ class Settings:
     def database_url(self) -> str:
         """The effective SQLAlchemy database URL."""
         return self.storage.database_url or f"sqlite:///{self.data_dir / 'airt.sqlite3'}"
+
+
+def _check_profiles(settings: Settings) -> None:
+    """Profiles: unique names, the default exists, no AE title or PTV dose selects two profiles."""
+    names = [p.name for p in settings.profiles]
+    if not names:
+        raise ConfigError("no [[profiles]]: at least one profile (prescription and goal list) is needed")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"profiles have duplicate names: {names}")
+    if settings.planning.profile not in names:
+        raise ConfigError(f"planning.profile {settings.planning.profile!r} is not a profile; known: {names}")
+    called = [p.called_ae_title.strip() for p in settings.profiles if p.called_ae_title]
+    if settings.node.ae_title.strip() in called or len(set(called)) != len(called):
+        raise ConfigError(f"profiles' called_ae_title must differ from each other and from node.ae_title "
+                          f"{settings.node.ae_title!r}; got {called}")
+    calling = [a.strip() for p in settings.profiles for a in p.calling_ae_titles]
+    if len(set(calling)) != len(calling):
+        raise ConfigError(f"a calling AE title is listed by two profiles: {calling}")
+    doses = [p.dose_gy for p in settings.profiles if p.match_ptv_name]
+    if len(set(doses)) != len(doses):
+        raise ConfigError(f"two profiles with match_ptv_name = true have the same dose: {doses} Gy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +685,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # TOML allows nan and inf; no setting means either
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -585,6 +722,11 @@ def _build(cls: type[T], table: dict[str, Any], prefix: str) -> T:
 
 def settings_from_dict(table: dict[str, Any]) -> Settings:
     """Settings from an already-parsed TOML table (validated)."""
+    moved = [k for k in ("prescription", "goals") if k in table]
+    if moved:
+        raise ConfigError(f"{moved}: the prescription and the goal list now belong to a protocol profile; "
+                          "write them in a [[profiles]] table (dose_gy, fractions, normalisation, "
+                          "[[profiles.goals]]) and name it in planning.profile; see config/airt.toml")
     return _build(Settings, table, "")
 
 
@@ -645,9 +787,17 @@ def render_settings(settings: Settings) -> str:
 
     def table(obj: Any, name: str, array: bool = False) -> None:
         lines.append(f"[[{name}]]" if array else f"[{name}]")
+        nested = []
         for f in dataclasses.fields(obj):
-            lines.append(f"{f.name} = {fmt(getattr(obj, f.name))}")
+            v = getattr(obj, f.name)
+            if isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
+                nested.append((f.name, v))
+            else:
+                lines.append(f"{f.name} = {fmt(v)}")
         lines.append("")
+        for sub_name, items in nested:
+            for item in items:
+                table(item, f"{name}.{sub_name}", array=True)
 
     for f in dataclasses.fields(settings):
         v = getattr(settings, f.name)

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from appliance.config import PlanningMethod, Settings
+from appliance.config import PlanningMethod, Profile, Settings
+from appliance.profiles import ProfileChoice, choose_profile
 from core.case import Case, Role
 from core.errors import PlanningError
 
@@ -66,12 +67,15 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
     return chosen
 
 
-def planning_options(settings: Settings, method: PlanningMethod, device: str) -> PlanningOptions:
-    """The planning core's options from the settings (``method`` resolved: ai or optimize)."""
+def planning_options(settings: Settings, method: PlanningMethod, device: str,
+                     profile: Profile | None = None) -> PlanningOptions:
+    """The planning core's options from the settings and a profile (default ``planning.profile``;
+    ``method`` resolved: ai or optimize)."""
     from pipeline.arc_optimizer import ArcOptimizerSettings
     from pipeline.plan import FluenceSource, PlanningOptions
 
     p = settings.planning
+    profile = profile or settings.profile()
     return PlanningOptions(
         source=FluenceSource(method.value), dose_grid_mm=p.dose_grid_mm, hu_curve=tuple(p.hu_to_density),
         optimizer_iterations=p.optimizer_iterations, sequencer_threshold=p.aperture_threshold,
@@ -79,17 +83,17 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str) ->
         ai_max_ptv_hi=p.ai_max_ptv_hi, ai_refine_iterations=p.ai_refine_iterations, model_dir=p.model_dir,
         sparing={Role.BLADDER: p.sparing_bladder, Role.RECTUM: p.sparing_rectum},
         arc=ArcOptimizerSettings(iterations=p.arc_optimizer_iterations),
-        normalisation=settings.prescription.normalisation,
-        normalisation_volume_percent=settings.prescription.normalisation_volume_percent,
-        goals=tuple(g.spec() for g in settings.goals),
+        normalisation=profile.normalisation,
+        normalisation_volume_percent=profile.normalisation_volume_percent,
+        goals=profile.goal_specs(),
         goal_stages=p.goal_stages, rescue_rounds=p.rescue_rounds, device=device,
     )
 
 
 def _export(result: PlanResult, case: Case, settings: Settings, out_dir: Path, label: str,
-            verdict: Verdict | None) -> tuple[str, np.ndarray]:
-    """Write ``rtplan.dcm`` and ``rtdose.dcm`` of a planned arc into ``out_dir`` (the verdict in the RT
-    Plan); returns the plan's UID and the plan's dose (all fractions, Gy)."""
+            verdict: Verdict | None, profile: str) -> tuple[str, np.ndarray]:
+    """Write ``rtplan.dcm`` and ``rtdose.dcm`` of a planned arc into ``out_dir`` (the profile and the
+    verdict in the RT Plan); returns the plan's UID and the plan's dose (all fractions, Gy)."""
     from appliance.rtdose import write_rtdose
     from appliance.rtplan import write_rtplan
 
@@ -99,7 +103,8 @@ def _export(result: PlanResult, case: Case, settings: Settings, out_dir: Path, l
         out_dir / "rtplan.dcm", sequence=result.sequence, machine=settings.machine.model(), case=case,
         isocenter_mm=(float(iso[0]), float(iso[1]), float(iso[2])), plan_label=label,
         fractions=case.prescription.fractions, rx_gy=case.prescription.dose_gy,
-        dose_rate_mu_min=settings.machine.dose_rate_mu_min, verdict=verdict.text if verdict else "",
+        dose_rate_mu_min=settings.machine.dose_rate_mu_min,
+        verdict=f"profile {profile}: {verdict.text}" if verdict else "",
         p1_met=verdict.p1_met if verdict else None,
     )
     write_rtdose(out_dir / "rtdose.dcm", dose_gy=dose_plan, grid=result.problem.grid, case=case,
@@ -113,7 +118,7 @@ def candidate_folder_name(bladder: float, rectum: float) -> str:
 
 
 def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, main: PlanResult, out_dir: Path,
-                    bladder: float, rectum: float) -> dict[str, Any]:
+                    bladder: float, rectum: float, profile: str) -> dict[str, Any]:
     """One extra AI plan with OAR suppression factors: exported under ``candidates/`` with its metrics.
 
     The networks' fluence is sequenced as it is: neither refined nor arc-optimised, because both pull
@@ -133,7 +138,8 @@ def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, ma
                               arc=replace(options.arc, iterations=0), rescue_rounds=0),
                       problem=main.problem, timings=sub)
     verdict = plan_verdict(result.goals) if result.goals is not None else None
-    plan_uid, dose_plan = _export(result, case, settings, folder, f"AIRT B{bladder:.2f} R{rectum:.2f}", verdict)
+    plan_uid, dose_plan = _export(result, case, settings, folder, f"AIRT B{bladder:.2f} R{rectum:.2f}", verdict,
+                                  profile)
     structures = evaluate_structures(dose_plan, result.problem.grid, case)
     row = {"sparing": {"bladder": bladder, "rectum": rectum}, "folder": f"{CANDIDATES_DIR}/{folder.name}",
            "method": PlanningMethod.AI.value, "rtplan_sop_instance_uid": plan_uid,
@@ -148,14 +154,19 @@ def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, ma
 
 
 def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | None = None,
-              timings: Timings | None = None,
+              timings: Timings | None = None, profile: ProfileChoice | None = None,
               candidates: list[tuple[float, float]] | None = None) -> dict[str, Any]:
     """Plan a loaded Case and write the outputs into ``out_dir``; returns the metrics dict.
+
+    ``profile`` (default: ``planning.profile``) gives the prescription, normalisation and goal list;
+    the case is planned to the profile's prescription.
 
     With the AI method, ``candidates`` (default ``planning.candidate_sparings``) adds one plan per
     (bladder s_o, rectum s_o) pair under ``out_dir/candidates/`` (each with its RT Plan, RT Dose
     and metrics.json); the main plan uses ``planning.sparing_bladder`` / ``sparing_rectum``.
     """
+    from dataclasses import replace
+
     from appliance.report import write_report
     from pipeline.dvh import structure_metrics
     from pipeline.evaluation import check_ptv_fits_field, evaluate_structures
@@ -165,18 +176,20 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
 
     timings = timings or Timings()
     out_dir.mkdir(parents=True, exist_ok=True)
+    profile = profile or ProfileChoice(settings.profile(), "the default profile (planning.profile)")
+    case = replace(case, prescription=profile.profile.to_prescription())
     chosen = resolve_method(settings, method)
     device = resolve_device(settings.planning.device)
     machine = settings.machine.model()
     arc = settings.machine.arc()
     rx_total = case.prescription.dose_gy
     fractions = case.prescription.fractions
-    log.info("case %s: planning with method=%s on %s, Rx %.2f Gy in %d fractions",
-             case.case_id, chosen.value, device, rx_total, fractions)
+    log.info("case %s: planning with method=%s on %s, profile %s (%s): Rx %.2f Gy in %d fractions",
+             case.case_id, chosen.value, device, profile.profile.name, profile.reason, rx_total, fractions)
     with timings.stage("setup"):
         check_ptv_fits_field(case, ArcGeometry(arc=arc, isocenter_mm=case.ptv_centroid_mm(),
                                                position=case.patient_position, machine=machine))
-    options = planning_options(settings, chosen, device)
+    options = planning_options(settings, chosen, device, profile.profile)
     result = plan_arc(case, machine, arc, options, timings=timings)
     seq, grid = result.sequence, result.problem.grid
     verdict = plan_verdict(result.goals) if result.goals is not None else None
@@ -184,7 +197,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         log.log(logging.INFO if verdict.p1_met else logging.WARNING, "case %s: clinical goals: %s", case.case_id,
                 verdict.text)
     with timings.stage("export"):
-        plan_uid, dose_plan = _export(result, case, settings, out_dir, "AIRT VMAT", verdict)
+        plan_uid, dose_plan = _export(result, case, settings, out_dir, "AIRT VMAT", verdict, profile.profile.name)
 
     with timings.stage("evaluate"):
         structures = evaluate_structures(dose_plan, grid, case)
@@ -198,7 +211,8 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     sparings = settings.planning.candidate_sparings if candidates is None else tuple(candidates)
     if sparings and chosen is PlanningMethod.AI:
         with timings.stage("candidates"):
-            extra["candidates"] = [_plan_candidate(case, settings, options, result, out_dir, bladder, rectum)
+            extra["candidates"] = [_plan_candidate(case, settings, options, result, out_dir, bladder, rectum,
+                                                   profile.profile.name)
                                    for bladder, rectum in sparings]
     elif sparings:
         log.info("case %s: candidate plans need the AI method (method is %s); none made", case.case_id, chosen.value)
@@ -209,8 +223,9 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         "case_id": case.case_id,
         "method": chosen.value,
         "device": device,
+        "profile": profile.to_dict(),
         "prescription": {"dose_Gy": rx_total, "fractions": fractions,
-                         "normalisation": settings.prescription.normalisation.value,
+                         "normalisation": profile.profile.normalisation.value,
                          "normalisation_factor": float(result.factor)},
         "plan": {
             "total_MU": float(seq.total_mu),
@@ -238,17 +253,22 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
 
 
 def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
+                profile: str | None = None, called_aets: tuple[str, ...] = (), calling_aets: tuple[str, ...] = (),
                 candidates: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """Load the DICOM files of ``case_dir`` into a Case and plan it (see :func:`plan_case`)."""
+    """Load the DICOM files of ``case_dir`` into a Case, choose its profile and plan it (see
+    :func:`plan_case`). ``profile`` is an explicit choice (``airt plan --profile``); otherwise the
+    AE titles the study came by and the PTV's name choose (``appliance.profiles.choose_profile``)."""
     from appliance.dicom_in import load_case
     from pipeline.plan import Timings
 
     timings = Timings()
     with timings.stage("load"):
-        case = load_case(
-            Path(case_dir), structures=settings.structures, prescription=settings.prescription.to_prescription()
-        )
-    return plan_case(case, Path(out_dir), settings, method=method, timings=timings, candidates=candidates)
+        case = load_case(Path(case_dir), structures=settings.structures,
+                         prescription=settings.profile().to_prescription())
+        choice = choose_profile(settings, ptv_name=case.structure_names.get(Role.PTV, ""), called_aets=called_aets,
+                                calling_aets=calling_aets, explicit=profile)
+    return plan_case(case, Path(out_dir), settings, method=method, timings=timings, profile=choice,
+                     candidates=candidates)
 
 
 def _json_default(o: object) -> object:

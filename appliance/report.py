@@ -123,6 +123,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
     verdict = metrics.get("verdict")
     if isinstance(verdict, dict):
         lines.append(f"VERDICT (clinical goals): {verdict.get('text', '?')}")
+    profile = metrics.get("profile")
+    if isinstance(profile, dict):
+        lines.append(f"profile {profile.get('name', '?')} ({profile.get('reason', '?')})")
     lines.append(f"Rx {p['dose_Gy']:g} Gy in {p['fractions']} fx; normalisation {p['normalisation']} "
                  f"(factor {p['normalisation_factor']:.3f}); total MU/fx {metrics['plan']['total_MU']:.0f}")
     lines.append("")

@@ -24,11 +24,19 @@ C-STORE statuses the node answers
           stored. The first version is kept and a ``node_events`` row records the conflict.
           (A failure, not a warning: a warning would tell the sender the data was stored.)
 0xC213    Processing failure: the node could not write the file or the row (see its log).
+0xC214    Refused: a lossy-compressed CT image (JPEG Baseline/Extended, JPEG-LS near-lossless,
+          lossy JPEG 2000, or LossyImageCompression = 01); a ``node_events`` row lets the
+          study's job say why its CT is missing.
 ========  ====================================================================================
+
+Every failure status carries an ErrorComment (64 characters) saying why. CT images are accepted
+uncompressed and losslessly compressed (JPEG Lossless, JPEG-LS lossless, JPEG 2000 lossless, RLE);
+they are stored as sent and decoded when the case is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -54,9 +62,10 @@ from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verifica
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from appliance.config import Settings
+from appliance.dicom_common import LOSSLESS_SYNTAXES, LOSSY_SYNTAXES, lossy_reason
 from appliance.uids import check_uid
 from core.errors import AirtError, InputError
-from storage.db import Database
+from storage.db import Database, record_node_event
 from storage.instance_store import InstanceStore, read_chunks
 from storage.instances import InstanceHeader, RegisterOutcome, classify, register_instance
 from storage.states import utcnow
@@ -71,9 +80,15 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INVALID_UID = 0xC211
 STATUS_CONFLICT = 0xC212
 STATUS_PROCESSING_FAILURE = 0xC213
+STATUS_LOSSY_REFUSED = 0xC214
 
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 """Transfer syntaxes accepted for storage (listed explicitly, not 'everything pydicom knows')."""
+CT_TRANSFER_SYNTAXES = [*TRANSFER_SYNTAXES, *LOSSLESS_SYNTAXES, *LOSSY_SYNTAXES]
+"""A CT is also accepted losslessly compressed (decoded at planning, same HU), and lossy-compressed
+syntaxes are accepted in negotiation so that each such image is refused with the reason (0xC214 and
+an ErrorComment the sender shows, a node event the job's failure reason repeats) instead of a
+silent 'no presentation context'."""
 
 STORAGE_SOP_CLASSES = {str(CTImageStorage): "CT", str(RTStructureSetStorage): "RTSTRUCT"}
 """SOP classes accepted for storage -> the modality the node files them under."""
@@ -82,11 +97,23 @@ MiB = 1024 * 1024
 
 
 class StoreRefusedError(AirtError):
-    """An instance was refused; ``status`` is the C-STORE status to answer."""
+    """An instance was refused; ``status`` is the C-STORE status to answer. With ``study_uid`` the
+    refusal is also a ``node_events`` row, so that the study's job can say why an image is missing."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, study_uid: str | None = None, comment: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.study_uid = study_uid
+        self.comment = comment or message
+        """The ErrorComment answered (64 characters): the reason first."""
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    """A C-STORE failure response: the status and an ErrorComment (LO, 64 characters) the sender shows."""
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = "".join(c if c.isprintable() and c != "\\" else " " for c in comment)[:64]
+    return rsp
 
 
 def _first(ds: Dataset, *path: str) -> Any:
@@ -123,11 +150,15 @@ def parse_header(source: Path | bytes, *, expected_class: str, expected_uid: str
         sop_uid = ds.SOPInstanceUID
         study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
         modality = STORAGE_SOP_CLASSES.get(sop_class)
+        lossy = None
         if modality == "CT":
             for_uid = ds.FrameOfReferenceUID
             ref_series = None
+            lossy = lossy_reason(ts, ds.get("LossyImageCompression"))
         else:
             for_uid = _first(ds, "ReferencedFrameOfReferenceSequence", "FrameOfReferenceUID")
+            if for_uid is None:  # the sequence is Type 3; every ROI names its frame (Type 1)
+                for_uid = _first(ds, "StructureSetROISequence", "ReferencedFrameOfReferenceUID")
             ref_series = _first(ds, "ReferencedFrameOfReferenceSequence", "RTReferencedStudySequence",
                                 "RTReferencedSeriesSequence", "SeriesInstanceUID")
     except Exception as exc:  # corrupt input makes pydicom raise many types (struct.error, ...: fuzzing)
@@ -139,6 +170,11 @@ def parse_header(source: Path | bytes, *, expected_class: str, expected_uid: str
                            f"request's {expected_class}/{expected_uid}")
     if modality is None:
         raise StoreRefusedError(STATUS_DATASET_MISMATCH, f"SOP class {sop_class} is not stored by this node")
+    if lossy is not None:
+        raise StoreRefusedError(
+            STATUS_LOSSY_REFUSED, f"CT image {sop_uid} refused: {lossy}; lossy-compressed CT is not planned "
+            "on (its values are not the scanner's HU). Send the original or a lossless copy",
+            study_uid=str(study_uid), comment=f"lossy CT refused ({lossy.split(' (')[0].split(' is ')[-1]}); send lossless")
     try:
         hdr = InstanceHeader(
             study_uid=check_uid(study_uid, "StudyInstanceUID"),
@@ -260,6 +296,7 @@ class StorageSCP:
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self._allowed = {(p.ae_title.strip(), p.host) for p in settings.peers}
+        self._called = {a.strip() for a in settings.called_ae_titles}
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -268,8 +305,8 @@ class StorageSCP:
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
         ae.add_supported_context(Verification)
-        for sop_class in (CTImageStorage, RTStructureSetStorage):
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        ae.add_supported_context(CTImageStorage, CT_TRANSFER_SYNTAXES)
+        ae.add_supported_context(RTStructureSetStorage, TRANSFER_SYNTAXES)
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.acse_timeout = node.acse_timeout_s
@@ -309,6 +346,10 @@ class StorageSCP:
         host, port = server.server_address[:2]
         log.info("Storage SCP %s listening on %s:%d%s", node.ae_title, host, port,
                  " (TLS)" if self.settings.tls.enabled else "")
+        for p in self.settings.profiles:
+            if p.called_ae_title:
+                log.info("  also answering as %s: profile %s (%g Gy in %d fractions)", p.called_ae_title, p.name,
+                         p.dose_gy, p.fractions)
         return str(host), int(port)
 
     @property
@@ -342,11 +383,19 @@ class StorageSCP:
         assoc = event.assoc
         calling = str(cast(A_ASSOCIATE, assoc.requestor.primitive).calling_ae_title).strip()
         address = str(assoc.requestor.address)
+        called = str(cast(A_ASSOCIATE, assoc.requestor.primitive).called_ae_title).strip()
         if not self.peer_allowed(calling, address):
             log.warning("association from AE %r at %s rejected: not in [[peers]]%s", calling, address,
                         " (address checked)" if self.settings.node.check_peer_host else "")
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised.
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+        elif called not in self._called:
+            log.warning("association from AE %r at %s to AE %r rejected: this node answers as %s "
+                        "(node.ae_title and the profiles' called_ae_title)", calling, address, called,
+                        sorted(self._called))
+            # A-ASSOCIATE-RJ: rejected-permanent, service-user, called AE title not recognised.
+            assoc.acse.send_reject(0x01, 0x01, 0x07)
             assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -370,29 +419,34 @@ class StorageSCP:
             if st is not None:
                 setattr(st, field, getattr(st, field) + 1)
 
-    def _on_store(self, event: evt.Event) -> int:
+    def _on_store(self, event: evt.Event) -> int | Dataset:
         req = cast(C_STORE, event.request)
         calling = str(event.assoc.requestor.ae_title).strip()
+        called = str(cast(A_ASSOCIATE, event.assoc.requestor.primitive).called_ae_title).strip()
         sop_uid = str(req.AffectedSOPInstanceUID)
         try:
-            outcome = self.store_instance(event, calling)
+            outcome = self.store_instance(event, calling, called)
         except StoreRefusedError as exc:
             self._count(event, "refused")
             log.warning("C-STORE of %s from AE %r refused (0x%04X): %s", sop_uid[:64], calling, exc.status, exc)
-            return exc.status
-        except Exception:
+            if exc.study_uid:
+                with contextlib.suppress(Exception), self.db.session() as s:
+                    record_node_event(s, "instance_refused", str(exc), study_uid=exc.study_uid[:64],
+                                      sop_instance_uid=sop_uid[:64])
+            return _failure(exc.status, exc.comment)
+        except Exception as exc:
             self._count(event, "refused")
             log.exception("C-STORE of %s from AE %r failed while storing", sop_uid[:64], calling)
-            return STATUS_PROCESSING_FAILURE
+            return _failure(STATUS_PROCESSING_FAILURE, f"node error while storing: {type(exc).__name__}")
         if outcome == RegisterOutcome.CONFLICT:
             self._count(event, "refused")
-            return STATUS_CONFLICT
+            return _failure(STATUS_CONFLICT, "same SOP Instance UID already stored with other content")
         self._count(event, "stored" if outcome == RegisterOutcome.NEW else "duplicates")
         return STATUS_SUCCESS
 
     # -- the store itself -------------------------------------------------------------------------
 
-    def store_instance(self, event: evt.Event, calling: str) -> RegisterOutcome:
+    def store_instance(self, event: evt.Event, calling: str, called: str | None = None) -> RegisterOutcome:
         """Write one received instance and its row; see the module docstring for the statuses.
 
         Raises
@@ -435,7 +489,7 @@ class StorageSCP:
                     self.store.commit(written)
                     renamed = True
                 register_instance(s, hdr, path=rel, size_bytes=written.size_bytes, sha256=written.sha256,
-                                  calling_ae_title=calling, received_at=utcnow())
+                                  calling_ae_title=calling, called_ae_title=called, received_at=utcnow())
         except BaseException:
             if renamed:  # the row did not commit: the file must not stay without it
                 written.final_path.unlink(missing_ok=True)

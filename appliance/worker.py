@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from appliance.config import Settings
+from appliance.config import P1Policy, Settings
 from core.errors import AirtError
 from storage.db import Database, claim_next_job
 from storage.models import Delivery, Instance, Job, JobInstance
@@ -81,7 +82,8 @@ def _json_default(obj: Any) -> Any:
 
 
 def plan_child(case_dir: str, out_dir: str, settings: Settings, method: str | None, result_path: str,
-               parent_pid: int, plan_function: str = PLAN_FUNCTION) -> None:
+               parent_pid: int, plan_function: str = PLAN_FUNCTION,
+               routing: Mapping[str, tuple[str, ...]] | None = None) -> None:
     """Entry point of the planning child: plan, then write ``result_path`` (JSON) atomically.
 
     The result is ``{"ok": true, "metrics": {...}, "plan_s": t}`` or
@@ -98,7 +100,7 @@ def plan_child(case_dir: str, out_dir: str, settings: Settings, method: str | No
         module_name, func_name = plan_function.split(":")
         module = __import__(module_name, fromlist=[func_name])
         fn: Callable[..., Mapping[str, Any]] = getattr(module, func_name)
-        metrics = dict(fn(Path(case_dir), Path(out_dir), settings, method=method))
+        metrics = dict(fn(Path(case_dir), Path(out_dir), settings, method=method, **(routing or {})))
         result = {"ok": True, "metrics": metrics, "plan_s": time.perf_counter() - t0}
     except AirtError as exc:
         result = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
@@ -216,25 +218,31 @@ class Worker:
                 return None
             job_id, attempts, created = job.id, job.attempts, job.created_at
             method = job.method
-            paths = list(s.scalars(select(Instance.path).join(JobInstance, JobInstance.instance_id == Instance.id)
-                                   .where(JobInstance.job_id == job_id)))
+            rows = s.execute(select(Instance.path, Instance.called_ae_title, Instance.calling_ae_title)
+                             .join(JobInstance, JobInstance.instance_id == Instance.id)
+                             .where(JobInstance.job_id == job_id)).all()
+        paths = [r.path for r in rows]
+        # Which AE titles the study came by: they choose its protocol profile (appliance.profiles).
+        routing = {"called_aets": tuple(sorted({r.called_ae_title for r in rows if r.called_ae_title})),
+                   "calling_aets": tuple(sorted({r.calling_ae_title for r in rows}))}
         self.current_job = job_id
         try:
-            self._run_claimed(job_id, attempts, created, method, paths)
+            self._run_claimed(job_id, attempts, created, method, paths, routing)
         finally:
             self.current_job = None
         return job_id
 
-    def _fail(self, job_id: int, reason: str, timings: dict[str, Any] | None = None) -> None:
+    def _fail(self, job_id: int, reason: str, timings: dict[str, Any] | None = None,
+              values: dict[str, Any] | None = None) -> None:
         try:
             with self.db.session() as s:
                 transition(s, job_id, {JobState.RUNNING}, JobState.FAILED, reason,
-                           values={"timings": timings} if timings else None)
+                           values={**({"timings": timings} if timings else {}), **(values or {})} or None)
         except TransitionError as exc:
             log.warning("job %d: could not record failure (%s)", job_id, exc)
 
     def _run_claimed(self, job_id: int, attempts: int, created: Any, method: str | None,
-                     paths: list[str]) -> None:
+                     paths: list[str], routing: Mapping[str, tuple[str, ...]]) -> None:
         t_start = time.perf_counter()
         timings: dict[str, Any] = {"queue_wait_s": round((utcnow() - created).total_seconds(), 3)}
         max_attempts = self.settings.worker.max_attempts
@@ -266,7 +274,7 @@ class Worker:
             self._fail(job_id, f"cannot prepare the job folder {job_dir}: {exc}; check disk space and permissions")
             return
         timings["inputs_s"] = round(time.perf_counter() - t_start, 3)
-        outcome, detail, plan_wall = self._run_child(job_id, in_dir, out_dir, method)
+        outcome, detail, plan_wall = self._run_child(job_id, in_dir, out_dir, method, routing)
         timings["plan_process_s"] = round(plan_wall, 3)
         if outcome == "ok":
             self._succeed(job_id, out_dir, detail, timings)
@@ -291,8 +299,8 @@ class Worker:
         else:
             self._fail(job_id, str(detail), timings)
 
-    def _run_child(self, job_id: int, in_dir: Path, out_dir: Path, method: str | None
-                   ) -> tuple[str, Any, float]:
+    def _run_child(self, job_id: int, in_dir: Path, out_dir: Path, method: str | None,
+                   routing: Mapping[str, tuple[str, ...]]) -> tuple[str, Any, float]:
         """Run the planning child; returns (outcome, detail, wall s) with outcome one of ok (detail:
         metrics), failed / crashed / timeout (detail: reason), cancelled, stopping."""
         result_path = in_dir.parent / "result.json"
@@ -301,7 +309,7 @@ class Worker:
         proc = self._ctx.Process(
             target=plan_child, name=f"plan-job-{job_id}", daemon=True,
             args=(str(in_dir), str(out_dir), self.settings, method, str(result_path), os.getpid(),
-                  self.plan_function))
+                  self.plan_function, dict(routing)))
         t0 = time.perf_counter()
         proc.start()
         log.info("job %d: planning process %s started (timeout %.0f s)", job_id, proc.pid, timeout)
@@ -346,6 +354,8 @@ class Worker:
         return "ok", metrics, wall
 
     def _succeed(self, job_id: int, out_dir: Path, metrics: dict[str, Any], timings: dict[str, Any]) -> None:
+        """Record a finished plan; queue its deliveries, hold them or fail the job, as
+        ``planning.when_p1_fails`` says for a plan that failed a priority-1 goal."""
         missing = [n for n in ("rtplan.dcm", "rtdose.dcm") if not (out_dir / n).is_file()]
         if missing:
             self._fail(job_id, f"planning reported success but did not write {missing} in {out_dir}", timings)
@@ -353,30 +363,54 @@ class Worker:
         stage = (metrics.get("timings_s") or metrics.get("timings")) if isinstance(metrics, dict) else None
         if isinstance(stage, Mapping):
             timings["plan_stages_s"] = dict(stage)
+        found = metrics.get("verdict")
+        verdict: dict[str, Any] = found if isinstance(found, dict) else {}
+        p1_failed = verdict.get("p1_met") is False
+        found = metrics.get("profile")
+        profile: dict[str, Any] = found if isinstance(found, dict) else {}
+        policy = self.settings.planning.when_p1_fails
+        values: dict[str, Any] = {"metrics": metrics, "timings": timings,
+                                  "output_dir": str(out_dir.relative_to(self.settings.data_dir)),
+                                  "profile": profile.get("name"), "profile_reason": profile.get("reason"),
+                                  **summary_metrics(metrics)}
+        if p1_failed and policy is P1Policy.FAIL:
+            self._fail(job_id, f"the plan fails a priority-1 clinical goal ({verdict.get('text')}) and "
+                               "planning.when_p1_fails = fail; nothing was sent. Its files are in "
+                               f"{values['output_dir']}; airt jobs retry re-plans it", timings,
+                       values={k: v for k, v in values.items() if k != "timings"})
+            return
+        held = p1_failed and policy is P1Policy.HOLD
+        if held:
+            values["hold_reason"] = (f"a priority-1 clinical goal failed ({verdict.get('text')}); "
+                                     "planning.when_p1_fails = hold: review, then airt jobs release "
+                                     f"{job_id}")
         now = utcnow()
         try:
             with self.db.session() as s:
                 transition(s, job_id, {JobState.RUNNING}, JobState.SUCCEEDED,
-                           f"planned in {timings['plan_process_s']:.1f} s",
-                           values={"metrics": metrics, "timings": timings,
-                                   "output_dir": str(out_dir.relative_to(self.settings.data_dir)),
-                                   **summary_metrics(metrics)})
-                for d in self.settings.destinations:
-                    s.add(Delivery(job_id=job_id, destination=d.name, ae_title=d.ae_title, host=d.host,
-                                   port=d.port, state=DeliveryState.PENDING, next_try_at=now, created_at=now,
-                                   updated_at=now))
+                           f"planned in {timings['plan_process_s']:.1f} s" + ("; deliveries held" if held else ""),
+                           values=values)
+                if not held:
+                    queue_deliveries(s, job_id, self.settings, now)
         except TransitionError as exc:
             log.warning("job %d finished planning but was moved meanwhile (%s); results kept in %s",
                         job_id, exc, out_dir)
             return
         s_m = summary_metrics(metrics)
-        found = metrics.get("verdict")
-        verdict: dict[str, Any] = found if isinstance(found, dict) else {}
-        log.log(logging.INFO if verdict.get("p1_met", True) else logging.WARNING,
-                "job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; PTV D98 %s Gy, HI %s; goals: %s; "
-                "%d delivery(ies) queued", job_id, timings["queue_wait_s"], timings["inputs_s"],
-                timings["plan_process_s"], s_m["ptv_d98_gy"], s_m["ptv_hi"], verdict.get("text", "not evaluated"),
-                len(self.settings.destinations))
+        log.log(logging.WARNING if p1_failed else logging.INFO,
+                "job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; profile %s; PTV D98 %s Gy, HI %s; "
+                "goals: %s; %s", job_id, timings["queue_wait_s"], timings["inputs_s"], timings["plan_process_s"],
+                profile.get("name", "?"), s_m["ptv_d98_gy"], s_m["ptv_hi"], verdict.get("text", "not evaluated"),
+                f"deliveries HELD until airt jobs release {job_id}" if held
+                else f"{len(self.settings.destinations)} delivery(ies) queued")
+
+
+def queue_deliveries(session: Session, job_id: int, settings: Settings, now: Any) -> int:
+    """One PENDING delivery row per configured destination for a job; returns how many."""
+    for d in settings.destinations:
+        session.add(Delivery(job_id=job_id, destination=d.name, ae_title=d.ae_title, host=d.host, port=d.port,
+                             state=DeliveryState.PENDING, next_try_at=now, created_at=now, updated_at=now))
+    return len(settings.destinations)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ from sequencing.fluence import fluence_from_sequence
 from sequencing.sequencer import ArcSequence
 
 SETTINGS = Settings()
-GOALS = [g.spec() for g in SETTINGS.goals]
+#: The protocol profile planned (``--profile``; default ``planning.profile``): prescription and goal list.
+PROFILE = SETTINGS.profile()
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
 
@@ -135,11 +136,11 @@ def _model_fluence(seq: ArcSequence) -> np.ndarray:
 def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
     """Plan one case with one method and measure it."""
     timings = Timings()
-    options = planning_options(SETTINGS, method, "cpu")
+    options = planning_options(SETTINGS, method, "cpu", PROFILE)
     result = plan_arc(case, MACHINE, ARC, options, timings=timings)
     fx = case.prescription.fractions
     exported = evaluate_structures(result.dose_fx * fx, result.problem.grid, case)
-    goals = evaluate_goals(GOALS, result.dose_fx * fx, result.problem.grid, case)
+    goals = evaluate_goals(list(PROFILE.goal_specs()), result.dose_fx * fx, result.problem.grid, case)
     unseq_fx = _dose_fx(result, result.fluence)
     start_fx = _dose_fx(result, fluence_from_sequence(result.start, MACHINE))
     model_fx = _dose_fx(result, _model_fluence(result.sequence))
@@ -171,8 +172,9 @@ def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[s
     with tempfile.TemporaryDirectory(prefix="bench_arc_") as tmp:
         write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
                          matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
-        case = load_case(Path(tmp), structures=SETTINGS.structures, prescription=SETTINGS.prescription.to_prescription())
-    out: dict[str, Any] = {"set": case_set, "seed": seed, "ct": ct.label(), "methods": {}}
+        case = load_case(Path(tmp), structures=SETTINGS.structures, prescription=PROFILE.to_prescription())
+    out: dict[str, Any] = {"set": case_set, "seed": seed, "ct": ct.label(), "profile": PROFILE.name,
+                           "rx_gy": PROFILE.dose_gy, "methods": {}}
     for method in methods:
         t0 = time.perf_counter()
         out["methods"][method.value] = run_method(case, method)
@@ -188,14 +190,15 @@ def _med(values: list[float]) -> float:
 
 def print_tables(rows: list[dict[str, Any]]) -> None:
     """The tables of ``benchmarks/RESULTS.md``."""
-    rx = SETTINGS.prescription.dose_gy
     for case_set in CASE_SETS:
         sub = [r for r in rows if r["set"] == case_set]
         if not sub:
             continue
+        rx = sub[0].get("rx_gy", 40.0)
         methods = list(sub[0]["methods"])
         n = len(sub)
-        print(f"\n### {case_set} set: {n} cases (CT {', '.join(sorted({r['ct'] for r in sub}))})\n")
+        print(f"\n### {case_set} set, profile {sub[0].get('profile', 'prostate_40gy_5fx')} (Rx {rx:g} Gy): {n} cases "
+              f"(CT {', '.join(sorted({r['ct'] for r in sub}))})\n")
         print("| method | stage | PTV HI median (worst) | PTV D98 Gy median (min) | PTV D2 Gy | bladder Dmean | "
               "rectum Dmean | rectum D2 |")
         print("|---|---|---|---|---|---|---|---|")
@@ -223,7 +226,8 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 
 def print_goal_table(rows: list[dict[str, Any]]) -> None:
     """Per set and method: plans meeting every P1 goal, P2 goals met, and each P1 goal's failures."""
-    print("\n### Clinical goals of the shipped goal list (exported arc)\n")
+    profile = rows[0].get("profile", "prostate_40gy_5fx") if rows else "-"
+    print(f"\n### Clinical goals of profile {profile} (exported arc)\n")
     print("| set | method | all P1 met | P2 met (of all P2 evaluations) | P1 failures by goal | plans rescued "
           "(P1 failed after the first arc) |")
     print("|---|---|---|---|---|---|")
@@ -254,6 +258,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=10, help="cases per set (default 10)")
     ap.add_argument("--methods", default="optimize,ai", help="planning methods, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", default="", help="protocol profile planned (default: planning.profile)")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     args = ap.parse_args()
@@ -263,6 +268,8 @@ def main() -> None:
         print_goal_table(saved)
         return
     torch.set_num_threads(args.threads)
+    global PROFILE
+    PROFILE = SETTINGS.profile(args.profile or None)
     methods = [PlanningMethod(m) for m in args.methods.split(",")]
     path = Path(args.json) if args.json else None
     rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path and path.exists() else []
@@ -271,7 +278,8 @@ def main() -> None:
             raise SystemExit(f"unknown case set {case_set!r}; use {', '.join(CASE_SETS)}")
         for index in range(args.cases):
             seed = case_spec(case_set, index)[0]
-            if any(r["set"] == case_set and r["seed"] == seed for r in rows):
+            if any(r["set"] == case_set and r["seed"] == seed and r.get("profile", PROFILE.name) == PROFILE.name
+                   for r in rows):
                 continue
             rows.append(run_case(case_set, index, methods))
             if path:

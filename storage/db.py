@@ -30,7 +30,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30000
 
 VIEWS: dict[str, str] = {
     "v_jobs_overview": """
-        SELECT j.id AS job_id, j.study_uid, j.state, j.method, j.attempts,
+        SELECT j.id AS job_id, j.study_uid, j.state, j.method, j.profile, j.profile_reason, j.hold_reason,
+               j.attempts,
                j.created_at, j.started_at, j.finished_at,
                j.ptv_d98_gy, j.ptv_hi, j.bladder_dmean_gy, j.rectum_dmean_gy,
                j.failure_reason, j.output_dir,
@@ -97,12 +98,58 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+"""Alembic's script directory (``env.py``, ``versions/``)."""
+BASELINE_REVISION = "0001"
+"""The schema of databases created before migrations existed (no ``alembic_version`` table)."""
+_MIGRATION_LOCK_KEY = 74110001
+"""PostgreSQL advisory lock held while a node migrates, so that two hosts starting at once do not."""
+
+
+def _alembic_config(conn: Any) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision (None: never migrated)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 def init_db(engine: Engine) -> None:
-    """Create missing tables and (re)create the views. Safe to call at every start."""
+    """Bring the schema to the current revision and (re)create the views. Safe to call at every start.
+
+    A new database is created from the models and stamped with the newest revision; one created
+    before migrations existed (tables but no version) is stamped with the baseline and upgraded; a
+    versioned one is upgraded (Alembic, ``storage/migrations``). All in one transaction.
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect
+
     if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
-    Base.metadata.create_all(engine)
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+        current = MigrationContext.configure(conn).get_current_revision()
+        cfg = _alembic_config(conn)
+        if current is None and not inspect(conn).has_table("jobs"):
+            Base.metadata.create_all(conn)
+            command.stamp(cfg, "head")
+        else:
+            if current is None:
+                log.warning("database has no schema version: stamping the baseline %s and upgrading",
+                            BASELINE_REVISION)
+                command.stamp(cfg, BASELINE_REVISION)
+            command.upgrade(cfg, "head")
         for name, body in VIEWS.items():
             conn.execute(text(f"DROP VIEW IF EXISTS {name}"))
             conn.execute(text(f"CREATE VIEW {name} AS {body}"))

@@ -68,6 +68,7 @@ def register_instance(
     sha256: str,
     calling_ae_title: str,
     received_at: dt.datetime,
+    called_ae_title: str | None = None,
 ) -> RegisterOutcome:
     """Add the rows of a received instance (get-or-create study and series), or report a duplicate.
 
@@ -104,7 +105,7 @@ def register_instance(
         modality=hdr.modality, frame_of_reference_uid=hdr.frame_of_reference_uid,
         referenced_series_uid=hdr.referenced_series_uid, transfer_syntax_uid=hdr.transfer_syntax_uid,
         path=path, size_bytes=size_bytes, sha256=sha256, calling_ae_title=calling_ae_title,
-        received_at=received_at,
+        called_ae_title=called_ae_title, received_at=received_at,
     ))
     session.flush()
     return RegisterOutcome.NEW

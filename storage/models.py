@@ -107,6 +107,8 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str] = mapped_column(String(16))
+    called_ae_title: Mapped[str | None] = mapped_column(String(16), default=None)
+    """The AE title the instance was sent to (the node's, or a profile's); NULL: received before profiles."""
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
     series: Mapped[Series] = relationship(back_populates="instances", lazy="raise")
@@ -130,6 +132,13 @@ class Job(Base):
     rtstruct_uid: Mapped[str | None] = mapped_column(UID, default=None)
     state: Mapped[JobState] = mapped_column(_state_enum(JobState, "job_state"))
     method: Mapped[str | None] = mapped_column(String(16), default=None)
+    profile: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The protocol profile the job was planned with (``[[profiles]]`` name)."""
+    profile_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    """Why that profile: the called or calling AE title, the PTV's name, the default."""
+    hold_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    """Set while the job's deliveries are held (a priority-1 goal failed and ``planning.when_p1_fails``
+    is ``hold``); ``airt jobs release`` clears it and queues the deliveries."""
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, default=None)

@@ -210,7 +210,7 @@ def test_clinical_loader_reads_our_own_plan_and_refuses_others(tmp_path: Path) -
     st = Settings()
     folder = tmp_path / "patient1"
     write_synth_case(folder, 9, n_slices=40, slice_mm=5.0, matrix=128, pixel_mm=3.9)
-    case = load_case(folder, structures=st.structures, prescription=st.prescription.to_prescription())
+    case = load_case(folder, structures=st.structures, prescription=st.profile().to_prescription())
     seq = teacher_sequence(9)
     write_rtplan(folder / "rtplan.dcm", sequence=seq, machine=MACHINE, case=case, isocenter_mm=case.ptv_centroid_mm(),
                  fractions=5, rx_gy=40.0, dose_rate_mu_min=600.0)

@@ -43,7 +43,7 @@ def _documented_keys(text: str) -> set[str]:
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("[[") and line.endswith("]]"):
-            table = line[2:-2] + "[]"
+            table = line[2:-2].replace(".", "[].") + "[]"  # [[profiles.goals]] -> profiles[].goals[]
         elif line.startswith("[") and line.endswith("]"):
             table = line[1:-1]
         elif "=" in line and not line.startswith("#"):
@@ -73,6 +73,13 @@ def test_reference_file_documents_every_setting() -> None:
     assert set(patterns) == {r.value for r in Role}
 
 
+def _profile(**kw: object) -> dict[str, object]:
+    """A minimal valid [[profiles]] table, with ``kw`` overriding its keys."""
+    table: dict[str, object] = {"name": "p", "protocol": "test", "dose_gy": 40.0, "fractions": 5,
+                                "goals": [{"structure": "ptv", "metric": "D98%", "comparison": ">=", "limit": 38.0}]}
+    return {**table, **kw}
+
+
 def test_unknown_key_is_refused_with_its_name() -> None:
     with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['stable_age'\] in \[scheduler\]"):
         settings_from_dict({"scheduler": {"stable_age": 10}})
@@ -90,14 +97,32 @@ def test_unknown_key_is_refused_with_its_name() -> None:
         ({"scheduler": {"stable_age_s": -1}}, r"scheduler.stable_age_s must be >= 0"),
         ({"planning": {"device": "gpu"}}, r"planning.device 'gpu': allowed auto, cpu, cuda, cuda:N"),
         ({"machine": {"arc_direction": "CCW"}}, r"allowed values: \['CW', 'CC'\]"),
-        ({"goals": [{"structure": "ptv", "metric": "D98", "comparison": ">=", "limit": 38.0}]}, r"goals.metric 'D98'"),
-        ({"goals": [{"structure": "liver", "metric": "Dmean", "comparison": "<=", "limit": 1.0}]}, r"goals.structure 'liver'"),
+        ({"profiles": [_profile(goals=[{"structure": "ptv", "metric": "D98", "comparison": ">=", "limit": 38.0}])]},
+         r"goals.metric 'D98'"),
+        ({"profiles": [_profile(goals=[{"structure": "liver", "metric": "Dmean", "comparison": "<=", "limit": 1.0}])]},
+         r"goals.structure 'liver'"),
+        ({"profiles": [_profile(goals=[])]}, r"profiles\[p\] has no goals"),
+        ({"profiles": [_profile(name="p 1")]}, r"profiles.name 'p 1'"),
+        ({"profiles": [_profile()], "planning": {"profile": "q"}}, r"planning.profile 'q' is not a profile; known: \['p'\]"),
+        ({"profiles": [_profile(), _profile(name="q")]}, r"planning.profile 'prostate_40gy_5fx' is not a profile"),
+        ({"profiles": [_profile(called_ae_title="AIRT")], "planning": {"profile": "p"}}, r"must differ .* node.ae_title"),
+        ({"profiles": [_profile(called_ae_title="X"), _profile(name="q", called_ae_title="X")],
+          "planning": {"profile": "p"}}, r"called_ae_title must differ"),
+        ({"profiles": [_profile(calling_ae_titles=["TPS"]), _profile(name="q", calling_ae_titles=["TPS"])],
+          "planning": {"profile": "p"}}, r"calling AE title is listed by two profiles"),
+        ({"profiles": [_profile(match_ptv_name=True), _profile(name="q", match_ptv_name=True)],
+          "planning": {"profile": "p"}}, r"two profiles with match_ptv_name = true have the same dose"),
+        ({"prescription": {"dose_gy": 60.0}}, r"now belong to a protocol profile; write them in a \[\[profiles\]\]"),
+        ({"goals": []}, r"now belong to a protocol profile"),
+        ({"scheduler": {"stable_age_s": float("nan")}}, r"scheduler.stable_age_s must be a finite number, got nan"),
+        ({"worker": {"plan_timeout_s": float("inf")}}, r"worker.plan_timeout_s must be a finite number, got inf"),
+        ({"profiles": [_profile(dose_gy=float("nan"))]}, r"dose_gy must be a finite number"),
         ({"structures": {"patterns": {"spleen": ["spleen"]}}}, r"unknown role 'spleen'"),
         ({"structures": {"patterns": {"ptv": ["ptv("]}}}, r"bad regular expression"),
         ({"tls": {"enabled": True}}, r"tls.enabled = true needs"),
         ({"destinations": [{"name": "a", "ae_title": "X", "host": "h"}]}, r"missing required setting\(s\) \['port'\]"),
         ({"planning": {"hu_to_density": [[0.0, 1.0], [-10.0, 0.9]]}}, r"strictly increasing HU"),
-        ({"prescription": {"normalisation": "max"}}, r"allowed values: \['ptv_dx', 'ptv_mean', 'none'\]"),
+        ({"profiles": [_profile(normalisation="max")]}, r"allowed values: \['ptv_dx', 'ptv_mean', 'none'\]"),
     ],
 )
 def test_bad_values_are_refused_with_key_and_allowed_values(table: dict[str, object], message: str) -> None:
@@ -160,3 +185,12 @@ def test_config_check_command(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert "unknown setting(s) ['prot'] in [node]" in res.stderr
+
+
+def test_nan_and_inf_in_a_file_are_refused_by_config_check(tmp_path: Path) -> None:
+    """TOML has nan and inf literals; ``airt config check`` refuses them, naming the key."""
+    cfg = tmp_path / "airt.toml"
+    cfg.write_text("[scheduler]\nstable_age_s = nan\n")
+    r = subprocess.run([sys.executable, "-m", "appliance.cli", "config", "check", str(cfg)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "scheduler.stable_age_s must be a finite number, got nan" in r.stderr, r.stderr

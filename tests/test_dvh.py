@@ -220,7 +220,7 @@ def test_goal_spec_validation() -> None:
 def test_goals_from_the_configuration_convert() -> None:
     from appliance.config import Settings
 
-    specs = [g.spec() for g in Settings().goals]
+    specs = list(Settings().profile().goal_specs())
     dose = np.full((8, 8, 8), 40.0)
     ptv = np.zeros(dose.shape, bool)
     ptv[2:6, 2:6, 2:6] = True

@@ -361,19 +361,22 @@ def test_destination_failing_past_give_up_is_failed_and_can_be_retried(tmp_path:
 # Planning processes that crash, hang or raise
 
 
-def crashing_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None) -> dict[str, Any]:
+def crashing_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
+                  **routing: Any) -> dict[str, Any]:
     """Dies like a segfault or the OOM killer would: no result, no traceback."""
     os.kill(os.getpid(), signal.SIGKILL)
     return {}
 
 
-def hanging_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None) -> dict[str, Any]:
+def hanging_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
+                  **routing: Any) -> dict[str, Any]:
     """Never returns."""
     threading.Event().wait()
     return {}
 
 
-def buggy_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None) -> dict[str, Any]:
+def buggy_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
+                  **routing: Any) -> dict[str, Any]:
     """A programming error inside planning."""
     return {"x": [1, 2, 3][7]}
 

@@ -98,7 +98,7 @@ def test_closed_loop_plan_read_back_recomputes_the_written_dose(planned: dict[st
     plan = read_rtplan(out / "rtplan.dcm")
     seq = arc_sequence_from_beam(plan.beams[0])
     case = load_case(planned["case_dir"], structures=settings.structures,
-                     prescription=settings.prescription.to_prescription())
+                     prescription=settings.profile().to_prescription())
     machine = settings.machine.model()
     iso = plan.beams[0].isocenter_mm
     assert iso is not None
@@ -112,7 +112,7 @@ def test_closed_loop_plan_read_back_recomputes_the_written_dose(planned: dict[st
     written, grid = read_rtdose(out / "rtdose.dcm")
     assert grid.shape == engine.grid.shape
     np.testing.assert_allclose(grid.origin_mm, engine.grid.origin_mm, atol=1e-3)
-    rx = settings.prescription.dose_gy
+    rx = settings.profile().dose_gy
     assert float(np.max(np.abs(dose - written))) < 0.005 * rx
 
 

@@ -37,7 +37,8 @@ RESULTS = Path(__file__).parent / "data" / "dicompyler_example"
 pytestmark = pytest.mark.external
 
 
-def quick_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None) -> dict[str, Any]:
+def quick_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
+                  **routing: Any) -> dict[str, Any]:
     """A planning function for queue tests: writes a (real, shipped) RT Plan and RT Dose as the outputs
     so that the worker's success path runs, without spending minutes planning."""
     for name in ("rtplan.dcm", "rtdose.dcm"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from appliance.config import settings_from_dict
 from appliance.scheduler import StudyScheduler
@@ -264,3 +264,42 @@ def test_recovery_after_a_crash(tmp_path: Path) -> None:
     # A second recovery finds nothing more to do.
     again = recover(settings, db, store)
     assert (again.files_registered, again.files_quarantined, again.temp_files_removed) == (0, 0, 0)
+
+
+def test_a_database_from_before_migrations_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A queue database created before the schema had versions (no alembic_version, none of the profile
+    columns) keeps its rows and is brought to the newest revision at start; the migrated schema is
+    exactly the models' (Alembic's autogenerate comparison finds no difference)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from storage.db import MIGRATIONS_DIR, schema_revision
+    from storage.models import Base
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    db = Database(url)
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    assert schema_revision(db.engine) == head
+    db.dispose()
+    con = sqlite3.connect(tmp_path / "old.sqlite3")
+    con.execute("DROP VIEW v_jobs_overview")
+    for table, column in (("jobs", "profile"), ("jobs", "profile_reason"), ("jobs", "hold_reason"),
+                          ("instances", "called_ae_title")):
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    con.execute("DROP TABLE alembic_version")
+    con.execute("INSERT INTO studies (study_uid, first_received_at, last_received_at) "
+                "VALUES ('1.2.3', '2026-01-01 00:00:00.000000', '2026-01-01 00:00:00.000000')")
+    con.commit()
+    con.close()
+
+    db = Database(url)
+    try:
+        assert schema_revision(db.engine) == head
+        with db.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        with db.session() as s:
+            assert [st.study_uid for st in s.query(Study)] == ["1.2.3"]
+            assert s.execute(text("SELECT profile, hold_reason FROM v_jobs_overview")).all() == []
+    finally:
+        db.dispose()
