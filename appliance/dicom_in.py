@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from appliance.config import StructureSettings
+from appliance.dicom_common import lossy_reason
 from core.case import Case, DicomRefs, Grid, PatientPosition, Prescription, Role
 from core.errors import InputError
 
@@ -145,6 +146,7 @@ def load_case(
         )
     rtstruct = _choose_rtstruct(rtstructs, cts)
     series_uid = _choose_ct_series(cts, rtstruct)
+    _check_referenced_images(rtstruct, series_uid, cts[series_uid])
     geometry = _ct_geometry(series_uid, cts[series_uid])
     ct_hu = _read_ct_volume(geometry)
     ct_for = str(geometry.slices[0].ds.FrameOfReferenceUID)
@@ -369,6 +371,12 @@ def _rtstruct_frames(ds: Dataset) -> set[str]:
     return frames
 
 
+def rtstruct_image_refs(ds: Dataset) -> set[str]:
+    """SOP Instance UIDs of the images an RT Structure Set references (its series' contour image
+    list and every contour's own references)."""
+    return _rtstruct_series_and_images(ds)[1]
+
+
 def _rtstruct_series_and_images(ds: Dataset) -> tuple[set[str], set[str]]:
     """Series UIDs and image SOP instance UIDs an RT Structure Set references."""
     series: set[str] = set()
@@ -450,6 +458,29 @@ def _choose_ct_series(cts: dict[str, list[_Instance]], rtstruct: _Instance) -> s
         f"several CT series ({sorted(candidates)}) share the frame of reference {sorted(frames)} of RT "
         f"Structure Set {rtstruct.sop_uid}, and its series and image references do not pick one; send "
         "only the planning CT series with the structure set"
+    )
+
+
+def _check_referenced_images(rtstruct: _Instance, series_uid: str, slices: Sequence[_Instance]) -> None:
+    """Every CT image the structure set's contours reference is in the chosen series: a truncated
+    series (slices not received) or a structure set drawn on other images is not planned."""
+    refs = rtstruct_image_refs(rtstruct.ds)
+    if not refs:
+        return  # ContourImageSequence is optional; the frame of reference was checked
+    present = {i.sop_uid for i in slices}
+    missing = sorted(refs - present)
+    if not missing:
+        return
+    if len(missing) == len(refs):
+        raise InputError(
+            f"RT Structure Set {rtstruct.sop_uid} references {len(refs)} CT images and none of them is in CT "
+            f"series {series_uid} ({len(slices)} images); the structures were drawn on other images: send the "
+            "CT series they were drawn on"
+        )
+    raise InputError(
+        f"RT Structure Set {rtstruct.sop_uid} references {len(refs)} CT images of which {len(missing)} were not "
+        f"received (e.g. {missing[0]}); CT series {series_uid} has {len(slices)} images. The CT is incomplete: "
+        "send the whole planning CT series, then the job is planned again (or airt jobs retry)"
     )
 
 
@@ -631,6 +662,13 @@ def _read_pixels(inst: _Instance, rows: int, cols: int) -> NDArray[np.float32]:
         )
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    lossy = lossy_reason(syntax, ds.get("LossyImageCompression"))
+    if lossy:
+        raise InputError(
+            f"CT slice {inst.sop_uid} ({inst.path.name}) is lossy-compressed: {lossy}. Its values are not the "
+            "scanner's HU; send the original or a lossless copy (uncompressed, JPEG Lossless, JPEG-LS lossless, "
+            "JPEG 2000 lossless or RLE)"
+        )
     bits = int(ds.get("BitsAllocated", 16))
     if syntax in _UNCOMPRESSED_SYNTAXES or not syntax:
         expected = rows * cols * bits // 8
@@ -655,8 +693,15 @@ def _read_pixels(inst: _Instance, rows: int, cols: int) -> NDArray[np.float32]:
             f"CT slice {inst.sop_uid} ({inst.path.name}) decodes to shape {arr.shape}, expected "
             f"({rows}, {cols}); the file is damaged: send the series again"
         )
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    absent = [k for k in ("RescaleIntercept", "RescaleSlope") if ds.get(k) in (None, "")]
+    if absent:
+        raise InputError(
+            f"CT slice {inst.sop_uid} ({inst.path.name}) lacks {' and '.join(absent)} (Type 1 in the CT Image "
+            "module): its stored values cannot be turned into Hounsfield units, and a guess would put a "
+            "wrong density under the dose. Send the series as the scanner wrote it"
+        )
+    slope = float(ds.RescaleSlope)
+    intercept = float(ds.RescaleIntercept)
     out = arr.astype(np.float32)
     if slope != 1.0:
         out *= np.float32(slope)
@@ -742,23 +787,23 @@ def _contour_points(contour: Dataset) -> NDArray[np.float64] | None:
 
 def _roi_polygons(
     contours: Sequence[Dataset], geometry: _CtGeometry, roi_label: str
-) -> tuple[list[tuple[int, NDArray[np.float64]]], int, int]:
+) -> tuple[list[tuple[int, NDArray[np.float64]]], int, int, int]:
     """Closed planar contours of one ROI matched to CT slices.
 
-    Returns the ``(k, xy)`` polygons, the number of CLOSED_PLANAR contours and the number that
-    lay outside the CT.
+    Returns the ``(k, xy)`` polygons, the number of CLOSED_PLANAR contours, the number that lay
+    outside the CT, and the number dropped for fewer than 3 readable points.
     """
     grid = geometry.grid
     oz, dz, nz = grid.origin_mm[2], grid.spacing_mm[2], grid.shape[0]
     polys: list[tuple[int, NDArray[np.float64]]] = []
-    closed = outside = 0
+    closed = outside = degenerate = 0
     for contour in contours:
         kind = str(contour.get("ContourGeometricType", "")).strip().upper()
         if kind != "CLOSED_PLANAR":
             continue
         pts = _contour_points(contour)
         if pts is None or pts.shape[0] < 3:
-            logger.debug("ROI %s: skipping a contour with fewer than 3 readable points", roi_label)
+            degenerate += 1
             continue
         closed += 1
         z = float(pts[:, 2].mean())
@@ -772,7 +817,7 @@ def _roi_polygons(
             outside += 1
             continue
         polys.append((k, pts[:, :2]))
-    return polys, closed, outside
+    return polys, closed, outside, degenerate
 
 
 def _structure_masks(
@@ -807,10 +852,24 @@ def _structure_masks(
                 f"ROI {label}, mapped to {role.value}, references frame of reference {roi_frame}, not the "
                 f"CT's {ct_frame}; it was drawn on another image: register and copy it to the planning CT"
             )
-        polys, closed, outside = _roi_polygons(contours_by_roi.get(number, []), geometry, label)
+        polys, closed, outside, degenerate = _roi_polygons(contours_by_roi.get(number, []), geometry, label)
+        if role is Role.PTV and (outside or degenerate) and polys:
+            z0, z1 = geometry.grid.origin_mm[2], geometry.grid.axes_mm()[2][-1]
+            raise InputError(
+                f"PTV {label}: "
+                + (f"{outside} of {closed} contours lie outside the CT's slices (z {z0:.1f} to {z1:.1f} mm)"
+                   if outside else "")
+                + (" and " if outside and degenerate else "")
+                + (f"{degenerate} contours have fewer than 3 readable points" if degenerate else "")
+                + "; planning would leave part of the target out. "
+                + ("Send the CT series covering the whole PTV" if outside else
+                   "Correct the PTV in the contouring system and send the structure set again")
+            )
         if outside:
             logger.warning("ROI %s: %d of %d contours lie outside the CT slices and were ignored",
                            label, outside, closed)
+        if degenerate:
+            logger.warning("ROI %s: %d contours with fewer than 3 readable points were left out", label, degenerate)
         mask = rasterise_polygons(polys, geometry.grid)
         voxels = int(np.count_nonzero(mask))
         if voxels == 0:

@@ -6,7 +6,11 @@ several associations is one study):
 
 * a stable study holding an RT Structure Set whose Frame of Reference is that of a CT series in
   the study becomes a PENDING job over that CT series + the structure set (the newest structure set
-  when there are several; the CT series it names, else the largest on that frame of reference);
+  when there are several). The CT series is chosen here, once, and the loader plans on it: the one
+  the structure set names (RTReferencedSeriesSequence), else the one holding the images its
+  contours reference (ContourImageSequence), else the only CT series on that frame of reference.
+  Several candidates and nothing to tell them apart (a CBCT or a second reconstruction of the same
+  scan) make a FAILED job: the structures are never planned on a CT they may not have been drawn on;
 * a stable study with an RT Structure Set but no CT series, or whose structure sets reference no
   CT series' frame of reference, becomes a FAILED job whose reason says what is missing;
 * a study with CT only is waited for (contouring often comes later): after
@@ -25,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
@@ -34,8 +38,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from appliance.config import Settings
-from storage.db import Database
-from storage.models import Instance, Job, JobEvent, JobInstance, Series, Study
+from storage.db import Database, record_node_event
+from storage.models import Instance, Job, JobEvent, JobInstance, NodeEvent, Series, Study
 from storage.states import JobState, transition, utcnow
 
 log = logging.getLogger(__name__)
@@ -63,12 +67,15 @@ class Decision:
 
 
 def decide(study: Study, instances: Sequence[Instance], series: Sequence[Series], now: dt.datetime,
-           ct_only_wait_s: float = CT_ONLY_WAIT_S) -> Decision:
-    """Decide what a stable study becomes (see the module docstring); pure, no database access."""
+           ct_only_wait_s: float = CT_ONLY_WAIT_S,
+           image_refs: Callable[[Instance], set[str]] = lambda _: set()) -> Decision:
+    """Decide what a stable study becomes (see the module docstring); no database access.
+    ``image_refs`` gives the SOP Instance UIDs an RT Structure Set's contours reference."""
     by_series: dict[int, list[Instance]] = {}
     for inst in instances:
-        by_series.setdefault(inst.series_id, []).append(inst)
-    ct_series = [s for s in series if s.modality == "CT" and s.id in by_series]
+        if inst.modality == "CT":  # an RT Structure Set filed under a CT series UID is not a CT image
+            by_series.setdefault(inst.series_id, []).append(inst)
+    ct_series = [s for s in series if s.id in by_series]
     rtstructs = sorted((i for i in instances if i.modality == "RTSTRUCT"),
                        key=lambda i: (i.received_at, i.id), reverse=True)
     if not rtstructs:
@@ -83,11 +90,22 @@ def decide(study: Study, instances: Sequence[Instance], series: Sequence[Series]
             f"study {study.study_uid} holds an RT Structure Set but no CT series; send the planning CT "
             "series (same Frame of Reference) and the study is planned again"))
     for rs in rtstructs:
-        candidates = [s for s in ct_series if s.frame_of_reference_uid == rs.frame_of_reference_uid]
+        candidates = [s for s in ct_series if by_series[s.id][0].frame_of_reference_uid == rs.frame_of_reference_uid]
         if not candidates:
             continue
         named = [s for s in candidates if s.series_uid == rs.referenced_series_uid]
-        ct = named[0] if named else max(candidates, key=lambda s: (len(by_series[s.id]), s.id))
+        if not named and len(candidates) > 1:
+            refs = image_refs(rs)
+            named = [s for s in candidates if any(i.sop_instance_uid in refs for i in by_series[s.id])]
+            if len(named) != 1:
+                listed = ", ".join(f"{s.series_uid} ({len(by_series[s.id])} images)" for s in candidates)
+                return Decision(tuple(instances), reason=(
+                    f"study {study.study_uid}: {len(candidates)} CT series share the Frame of Reference of RT "
+                    f"Structure Set {rs.sop_instance_uid} ({listed}) and its references "
+                    + ("point into several of them" if named else "name none of them")
+                    + "; the structures are not planned on a CT they may not have been drawn on. Send only "
+                    "the planning CT series with the structure set"))
+        ct = named[0] if named else candidates[0]
         members = (*by_series[ct.id], rs)
         return Decision(members, ct_series_uid=ct.series_uid, rtstruct_uid=rs.sop_instance_uid)
     fors = sorted({str(s.frame_of_reference_uid) for s in ct_series})
@@ -132,13 +150,20 @@ class StudyScheduler:
             try:
                 with self.db.session() as s:
                     job_id = self._schedule_study(s, sid, now)
-            except IntegrityError:
-                # Another tick or process created this (study, fingerprint) job first.
-                log.debug("study %d: job already created elsewhere", sid)
+            except IntegrityError as exc:
                 with self.db.session() as s:
                     st = s.get(Study, sid)
-                    if st is not None:
-                        st.scheduled_through = st.last_received_at
+                    if st is None:
+                        continue
+                    st.scheduled_through = st.last_received_at
+                    if s.scalar(select(Job.id).where(Job.study_id == sid)) is not None:
+                        # Another tick or process created this (study, fingerprint) job first.
+                        log.debug("study %d: job already created elsewhere", sid)
+                    else:
+                        record_node_event(s, "schedule_failed", (
+                            f"study {st.study_uid} could not become a job ({exc.orig}); its instances are "
+                            "kept: send the study again or see the node log"), level="ERROR",
+                            study_uid=st.study_uid)
                 continue
             if job_id is not None:
                 created.append(job_id)
@@ -151,23 +176,29 @@ class StudyScheduler:
         series = list(s.scalars(select(Series).where(Series.study_id == study_id)))
         instances = list(s.scalars(
             select(Instance).join(Series, Series.id == Instance.series_id).where(Series.study_id == study_id)))
-        d = decide(study, instances, series, now, self.ct_only_wait_s)
+        d = decide(study, instances, series, now, self.ct_only_wait_s, self._image_refs)
         if d.wait:
             return None
         fp = fingerprint(d.instances)
         study.scheduled_through = study.last_received_at
         if s.scalar(select(Job.id).where(Job.study_id == study_id, Job.instance_fingerprint == fp)) is not None:
             return None
-        state = JobState.PENDING if d.reason is None else JobState.FAILED
+        reason = d.reason
+        if reason is not None:
+            refused = list(s.scalars(select(NodeEvent.message).where(
+                NodeEvent.study_uid == study.study_uid, NodeEvent.kind == "instance_refused")))
+            if refused:
+                reason += f". {len(refused)} image(s) of this study were refused on receipt, e.g.: {refused[0]}"
+        state = JobState.PENDING if reason is None else JobState.FAILED
         job = Job(study_id=study_id, study_uid=study.study_uid, instance_fingerprint=fp,
                   ct_series_uid=d.ct_series_uid, rtstruct_uid=d.rtstruct_uid, state=state,
                   method=self.settings.planning.method.value, created_at=now, updated_at=now,
-                  finished_at=None if d.reason is None else now, failure_reason=d.reason)
+                  finished_at=None if reason is None else now, failure_reason=reason)
         s.add(job)
         s.flush()
         s.add_all(JobInstance(job_id=job.id, instance_id=i.id) for i in d.instances)
         s.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=state,
-                       message=d.reason or f"{len(d.instances)} instances, CT series {d.ct_series_uid}"))
+                       message=reason or f"{len(d.instances)} instances, CT series {d.ct_series_uid}"))
         if state == JobState.PENDING:
             older = s.scalars(select(Job.id).where(Job.study_id == study_id, Job.id != job.id,
                                                    Job.state == JobState.PENDING))
@@ -177,8 +208,22 @@ class StudyScheduler:
             log.info("job %d created for study %s: %d instances (CT series %s, RTSTRUCT %s)", job.id,
                      study.study_uid, len(d.instances), d.ct_series_uid, d.rtstruct_uid)
         else:
-            log.warning("job %d created FAILED for study %s: %s", job.id, study.study_uid, d.reason)
+            log.warning("job %d created FAILED for study %s: %s", job.id, study.study_uid, reason)
         return job.id
+
+    def _image_refs(self, rtstruct: Instance) -> set[str]:
+        """The CT images an RT Structure Set's contours reference (read from its stored file)."""
+        import pydicom
+
+        from appliance.dicom_in import rtstruct_image_refs
+
+        try:
+            ds = pydicom.dcmread(self.settings.data_dir / rtstruct.path, stop_before_pixels=True)
+        except Exception as exc:  # a damaged file: the loader will say so; here it references nothing
+            log.warning("RT Structure Set %s cannot be read for its image references: %s",
+                        rtstruct.sop_instance_uid, exc)
+            return set()
+        return rtstruct_image_refs(ds)
 
     def start(self, extra: Sequence[tuple[str, object]] = ()) -> None:
         """Run :meth:`tick` (and each ``(name, callable)`` in ``extra``) every poll interval in a

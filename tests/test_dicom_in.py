@@ -484,12 +484,13 @@ def test_contours_between_slices_use_half_slice_tolerance(tmp_path: Path) -> Non
     write_ct(spec, folder)
     z = slice_z(spec)
     rois = [
-        Roi("PTV", [(z[5] + 1.2, square(0, 0, 10)), (z[9] - 1.2, square(0, 0, 10)),
-                    (z[-1] + 5.0, square(0, 0, 10))]),  # last one is beyond the CT: ignored
+        Roi("PTV", [(z[5] + 1.2, square(0, 0, 10)), (z[9] - 1.2, square(0, 0, 10))]),
+        Roi("Bladder", [(z[3], square(0, 0, 5)), (z[-1] + 5.0, square(0, 0, 5))]),  # beyond the CT: left out
     ]
     write_rtstruct(folder / "rs.dcm", spec, rois)
     case = load(folder)
     assert list(np.flatnonzero(case.masks[Role.PTV].any(axis=(1, 2)))) == [5, 9]
+    assert list(np.flatnonzero(case.masks[Role.BLADDER].any(axis=(1, 2)))) == [3]
 
 
 def test_scanline_rasteriser_matches_matplotlib_reference() -> None:
@@ -586,6 +587,11 @@ def test_refuses_missing_folder(tmp_path: Path) -> None:
 def test_refuses_missing_slices(tmp_path: Path) -> None:
     folder, spec = build(tmp_path)
     spec.paths[7].unlink()
+    with pytest.raises(InputError, match="references 20 CT images of which 1 were not received") as err:
+        load(folder)
+    assert spec.series_uid in str(err.value)
+    # Without image references the gap in the slice positions says the same.
+    write_rtstruct(folder / "rs.dcm", spec, standard_rois(spec), reference_series=False)
     with pytest.raises(InputError, match="missing slices") as err:
         load(folder)
     assert spec.series_uid in str(err.value)
@@ -746,7 +752,7 @@ def test_refuses_single_slice(tmp_path: Path) -> None:
 
 def test_dicompyler_example_folder_is_refused_clearly() -> None:
     # One real CT slice + a real structure set (plus an RT Plan and RT Dose that must be ignored).
-    with pytest.raises(InputError, match="only 1 slice"):
+    with pytest.raises(InputError, match="references 98 CT images of which 97 were not received"):
         load(DATA)
 
 
@@ -770,7 +776,16 @@ def test_dicompyler_structure_set_on_a_volume_of_real_slices(tmp_path: Path) -> 
         ds.file_meta.MediaStorageSOPInstanceUID = uid
         ds.ImagePositionPatient = [*real.ImagePositionPatient[:2], f"{z0 - 3.0 * k:.4f}"]
         ds.save_as(folder / f"ct_{k}.dcm")
-    shutil.copy(DATA / "rtss.dcm", folder / "rtss.dcm")
+    # The copies have new UIDs, so the structure set's image references are dropped (they would
+    # rightly be refused as images the structures were not drawn on); its frame still matches.
+    rtss = pydicom.dcmread(DATA / "rtss.dcm")
+    for frame in rtss.ReferencedFrameOfReferenceSequence:
+        del frame.RTReferencedStudySequence
+    for roi in rtss.ROIContourSequence:
+        for contour in roi.get("ContourSequence", []):
+            if "ContourImageSequence" in contour:
+                del contour.ContourImageSequence
+    rtss.save_as(folder / "rtss.dcm")
     structures = StructureSettings(patterns={"ptv": (r"tumou?r bed",), "body": (r"body",)})
     case = load(folder, structures)
     assert case.structure_names == {Role.PTV: "Tumor Bed", Role.BODY: "BODY"}
@@ -816,7 +831,7 @@ def test_rle_compressed_and_12_bit_slices_decode_like_pydicom(tmp_path: Path) ->
     for p in spec.paths[:5]:
         edit(p, to_12_bit)
     for p in spec.paths[5:10]:
-        edit(p, lambda ds: ds.compress(RLELossless))
+        edit(p, lambda ds: ds.compress(RLELossless, generate_instance_uid=False))
     case = load(folder)
     for k, p in enumerate(spec.paths[:10]):
         ds = pydicom.dcmread(p)
@@ -888,3 +903,78 @@ def test_rasteriser_abutting_and_nested_spans() -> None:
     # Three nested rectangles: even-odd gives outer ring + innermost island.
     nested = rasterise_polygons([(0, rect(0.5, 11.5)), (0, rect(2.5, 9.5)), (0, rect(4.5, 7.5))], grid)
     np.testing.assert_array_equal(nested[0, 2], [0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The case checked against its structure set before planning (a wrong or partial case is refused)
+
+
+@pytest.mark.parametrize("absent", ["RescaleIntercept", "RescaleSlope"])
+def test_refuses_ct_without_rescale_attributes(tmp_path: Path, absent: str) -> None:
+    """Both are Type 1: without them the stored values are not HU, and planning on them put a patient
+    1.5 times too dense under the dose."""
+    folder, spec = build(tmp_path)
+    edit(spec.paths[4], lambda ds: delattr(ds, absent))
+    with pytest.raises(InputError, match=rf"lacks {absent} \(Type 1 in the CT Image module\)") as err:
+        load(folder)
+    assert spec.sop_uids[4] in str(err.value)
+
+
+def test_refuses_a_ct_missing_slices_the_structures_were_drawn_on(tmp_path: Path) -> None:
+    """The top 8 of 20 slices never arrived: the rest is a complete, evenly spaced series, but the
+    structure set references the missing images, so the case is not planned truncated."""
+    folder, spec = build(tmp_path)
+    top = np.argsort(spec.ipps[:, 2])[-8:]
+    for s in top:
+        spec.paths[s].unlink()
+    with pytest.raises(InputError, match=r"references 20 CT images of which 8 were not received") as err:
+        load(folder)
+    assert "send the whole planning CT series" in str(err.value)
+
+
+def test_refuses_ptv_contours_outside_a_truncated_ct(tmp_path: Path) -> None:
+    """Without image references, a PTV reaching beyond the CT's slices is refused (not cut)."""
+    spec = make_ct()
+    folder = tmp_path / "case"
+    write_ct(spec, folder)
+    z = slice_z(spec)
+    rois = [Roi("PTV", [(zz, circle(0.0, 0.0, 15.0)) for zz in [*z[-4:], z[-1] + 2.5, z[-1] + 5.0]])]
+    write_rtstruct(folder / "rs.dcm", spec, rois, reference_series=False)
+    with pytest.raises(InputError, match=r"PTV 'PTV' .*2 of 6 contours lie outside the CT's slices"):
+        load(folder)
+
+
+def test_refuses_ptv_contours_with_fewer_than_three_points(tmp_path: Path) -> None:
+    spec = make_ct()
+    folder = tmp_path / "case"
+    write_ct(spec, folder)
+    z = slice_z(spec)
+    line = np.array([[0.0, 0.0], [10.0, 0.0]])
+    rois = [Roi("PTV", [(zz, circle(0.0, 0.0, 15.0)) for zz in z[4:12]] + [(z[8], line), (z[9], line)]),
+            Roi("Bladder", [(z[3], square(0, 0, 5)), (z[4], line)])]
+    write_rtstruct(folder / "rs.dcm", spec, rois)
+    with pytest.raises(InputError, match=r"2 contours have fewer than 3 readable points.*Correct the PTV"):
+        load(folder)
+
+
+def test_oar_contour_with_fewer_than_three_points_is_a_warning(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    spec = make_ct()
+    folder = tmp_path / "case"
+    write_ct(spec, folder)
+    z = slice_z(spec)
+    rois = [Roi("PTV", [(zz, circle(0.0, 0.0, 15.0)) for zz in z[4:12]]),
+            Roi("Bladder", [(z[3], square(0, 0, 5)), (z[4], np.array([[0.0, 0.0], [10.0, 0.0]]))])]
+    write_rtstruct(folder / "rs.dcm", spec, rois)
+    with caplog.at_level(logging.WARNING):
+        case = load(folder)
+    assert Role.BLADDER in case.masks
+    assert any("1 contours with fewer than 3 readable points" in r.getMessage() for r in caplog.records)
+
+
+def test_structure_set_without_referenced_frame_sequence_uses_its_rois_frame(tmp_path: Path) -> None:
+    """ReferencedFrameOfReferenceSequence is Type 3; every ROI names its frame (Type 1)."""
+    folder, spec = build(tmp_path)
+    edit(folder / "rs.dcm", lambda ds: delattr(ds, "ReferencedFrameOfReferenceSequence"))
+    case = load(folder)
+    assert case.dicom is not None and case.dicom.ct_series_instance_uid == spec.series_uid
