@@ -36,6 +36,22 @@ from pathlib import Path
 import numpy as np
 
 
+def ct_from_density(density: np.ndarray, origin: list[float], spacing: list[float]) -> object:
+    """pyRadPlan's CT of a relative-electron-density grid (z, y, x): the density turned into HU through
+    pyRadPlan's own table (its monotonic part above the air plateau), so that pyRadPlan sees our density."""
+    import SimpleITK
+    from pyRadPlan.ct import validate_ct
+    from pyRadPlan.ct._hlut import default_hlut
+
+    hlut = default_hlut("photons")
+    keep = np.concatenate([[True], np.diff(hlut[:, 1]) > 0])
+    hu = np.interp(density, hlut[keep, 1], hlut[keep, 0]).astype(np.float32)
+    img = SimpleITK.GetImageFromArray(hu)  # numpy (z, y, x) -> image (x, y, z)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    return validate_ct({"cube_hu": img})
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: _xcheck_pyradplan.py IN.npz OUT.npz", file=sys.stderr)
@@ -46,8 +62,6 @@ def main(argv: list[str]) -> int:
     import SimpleITK
     from pyRadPlan import PhotonPlan, generate_stf
     from pyRadPlan.cst import create_cst, create_voi
-    from pyRadPlan.ct import validate_ct
-    from pyRadPlan.ct._hlut import default_hlut
     from pyRadPlan.dose.engines import get_engine
 
     logging.basicConfig(level=logging.WARNING)
@@ -61,14 +75,7 @@ def main(argv: list[str]) -> int:
     cutoff = float(data["lateral_cutoff_mm"])
     rows, cols = fluence.shape
 
-    # density -> HU through pyRadPlan's own table (monotonic part above the air plateau)
-    hlut = default_hlut("photons")
-    keep = np.concatenate([[True], np.diff(hlut[:, 1]) > 0])
-    hu = np.interp(density, hlut[keep, 1], hlut[keep, 0]).astype(np.float32)
-    img = SimpleITK.GetImageFromArray(hu)  # numpy (z, y, x) -> image (x, y, z)
-    img.SetSpacing(spacing)
-    img.SetOrigin(origin)
-    ct = validate_ct({"cube_hu": img})
+    ct = ct_from_density(density, origin, spacing)
 
     # where the field is open, in the isocenter plane (the project's pixel convention)
     nz, ny, nx = density.shape

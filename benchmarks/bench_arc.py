@@ -40,6 +40,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,25 @@ def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[s
     return out
 
 
+def run_sets(sets: str, cases: int, path: Path | None, *, done: Callable[[dict[str, Any], str, int], bool],
+             plan: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plan ``cases`` cases of each of the comma-separated ``sets`` with ``plan(set, index)``, skipping those a
+    saved row is ``done`` for (``done(row, set, seed)``); with ``path``, the rows already there are loaded first
+    and the file is rewritten after every case (a run resumes where it stopped). Returns every row."""
+    rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path and path.exists() else []
+    for case_set in sets.split(","):
+        if case_set not in CASE_SETS:
+            raise SystemExit(f"unknown case set {case_set!r}; use {', '.join(CASE_SETS)}")
+        for index in range(cases):
+            seed = case_spec(case_set, index)[0]
+            if any(done(r, case_set, seed) for r in rows):
+                continue
+            rows.append(plan(case_set, index))
+            if path:
+                path.write_text(json.dumps({"rows": rows}, indent=1, default=str))
+    return rows
+
+
 def _med(values: list[float]) -> float:
     v = [x for x in values if np.isfinite(x)]
     return statistics.median(v) if v else float("nan")
@@ -272,18 +292,10 @@ def main() -> None:
     PROFILE = SETTINGS.profile(args.profile or None)
     methods = [PlanningMethod(m) for m in args.methods.split(",")]
     path = Path(args.json) if args.json else None
-    rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path and path.exists() else []
-    for case_set in args.sets.split(","):
-        if case_set not in CASE_SETS:
-            raise SystemExit(f"unknown case set {case_set!r}; use {', '.join(CASE_SETS)}")
-        for index in range(args.cases):
-            seed = case_spec(case_set, index)[0]
-            if any(r["set"] == case_set and r["seed"] == seed and r.get("profile", PROFILE.name) == PROFILE.name
-                   for r in rows):
-                continue
-            rows.append(run_case(case_set, index, methods))
-            if path:
-                path.write_text(json.dumps({"rows": rows}, indent=1, default=str))
+    rows = run_sets(args.sets, args.cases, path,
+                    done=lambda r, case_set, seed: (r["set"] == case_set and r["seed"] == seed
+                                                    and r.get("profile", PROFILE.name) == PROFILE.name),
+                    plan=lambda case_set, index: run_case(case_set, index, methods))
     print_tables(rows)
     print_goal_table(rows)
 
