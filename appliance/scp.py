@@ -43,6 +43,7 @@ import logging
 import shutil
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +295,8 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._prev_chunked = False
         self._stats: dict[int, _AssocStats] = {}
+        self._silent: dict[int, tuple[float, str]] = {}
+        """Open connections that have sent no A-ASSOCIATE-RQ yet: id -> (opened, monotonic s; peer)."""
         self._lock = threading.Lock()
         self._allowed = {(p.ae_title.strip(), p.host) for p in settings.peers}
         self._called = {a.strip() for a in settings.called_ae_titles}
@@ -327,6 +330,9 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_STORE, self._on_store),
         ]
         # Not ae.start_server(ssl_context=...): pynetdicom would run the TLS handshake in the accept
@@ -379,8 +385,34 @@ class StorageSCP:
                 return True
         return False
 
+    def _on_conn_open(self, event: evt.Event) -> None:
+        with self._lock:
+            address = getattr(event, "address", None) or ("?", 0)
+            self._silent[id(event.assoc)] = (time.monotonic(), f"{address[0]}:{address[1]}")
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        with self._lock:
+            silent = self._silent.pop(id(event.assoc), None)
+        if silent is not None:
+            log.warning("connection from %s closed after %.1f s without an association request; while open it "
+                        "held one of the node.max_associations = %d slots", silent[1], time.monotonic() - silent[0],
+                        self.settings.node.max_associations)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejection: more associations than ``node.max_associations``."""
+        active = [a for a in event.assoc.ae.active_associations if a.is_acceptor]
+        with self._lock:
+            waiting = sum(1 for a in active if id(a) in self._silent)
+        log.warning("association from AE %r at %s rejected (local limit exceeded): node.max_associations = %d "
+                    "reached with %d connections open, %d of them without an association request (a peer "
+                    "holding idle connections locks others out for up to node.acse_timeout_s = %g s)",
+                    str(event.assoc.requestor.ae_title).strip(), event.assoc.requestor.address,
+                    self.settings.node.max_associations, len(active), waiting, self.settings.node.acse_timeout_s)
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
+        with self._lock:
+            self._silent.pop(id(assoc), None)
         calling = str(cast(A_ASSOCIATE, assoc.requestor.primitive).calling_ae_title).strip()
         address = str(assoc.requestor.address)
         called = str(cast(A_ASSOCIATE, assoc.requestor.primitive).called_ae_title).strip()

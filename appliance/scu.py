@@ -164,9 +164,9 @@ def send_files(paths: Sequence[Path], peer: PeerAddress, *, calling_aet: str = "
         raise ExportError(f"no association with {peer}: {_why_not(assoc)}")
     results: list[tuple[Path, int]] = []
     try:
-        for p, _, _ in metas:
+        for msg_id, (p, _, _) in enumerate(metas, start=1):
             try:
-                rsp = assoc.send_c_store(p)
+                rsp = assoc.send_c_store(p, msg_id=msg_id)  # unique within the association (PS3.7 9.3.1)
             except ValueError as exc:  # no accepted presentation context for this file
                 log.warning("cannot send %s to %s: %s", p.name, peer, exc)
                 results.append((p, -1))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -305,3 +308,25 @@ def test_low_disk_answers_out_of_resources(tmp_path: Path) -> None:
         server.stop()
         db.dispose()
     assert _count(db, Instance) == 0
+
+
+def test_idle_connections_filling_max_associations_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Silent TCP connections hold association slots: the peer locked out and the idle connections are
+    both in the log, with the setting to look at."""
+    from tests.node_helpers import node_settings, running_scp, store_paths
+
+    settings = node_settings(tmp_path, node={"max_associations": 2, "acse_timeout_s": 30.0})
+    with caplog.at_level(logging.WARNING, logger="appliance.scp"), running_scp(settings) as scp:
+        idle = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(2)]
+        time.sleep(0.5)
+        run = store_paths(scp.port, [])
+        assert not run.established
+        for s in idle:
+            s.close()
+        deadline = time.time() + 10
+        while time.time() < deadline and sum("without an association request" in r.getMessage()
+                                             for r in caplog.records) < 2:
+            time.sleep(0.1)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "node.max_associations = 2 reached with 3 connections open, 2 of them without an association" in text
+    assert text.count("closed after") == 2 and "held one of the node.max_associations = 2 slots" in text

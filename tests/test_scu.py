@@ -169,3 +169,28 @@ def test_destination_down_then_up_results_arrive(tmp_path: Path) -> None:
         assert d is not None and d.state == DeliveryState.DELIVERED and d.attempts == 3
         assert d.delivered_at is not None and d.last_error is None
     assert _received_order(tmp_path / "received") == ["RTPLAN", "RTDOSE"]
+
+
+def test_plan_and_dose_go_out_with_distinct_message_ids() -> None:
+    """Message IDs are unique among the requests of one association (PS3.7 9.3.1)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import RTDoseStorage, RTPlanStorage  # type: ignore[attr-defined]
+
+    seen: list[int] = []
+
+    def on_store(event: evt.Event) -> int:
+        seen.append(int(event.request.MessageID))
+        return 0
+
+    port = free_port()
+    ae = AE(ae_title=RECEIVER)
+    for c in (RTPlanStorage, RTDoseStorage):
+        ae.add_supported_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        results = send_files([DATA / "rtplan.dcm", DATA / "rtdose.dcm"], PeerAddress(RECEIVER, "127.0.0.1", port))
+    finally:
+        server.shutdown()
+    assert [st for _, st in results] == [0, 0]
+    assert seen == [1, 2]
