@@ -1,11 +1,11 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test` (the suite).
-# Both install what they need: Debian packages (dcmtk, dicom3tools, plastimatch, orthanc,
+# Both install what they need: Debian packages (dcmtk, dicom3tools, plastimatch, orthanc, chromium,
 # postgresql) when run as root and missing, and a virtual environment with torch 2.13.0 (CPU)
 # installed before the package so pip never pulls CUDA wheels.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := dcmtk dicom3tools plastimatch orthanc sqlite3 postgresql
+APT_PACKAGES := dcmtk dicom3tools plastimatch orthanc sqlite3 postgresql chromium
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps demo test lint bench

@@ -58,7 +58,8 @@ def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None =
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
-def _write_config(path: Path, *, data_dir: Path, node_port: int, receiver_port: int, method: str) -> None:
+def _write_config(path: Path, *, data_dir: Path, node_port: int, receiver_port: int, method: str,
+                  http_port: int) -> None:
     path.write_text(
         f"""# airt demo configuration (loopback only)
 [node]
@@ -86,6 +87,9 @@ poll_interval_s = 1.0
 
 [delivery]
 retry_initial_s = 2.0
+
+[http]
+port = {http_port}
 
 [planning]
 method = "{method}"
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[demo] synthetic case seed {args.seed}: {args.slices} CT slices + RTSTRUCT in "
               f"{time.perf_counter() - t0:.1f} s (study {written.study_instance_uid})")
 
-        node_port, receiver_port = _free_port(), _free_port()
+        node_port, receiver_port, http_port = _free_port(), _free_port(), _free_port()
         received_dir = work / "received"
         if received_dir.exists():
             shutil.rmtree(received_dir)
@@ -166,10 +170,12 @@ def run(args: argparse.Namespace) -> int:
         if data_dir.exists():
             shutil.rmtree(data_dir)
         cfg = work / "airt-demo.toml"
-        _write_config(cfg, data_dir=data_dir, node_port=node_port, receiver_port=receiver_port, method=args.method)
+        _write_config(cfg, data_dir=data_dir, node_port=node_port, receiver_port=receiver_port, method=args.method,
+                      http_port=http_port)
         node = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)])
         _wait_port(node_port, 60.0, node)
-        print(f"[demo] node {NODE_AET} listening on 127.0.0.1:{node_port} (data in {data_dir})")
+        print(f"[demo] node {NODE_AET} listening on 127.0.0.1:{node_port} (data in {data_dir}); job pages and "
+              f"metrics at http://127.0.0.1:{http_port}/ while it runs")
 
         push_s = _push(case_dir, node_port)
         t_pushed = time.perf_counter()

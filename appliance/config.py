@@ -210,6 +210,27 @@ class DeliverySettings:
         _check_positive("delivery.give_up_after_s", self.give_up_after_s)
 
 
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP endpoint: /healthz, /readyz, /metrics (Prometheus) and the read-only job pages.
+    It has no authentication: keep it on loopback, or put a reverse proxy with TLS and
+    authentication in front of it to reach it from elsewhere."""
+
+    enabled: bool = field(
+        default=True, metadata=doc("Serve /healthz, /readyz, /metrics and the job pages over HTTP")
+    )
+    bind_address: str = field(
+        default="127.0.0.1",
+        metadata=doc("Address the HTTP server listens on; no authentication, so expose it only behind a reverse proxy with TLS and authentication"),
+    )
+    port: int = field(default=8080, metadata=doc("TCP port of the HTTP server (0: any free port)", "port"))
+
+    def __post_init__(self) -> None:
+        if not self.bind_address.strip():
+            raise ConfigError("http.bind_address must not be empty; use 127.0.0.1 (loopback) or an interface address")
+        _check_port("http.port", self.port, allow_zero=True)
+
+
 def _default_structure_patterns() -> dict[str, tuple[str, ...]]:
     # Case-insensitive regular expressions matched against the whole ROI name (after trimming).
     return {
@@ -570,6 +591,7 @@ class Settings:
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings, metadata=doc("Scheduler"))
     worker: WorkerSettings = field(default_factory=WorkerSettings, metadata=doc("Worker"))
     delivery: DeliverySettings = field(default_factory=DeliverySettings, metadata=doc("Delivery"))
+    http: HttpSettings = field(default_factory=HttpSettings, metadata=doc("HTTP endpoint (health, metrics, job pages)"))
     structures: StructureSettings = field(default_factory=StructureSettings, metadata=doc("Structure names"))
     machine: MachineSettings = field(default_factory=MachineSettings, metadata=doc("Machine"))
     planning: PlanningSettings = field(default_factory=PlanningSettings, metadata=doc("Planning"))

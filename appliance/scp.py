@@ -47,7 +47,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -70,6 +70,9 @@ from storage.db import Database, record_node_event
 from storage.instance_store import InstanceStore, read_chunks
 from storage.instances import InstanceHeader, RegisterOutcome, classify, register_instance
 from storage.states import utcnow
+
+if TYPE_CHECKING:
+    from appliance.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -286,12 +289,16 @@ class StorageSCP:
         The queue database (rows are committed before Success is answered).
     store
         Where instance files go.
+    metrics
+        Counts associations, instances, bytes and failures into it (None: nothing is counted).
     """
 
-    def __init__(self, settings: Settings, db: Database, store: InstanceStore) -> None:
+    def __init__(self, settings: Settings, db: Database, store: InstanceStore,
+                 metrics: NodeMetrics | None = None) -> None:
         self.settings = settings
         self.db = db
         self.store = store
+        self.metrics = metrics
         self._server: ThreadedAssociationServer | None = None
         self._prev_chunked = False
         self._stats: dict[int, _AssocStats] = {}
@@ -400,6 +407,8 @@ class StorageSCP:
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejection: more associations than ``node.max_associations``."""
+        if self.metrics is not None:
+            self.metrics.association_rejected("local_limit")
         active = [a for a in event.assoc.ae.active_associations if a.is_acceptor]
         with self._lock:
             waiting = sum(1 for a in active if id(a) in self._silent)
@@ -420,6 +429,8 @@ class StorageSCP:
             log.warning("association from AE %r at %s rejected: not in [[peers]]%s", calling, address,
                         " (address checked)" if self.settings.node.check_peer_host else "")
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised.
+            if self.metrics is not None:
+                self.metrics.association_rejected("calling_ae_not_allowed")
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
         elif called not in self._called:
@@ -427,6 +438,8 @@ class StorageSCP:
                         "(node.ae_title and the profiles' called_ae_title)", calling, address, called,
                         sorted(self._called))
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, called AE title not recognised.
+            if self.metrics is not None:
+                self.metrics.association_rejected("called_ae_unknown")
             assoc.acse.send_reject(0x01, 0x01, 0x07)
             assoc.kill()
 
@@ -434,6 +447,8 @@ class StorageSCP:
         assoc = event.assoc
         with self._lock:
             self._stats[id(assoc)] = _AssocStats(str(assoc.requestor.ae_title).strip())
+        if self.metrics is not None:
+            self.metrics.association_accepted()
         log.info("association from AE %r at %s:%s accepted", str(assoc.requestor.ae_title).strip(),
                  assoc.requestor.address, assoc.requestor.port)
 
@@ -460,6 +475,8 @@ class StorageSCP:
             outcome = self.store_instance(event, calling, called)
         except StoreRefusedError as exc:
             self._count(event, "refused")
+            if self.metrics is not None:
+                self.metrics.store_failed(exc.status)
             log.warning("C-STORE of %s from AE %r refused (0x%04X): %s", sop_uid[:64], calling, exc.status, exc)
             if exc.study_uid:
                 with contextlib.suppress(Exception), self.db.session() as s:
@@ -468,10 +485,14 @@ class StorageSCP:
             return _failure(exc.status, exc.comment)
         except Exception as exc:
             self._count(event, "refused")
+            if self.metrics is not None:
+                self.metrics.store_failed(STATUS_PROCESSING_FAILURE)
             log.exception("C-STORE of %s from AE %r failed while storing", sop_uid[:64], calling)
             return _failure(STATUS_PROCESSING_FAILURE, f"node error while storing: {type(exc).__name__}")
         if outcome == RegisterOutcome.CONFLICT:
             self._count(event, "refused")
+            if self.metrics is not None:
+                self.metrics.store_failed(STATUS_CONFLICT)
             return _failure(STATUS_CONFLICT, "same SOP Instance UID already stored with other content")
         self._count(event, "stored" if outcome == RegisterOutcome.NEW else "duplicates")
         return STATUS_SUCCESS
@@ -528,6 +549,9 @@ class StorageSCP:
             raise
         finally:
             self.store.discard(written)  # no-op after a successful rename
+        if self.metrics is not None and outcome != RegisterOutcome.CONFLICT:
+            self.metrics.instance_received(hdr.modality, "stored" if outcome == RegisterOutcome.NEW else "duplicate",
+                                           written.size_bytes)
         if outcome == RegisterOutcome.NEW:
             log.debug("stored %s %s of study %s from AE %r", hdr.modality, hdr.sop_instance_uid, hdr.study_uid, calling)
         elif outcome == RegisterOutcome.DUPLICATE:

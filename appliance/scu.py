@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -31,6 +31,9 @@ from core.errors import ConfigError, ExportError
 from storage.db import Database
 from storage.models import Delivery, Job
 from storage.states import DeliveryState, TransitionError, transition_delivery, utcnow
+
+if TYPE_CHECKING:
+    from appliance.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +198,14 @@ class Deliverer:
         ``delivery``, ``node.ae_title`` (our calling AE title), ``tls`` and ``destinations``.
     db
         The queue database.
+    metrics
+        Counts delivery attempts into it (None: nothing is counted).
     """
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, metrics: NodeMetrics | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.metrics = metrics
 
     def tick(self, now: dt.datetime | None = None) -> int:
         """Try every delivery whose ``next_try_at`` has come; returns how many were delivered."""
@@ -248,6 +254,8 @@ class Deliverer:
             log.exception("delivery %d of job %d to %s failed unexpectedly", d_id, job_id, dest)
             error = f"{type(exc).__name__}: {exc}"
         n = attempts + 1
+        if self.metrics is not None:
+            self.metrics.delivery_attempt(dest, error is None)
         with self.db.session() as s:
             if error is None:
                 transition_delivery(s, d_id, {DeliveryState.SENDING}, DeliveryState.DELIVERED,

@@ -1,8 +1,10 @@
 """The node as one process: recovery, Storage SCP, scheduler, worker and delivery loop.
 
 ``airt serve`` runs :class:`Node`. Start-up order: open the database, recover (below), start
-the SCP (``READY=1`` to systemd once it listens), start the scheduler (studies -> jobs, and the
-delivery loop, every ``scheduler.poll_interval_s``) and the worker thread. The main thread feeds
+the SCP, then the HTTP endpoint (``[http]``: ``/healthz``, ``/readyz``, ``/metrics`` and the job
+pages, :mod:`appliance.web`), the scheduler (studies -> jobs, and the delivery loop, every
+``scheduler.poll_interval_s``) and the worker thread, then ``READY=1`` to systemd. The SCP, the
+delivery loop and the worker count into the node's :class:`~appliance.metrics.NodeMetrics`. The main thread feeds
 the systemd watchdog (``WATCHDOG=1``) only while every part is alive. SIGTERM/SIGINT stop it
 cleanly: no new associations, a running plan is interrupted and its job re-queued, ``STOPPING=1``.
 
@@ -30,10 +32,14 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from appliance.config import Settings
+from appliance.health import Readiness
+from appliance.metrics import NodeMetrics
 from appliance.scheduler import StudyScheduler
 from appliance.scp import StorageSCP, StoreRefusedError, parse_header
 from appliance.scu import Deliverer
+from appliance.web import WebServer
 from appliance.worker import Worker
+from core.errors import ConfigError
 from storage.db import Database, record_node_event
 from storage.instance_store import InstanceStore, sha256_file
 from storage.instances import RegisterOutcome, register_instance
@@ -152,11 +158,17 @@ class Node:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url)
         self.store = InstanceStore(settings.data_dir)
-        self.scp = StorageSCP(settings, self.db, self.store)
+        self.metrics = NodeMetrics(self.db, settings.data_dir)
+        self.scp = StorageSCP(settings, self.db, self.store, metrics=self.metrics)
         self.scheduler = StudyScheduler(settings, self.db)
-        self.deliverer = Deliverer(settings, self.db)
-        self.worker = Worker(settings, self.db) if settings.worker.enabled else None
+        self.deliverer = Deliverer(settings, self.db, metrics=self.metrics)
+        self.worker = Worker(settings, self.db, metrics=self.metrics) if settings.worker.enabled else None
         self._worker_thread: threading.Thread | None = None
+        parts: dict[str, Any] = {"scheduler_running": lambda: self.scheduler.running}
+        if self.worker is not None:
+            parts["worker_alive"] = lambda: self._worker_thread is not None and self._worker_thread.is_alive()
+        self.readiness = Readiness(settings, self.db, self.scp, parts)
+        self.http = WebServer(settings, self.db, self.metrics, self.readiness) if settings.http.enabled else None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._notifier = _Notifier()
@@ -166,15 +178,29 @@ class Node:
         """Recover, then start every part; returns the SCP port."""
         recover(self.settings, self.db, self.store)
         _, self.port = self.scp.start()
+        if self.http is not None:
+            try:
+                self.http.start()
+            except OSError as exc:
+                self.scp.stop()
+                h = self.settings.http
+                raise ConfigError(f"http.port {h.port}: cannot listen on {h.bind_address}:{h.port} ({exc.strerror or exc}); "
+                                  "another program (or another airt node) uses it, or the address is not on this "
+                                  "host: set [http] port (and bind_address) in the configuration, or "
+                                  "http.enabled = false") from exc
+            if self.settings.http.bind_address not in ("127.0.0.1", "::1", "localhost"):
+                log.warning("the HTTP endpoint %s is reachable beyond loopback and has no authentication: put a "
+                            "reverse proxy with TLS and authentication in front of it", self.http.url)
         self.scheduler.start(extra=[("deliveries", self._deliveries_tick), ("wake-worker", self._wake.set)])
         if self.worker is not None:
             self._worker_thread = threading.Thread(target=self.worker.run_forever, args=(self._wake,),
                                                    name="worker", daemon=True)
             self._worker_thread.start()
         self._notifier.notify(f"READY=1\nSTATUS=listening on port {self.port}")
-        log.info("node %s ready: port %d, data in %s, %d peer(s), %d destination(s), worker %s",
+        log.info("node %s ready: port %d, data in %s, %d peer(s), %d destination(s), worker %s, HTTP %s",
                  self.settings.node.ae_title, self.port, self.settings.data_dir, len(self.settings.peers),
-                 len(self.settings.destinations), "on" if self.worker else "off")
+                 len(self.settings.destinations), "on" if self.worker else "off",
+                 self.http.url if self.http is not None else "off")
         return self.port
 
     def _deliveries_tick(self) -> None:
@@ -204,6 +230,8 @@ class Node:
         self.scheduler.stop()
         if self._worker_thread is not None:
             self._worker_thread.join(timeout=30)
+        if self.http is not None:
+            self.http.stop()
         self.db.dispose()
         log.info("node stopped")
 

@@ -34,7 +34,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -44,6 +44,9 @@ from core.errors import AirtError
 from storage.db import Database, claim_next_job
 from storage.models import Delivery, Instance, Job, JobInstance
 from storage.states import DeliveryState, JobState, TransitionError, transition, utcnow
+
+if TYPE_CHECKING:
+    from appliance.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +173,15 @@ class Worker:
         Recorded as ``jobs.worker``; default ``host:pid``.
     plan_function
         ``module:function`` the child calls (default :data:`PLAN_FUNCTION`).
+    metrics
+        Counts planning processes by outcome into it (None: nothing is counted).
     """
 
     def __init__(self, settings: Settings, db: Database, *, name: str | None = None,
-                 plan_function: str = PLAN_FUNCTION) -> None:
+                 plan_function: str = PLAN_FUNCTION, metrics: NodeMetrics | None = None) -> None:
         self.settings = settings
         self.db = db
+        self.metrics = metrics
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.plan_function = plan_function
         self.jobs_dir = settings.data_dir / "jobs"
@@ -276,6 +282,8 @@ class Worker:
         timings["inputs_s"] = round(time.perf_counter() - t_start, 3)
         outcome, detail, plan_wall = self._run_child(job_id, in_dir, out_dir, method, routing)
         timings["plan_process_s"] = round(plan_wall, 3)
+        if self.metrics is not None:
+            self.metrics.planning_process(outcome)
         if outcome == "ok":
             self._succeed(job_id, out_dir, detail, timings)
         elif outcome == "cancelled":

@@ -29,6 +29,21 @@ from tests.test_scu import _wait_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _instances_stored(http_port: int) -> float:
+    """``airt_dicom_instances_received_total`` (outcome stored) scraped from the node's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as rsp:
+            text = rsp.read().decode()
+    except OSError:  # not listening yet
+        return float("nan")
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "airt_dicom_instances_received_total" and s.labels.get("outcome") == "stored")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print a markdown table."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_load_node")
@@ -45,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         studies.append([*w.ct_paths, w.rtstruct_path])
     n_files = sum(len(s) for s in studies)
     n_bytes = sum(p.stat().st_size for s in studies for p in s)
-    port = free_port()
+    port, http_port = free_port(), free_port()
     data = work / "data"
     cfg = work / "airt.toml"
     cfg.write_text(f'[node]\nport = {port}\nmax_associations = {args.clients + 2}\n'
                    f'[[peers]]\nae_title = "{PEER}"\n'
                    f'[storage]\ndata_dir = "{data}"\nmin_free_disk_mb = 64\n'
-                   '[scheduler]\nstable_age_s = 2.0\npoll_interval_s = 0.5\n[worker]\nenabled = false\n')
+                   '[scheduler]\nstable_age_s = 2.0\npoll_interval_s = 0.5\n[worker]\nenabled = false\n'
+                   f'[http]\nport = {http_port}\n')
     log = (work / "node.log").open("wb")
     node = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)], cwd=REPO,
                             stdout=log, stderr=log)
@@ -77,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         for t in threads:
             t.start()
+        scrapes: list[tuple[float, float]] = []  # (s since start, instances stored) from /metrics during the load
+        while any(t.is_alive() for t in threads):
+            scrapes.append((time.perf_counter() - t0, _instances_stored(http_port)))
+            time.sleep(1.0)
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        scrapes.append((wall, _instances_stored(http_port)))
         done.set()
         sampler.join()
         statuses = [s for r in runs if r is not None for s in r.statuses]
@@ -112,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| jobs created (studies, max jobs per study) | {len(jobs)} ({args.clients}), "
           f"{max((n for _, n in jobs), default=0)} |")
     good = ok == n_files == stored and len(jobs) == args.clients and all(n == 1 for _, n in jobs)
+    print("| /metrics airt_dicom_instances_received_total during the load (s: count) | "
+          + ", ".join(f"{t:.0f}: {n:.0f}" for t, n in scrapes) + " |")
     print(f"\nall stored, one job per study: {'yes' if good else 'NO'}")
     return 0 if good else 1
 

@@ -69,6 +69,9 @@ poll_interval_s = 0.5
 [worker]
 enabled = {"true" if worker else "false"}
 
+[http]
+port = 0
+
 [delivery]
 retry_initial_s = 1.0
 

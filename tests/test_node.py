@@ -170,6 +170,7 @@ def write_config(path: Path, *, data: Path, port: int, destinations: list[tuple[
     lines.append("[scheduler]\nstable_age_s = 2.0\npoll_interval_s = 0.5\n")
     lines.append("[worker]\nplan_timeout_s = 900.0\nmax_attempts = 3\n")
     lines.append("[delivery]\nretry_initial_s = 1.0\nretry_max_s = 4.0\n")
+    lines.append("[http]\nport = 0\n")
     path.write_text("\n".join(lines) + PLANNING_TOML)
 
 
