@@ -148,3 +148,65 @@ def test_lossy_ct_is_refused_with_a_reason_the_sender_and_the_job_show(tmp_path:
             assert "JPEG Baseline (lossy)" in str(job.failure_reason)
     finally:
         db.dispose()
+
+
+@pytest.mark.slow
+def test_orthanc_pushes_losslessly_compressed_ct(tmp_path: Path) -> None:
+    """Orthanc stores a JPEG-LS and a JPEG 2000 lossless study as uploaded and pushes them to the node
+    (C-STORE in their own transfer syntaxes); both are stored as sent and load with the uncompressed HU."""
+    import json
+    import urllib.request
+
+    from tests.conftest import free_port
+    from tests.test_scu import _wait_port
+
+    orthanc = require_tool("Orthanc")
+    settings = node_settings(tmp_path, peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1"}])
+    o_dicom, o_http = free_port(), free_port()
+    (tmp_path / "orthanc").mkdir()
+    (tmp_path / "orthanc.json").write_text(json.dumps({
+        "Name": "test", "DicomAet": "ORTHANC", "DicomPort": o_dicom, "HttpPort": o_http,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "StorageDirectory": str(tmp_path / "orthanc"), "IndexDirectory": str(tmp_path / "orthanc"),
+        "DicomModalities": {"airt": ["AIRT", "127.0.0.1", settings.node.port]}, "Plugins": [],
+    }))
+    proc = subprocess.Popen([orthanc, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def http(method: str, url: str, body: bytes | None = None) -> object:
+        req = urllib.request.Request(f"http://127.0.0.1:{o_http}{url}", data=body, method=method)
+        with urllib.request.urlopen(req, timeout=120) as rsp:
+            raw = rsp.read()
+        return json.loads(raw) if raw else None
+
+    plains = {}
+    try:
+        _wait_port(o_http, 60)
+        with running_scp(settings):
+            for seed, codec in ((31, "jpeg-ls-lossless"), (32, "jpeg2000-lossless")):
+                files, plain = _compressed_case(tmp_path / codec, seed, CODECS[codec][0])
+                plains[pydicom.dcmread(files[0]).StudyInstanceUID] = (plain, CODECS[codec][1])
+                for p in files:
+                    http("POST", "/instances", p.read_bytes())
+            for study in http("GET", "/studies"):  # type: ignore[union-attr]
+                http("POST", "/modalities/airt/store", json.dumps({"Resources": [study]}).encode())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    db = Database(settings.database_url)
+    try:
+        with db.session() as s:
+            rows = [(str(i.transfer_syntax_uid), i.path) for i in s.query(Instance).filter(Instance.modality == "CT")]
+        assert {t for t, _ in rows} == {syntax for _, syntax in plains.values()}
+        assert len(rows) == 24
+        for study_uid, (plain, _) in plains.items():
+            folder = tmp_path / f"stored_{study_uid[-6:]}"
+            folder.mkdir()
+            for _, rel in rows:
+                src = settings.data_dir / rel
+                if pydicom.dcmread(src, stop_before_pixels=True).StudyInstanceUID == study_uid:
+                    (folder / src.name).write_bytes(src.read_bytes())
+            (folder / "rs.dcm").write_bytes(next(plain.glob("RS_*.dcm")).read_bytes())
+            np.testing.assert_array_equal(_load(folder).ct_hu, _load(plain).ct_hu)
+    finally:
+        db.dispose()
