@@ -371,6 +371,20 @@ def _rtstruct_frames(ds: Dataset) -> set[str]:
     return frames
 
 
+def rtstruct_listed_images(ds: Dataset) -> set[str]:
+    """SOP Instance UIDs an RT Structure Set lists for its referenced series
+    (ReferencedFrameOfReferenceSequence > RTReferencedStudySequence > RTReferencedSeriesSequence >
+    ContourImageSequence): usually every image of the CT series it was drawn on."""
+    return {
+        str(img.ReferencedSOPInstanceUID)
+        for frame in ds.get("ReferencedFrameOfReferenceSequence", [])
+        for study in frame.get("RTReferencedStudySequence", [])
+        for ser in study.get("RTReferencedSeriesSequence", [])
+        for img in ser.get("ContourImageSequence", [])
+        if img.get("ReferencedSOPInstanceUID")
+    }
+
+
 def rtstruct_image_refs(ds: Dataset) -> set[str]:
     """SOP Instance UIDs of the images an RT Structure Set references (its series' contour image
     list and every contour's own references)."""

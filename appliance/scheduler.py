@@ -1,8 +1,9 @@
 """The scheduler: turns received studies into planning jobs once they are stable and complete.
 
-Rules (checked every ``scheduler.poll_interval_s``; a study is *stable* when it has received no
-new instance for ``scheduler.stable_age_s``, the StableAge of Orthanc; a study arriving over
-several associations is one study):
+Rules (checked every ``scheduler.poll_interval_s``; a study is *complete* when it holds an RT
+Structure Set and every CT image that structure set lists for its series, and it is then planned at
+once; otherwise it waits until it is *stable*: no new instance for ``scheduler.stable_age_s``, the
+StableAge of Orthanc. A study arriving over several associations is one study):
 
 * a stable study holding an RT Structure Set whose Frame of Reference is that of a CT series in
   the study becomes a PENDING job over that CT series + the structure set (the newest structure set
@@ -133,18 +134,21 @@ class StudyScheduler:
         self.db = db
         self.ct_only_wait_s = ct_only_wait_s
         self._bg: BackgroundScheduler | None = None
+        self._listed: dict[int, set[str]] = {}
+        """RT Structure Set instance id -> the CT images its series lists (files do not change)."""
 
     def tick(self, now: dt.datetime | None = None) -> list[int]:
-        """One pass over stable studies with instances not yet scheduled; returns new job ids."""
+        """One pass over the studies with instances not yet scheduled: the complete ones and the stable
+        ones become jobs; returns new job ids."""
         now = now or utcnow()
         cutoff = now - dt.timedelta(seconds=self.settings.scheduler.stable_age_s)
         with self.db.session() as s:
-            study_ids = list(s.scalars(
-                select(Study.id).where(
-                    Study.last_received_at <= cutoff,
+            waiting = s.execute(
+                select(Study.id, Study.last_received_at).where(
                     (Study.scheduled_through.is_(None)) | (Study.scheduled_through < Study.last_received_at),
                 ).order_by(Study.last_received_at)
-            ))
+            ).all()
+        study_ids = [sid for sid, last in waiting if last <= cutoff or self._complete(sid)]
         created: list[int] = []
         for sid in study_ids:
             try:
@@ -211,19 +215,42 @@ class StudyScheduler:
             log.warning("job %d created FAILED for study %s: %s", job.id, study.study_uid, reason)
         return job.id
 
+    def _complete(self, study_id: int) -> bool:
+        """Whether a study holds an RT Structure Set and every CT image its referenced series lists
+        (RTReferencedSeriesSequence > ContourImageSequence): then it is planned at once, without waiting
+        ``scheduler.stable_age_s``. A structure set that lists no images leaves the study to the quiet
+        period (contour-level references alone do not say how far the CT extends)."""
+        with self.db.session() as s:
+            rows = s.execute(select(Instance.id, Instance.modality, Instance.sop_instance_uid, Instance.path)
+                             .join(Series, Series.id == Instance.series_id)
+                             .where(Series.study_id == study_id)).all()
+        cts = {r.sop_instance_uid for r in rows if r.modality == "CT"}
+        for r in sorted((r for r in rows if r.modality == "RTSTRUCT"), key=lambda r: r.id, reverse=True):
+            if r.id not in self._listed:
+                self._listed[r.id] = self._read_refs(r.path, r.sop_instance_uid, listed_only=True)
+            listed = self._listed[r.id]
+            if listed and listed <= cts:
+                log.info("study of RT Structure Set %s complete: all %d CT images it lists are stored",
+                         r.sop_instance_uid, len(listed))
+                return True
+        return False
+
     def _image_refs(self, rtstruct: Instance) -> set[str]:
         """The CT images an RT Structure Set's contours reference (read from its stored file)."""
+        return self._read_refs(rtstruct.path, rtstruct.sop_instance_uid, listed_only=False)
+
+    def _read_refs(self, path: str, sop_uid: str, *, listed_only: bool) -> set[str]:
+        """The images an RT Structure Set file lists for its series (``listed_only``) or references anywhere."""
         import pydicom
 
-        from appliance.dicom_in import rtstruct_image_refs
+        from appliance.dicom_in import rtstruct_image_refs, rtstruct_listed_images
 
         try:
-            ds = pydicom.dcmread(self.settings.data_dir / rtstruct.path, stop_before_pixels=True)
+            ds = pydicom.dcmread(self.settings.data_dir / path, stop_before_pixels=True)
         except Exception as exc:  # a damaged file: the loader will say so; here it references nothing
-            log.warning("RT Structure Set %s cannot be read for its image references: %s",
-                        rtstruct.sop_instance_uid, exc)
+            log.warning("RT Structure Set %s cannot be read for its image references: %s", sop_uid, exc)
             return set()
-        return rtstruct_image_refs(ds)
+        return rtstruct_listed_images(ds) if listed_only else rtstruct_image_refs(ds)
 
     def start(self, extra: Sequence[tuple[str, object]] = ()) -> None:
         """Run :meth:`tick` (and each ``(name, callable)`` in ``extra``) every poll interval in a

@@ -30,7 +30,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage  # type: ignore[attr-defined]
 
 from appliance.config import Settings, settings_from_dict
 from appliance.dicom_in import load_case
@@ -179,7 +179,7 @@ def _ptv_outside_body(folder: Path) -> None:
 CASE_FAULTS: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated file": (_truncate_file, "CT"),
     "pixel data of the wrong size": (_short_pixels, "pixel"),
-    "missing slice": (_missing_slice, "missing"),
+    "missing slice": (_missing_slice, "were not received"),
     "non-uniform spacing": (_uneven_spacing, "spacing"),
     "non-axial orientation": (_oblique, "axial"),
     "two series mixed": (_two_series_mixed, "series"),
@@ -259,13 +259,16 @@ def test_ptv_larger_than_the_field_is_refused_by_the_planner(case: Path, tmp_pat
 
 
 def test_wrong_transfer_syntax_is_refused_in_negotiation(tmp_path: Path) -> None:
+    """A compressed RT Structure Set, and CT in a syntax the node neither decodes nor explains (JPEG 2000
+    Part 2 multi-component), are refused in negotiation (lossy CT is refused per image: test_compressed_ct)."""
     with running_scp(node_settings(tmp_path)) as scp:
         ae = AE(ae_title=PEER)
-        ae.add_requested_context(CTImageStorage, [JPEGBaseline8Bit])
+        ae.add_requested_context(RTStructureSetStorage, [JPEGBaseline8Bit])
+        ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.92"])
         assoc = ae.associate("127.0.0.1", scp.port, ae_title="AIRT")
         # Every context refused: pynetdicom gives up on the association (nothing can be sent).
         assert not assoc.is_established and assoc.accepted_contexts == []
-        assert [c.result for c in assoc.rejected_contexts] == [0x04]  # transfer syntaxes not supported
+        assert [c.result for c in assoc.rejected_contexts] == [0x04, 0x04]  # transfer syntaxes not supported
         assert store_paths(scp.port, [_ct_file(tmp_path)]).statuses == [0]
 
 

@@ -3,6 +3,7 @@ scheduler pass. The CT series is chosen once, by the scheduler, from what the st
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pydicom
@@ -105,3 +106,50 @@ def test_second_ct_series_and_no_reference_to_tell_them_apart_fails_with_the_rea
     assert job.state == JobState.FAILED
     assert "2 CT series share the Frame of Reference" in str(job.failure_reason)
     assert "name none of them" in str(job.failure_reason) and "Send only the planning CT" in str(job.failure_reason)
+
+
+def _pushed(tmp_path: Path, paths: list[Path]) -> tuple[StudyScheduler, Database]:
+    settings = node_settings(tmp_path, scheduler={"stable_age_s": 3600.0})
+    with running_scp(settings) as scp:
+        run = store_paths(scp.port, paths)
+        assert run.established and set(run.statuses) == {0}, run.statuses
+    db = Database(settings.database_url)
+    return StudyScheduler(settings, db), db
+
+
+def test_a_complete_study_is_planned_at_once_without_waiting_for_the_quiet_period(tmp_path: Path) -> None:
+    """Every CT image the structure set lists is stored: the job is made in the same pass, an hour before
+    the study would be stable."""
+    w = tiny_case(tmp_path / "case", n_slices=12)
+    sched, db = _pushed(tmp_path, [*w.ct_paths, w.rtstruct_path])
+    try:
+        (job_id,) = sched.tick(utcnow())
+        with db.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None and job.state == JobState.PENDING
+    finally:
+        db.dispose()
+
+
+def test_a_study_missing_a_listed_ct_image_waits_for_the_quiet_period(tmp_path: Path) -> None:
+    w = tiny_case(tmp_path / "case", n_slices=12)
+    sched, db = _pushed(tmp_path, [*w.ct_paths[1:], w.rtstruct_path])
+    try:
+        assert sched.tick(utcnow()) == []  # one listed image has not arrived: not complete
+        assert len(sched.tick(utcnow() + dt.timedelta(seconds=3601))) == 1  # stable: the loader will say why
+    finally:
+        db.dispose()
+
+
+def test_contour_level_references_alone_do_not_make_a_study_complete(tmp_path: Path) -> None:
+    """Without the series' image list, how far the CT extends beyond the contours is unknown: wait."""
+    w = tiny_case(tmp_path / "case", n_slices=12)
+    rs = pydicom.dcmread(w.rtstruct_path)
+    for frame in rs.ReferencedFrameOfReferenceSequence:
+        del frame.RTReferencedStudySequence
+    rs.save_as(w.rtstruct_path, enforce_file_format=True)
+    sched, db = _pushed(tmp_path, [*w.ct_paths, w.rtstruct_path])
+    try:
+        assert sched.tick(utcnow()) == []
+    finally:
+        db.dispose()
