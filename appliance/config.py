@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from core.case import Prescription, Role
+from core.case import DEFAULT_HU_TO_DENSITY, Prescription, Role
 from core.errors import ConfigError
 from core.machine import ArcSpec, MachineModel, RotationDirection
 from pipeline.goals import GoalSpec, GoalStages, Normalisation
@@ -394,7 +394,7 @@ class PlanningSettings:
         metadata=doc("Extra AI plans, one per (bladder s_o, rectum s_o) pair, each sequenced, dosed and sent as its own RT Plan + RT Dose beside the main plan, e.g. [[0.0, 0.4], [0.4, 0.0]]"),
     )
     hu_to_density: tuple[tuple[float, float], ...] = field(
-        default=((-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8)),
+        default=DEFAULT_HU_TO_DENSITY,
         metadata=doc("CT calibration curve: (HU, relative electron density) pairs, HU increasing"),
     )
 

@@ -2,7 +2,7 @@
 
 - :func:`format_ds` turns a float into a Decimal String of at most 16 characters (Eclipse
   rejects longer ones) with as many significant digits as fit.
-- :func:`new_uid` / :func:`check_uid` make and check UIDs.
+- :func:`new_uid` makes UIDs (:mod:`appliance.uids` checks them).
 - :func:`copy_patient_study` copies the Patient, Patient Study, General Study and Frame of
   Reference attributes from a source dataset (the planning CT): never retyped.
 - :func:`length_violations` walks a dataset (sequences included) and lists every value longer
@@ -83,7 +83,6 @@ MANUFACTURER = "AIRT planning appliance (research use only)"
 MODEL_NAME = "airt-appliance"
 RESEARCH_NOTE = "Research output, not clinically approved"
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _EXP_RE = re.compile(r"e([+-])0*(\d)")
 
 # Attributes copied verbatim from the source CT when present. The second element says whether
@@ -170,24 +169,6 @@ def format_ds_list(values: Iterable[float]) -> list[str]:
 def new_uid() -> str:
     """A new globally unique UID under the UUID-derived root ``2.25`` (no registered root needed)."""
     return str(generate_uid(prefix=None))
-
-
-def check_uid(uid: str, what: str) -> str:
-    """Return ``uid`` if it is a valid DICOM UID (digits and dots, <= 64 chars), else raise.
-
-    Parameters
-    ----------
-    uid
-        The UID to check.
-    what
-        What the UID identifies, for the error message (e.g. "plan SOP Instance UID").
-    """
-    if not isinstance(uid, str) or len(uid) > 64 or not _UID_RE.match(uid):
-        raise ExportError(
-            f"{what} {uid!r} is not a valid DICOM UID (digits and dots, at most 64 characters, "
-            "no leading zeros); pass a UID made by appliance.dicom_common.new_uid or leave it unset"
-        )
-    return uid
 
 
 def software_version() -> str:

@@ -147,7 +147,7 @@ def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, ma
            "timings_s": {k: round(v, 4) for k, v in sub.stages.items()}, "structures": structures,
            "goals": result.goals or [], "verdict": verdict.to_dict() if verdict else None}
     (folder / "metrics.json").write_text(json.dumps({"disclaimer": DISCLAIMER, "case_id": case.case_id, **row},
-                                                    indent=2, default=_json_default))
+                                                    indent=2, default=json_default))
     log.info("case %s: candidate plan s_bladder %.2f s_rectum %.2f written (%.0f MU)", case.case_id, bladder,
              rectum, result.sequence.total_mu)
     return row
@@ -244,7 +244,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         **extra,
     }
     metrics["timings_s"]["total"] = round(sum(timings.stages.values()), 4)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
     write_report(out_dir, metrics=metrics, dose=dose_plan, grid=grid, case=case)
     log.info("case %s: planned in %.1f s, %.0f MU, PTV D98 %.2f Gy, HI %.3f", case.case_id,
              metrics["timings_s"]["total"], seq.total_mu,
@@ -271,7 +271,8 @@ def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: st
                      candidates=candidates)
 
 
-def _json_default(o: object) -> object:
+def json_default(o: object) -> object:
+    """``json.dumps(default=...)`` for the numbers planning produces (numpy scalars and arrays)."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -32,7 +32,6 @@ from pydicom.tag import Tag
 from pydicom.uid import RTDoseStorage, RTPlanStorage
 
 from appliance.dicom_common import (
-    check_uid,
     copy_patient_study,
     format_ds,
     format_ds_list,
@@ -42,6 +41,7 @@ from appliance.dicom_common import (
     set_equipment,
     set_instance_creation,
 )
+from appliance.uids import check_written_uid
 from core.case import Case, Grid
 from core.errors import ExportError
 
@@ -154,9 +154,9 @@ def write_rtdose(
         raise ExportError(f"dose of case {case.case_id} holds NaN or infinite values")
     if dose.min() < 0:
         raise ExportError(f"dose of case {case.case_id} has negative values (min {dose.min():.3g} Gy)")
-    check_uid(plan_sop_instance_uid, "referenced RT Plan SOP Instance UID")
-    dose_uid = check_uid(sop_instance_uid, "dose SOP Instance UID") if sop_instance_uid else new_uid()
-    series_uid = check_uid(series_instance_uid, "dose Series Instance UID") if series_instance_uid else new_uid()
+    check_written_uid(plan_sop_instance_uid, "referenced RT Plan SOP Instance UID")
+    dose_uid = check_written_uid(sop_instance_uid, "dose SOP Instance UID") if sop_instance_uid else new_uid()
+    series_uid = check_written_uid(series_instance_uid, "dose Series Instance UID") if series_instance_uid else new_uid()
     sx, sy, sz = _axial_signs(refs.image_orientation, f"case {case.case_id} source CT")
     ct = read_source(refs.source_ct_path, "source CT")
 

@@ -31,7 +31,6 @@ from pydicom.uid import RTPlanStorage, RTStructureSetStorage
 
 from appliance.dicom_common import (
     RESEARCH_NOTE,
-    check_uid,
     copy_patient_study,
     format_ds,
     format_ds_list,
@@ -41,6 +40,7 @@ from appliance.dicom_common import (
     set_equipment,
     set_instance_creation,
 )
+from appliance.uids import check_written_uid
 from core.case import Case, Role
 from core.errors import ExportError
 from core.machine import MachineModel
@@ -217,8 +217,8 @@ def write_rtplan(
     _check_scalars(plan_label=plan_label, fractions=fractions, rx_gy=rx_gy,
                    dose_rate_mu_min=dose_rate_mu_min, machine=machine, isocenter_mm=isocenter_mm)
     gantry, leaves, jaws, cum_mu, total_mu = _checked_arrays(sequence, machine)
-    plan_uid = check_uid(sop_instance_uid, "plan SOP Instance UID") if sop_instance_uid else new_uid()
-    series_uid = check_uid(series_instance_uid, "plan Series Instance UID") if series_instance_uid else new_uid()
+    plan_uid = check_written_uid(sop_instance_uid, "plan SOP Instance UID") if sop_instance_uid else new_uid()
+    series_uid = check_written_uid(series_instance_uid, "plan Series Instance UID") if series_instance_uid else new_uid()
 
     ct = read_source(refs.source_ct_path, "source CT")
     if ct.get("FrameOfReferenceUID") != refs.frame_of_reference_uid:

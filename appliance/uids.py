@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from core.errors import InputError
+from core.errors import ExportError, InputError
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 """A DICOM UID (PS3.5 9.1): dot-separated numeric components without leading zeros."""
@@ -42,10 +42,21 @@ def check_uid(value: object, what: str) -> str:
         Naming the attribute and the offending value (shortened to 80 characters).
     """
     if not is_valid_uid(value):
-        shown = repr(value)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        raise InputError(
-            f"{what} {shown} is not a valid DICOM UID (digits and dots, at most {MAX_UID_LENGTH} "
-            "characters); fix the sending system's UID generation"
-        )
+        raise InputError(f"{what} {_shown(value)} is not a valid DICOM UID (digits and dots, at most "
+                         f"{MAX_UID_LENGTH} characters); fix the sending system's UID generation")
     return str(value)
+
+
+def check_written_uid(value: object, what: str) -> str:
+    """Return ``value`` if it is a UID exactly as PS3.5 9.1 defines it (:func:`is_strict_uid`), for UIDs
+    this node writes; else raise :class:`~core.errors.ExportError` naming it."""
+    if not is_strict_uid(value):
+        raise ExportError(f"{what} {_shown(value)} is not a valid DICOM UID (digits and dots, at most "
+                          f"{MAX_UID_LENGTH} characters, no leading zeros); pass a UID made by "
+                          "appliance.dicom_common.new_uid or leave it unset")
+    return str(value)
+
+
+def _shown(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."

@@ -40,6 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from appliance.config import P1Policy, Settings
+from appliance.planning import json_default
 from core.errors import AirtError
 from storage.db import Database, claim_next_job
 from storage.models import Delivery, Instance, Job, JobInstance
@@ -78,12 +79,6 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
 def plan_child(case_dir: str, out_dir: str, settings: Settings, method: str | None, result_path: str,
                parent_pid: int, plan_function: str = PLAN_FUNCTION,
                routing: Mapping[str, tuple[str, ...]] | None = None) -> None:
@@ -112,7 +107,7 @@ def plan_child(case_dir: str, out_dir: str, settings: Settings, method: str | No
                   "error": f"internal error in planning ({type(exc).__name__}: {exc}); see the node log",
                   "traceback": traceback.format_exc()}
     tmp = Path(result_path + ".tmp")
-    tmp.write_text(json.dumps(result, default=_json_default), encoding="utf-8")
+    tmp.write_text(json.dumps(result, default=json_default), encoding="utf-8")
     os.replace(tmp, result_path)
 
 

@@ -134,7 +134,7 @@ class PlanningInput:
 def planning_input(case: Case, spacing_mm: float, hu_curve: tuple[tuple[float, float], ...]) -> PlanningInput:
     """The dose grid, density and dose-grid masks of ``case`` as ``pipeline.problem.build_problem`` builds them
     (``ReferenceDoseEngine.for_case``), without building the engine."""
-    grid, density, inside = case_density(case, spacing_mm, hu_curve)
+    grid, _, density, inside = case_density(case, spacing_mm, hu_curve)
     masks = {role: np.asarray(resample_to_grid(m.astype(np.float32), case.grid, grid, order=1)
                               >= (PTV_FRACTION if role is Role.PTV else 0.5))
              for role, m in case.masks.items()}

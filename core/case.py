@@ -82,6 +82,13 @@ class Grid:
         return dx * dy * dz / 1000.0
 
 
+#: The default CT calibration: (HU, relative electron density) pairs, HU increasing (the configuration's
+#: ``planning.hu_to_density`` default; the networks' inputs and both dose engines use it unless told otherwise).
+DEFAULT_HU_TO_DENSITY: tuple[tuple[float, float], ...] = (
+    (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
+)
+
+
 @dataclass(frozen=True)
 class Prescription:
     """Dose prescribed to the PTV.

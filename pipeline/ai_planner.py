@@ -34,13 +34,13 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from core.case import Case, Grid, Role
+from core.case import DEFAULT_HU_TO_DENSITY, Case, Grid, Role
 from core.errors import ConfigError, InputError, PlanningError
 from pipeline.dose_engine import DoseEngine
 from pipeline.geometry import ArcGeometry
 from pipeline.model_io import LoadedModel, load_model_folder
 from pipeline.nets.err import ErrModule
-from pipeline.nets.fast_dose import FastDoseConfig, PrimaryGeometry, hu_to_density, primary_geometry_for_arc
+from pipeline.nets.fast_dose import FastDoseConfig, PrimaryGeometry, primary_geometry_for_arc
 
 if TYPE_CHECKING:
     from pipeline.plan import Timings
@@ -89,9 +89,7 @@ class ModelSpec:
     err_bev_scale: float = 20.0
     lambda_plus: float = 2.0
     lambda_minus: float = 1.0
-    hu_to_density: tuple[tuple[float, float], ...] = (
-        (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
-    )
+    hu_to_density: tuple[tuple[float, float], ...] = DEFAULT_HU_TO_DENSITY
 
     def __post_init__(self) -> None:
         if not (self.net_grid_mm > 0 and self.fluence_mu_per_rx_gy > 0 and self.err_bev_scale > 0):
@@ -163,22 +161,16 @@ def prepare_case(case: Case, geometry: ArcGeometry, spec: ModelSpec, fast_config
                  device: torch.device | str = "cpu") -> PreparedCase:
     """Resample a case to the network grid and set up its BEV projector and fast-dose geometry."""
     from pipeline.bev import BevProjector
-    from pipeline.dose_engine import dose_grid_for_case, resample_to_grid
+    from pipeline.dose_engine import case_density, resample_to_grid
     from pipeline.nets.dose_proposer import proposer_inputs
 
     if Role.PTV not in case.masks:
         raise InputError(f"case {case.case_id} has no PTV; the AI planner needs one")
-    grid = dose_grid_for_case(case, spec.net_grid_mm)
-    hu = resample_to_grid(case.ct_hu, case.grid, grid, order=1, fill=-1000.0)
+    grid, hu, density, body = case_density(case, spec.net_grid_mm, spec.hu_to_density)
     masks_np = {role: resample_to_grid(m.astype(np.float32), case.grid, grid, order=1) >= 0.5
                 for role, m in case.masks.items()}
     if not masks_np[Role.PTV].any():
         raise PlanningError(f"case {case.case_id}: the PTV vanished on the {spec.net_grid_mm} mm network grid")
-    body = masks_np.get(Role.BODY)
-    if body is None:
-        body = hu > -400.0
-    density = hu_to_density(hu, spec.hu_to_density)
-    density = np.where(body, density, hu_to_density(np.array(-1000.0), spec.hu_to_density)).astype(np.float32)
     inputs = proposer_inputs(hu, body, masks_np[Role.PTV], masks_np.get(Role.BLADDER), masks_np.get(Role.RECTUM))
     dev = torch.device(device)
     masks = {role.value: torch.as_tensor(masks_np[role], dtype=torch.float32, device=dev)

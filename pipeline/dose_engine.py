@@ -326,9 +326,9 @@ def patient_to_index(points: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def case_density(case: Case, spacing_mm: float, hu_curve: Sequence[tuple[float, float]]
-                 ) -> tuple[Grid, NDArray[np.float32], NDArray[np.bool_]]:
-    """A case's dose grid, its relative electron density there and the voxels in the body: air outside
-    the BODY structure (when the case has one), else voxels above :data:`BODY_HU_THRESHOLD` HU."""
+                 ) -> tuple[Grid, NDArray[np.float32], NDArray[np.float32], NDArray[np.bool_]]:
+    """A case's dose grid, its CT there (HU), its relative electron density and the voxels in the body:
+    air outside the BODY structure (when the case has one), else voxels above :data:`BODY_HU_THRESHOLD` HU."""
     grid = dose_grid_for_case(case, spacing_mm)
     hu = resample_to_grid(case.ct_hu, case.grid, grid, order=1, fill=-1000.0)
     density = hu_to_density(hu, hu_curve)
@@ -338,7 +338,7 @@ def case_density(case: Case, spacing_mm: float, hu_curve: Sequence[tuple[float, 
         density = np.where(inside, density, hu_to_density(np.array(-1000.0), hu_curve))
     else:
         inside = np.asarray(hu > BODY_HU_THRESHOLD)
-    return grid, np.ascontiguousarray(density, dtype=np.float32), inside
+    return grid, hu, np.ascontiguousarray(density, dtype=np.float32), inside
 
 
 class ReferenceDoseEngine(torch.nn.Module):
@@ -550,7 +550,7 @@ class ReferenceDoseEngine(torch.nn.Module):
         kwargs
             Passed to the constructor (``lateral_mm``, ``chunk``, ...).
         """
-        grid, density, active = case_density(case, spacing_mm, hu_curve)
+        grid, _, density, active = case_density(case, spacing_mm, hu_curve)
         log.info("case %s: dose grid %s at %.1f mm, %d voxels in the body", case.case_id, grid.shape, spacing_mm,
                  int(active.sum()))
         return cls(torch.as_tensor(density), grid, geometry, beam, device=device, active=active,

@@ -17,6 +17,7 @@ from scipy.ndimage import map_coordinates
 
 from core.case import Case, Grid, Role
 from core.errors import InputError
+from pipeline.dvh import paddick_ci as _paddick_ci
 from pipeline.dvh import structure_metrics
 from pipeline.geometry import ArcGeometry
 
@@ -94,15 +95,9 @@ def paddick_ci(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case) -> 
     box = _bbox(region)
     assert box is not None
     d = dose_at_ct_voxels(dose, dose_grid, case.grid, box)
-    inside = region[box]
-    ptv = case.masks[Role.PTV][box]
-    piv_mask = (d >= rx) & inside
-    tv = int(ptv.sum())
-    piv = int(piv_mask.sum())
-    tv_piv = int((piv_mask & ptv).sum())
-    if tv == 0 or piv == 0:
+    if not case.masks[Role.PTV][box].any():
         return 0.0
-    return float(tv_piv * tv_piv / (tv * piv))
+    return _paddick_ci(d, case.masks[Role.PTV][box], rx_gy=rx, body_mask=region[box])
 
 
 def check_ptv_fits_field(case: Case, geometry: ArcGeometry, *, margin_mm: float = 5.0) -> float:

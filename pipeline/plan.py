@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from core.case import Case, Role
+from core.case import DEFAULT_HU_TO_DENSITY, Case, Role
 from core.errors import PlanningError, SequencingError
 from core.machine import ArcSpec, MachineModel
 from pipeline.arc_optimizer import OAR_REACH_MM, SHELL_MM, ArcOptimizerSettings, optimize_arc, rescale_mu
 from pipeline.dose_engine import DoseEngine
 from pipeline.goal_objective import GoalSetup, PriorityWeights
 from pipeline.goals import AT_LEAST, GoalSpec, GoalStages, Normalisation
-from pipeline.problem import DEFAULT_HU_CURVE, PlanningProblem, build_problem
+from pipeline.problem import PlanningProblem, build_problem
 from sequencing.sequencer import ArcSequence
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class PlanningOptions:
 
     source: FluenceSource = FluenceSource.OPTIMIZE
     dose_grid_mm: float = 4.0
-    hu_curve: tuple[tuple[float, float], ...] = DEFAULT_HU_CURVE
+    hu_curve: tuple[tuple[float, float], ...] = DEFAULT_HU_TO_DENSITY
     optimizer_iterations: int = 50
     sequencer_threshold: float = 0.02
     ai_thresholds: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1, 0.05, 0.02)

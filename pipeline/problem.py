@@ -12,17 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.case import Case, Grid, Role
+from core.case import DEFAULT_HU_TO_DENSITY, Case, Grid, Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
 from pipeline.beam_model import BeamModel, load_beam_model
 from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
 from pipeline.geometry import ArcGeometry
-
-DEFAULT_HU_CURVE: tuple[tuple[float, float], ...] = (
-    (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
-)
-
 
 #: Dose-grid voxels holding at least this fraction of PTV belong to the planning PTV. Below one half,
 #: so that the thin ends and edges of the PTV on the (finer) CT grid, where the goals are evaluated,
@@ -57,7 +52,7 @@ class PlanningProblem:
 
 
 def build_problem(case: Case, arc: ArcSpec, machine: MachineModel, *,
-                  hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_CURVE, spacing_mm: float = 4.0,
+                  hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_TO_DENSITY, spacing_mm: float = 4.0,
                   beam: BeamModel | None = None, device: str | torch.device = "cpu",
                   ptv_fraction: float = PTV_FRACTION) -> PlanningProblem:
     """Geometry, engine and dose-grid masks of ``case`` (isocenter at the PTV centroid).

@@ -30,7 +30,6 @@ from pipeline.nets.fast_dose import (
     FastDose,
     FastDoseConfig,
     PrimaryGeometry,
-    hu_to_density,
     primary_geometry,
     primary_geometry_for_arc,
     real_sph_harm,
@@ -146,8 +145,11 @@ def test_proposer_inputs_channels() -> None:
         proposer_inputs(ct, body[:1], ptv, None, None)
 
 
-def test_hu_to_density_follows_the_curve() -> None:
-    rho = hu_to_density(np.array([-1000.0, 0.0, 100.0, 5000.0]))
+def test_default_hu_to_density_curve() -> None:
+    from core.case import DEFAULT_HU_TO_DENSITY
+    from pipeline.dose_engine import hu_to_density
+
+    rho = hu_to_density(np.array([-1000.0, 0.0, 100.0, 5000.0]), DEFAULT_HU_TO_DENSITY)
     assert rho[1] == pytest.approx(1.0)
     assert rho[0] == pytest.approx(0.001)
     assert rho[2] == pytest.approx(1.055)

@@ -60,7 +60,8 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=", "User=airt", "StateDirectory=airt", "ProtectSystem=strict",
                  "NoNewPrivileges=true", "PrivateTmp=true", "ProtectHome=true", "RestrictAddressFamilies=",
-                 "CapabilityBoundingSet=\n", "MemoryDenyWriteExecute=false", "DevicePolicy=closed"):
+                 "CapabilityBoundingSet=\n", "MemoryDenyWriteExecute=false", "DevicePolicy=closed",
+                 "CacheDirectory=airt", "NUMBA_CACHE_DIR=/var/cache/airt/numba"):
         assert line in text, line
     exe = shutil.which("systemd-analyze")
     if exe is None:

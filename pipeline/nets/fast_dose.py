@@ -114,27 +114,6 @@ class FastDoseConfig:
 # --------------------------------------------------------------------------- physics helpers
 
 
-#: Default CT calibration, (HU, relative electron density) pairs (the configuration's default).
-DEFAULT_HU_TO_DENSITY: tuple[tuple[float, float], ...] = (
-    (-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8),
-)
-
-
-def hu_to_density(
-    ct_hu: ArrayLike, curve: tuple[tuple[float, float], ...] = DEFAULT_HU_TO_DENSITY
-) -> NDArray[np.float32]:
-    """Relative (to water) electron density from HU by piecewise-linear interpolation of ``curve``.
-
-    ``curve`` holds (HU, density) pairs with strictly increasing HU (``planning.hu_to_density``
-    of the configuration); values beyond its ends are held constant.
-    """
-    hu = np.asarray(ct_hu, dtype=np.float32)
-    pts = np.asarray(curve, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] < 2 or np.any(np.diff(pts[:, 0]) <= 0):
-        raise InputError("hu_to_density needs >= 2 (HU, density) pairs with strictly increasing HU")
-    return np.interp(hu, pts[:, 0], pts[:, 1]).astype(np.float32)
-
-
 def real_sph_harm(directions: ArrayLike, order: int) -> NDArray[np.float64]:
     """Real orthonormal spherical harmonics ``Y_lm`` of unit directions, up to ``order``.
 
@@ -255,7 +234,7 @@ def primary_geometry(
     Parameters
     ----------
     density
-        Relative electron density on the dose grid, ``grid.shape`` (see :func:`hu_to_density`).
+        Relative electron density on the dose grid, ``grid.shape`` (see :func:`pipeline.dose_engine.hu_to_density`).
     grid
         The dose grid (LPS, mm).
     rotations

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from core.case import DEFAULT_HU_TO_DENSITY
 from core.errors import ConfigError, InputError
 from core.machine import ArcSpec, MachineModel, RotationDirection
-from pipeline.problem import DEFAULT_HU_CURVE
 from sequencing.sequencer import ArcSequence
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def plan_synthetic_case(
     *,
     machine: MachineModel,
     arc: ArcSpec,
-    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_CURVE,
+    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_TO_DENSITY,
     recipe: PlanningRecipe = PlanningRecipe(),
     device: torch.device | str = "cpu",
 ) -> CachedPlan:
@@ -271,7 +271,7 @@ def generate_cache(
     *,
     machine: MachineModel,
     arc: ArcSpec,
-    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_CURVE,
+    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_TO_DENSITY,
     recipe: PlanningRecipe = PlanningRecipe(),
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, int], None] | None = None,
