@@ -532,7 +532,8 @@ PACE_B = ("PACE-B (Brand et al., Lancet Oncol 2019;20:1531-43; protocol ICR-CTSU
           "minimum/maximum) and the mean-dose goals (P3) are this project's, not the protocol's")
 CHHIP = ("CHHiP (Dearnaley et al., Lancet Oncol 2012;13:43-54 and 2016;17:1047-60), 60 Gy in 20 fractions arm: "
          "rectum, bladder and femoral-head dose-volume limits; high-dose limits (rectum V56.7Gy, V60Gy; "
-         "bladder V60Gy) P1, the others P2; the PTV (one PTV at 60 Gy) D98 >= 95 % and D2 <= 105 % of Rx")
+         "bladder V60Gy) P1, the others P2. The PTV goals (one PTV at 60 Gy) are this project's, as in "
+         "prostate_40gy_5fx: D98 >= 95 % and D2 <= 107.5 % of Rx (ICRU 83 near-minimum/maximum)")
 
 
 def _default_profiles() -> tuple[Profile, ...]:
@@ -561,7 +562,7 @@ def _default_profiles() -> tuple[Profile, ...]:
             name="prostate_60gy_20fx", protocol=CHHIP, dose_gy=60.0, fractions=20, match_ptv_name=True,
             goals=(
                 Goal("ptv", "D98%", ge, 57.0, 1),
-                Goal("ptv", "D2%", le, 63.0, 1),
+                Goal("ptv", "D2%", le, 64.5, 1),
                 Goal("rectum", "V60Gy%", le, 3.0, 1),
                 Goal("rectum", "V56.7Gy%", le, 15.0, 1),
                 Goal("rectum", "V52.7Gy%", le, 30.0, 2),

@@ -24,11 +24,12 @@ grid (as ``metrics.json``):
   optimisation computed for its final arc (its own fluence model), and against the unsequenced
   fluence's dose;
 - every machine limit checked on the exported arc (``sequencing.deliverability``);
-- the clinical goals of the shipped goal list on the exported arc (all P1 met, P2 met);
+- the clinical goals of the profile's goal list on the exported arc (all P1 met, P2 met);
 - times (2 threads): the arc optimisation, and case to exported arc excluding the final dose.
 
     .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai]
-                                             [--threads 2] [--json OUT.json] [--from-json OUT.json]
+                                             [--threads 2] [--profile NAME] [--optimizer-weights K=V,...]
+                                             [--json OUT.json] [--from-json OUT.json]
 
 With ``--json`` each finished case is appended at once and a rerun skips the cases already there.
 """
@@ -41,7 +42,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from pipeline.arc_optimizer import delivered_fluence
 from pipeline.evaluation import evaluate_structures
 from pipeline.gamma import gamma_pass_rate
 from pipeline.goals import evaluate_goals
+from pipeline.optimizer import OptimizerWeights
 from pipeline.plan import PlanningOptions, PlanResult, Timings, mu_normalisation_factor, plan_arc
 from sequencing.deliverability import check_deliverable
 from sequencing.fluence import fluence_from_sequence
@@ -65,6 +67,8 @@ from sequencing.sequencer import ArcSequence
 SETTINGS = Settings()
 #: The protocol profile planned (``--profile``; default ``planning.profile``): prescription and goal list.
 PROFILE = SETTINGS.profile()
+#: The optimizer's dose-term weights (``--optimizer-weights``; None: its defaults).
+WEIGHTS: OptimizerWeights | None = None
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
 
@@ -137,7 +141,7 @@ def _model_fluence(seq: ArcSequence) -> np.ndarray:
 def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
     """Plan one case with one method and measure it."""
     timings = Timings()
-    options = planning_options(SETTINGS, method, "cpu", PROFILE)
+    options = replace(planning_options(SETTINGS, method, "cpu", PROFILE), optimizer_weights=WEIGHTS)
     result = plan_arc(case, MACHINE, ARC, options, timings=timings)
     fx = case.prescription.fractions
     exported = evaluate_structures(result.dose_fx * fx, result.problem.grid, case)
@@ -175,6 +179,7 @@ def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[s
                          matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
         case = load_case(Path(tmp), structures=SETTINGS.structures, prescription=PROFILE.to_prescription())
     out: dict[str, Any] = {"set": case_set, "seed": seed, "ct": ct.label(), "profile": PROFILE.name,
+                           "optimizer_weights": None if WEIGHTS is None else asdict(WEIGHTS),
                            "rx_gy": PROFILE.dose_gy, "methods": {}}
     for method in methods:
         t0 = time.perf_counter()
@@ -279,6 +284,9 @@ def main() -> None:
     ap.add_argument("--methods", default="optimize,ai", help="planning methods, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", default="", help="protocol profile planned (default: planning.profile)")
+    ap.add_argument("--optimizer-weights", default="", metavar="NAME=VALUE,...",
+                    help="override the optimizer's dose-term weights (pipeline.optimizer.OptimizerWeights), "
+                         "e.g. oar_mean=5,ring_floor_fraction=0.1")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     args = ap.parse_args()
@@ -288,8 +296,12 @@ def main() -> None:
         print_goal_table(saved)
         return
     torch.set_num_threads(args.threads)
-    global PROFILE
+    global PROFILE, WEIGHTS
     PROFILE = SETTINGS.profile(args.profile or None)
+    if args.optimizer_weights:
+        pairs = [p.split("=", 1) for p in args.optimizer_weights.split(",")]
+        WEIGHTS = replace(OptimizerWeights(), **{k.strip(): type(getattr(OptimizerWeights(), k.strip()))(v)
+                                                for k, v in pairs})
     methods = [PlanningMethod(m) for m in args.methods.split(",")]
     path = Path(args.json) if args.json else None
     rows = run_sets(args.sets, args.cases, path,

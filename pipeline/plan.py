@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from pipeline.goal_objective import GoalSetup, PriorityWeights
 from pipeline.goals import AT_LEAST, GoalSpec, GoalStages, Normalisation
 from pipeline.problem import PlanningProblem, build_problem
 from sequencing.sequencer import ArcSequence
+
+if TYPE_CHECKING:
+    from pipeline.optimizer import OptimizerWeights
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,9 @@ class PlanningOptions:
         When a P1 goal fails, the arc is optimised again up to ``rescue_rounds`` times with the
         failing goals' weights multiplied by ``rescue_boost`` each round; the plan that best meets the
         goals in priority order is kept (0: no rescue).
+    optimizer_weights
+        The dose terms' weights of the fluence optimizer, the AI refinement and the arc optimisation
+        (``pipeline.optimizer.OptimizerWeights``; None: its defaults).
     device
         Torch device.
     """
@@ -132,6 +138,7 @@ class PlanningOptions:
     goal_weights: PriorityWeights = field(default_factory=PriorityWeights)
     rescue_rounds: int = 2
     rescue_boost: float = 4.0
+    optimizer_weights: OptimizerWeights | None = None
     device: str = "cpu"
 
 
@@ -189,7 +196,7 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
 
         with timings.stage("optimize"):
             result = optimize_fluence(problem.engine, problem.masks, rx_gy=rx_fx,
-                                      iterations=options.optimizer_iterations,
+                                      iterations=options.optimizer_iterations, weights=options.optimizer_weights,
                                       goals=_goal_setup(options, problem, case, {}, fluence_stage=True))
         return np.asarray(result.fluence, dtype=np.float32), None
     from pipeline.ai_planner import predict_fluence
@@ -204,7 +211,7 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
 
     with timings.stage("ai_refine"):
         refined = refine_fluence(fluence, problem.engine, problem.masks, rx_gy=rx_fx,
-                                 iterations=options.ai_refine_iterations,
+                                 iterations=options.ai_refine_iterations, weights=options.optimizer_weights,
                                  goals=_goal_setup(options, problem, case, {}, fluence_stage=True))
     record["ai_refine"] = refined.record()
     return refined.fluence, refined.engine
@@ -309,8 +316,8 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
             def objective(boost: dict[int, float]) -> Any:
                 return build_dose_objective(
                     {role.value: m for role, m in problem.masks.items()}, rx_gy=rx_fx,
-                    spacing_mm=problem.grid.spacing_mm, goals=_goal_setup(options, problem, case, boost),
-                    region=region_t)
+                    spacing_mm=problem.grid.spacing_mm, weights=options.optimizer_weights,
+                    goals=_goal_setup(options, problem, case, boost), region=region_t)
 
             result = optimize_arc(seq, near, objective({}), machine, arc, settings=options.arc,
                                   device=options.device)
