@@ -531,7 +531,8 @@ PACE_B = ("PACE-B (Brand et al., Lancet Oncol 2019;20:1531-43; protocol ICR-CTSU
           "schedule (PACE: CTV 40 Gy, PTV 36.25 Gy); PTV D98 >= 95 % and D2 <= 107.5 % of Rx (ICRU 83 near-"
           "minimum/maximum) and the mean-dose goals (P3) are this project's, not the protocol's")
 CHHIP = ("CHHiP (Dearnaley et al., Lancet Oncol 2012;13:43-54 and 2016;17:1047-60), 60 Gy in 20 fractions arm: "
-         "rectum, bladder and femoral-head dose-volume limits; high-dose limits (rectum V56.7Gy, V60Gy; "
+         "rectum, bladder and femoral-head dose-volume limits (as published; not verified against the "
+         "protocol text by this project: confirm before use); high-dose limits (rectum V56.7Gy, V60Gy; "
          "bladder V60Gy) P1, the others P2. The PTV goals (one PTV at 60 Gy) are this project's, as in "
          "prostate_40gy_5fx: D98 >= 95 % and D2 <= 107.5 % of Rx (ICRU 83 near-minimum/maximum)")
 
