@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
 
         push_s = _push(case_dir, node_port)
         t_pushed = time.perf_counter()
-        print(f"[demo] pushed the case with dcmtk storescu in {push_s:.1f} s; waiting for the plan (stable age 3 s)...")
+        print(f"[demo] pushed the case with dcmtk storescu in {push_s:.1f} s; waiting for the plan (the job starts "
+              "as soon as the study is complete)...")
 
         deadline = time.monotonic() + args.timeout
         found: dict[str, Path] = {}
