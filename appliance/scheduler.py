@@ -116,6 +116,14 @@ def decide(study: Study, instances: Sequence[Instance], series: Sequence[Series]
         f"CT series have {fors}); export the structure set drawn on this CT"))
 
 
+@dataclass(frozen=True)
+class _ImageRefs:
+    """The SOP Instance UIDs an RT Structure Set lists for its series, and those it references anywhere."""
+
+    listed: set[str]
+    anywhere: set[str]
+
+
 class StudyScheduler:
     """Creates jobs from stable studies; :meth:`tick` is one pass, :meth:`start` runs it periodically.
 
@@ -134,8 +142,8 @@ class StudyScheduler:
         self.db = db
         self.ct_only_wait_s = ct_only_wait_s
         self._bg: BackgroundScheduler | None = None
-        self._listed: dict[int, set[str]] = {}
-        """RT Structure Set instance id -> the CT images its series lists (files do not change)."""
+        self._ref_cache: dict[int, _ImageRefs] = {}
+        """RT Structure Set instance id -> its image references; kept while its study waits."""
 
     def tick(self, now: dt.datetime | None = None) -> list[int]:
         """One pass over the studies with instances not yet scheduled: the complete ones and the stable
@@ -149,6 +157,8 @@ class StudyScheduler:
                 ).order_by(Study.last_received_at)
             ).all()
         study_ids = [sid for sid, last in waiting if last <= cutoff or self._complete(sid)]
+        if not waiting:
+            self._ref_cache.clear()  # every study is scheduled: nothing read so far is needed again
         created: list[int] = []
         for sid in study_ids:
             try:
@@ -226,9 +236,7 @@ class StudyScheduler:
                              .where(Series.study_id == study_id)).all()
         cts = {r.sop_instance_uid for r in rows if r.modality == "CT"}
         for r in sorted((r for r in rows if r.modality == "RTSTRUCT"), key=lambda r: r.id, reverse=True):
-            if r.id not in self._listed:
-                self._listed[r.id] = self._read_refs(r.path, r.sop_instance_uid, listed_only=True)
-            listed = self._listed[r.id]
+            listed = self._refs(r.id, r.path, r.sop_instance_uid).listed
             if listed and listed <= cts:
                 log.info("study of RT Structure Set %s complete: all %d CT images it lists are stored",
                          r.sop_instance_uid, len(listed))
@@ -236,21 +244,26 @@ class StudyScheduler:
         return False
 
     def _image_refs(self, rtstruct: Instance) -> set[str]:
-        """The CT images an RT Structure Set's contours reference (read from its stored file)."""
-        return self._read_refs(rtstruct.path, rtstruct.sop_instance_uid, listed_only=False)
+        """The CT images an RT Structure Set references anywhere (its series' list and its contours)."""
+        return self._refs(rtstruct.id, rtstruct.path, rtstruct.sop_instance_uid).anywhere
 
-    def _read_refs(self, path: str, sop_uid: str, *, listed_only: bool) -> set[str]:
-        """The images an RT Structure Set file lists for its series (``listed_only``) or references anywhere."""
+    def _refs(self, instance_id: int, path: str, sop_uid: str) -> _ImageRefs:
+        """An RT Structure Set's image references, read from its stored file once (files do not change)."""
+        found = self._ref_cache.get(instance_id)
+        if found is not None:
+            return found
         import pydicom
 
         from appliance.dicom_in import rtstruct_image_refs, rtstruct_listed_images
 
         try:
             ds = pydicom.dcmread(self.settings.data_dir / path, stop_before_pixels=True)
+            found = _ImageRefs(listed=rtstruct_listed_images(ds), anywhere=rtstruct_image_refs(ds))
         except Exception as exc:  # a damaged file: the loader will say so; here it references nothing
             log.warning("RT Structure Set %s cannot be read for its image references: %s", sop_uid, exc)
-            return set()
-        return rtstruct_listed_images(ds) if listed_only else rtstruct_image_refs(ds)
+            found = _ImageRefs(listed=set(), anywhere=set())
+        self._ref_cache[instance_id] = found
+        return found
 
     def start(self, extra: Sequence[tuple[str, object]] = ()) -> None:
         """Run :meth:`tick` (and each ``(name, callable)`` in ``extra``) every poll interval in a
