@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 DOSE_MATCH_TOLERANCE_GY = 0.01
 
 
+def _prescribes(profile: Profile, dose_gy: float) -> bool:
+    """Whether a profile prescribes this dose (the one a PTV's name carries)."""
+    return math.isclose(dose_gy, profile.dose_gy, abs_tol=DOSE_MATCH_TOLERANCE_GY)
+
+
 @dataclass(frozen=True)
 class ProfileChoice:
     """The profile a study is planned with and the reason, as recorded in the job."""
@@ -79,7 +84,7 @@ def choose_profile(settings: Settings, *, ptv_name: str, called_aets: Iterable[s
     named_dose = ptv_name_dose_gy(ptv_name)
     if explicit:
         profile = settings.profile(explicit)
-        if named_dose is not None and not math.isclose(named_dose, profile.dose_gy, abs_tol=DOSE_MATCH_TOLERANCE_GY):
+        if named_dose is not None and not _prescribes(profile, named_dose):
             log.warning("PTV %r names %.4g Gy but profile %s (chosen by --profile) prescribes %.4g Gy",
                         ptv_name, named_dose, profile.name, profile.dose_gy)
         return ProfileChoice(profile, f"chosen explicitly (--profile {profile.name})")
@@ -95,13 +100,13 @@ def choose_profile(settings: Settings, *, ptv_name: str, called_aets: Iterable[s
         choice = ProfileChoice(settings.profile(calling[0]), f"sent by calling AE title {calling[1]}")
     if choice is None and named_dose is not None:
         for p in settings.profiles:
-            if p.match_ptv_name and math.isclose(named_dose, p.dose_gy, abs_tol=DOSE_MATCH_TOLERANCE_GY):
+            if p.match_ptv_name and _prescribes(p, named_dose):
                 choice = ProfileChoice(p, f"the PTV's name {ptv_name!r} carries {named_dose:.4g} Gy")
                 break
     if choice is None:
         choice = ProfileChoice(settings.profile(), "the default profile (planning.profile)")
     p = choice.profile
-    if named_dose is not None and not math.isclose(named_dose, p.dose_gy, abs_tol=DOSE_MATCH_TOLERANCE_GY):
+    if named_dose is not None and not _prescribes(p, named_dose):
         raise InputError(
             f"the PTV {ptv_name!r} names {named_dose:.4g} Gy but profile {p.name} ({choice.reason}) prescribes "
             f"{p.dose_gy:.4g} Gy in {p.fractions} fractions; not planned. Send the study to the AE title of a "
