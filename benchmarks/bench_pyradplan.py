@@ -81,10 +81,10 @@ from benchmarks.bench_arc import CASE_SETS, _row, case_spec, run_sets
 from benchmarks.crosscheck_dose import DEFAULT_VENV, ensure_venv
 from core.case import Case, Grid, Prescription, Role
 from core.errors import AirtError, ConfigError, PlanningError
-from pipeline.dose_engine import case_density, resample_to_grid
+from pipeline.dose_engine import case_density
 from pipeline.evaluation import evaluate_structures, structure_dvh_inputs
 from pipeline.goals import GoalSpec, Normalisation, evaluate_goals, normalisation_factor
-from pipeline.problem import PTV_FRACTION
+from pipeline.problem import dose_grid_masks
 
 WORKER = Path(__file__).resolve().parent / "_plan_pyradplan.py"
 GANTRY_DEG = tuple(float(a) for a in range(0, 360, 40))
@@ -135,13 +135,9 @@ def planning_input(case: Case, spacing_mm: float, hu_curve: tuple[tuple[float, f
     """The dose grid, density and dose-grid masks of ``case`` as ``pipeline.problem.build_problem`` builds them
     (``ReferenceDoseEngine.for_case``), without building the engine."""
     grid, _, density, inside = case_density(case, spacing_mm, hu_curve)
-    masks = {role: np.asarray(resample_to_grid(m.astype(np.float32), case.grid, grid, order=1)
-                              >= (PTV_FRACTION if role is Role.PTV else 0.5))
-             for role, m in case.masks.items()}
+    masks = dose_grid_masks(case, grid)
     if Role.BODY not in masks:
         masks[Role.BODY] = np.asarray(inside)
-    if not masks[Role.PTV].any():
-        raise PlanningError("the PTV vanished on the dose grid; use a finer --dose-grid-mm")
     return PlanningInput(grid=grid, density=density, masks=masks,
                          iso_mm=case.ptv_centroid_mm())
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from core.case import DEFAULT_HU_TO_DENSITY, Case, Grid, Role
 from core.errors import PlanningError
@@ -63,11 +64,23 @@ def build_problem(case: Case, arc: ArcSpec, machine: MachineModel, *,
                            machine=machine)
     engine = ReferenceDoseEngine.for_case(case, geometry, beam or load_beam_model(), hu_curve=hu_curve,
                                           spacing_mm=spacing_mm, device=device)
-    masks = {
-        role: torch.as_tensor(resample_to_grid(m.astype(np.float32), case.grid, engine.grid, order=1)
-                              >= (ptv_fraction if role is Role.PTV else 0.5), device=device)
-        for role, m in case.masks.items()
-    }
-    if not bool(masks[Role.PTV].any()):
-        raise PlanningError("the PTV vanished on the dose grid; use a finer planning.dose_grid_mm")
+    masks = {role: torch.as_tensor(m, device=device)
+             for role, m in dose_grid_masks(case, engine.grid, ptv_fraction).items()}
     return PlanningProblem(geometry=geometry, engine=engine, masks=masks)
+
+
+def dose_grid_masks(case: Case, grid: Grid, ptv_fraction: float = PTV_FRACTION) -> dict[Role, NDArray[np.bool_]]:
+    """The case's structure masks on a dose grid: a voxel belongs to a structure when at least half of it
+    (trilinear fraction >= 0.5) does, to the PTV when ``ptv_fraction`` of it does.
+
+    Raises
+    ------
+    PlanningError
+        When no dose-grid voxel is in the PTV.
+    """
+    masks = {role: np.asarray(resample_to_grid(m.astype(np.float32), case.grid, grid, order=1)
+                              >= (ptv_fraction if role is Role.PTV else 0.5))
+             for role, m in case.masks.items()}
+    if not masks[Role.PTV].any():
+        raise PlanningError("the PTV vanished on the dose grid; use a finer planning.dose_grid_mm")
+    return masks
