@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 from core.case import DEFAULT_HU_TO_DENSITY, Prescription, Role
 from core.errors import ConfigError
 from core.machine import ArcSpec, MachineModel, RotationDirection
+from pipeline.dvh import METRIC_RE
 from pipeline.goals import GoalSpec, GoalStages, Normalisation
 
 T = TypeVar("T")
 
 AE_TITLE_RE = re.compile(r"^[ -\[\]-~]{1,16}$")  # printable ASCII without backslash, 1-16 chars
-GOAL_METRIC_RE = re.compile(r"^(D\d+(\.\d+)?(%|cc)|V\d+(\.\d+)?Gy(%|cc)|Dmean|Dmax|HI|CI)$")
 
 
 def doc(text: str, unit: str = "") -> dict[str, str]:
@@ -445,7 +445,7 @@ class Goal:
         allowed = {r.value for r in Role}
         if self.structure not in allowed:
             raise ConfigError(f"goals.structure {self.structure!r}: allowed {sorted(allowed)}")
-        if not GOAL_METRIC_RE.fullmatch(self.metric):
+        if not METRIC_RE.fullmatch(self.metric):
             raise ConfigError(
                 f"goals.metric {self.metric!r}: allowed Dx%, Dxcc, VxGy%, VxGycc, Dmean, Dmax, HI, CI "
                 "(e.g. D98%, D2cc, V36Gy%, Dmean)"

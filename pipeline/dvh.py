@@ -32,7 +32,7 @@ from core.errors import InputError
 
 log = logging.getLogger(__name__)
 
-#: The clinical-goal metric grammar (kept identical to ``appliance.config.GOAL_METRIC_RE``).
+#: The clinical-goal metric grammar (the configuration's goals and :class:`pipeline.goals.GoalSpec` check against it).
 METRIC_RE = re.compile(r"^(D\d+(\.\d+)?(%|cc)|V\d+(\.\d+)?Gy(%|cc)|Dmean|Dmax|HI|CI)$")
 
 #: ``Dx%`` / ``Dxcc`` (dose to the hottest x % or x cm3) and ``VxGy%`` / ``VxGycc`` (volume receiving x Gy).
@@ -264,7 +264,7 @@ def evaluate_metric(
     rx_gy: float,
     body_mask: NDArray[Any] | None = None,
 ) -> float:
-    """Evaluate one clinical-goal metric (grammar of ``appliance.config.GOAL_METRIC_RE``).
+    """Evaluate one clinical-goal metric (grammar of :data:`METRIC_RE`).
 
     Parameters
     ----------

@@ -137,9 +137,16 @@ def test_paddick_ci_sphere_in_sphere() -> None:
 
 
 def test_metric_grammar_matches_configuration() -> None:
-    from appliance.config import GOAL_METRIC_RE
+    from appliance.config import Comparison, Goal
+    from core.errors import ConfigError
 
-    assert METRIC_RE.pattern == GOAL_METRIC_RE.pattern
+    for metric in ("D98%", "D2cc", "V36Gy%", "V20.5Gycc", "Dmean", "Dmax", "HI", "CI", "D98", "V36%", "Dmin"):
+        try:
+            Goal("ptv", metric, Comparison.AT_MOST, 1.0)
+            accepted = True
+        except ConfigError:
+            accepted = False
+        assert accepted == bool(METRIC_RE.fullmatch(metric)), metric  # the configuration checks this grammar
     assert metric_unit("D98%") == "Gy" and metric_unit("D2cc") == "Gy" and metric_unit("Dmean") == "Gy"
     assert metric_unit("V36Gy%") == "%" and metric_unit("V20.5Gycc") == "cm3" and metric_unit("HI") == ""
     dose, mask = ramp_cube(40.0)
