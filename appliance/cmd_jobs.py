@@ -87,7 +87,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     if isinstance(refine, dict):
         how.append(f"networks' fluence refined by {_fmt(refine.get('iterations'))} optimizer evaluations on "
                    f"{_fmt(refine.get('voxels'))} voxels near the PTV")
-    if metrics.get("sequencer_aperture_threshold") is not None:
+    start = metrics.get("arc_start")
+    if isinstance(start, dict):
+        how.append(f"leaf sweeps over {_fmt(start.get('group'))} sectors ({_fmt(start.get('mu'))} MU) as the arc's start")
+    elif metrics.get("sequencer_aperture_threshold") is not None:
         how.append(f"sequencer threshold {_fmt(metrics['sequencer_aperture_threshold'])}")
     arc = metrics.get("arc_optimizer")
     if isinstance(arc, dict):

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from core.case import DEFAULT_HU_TO_DENSITY, Prescription, Role
 from core.errors import ConfigError
-from core.machine import ArcSpec, MachineModel, RotationDirection
+from core.machine import ArcSpec, ArcStart, MachineModel, RotationDirection
 from pipeline.dvh import METRIC_RE
 from pipeline.goals import GoalSpec, GoalStages, Normalisation
 
@@ -376,8 +376,24 @@ class PlanningSettings:
         metadata=doc("Optimizer evaluations refining the AI fluence near the target before sequencing (the PTV, an 8 mm shell and bladder/rectum within 15 mm; not in the paper: the small CPU networks leave the OAR walls next to the PTV hotter than the optimizer does); 0 = the networks' fluence as it is", "count 0-200"),
     )
     arc_optimizer_iterations: int = field(
-        default=30,
+        default=150,
         metadata=doc("Machine-parameter optimisation of the sequenced arc: evaluations optimising the leaf positions and MU of every control point through the dose (machine limits kept at every step); 0 = the sequencer's arc as it is", "count 0-500"),
+    )
+    oar_mean_weight: float = field(
+        default=10.0,
+        metadata=doc("Weight of the bladder's and rectum's mean dose (outside the PTV, in units of Rx) in the fluence optimizer, the AI refinement and the arc optimisation: higher spares the low-dose bath at some cost in PTV homogeneity (the optimizer's own default is 0.5)", "0-50"),
+    )
+    arc_start: ArcStart = field(
+        default=ArcStart.SWEEP,
+        metadata=doc("Start of the machine-parameter optimisation: sweep (the fluence of every 10 adjacent sectors delivered by one leaf sweep, which keeps its modulation) or rule (the AIRT paper's one aperture per sector; for an AI fluence at the threshold search's choice)"),
+    )
+    arc_max_mu_per_cgy: float = field(
+        default=3.0,
+        metadata=doc("Soft maximum of the arc's modulation factor (MU per cGy of the fraction dose) in the machine-parameter optimisation: MU above it cost arc_mu_weight per MU/cGy (less modulation, shorter delivery)", "MU/cGy 1-20"),
+    )
+    arc_mu_weight: float = field(
+        default=4.0,
+        metadata=doc("Weight of each MU per cGy above arc_max_mu_per_cgy in the machine-parameter optimisation; 0 = MU not penalised", "0-50"),
     )
     goal_stages: GoalStages = field(
         default=GoalStages.ARC,
@@ -416,6 +432,12 @@ class PlanningSettings:
             raise ConfigError(f"planning.rescue_rounds must be in [0, 10], got {self.rescue_rounds}")
         if not 0 <= self.arc_optimizer_iterations <= 500:
             raise ConfigError(f"planning.arc_optimizer_iterations must be in [0, 500], got {self.arc_optimizer_iterations}")
+        if not 0.0 <= self.oar_mean_weight <= 50.0:
+            raise ConfigError(f"planning.oar_mean_weight must be in [0, 50], got {self.oar_mean_weight}")
+        if not 1.0 <= self.arc_max_mu_per_cgy <= 20.0:
+            raise ConfigError(f"planning.arc_max_mu_per_cgy must be in [1, 20], got {self.arc_max_mu_per_cgy}")
+        if not 0.0 <= self.arc_mu_weight <= 50.0:
+            raise ConfigError(f"planning.arc_mu_weight must be in [0, 50], got {self.arc_mu_weight}")
         for name in ("sparing_bladder", "sparing_rectum"):
             v = getattr(self, name)
             if not 0.0 <= v <= 0.5:

@@ -72,6 +72,7 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str,
     """The planning core's options from the settings and a profile (default ``planning.profile``;
     ``method`` resolved: ai or optimize)."""
     from pipeline.arc_optimizer import ArcOptimizerSettings
+    from pipeline.optimizer import OptimizerWeights
     from pipeline.plan import FluenceSource, PlanningOptions
 
     p = settings.planning
@@ -82,7 +83,9 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str,
         ai_thresholds=tuple(p.ai_aperture_thresholds), ai_min_ptv_d98_rel=p.ai_min_ptv_d98_percent / 100.0,
         ai_max_ptv_hi=p.ai_max_ptv_hi, ai_refine_iterations=p.ai_refine_iterations, model_dir=p.model_dir,
         sparing={Role.BLADDER: p.sparing_bladder, Role.RECTUM: p.sparing_rectum},
-        arc=ArcOptimizerSettings(iterations=p.arc_optimizer_iterations),
+        arc=ArcOptimizerSettings(iterations=p.arc_optimizer_iterations, mu_weight=p.arc_mu_weight,
+                                 mu_limit=p.arc_max_mu_per_cgy),
+        arc_start=p.arc_start, optimizer_weights=OptimizerWeights(oar_mean=p.oar_mean_weight),
         normalisation=profile.normalisation,
         normalisation_volume_percent=profile.normalisation_volume_percent,
         goals=profile.goal_specs(),

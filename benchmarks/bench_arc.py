@@ -60,14 +60,14 @@ from pipeline.gamma import gamma_pass_rate
 from pipeline.goals import evaluate_goals
 from pipeline.optimizer import OptimizerWeights
 from pipeline.plan import PlanningOptions, PlanResult, Timings, mu_normalisation_factor, plan_arc
-from sequencing.deliverability import check_deliverable
+from sequencing.deliverability import check_deliverable, delivery_time_s
 from sequencing.fluence import fluence_from_sequence
 from sequencing.sequencer import ArcSequence
 
 SETTINGS = Settings()
 #: The protocol profile planned (``--profile``; default ``planning.profile``): prescription and goal list.
 PROFILE = SETTINGS.profile()
-#: The optimizer's dose-term weights (``--optimizer-weights``; None: its defaults).
+#: The optimizer's dose-term weights (``--optimizer-weights`` over the configured ones; None: as configured).
 WEIGHTS: OptimizerWeights | None = None
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
@@ -141,7 +141,9 @@ def _model_fluence(seq: ArcSequence) -> np.ndarray:
 def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
     """Plan one case with one method and measure it."""
     timings = Timings()
-    options = replace(planning_options(SETTINGS, method, "cpu", PROFILE), optimizer_weights=WEIGHTS)
+    options = planning_options(SETTINGS, method, "cpu", PROFILE)
+    if WEIGHTS is not None:
+        options = replace(options, optimizer_weights=WEIGHTS)
     result = plan_arc(case, MACHINE, ARC, options, timings=timings)
     fx = case.prescription.fractions
     exported = evaluate_structures(result.dose_fx * fx, result.problem.grid, case)
@@ -160,6 +162,8 @@ def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
         "gamma_vs_optimised_pct": 100.0 * gamma_pass_rate(model_fx, result.dose_fx, spacing),
         "gamma_vs_unsequenced_pct": 100.0 * gamma_pass_rate(unseq_scaled, result.dose_fx, spacing),
         "limit_problems": check_deliverable(result.sequence, MACHINE),
+        "mu_per_fraction": result.sequence.total_mu,
+        "beam_on_s": delivery_time_s(result.sequence, MACHINE),
         "segments": int(ARC.n_sectors),
         "arc_optimize_s": timings.stages.get("arc_optimize", float("nan")),
         "to_exported_arc_s": sum(v for k, v in timings.stages.items() if k != "final_dose"),
@@ -167,7 +171,7 @@ def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
         "final_dose_s": timings.stages.get("final_dose", float("nan")),
         "timings_s": dict(timings.stages),
         "record": {k: v for k, v in result.record.items()
-                   if k in ("arc_optimizer", "sequencer_aperture_threshold", "rescue")},
+                   if k in ("arc_optimizer", "arc_start", "sequencer_aperture_threshold", "rescue")},
     }
 
 
@@ -213,6 +217,11 @@ def _med(values: list[float]) -> float:
     return statistics.median(v) if v else float("nan")
 
 
+def _mu(x: list[dict[str, Any]]) -> str:
+    mu = [v["mu_per_fraction"] for v in x if "mu_per_fraction" in v]
+    return f"{_med(mu):.0f} ({max(mu):.0f})" if mu else "-"
+
+
 def print_tables(rows: list[dict[str, Any]]) -> None:
     """The tables of ``benchmarks/RESULTS.md``."""
     for case_set in CASE_SETS:
@@ -236,8 +245,9 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                       f"{_med([x['rectum_Dmean_Gy'] for x in q]):.2f} | {_med([x['rectum_D2_Gy'] for x in q]):.2f} |")
         print("\n| method | exported HI - unsequenced HI, median | D98 >= 97 % Rx | gamma vs optimised, min % | "
               "gamma vs unsequenced, median % | plans within every limit | arc optimisation s, median | "
-              "case -> exported arc s, median (final dose excluded) | of which engine set-up s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "case -> exported arc s, median (final dose excluded) | of which engine set-up s | MU per fraction, "
+              "median (max) | beam-on s, median |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for m in methods:
             x = [r["methods"][m] for r in sub]
             dhi = _med([v["exported"]["HI"] - v["unsequenced"]["HI"] for v in x])
@@ -246,7 +256,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
             print(f"| {m} | {dhi:+.3f} | {d98}/{n} | {min(v['gamma_vs_optimised_pct'] for v in x):.1f} | "
                   f"{_med([v['gamma_vs_unsequenced_pct'] for v in x]):.1f} | {ok}/{n} | "
                   f"{_med([v['arc_optimize_s'] for v in x]):.2f} | {_med([v['to_exported_arc_s'] for v in x]):.2f} | "
-                  f"{_med([v['setup_s'] for v in x]):.2f} |")
+                  f"{_med([v['setup_s'] for v in x]):.2f} | {_mu(x)} | {_med([v.get('beam_on_s', np.nan) for v in x]):.0f} |")
 
 
 def print_goal_table(rows: list[dict[str, Any]]) -> None:
@@ -300,8 +310,8 @@ def main() -> None:
     PROFILE = SETTINGS.profile(args.profile or None)
     if args.optimizer_weights:
         pairs = [p.split("=", 1) for p in args.optimizer_weights.split(",")]
-        WEIGHTS = replace(OptimizerWeights(), **{k.strip(): type(getattr(OptimizerWeights(), k.strip()))(v)
-                                                for k, v in pairs})
+        base = planning_options(SETTINGS, PlanningMethod.OPTIMIZE, "cpu", PROFILE).optimizer_weights or OptimizerWeights()
+        WEIGHTS = replace(base, **{k.strip(): type(getattr(base, k.strip()))(v) for k, v in pairs})
     methods = [PlanningMethod(m) for m in args.methods.split(",")]
     path = Path(args.json) if args.json else None
     rows = run_sets(args.sets, args.cases, path,

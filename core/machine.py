@@ -42,6 +42,18 @@ class RotationDirection(enum.StrEnum):
     CC = "CC"
 
 
+class ArcStart(enum.StrEnum):
+    """How fluence maps become the arc the machine-parameter optimisation starts from.
+
+    ``sweep``: the summed fluence of a few adjacent sectors delivered by one leaf sweep
+    (``sequencing.sweep``; keeps the modulation); ``rule``: the AIRT paper's rule-based sequencer,
+    one aperture per sector at one MU level (``sequencing.sequencer``).
+    """
+
+    SWEEP = "sweep"
+    RULE = "rule"
+
+
 @dataclass(frozen=True)
 class BevGrid:
     """The beam's-eye-view fluence grid at the isocenter plane.

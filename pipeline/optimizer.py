@@ -75,6 +75,10 @@ class OptimizerWeights:
         of bladder and rectum outside the PTV.
     femur, femur_level
         Weight of a squared hinge above ``femur_level`` x Rx in the femoral heads.
+    femur_mean, femur_mean_level
+        Weight of a hinge on each femoral head's mean dose above ``femur_mean_level`` x Rx, in the arc
+        optimisation (``pipeline.arc_optimizer.LinearDoseTerms``: its restricted engine does not reach
+        the femoral heads).
     ring, ring_floor_fraction, ring_falloff_mm
         Weight of the conformity term: a squared hinge in the body outside the PTV above the ceiling
         ``Rx (floor + (1.05 - floor) exp(-r / falloff))``, r the distance from the PTV (mm).
@@ -107,6 +111,8 @@ class OptimizerWeights:
     oar_high_fraction: float = 0.1
     femur: float = 10.0
     femur_level: float = 0.5
+    femur_mean: float = 10.0
+    femur_mean_level: float = 0.2
     ring: float = 20.0
     ring_floor_fraction: float = 0.25
     ring_falloff_mm: float = 15.0
@@ -121,7 +127,7 @@ class OptimizerWeights:
         for name in ("lambda_plus", "lambda_minus", "learning_rate"):
             if not getattr(self, name) > 0:
                 raise PlanningError(f"optimizer weight {name} must be > 0, got {getattr(self, name)}")
-        for name in ("ptv", "cold_tail", "hot_tail", "oar_mean", "oar_high", "femur", "ring", "smooth",
+        for name in ("ptv", "cold_tail", "hot_tail", "oar_mean", "oar_high", "femur", "femur_mean", "ring", "smooth",
                      "total_variation", "two_level", "aperture_margin_px"):
             if getattr(self, name) < 0:
                 raise PlanningError(f"optimizer weight {name} must be >= 0, got {getattr(self, name)}")

@@ -7,7 +7,8 @@ writes the RT Plan and RT Dose and evaluates the goals.
 Steps::
 
     fluence      optimizer (method optimize) | networks + refinement (method ai)
-    sequence     leaf sequencer (AI: the threshold whose plan covers the PTV, a start point only)
+    sequence     leaf sweeps over groups of adjacent sectors (sequencing.sweep), or the rule-based
+                 sequencer (AI: the threshold whose plan covers the PTV); a start point only
     arc          machine-parameter optimisation of leaves and MU through the dose (pipeline.arc_optimizer)
     dose         full reference engine of the exported arc (fluence_from_sequence), per fraction
     normalise    MU scaled so that PTV D<v> (or the PTV mean) = Rx on the CT grid; a plan scaled down
@@ -33,13 +34,22 @@ from numpy.typing import NDArray
 
 from core.case import DEFAULT_HU_TO_DENSITY, Case, Role
 from core.errors import PlanningError, SequencingError
-from core.machine import ArcSpec, MachineModel
-from pipeline.arc_optimizer import OAR_REACH_MM, SHELL_MM, ArcOptimizerSettings, optimize_arc, rescale_mu
+from core.machine import ArcSpec, ArcStart, MachineModel
+from pipeline.arc_optimizer import (
+    FAR_OARS,
+    OAR_REACH_MM,
+    SHELL_MM,
+    ArcOptimizerSettings,
+    LinearDoseTerms,
+    optimize_arc,
+    rescale_mu,
+)
 from pipeline.dose_engine import DoseEngine
 from pipeline.goal_objective import GoalSetup, PriorityWeights
 from pipeline.goals import AT_LEAST, GoalSpec, GoalStages, Normalisation
 from pipeline.problem import PlanningProblem, build_problem
 from sequencing.sequencer import ArcSequence
+from sequencing.sweep import DEFAULT_GROUP
 
 if TYPE_CHECKING:
     from pipeline.optimizer import OptimizerWeights
@@ -101,7 +111,14 @@ class PlanningOptions:
     ai_feedback
         Run the AI pipeline's dose-feedback correction (False only for the ablation "-DF").
     arc
-        Machine-parameter optimisation settings (``iterations = 0`` keeps the sequencer's arc).
+        Machine-parameter optimisation settings (``iterations = 0`` keeps the sequencer's arc); its
+        MU term is the modulation factor (MU per cGy of the fraction dose).
+    arc_start, sweep_group
+        The arc the optimisation starts from: the fluence of every ``sweep_group`` adjacent sectors
+        delivered by one leaf sweep (``sequencing.sweep``), or the rule-based sequencer's (for an AI
+        fluence at the threshold search's choice). Without arc optimisation (``arc.iterations = 0``)
+        the rule-based sequencer's arc is the plan (a sweep needs the optimisation to bring its MU
+        down).
     normalisation, normalisation_volume_percent
         MU normalisation: PTV D<v> = Rx, PTV mean = Rx, or none.
     goals
@@ -131,6 +148,8 @@ class PlanningOptions:
     sparing: Mapping[Role, float] = field(default_factory=dict)
     ai_feedback: bool = True
     arc: ArcOptimizerSettings = field(default_factory=ArcOptimizerSettings)
+    arc_start: ArcStart = ArcStart.SWEEP
+    sweep_group: int = DEFAULT_GROUP
     normalisation: Normalisation = Normalisation.PTV_DX
     normalisation_volume_percent: float = 95.0
     goals: Sequence[GoalSpec] = ()
@@ -220,11 +239,19 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
 def _start_sequence(fluence: NDArray[np.float32], problem: PlanningProblem, machine: MachineModel, arc: ArcSpec,
                     options: PlanningOptions, ptv_engine: DoseEngine | None, timings: Timings,
                     record: dict[str, Any]) -> ArcSequence:
-    """The sequencer's arc: the optimizer's fluence at the configured threshold, an AI fluence at
-    the threshold whose plan covers the PTV."""
+    """The arc the machine-parameter optimisation starts from: the leaf sweeps of the fluence, or the
+    rule-based sequencer's arc (the optimizer's fluence at the configured threshold, an AI fluence at
+    the threshold whose plan covers the PTV)."""
     from sequencing.sequencer import sequence_arc
+    from sequencing.sweep import sweep_sequence_arc
 
     headroom = options.arc.mu_headroom
+    if options.arc_start is ArcStart.SWEEP and options.arc.iterations > 0:
+        with timings.stage("sequence"):
+            seq = sweep_sequence_arc(fluence, arc, machine, group=options.sweep_group, mu_headroom=headroom)
+        record["arc_start"] = {"kind": ArcStart.SWEEP.value, "group": options.sweep_group,
+                               "mu": round(seq.total_mu, 1)}
+        return seq
     if options.source is FluenceSource.AI:
         from pipeline.ai_planner import choose_aperture_threshold
 
@@ -308,6 +335,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
 
     objective: Callable[[dict[int, float]], Any] | None = None
     near: DoseEngine | None = None
+    far: LinearDoseTerms | None = None
     if options.arc.iterations > 0:
         with timings.stage("arc_optimize"):
             near, region = near_target_engine(problem)
@@ -319,8 +347,9 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                     spacing_mm=problem.grid.spacing_mm, weights=options.optimizer_weights,
                     goals=_goal_setup(options, problem, case, boost), region=region_t)
 
+            far = _far_terms(problem, options, rx_fx, (arc.n_sectors, machine.bev.n_rows, machine.bev.n_cols))
             result = optimize_arc(seq, near, objective({}), machine, arc, settings=options.arc,
-                                  device=options.device)
+                                  device=options.device, mu_reference=100.0 * rx_fx, fluence_terms=far)
         seq = result.sequence
         record["arc_optimizer"] = {**result.record(), "voxels": int(region.sum())}
 
@@ -330,10 +359,23 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
     p1_failed = any(g["priority"] == 1 and g["passed"] is False for g in goals or [])
     if goals and p1_failed and objective is not None and near is not None and options.rescue_rounds > 0:
         seq, dose_fx, factor, goals = _rescue(seq, dose_fx, factor, goals, problem, case, machine, arc, options, rx_fx,
-                                             near, objective, timings, record)
+                                             near, objective, timings, record, far)
     record["normalisation_factor"] = factor
     return PlanResult(sequence=seq, start=start, dose_fx=dose_fx, fluence=fluence, factor=factor, problem=problem,
                       record=record, goals=goals)
+
+
+def _far_terms(problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
+               shape: tuple[int, int, int]) -> LinearDoseTerms | None:
+    """The femoral heads' mean-dose hinges of the arc optimisation (outside its restricted engine)."""
+    from pipeline.optimizer import OptimizerWeights
+
+    w = options.optimizer_weights or OptimizerWeights()
+    masks = [problem.masks[r] for r in FAR_OARS if r in problem.masks]
+    if not masks or w.femur_mean <= 0:
+        return None
+    return LinearDoseTerms.of(problem.engine, masks, shape, rx_gy=rx_fx, level=w.femur_mean_level,
+                              weight=w.femur_mean, device=options.device)
 
 
 def _goal_setup(options: PlanningOptions, problem: PlanningProblem, case: Case, boost: dict[int, float], *,
@@ -401,7 +443,8 @@ def goal_rank(goals: list[dict[str, Any]]) -> tuple[int, float, int, float]:
 def _rescue(seq: ArcSequence, dose_fx: NDArray[np.float32], factor: float, goals: list[dict[str, Any]],
             problem: PlanningProblem, case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningOptions,
             rx_fx: float, near: DoseEngine, objective: Callable[[dict[int, float]], Any], timings: Timings,
-            record: dict[str, Any]) -> tuple[ArcSequence, NDArray[np.float32], float, list[dict[str, Any]]]:
+            record: dict[str, Any], far: LinearDoseTerms | None) -> tuple[ArcSequence, NDArray[np.float32], float,
+                                                                          list[dict[str, Any]]]:
     """While a P1 goal fails: optimise the arc again from the current one with the failing goals'
     weights raised (``options.rescue_boost`` per round, up to ``options.rescue_rounds`` rounds); keep
     the plan that best meets the goals in priority order (:func:`goal_rank`). Records every try."""
@@ -417,7 +460,7 @@ def _rescue(seq: ArcSequence, dose_fx: NDArray[np.float32], factor: float, goals
             boost[i] = boost.get(i, 1.0) * options.rescue_boost
         with timings.stage("rescue"):
             result = optimize_arc(current, near, objective(dict(boost)), machine, arc, settings=options.arc,
-                                  device=options.device)
+                                  device=options.device, mu_reference=100.0 * rx_fx, fluence_terms=far)
             current, dose_fx, factor = _normalised_arc(result.sequence, problem, case, machine, arc, options, rx_fx)
             goals = _evaluate(options, dose_fx, problem, case) or []
         rank = goal_rank(goals)

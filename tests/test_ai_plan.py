@@ -54,16 +54,12 @@ def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
     m = planned["metrics"]
     assert m["method"] == "ai"
     assert set(m["ai_module_ms"]) >= {"DoseProposer", "Bev2Fluence", "DL dose", "fluence correction", "total"}
-    # the sequencer ran at the first threshold (in the configured order) whose plan covers the PTV
-    seq_choice = m["ai_sequencing"]
-    assert m["sequencer_aperture_threshold"] == seq_choice["threshold"]
-    tried = [t["threshold"] for t in seq_choice["tries"]]
-    assert tried == list(Settings().planning.ai_aperture_thresholds[: len(tried)])
-    if seq_choice["tries"][-1]["accepted"]:
-        assert tried[-1] == seq_choice["threshold"]
-        assert seq_choice["tries"][-1]["ptv_D98_rel"] >= 0.97 and seq_choice["tries"][-1]["ptv_HI"] <= 0.10
-    assert not any(t["accepted"] for t in seq_choice["tries"][:-1])
-    assert all("ai_sequencing" in c for c in m["candidates"])
+    # the arc optimisation started from leaf sweeps of the refined fluence (no threshold search)
+    assert m["arc_start"]["kind"] == "sweep" and m["arc_start"]["mu"] > 0
+    assert "ai_sequencing" not in m
+    # the candidates are not arc-optimised: the rule-based sequencer at the threshold search's choice
+    for c in m["candidates"]:
+        assert "arc_start" not in c and c["sequencer_aperture_threshold"] == c["ai_sequencing"]["threshold"]
     # the main plan's fluence was refined near the target (the candidates are the networks' alone)
     refine = m["ai_refine"]
     assert refine["iterations"] == Settings().planning.ai_refine_iterations > 0

@@ -13,7 +13,9 @@ from core.case import Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
 from pipeline.arc_optimizer import (
+    MU_CAP_FRACTION,
     ArcOptimizerSettings,
+    LinearDoseTerms,
     delivered_fluence,
     optimize_arc,
     rescale_mu,
@@ -100,6 +102,21 @@ def test_rescaling_mu_down_limits_the_leaves_again() -> None:
         rescale_mu(seq, float("nan"), MACHINE, ARC, mu_headroom=0.02)
 
 
+def test_rescaling_mu_up_caps_segments_at_the_machines_mu_per_degree() -> None:
+    seq = _sequence(threshold=0.05)
+    delta = ARC.span_deg() / ARC.n_sectors
+    cap = MACHINE.max_mu_per_deg * delta
+    mu = seq.segment_mu().copy()
+    mu[10:20] = 0.95 * cap  # near the cap: a 10 % increase goes past it
+    near_cap = dataclasses.replace(seq, cumulative_mu=np.concatenate([[0.0], np.cumsum(mu)]))
+    assert check_deliverable(near_cap, MACHINE) == []
+    scaled, changed = rescale_mu(near_cap, 1.1, MACHINE, ARC, mu_headroom=0.02)
+    assert changed  # it delivers less than 1.1 x: the caller must dose it again
+    assert scaled.segment_mu()[10:20] == pytest.approx(np.full(10, cap))
+    assert scaled.segment_mu()[30] == pytest.approx(1.1 * mu[30])
+    assert check_deliverable(scaled, MACHINE) == []
+
+
 @pytest.fixture(scope="module")
 def problem() -> dict[str, object]:
     settings = Settings()
@@ -140,6 +157,32 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
     np.testing.assert_allclose(sub[region], full[region], rtol=1e-5, atol=1e-6 * float(full.max()))
     with pytest.raises(PlanningError, match="iterations"):
         ArcOptimizerSettings(iterations=-1)
+    with pytest.raises(PlanningError, match="mu_weight"):
+        ArcOptimizerSettings(mu_weight=-1.0)
+    # the MU term trades dose terms for fewer MU: the same start and steps end with fewer MU
+    frugal = optimize_arc(start, near, objective, MACHINE, ARC, mu_reference=start.total_mu,
+                          settings=ArcOptimizerSettings(iterations=12, mu_headroom=0.02, mu_weight=20.0))
+    assert frugal.sequence.total_mu < 0.98 * seq.total_mu
+    assert check_deliverable(frugal.sequence, MACHINE) == []
+    # and no sector above the room left for the MU normalisation
+    cap = MU_CAP_FRACTION * MACHINE.max_mu_per_deg * ARC.span_deg() / ARC.n_sectors
+    assert frugal.sequence.segment_mu().max() <= cap + 1e-9
+
+
+def test_linear_terms_give_the_far_structures_mean_dose_exactly(problem: dict[str, object]) -> None:
+    prob = problem["problem"]
+    femur = prob.masks[Role.FEMUR_HEAD_L]  # type: ignore[attr-defined]
+    shape = (ARC.n_sectors, MACHINE.bev.n_rows, MACHINE.bev.n_cols)
+    terms = LinearDoseTerms.of(prob.engine, [femur], shape, rx_gy=8.0, level=0.0, weight=1.0)  # type: ignore[attr-defined]
+    flu = torch.as_tensor(synthetic_arc_fluence(ARC, MACHINE, seed=2, noise=0.2), dtype=torch.float32)
+    with torch.no_grad():
+        mean = float(prob.engine(flu)[femur].mean())  # type: ignore[attr-defined]
+    assert mean > 0
+    assert float(terms(flu)) * 8.0 == pytest.approx(mean, rel=1e-4)
+    # a hinge: nothing below the level, the excess above it
+    above = LinearDoseTerms(maps=terms.maps, rx_gy=8.0, level=mean / 8.0 - 0.01, weight=3.0)
+    below = LinearDoseTerms(maps=terms.maps, rx_gy=8.0, level=mean / 8.0 + 0.01, weight=3.0)
+    assert float(below(flu)) == 0.0 and float(above(flu)) == pytest.approx(0.03, rel=1e-3)
 
 
 def test_planning_core_exports_a_better_arc_than_the_sequencer(problem: dict[str, object]) -> None:
@@ -150,6 +193,7 @@ def test_planning_core_exports_a_better_arc_than_the_sequencer(problem: dict[str
     result = plan_arc(case, MACHINE, ARC, options, problem=prob)  # type: ignore[arg-type]
     assert check_deliverable(result.sequence, MACHINE) == []
     assert result.record["arc_optimizer"]["iterations"] == 20
+    assert result.record["arc_start"]["kind"] == "sweep"  # the default start: leaf sweeps of the fluence
     fx = case.prescription.fractions  # type: ignore[attr-defined]
     exported = evaluate_structures(result.dose_fx * fx, prob.grid, case)  # type: ignore[attr-defined,arg-type]
     # the dose returned is the full reference engine's dose of the returned arc

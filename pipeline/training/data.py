@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 
 from core.case import DEFAULT_HU_TO_DENSITY
 from core.errors import ConfigError, InputError
-from core.machine import ArcSpec, MachineModel, RotationDirection
+from core.machine import ArcSpec, ArcStart, MachineModel, RotationDirection
 from sequencing.sequencer import ArcSequence
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def plan_synthetic_case(
     options = PlanningOptions(
         source=FluenceSource.OPTIMIZE, dose_grid_mm=recipe.spacing_mm, hu_curve=tuple(hu_curve),
         optimizer_iterations=recipe.iterations, sequencer_threshold=recipe.aperture_threshold,
-        arc=ArcOptimizerSettings(iterations=recipe.arc_iterations),
+        arc=ArcOptimizerSettings(iterations=recipe.arc_iterations), arc_start=ArcStart.RULE,
         normalisation_volume_percent=recipe.normalisation_volume_percent, device=str(device))
     timings = Timings()
     result = plan_arc(case, machine, arc, options, timings=timings)
