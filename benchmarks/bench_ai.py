@@ -48,7 +48,6 @@ from appliance.config import PlanningMethod, Settings
 from appliance.planning import planning_options
 from core.case import Role
 from pipeline.ai_planner import load_pipeline, predict_fluence, prepare_case
-from pipeline.arc_optimizer import ArcOptimizerSettings
 from pipeline.beam_model import load_beam_model
 from pipeline.dose_engine import ReferenceDoseEngine
 from pipeline.dvh import structure_metrics
@@ -105,7 +104,7 @@ def run_case(seed: int, model_dir: str, variants: dict[str, str], optimizer_iter
     ptv = masks[Role.PTV].numpy()
     out: dict[str, Any] = {"seed": seed, "quality": {}, "time_s": {}, "sparing": {}, "threshold": {}}
 
-    arc = ArcOptimizerSettings(iterations=arc_iterations)
+    arc = replace(AI_OPTIONS.arc, iterations=arc_iterations)  # the shipped arc stage, MU term included
     t0 = time.perf_counter()
     teacher = plan_arc(case, MACHINE, ARC, replace(OPTIMIZER_OPTIONS, optimizer_iterations=optimizer_iterations,
                                                    arc=arc), problem=prob)
@@ -120,7 +119,7 @@ def run_case(seed: int, model_dir: str, variants: dict[str, str], optimizer_iter
                           ai_refine_iterations=refine_iterations, arc=arc)
         result = plan_arc(case, MACHINE, ARC, options, problem=prob)
         return (result.sequence, time.perf_counter() - t, result.record["ai_module_ms"],
-                float(result.record["sequencer_aperture_threshold"]))
+                float(result.record.get("sequencer_aperture_threshold", float("nan"))))
 
     predict_fluence(case, model_dir, geometry=geometry, rx_gy=rx_fx, sparing={}, device="cpu")  # warm-up
     seq_ai, t_ai, ms, thr = ai({}, refine_iterations=refine)
@@ -251,10 +250,13 @@ def main() -> None:
         print(f"| {method} | " + " | ".join(f"{_med([r['quality'][method][c] for r in rows]):.3f}" for c in cols)
               + " |")
 
-    print("\nAperture threshold chosen per plan (planning.ai_aperture_thresholds; optimizer plans at "
-          f"{SETTINGS.planning.aperture_threshold:g}), median [min, max]: " + "; ".join(
-              f"{k} {_med([r['threshold'][k] for r in rows]):g} [{min(r['threshold'][k] for r in rows):g}, "
-              f"{max(r['threshold'][k] for r in rows):g}]" for k in rows[0]["threshold"]))
+    if any(np.isnan(v) for r in rows for v in r["threshold"].values()):  # leaf-sweep start: no threshold
+        print("\nThe arcs started from leaf sweeps (planning.arc_start = sweep): no aperture threshold was chosen.")
+    else:
+        print("\nAperture threshold chosen per plan (planning.ai_aperture_thresholds; optimizer plans at "
+              f"{SETTINGS.planning.aperture_threshold:g}), median [min, max]: " + "; ".join(
+                  f"{k} {_med([r['threshold'][k] for r in rows]):g} [{min(r['threshold'][k] for r in rows):g}, "
+                  f"{max(r['threshold'][k] for r in rows):g}]" for k in rows[0]["threshold"]))
 
     rx_total = 40.0
     verdicts: dict[str, dict[str, Any]] = {}
