@@ -54,6 +54,7 @@ from numpy.typing import NDArray
 from core.case import Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
+from pipeline.dose_engine import DoseEngine, adjoint
 from sequencing.sequencer import ArcSequence, fit_jaws, limit_leaf_travel
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ log = logging.getLogger(__name__)
 #: HI 0.045 against 0.057, rectum Dmean 8.3 against 8.0 Gy).
 SHELL_MM = 15.0
 OAR_REACH_MM = 25.0
+#: The optimised arc's sector MU stay at or below this fraction of the machine's MU per degree, so
+#: the MU normalisation may scale them up (a normalisation that still reaches the cap caps those
+#: sectors, and the plan is dosed again).
+MU_CAP_FRACTION = 0.9
 #: Structures outside the restricted engine's region whose mean dose the arc optimisation still
 #: holds (:class:`LinearDoseTerms`): an arc sparing the rectum turns to lateral angles through the
 #: femoral heads (femoral head V14.5Gy reached 15-35 % on synthetic pelvises against a 5 % goal).
@@ -89,30 +94,18 @@ class LinearDoseTerms:
     weight: float
 
     @classmethod
-    def of(cls, engine: Callable[[torch.Tensor], torch.Tensor], masks: list[torch.Tensor],
-           shape: tuple[int, int, int], *, rx_gy: float, level: float, weight: float,
-           device: str | torch.device = "cpu") -> LinearDoseTerms:
+    def of(cls, engine: DoseEngine, masks: list[torch.Tensor], *, rx_gy: float, level: float,
+           weight: float) -> LinearDoseTerms:
         """The terms of ``masks`` (bool, on the engine's grid) through ``engine`` (the full one)."""
-        maps = []
-        for m in masks:
-            n = float(m.sum())
-            if n <= 0:
-                continue
-            probe = torch.zeros(shape, dtype=torch.float32, device=device, requires_grad=True)
-            dose = engine(probe)
-            (g,) = torch.autograd.grad((dose * m.to(dose.dtype)).sum() / n, probe)
-            maps.append(g.detach())
-        return cls(maps=tuple(maps), rx_gy=float(rx_gy), level=float(level), weight=float(weight))
+        maps = tuple(adjoint(engine, m, engine.fluence_shape, device=engine.device) / float(m.sum())
+                     for m in masks if bool(m.any()))
+        return cls(maps=maps, rx_gy=float(rx_gy), level=float(level), weight=float(weight))
 
     def __call__(self, fluence: torch.Tensor) -> torch.Tensor:
         total = fluence.new_zeros(())
         for g in self.maps:
             total = total + torch.relu((g.to(fluence.dtype) * fluence).sum() / self.rx_gy - self.level)
         return self.weight * total
-#: The optimised arc's sector MU stay at or below this fraction of the machine's MU per degree, so
-#: the MU normalisation may scale them up (a normalisation that still reaches the cap caps those
-#: sectors, and the plan is dosed again).
-MU_CAP_FRACTION = 0.9
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,6 +88,17 @@ class DoseEngine(Protocol):
     def restricted(self, mask: NDArray[np.bool_]) -> DoseEngine:
         """The same engine computing dose only in ``mask`` (bool on ``grid``): the same dose there, cheaper."""
         ...
+
+
+def adjoint(engine: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, shape: tuple[int, int, int], *,
+            device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``A^T w``: for every BEV pixel, the dose per MU it delivers summed over the voxels of ``weight``
+    (a mask or voxel weights on the engine's grid), from one forward and one backward pass of a linear
+    ``engine`` taking fluence of ``shape``. ``<A^T w, fluence>`` is then the weighted dose sum exactly."""
+    probe = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
+    dose = engine(probe)
+    (adj,) = torch.autograd.grad((dose * weight.to(device=dose.device, dtype=dose.dtype)).sum(), probe)
+    return adj.detach()
 
 
 # ---------------------------------------------------------------------------------------------------

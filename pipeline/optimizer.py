@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 
 from core.errors import PlanningError
 from pipeline import objectives as obj
-from pipeline.dose_engine import DoseEngine
+from pipeline.dose_engine import DoseEngine, adjoint
 from pipeline.goal_objective import GoalSetup, GoalTerm, goal_terms, normalised
 
 log = logging.getLogger(__name__)
@@ -275,10 +275,7 @@ def ptv_aperture(engine: Callable[[torch.Tensor], torch.Tensor], ptv: torch.Tens
     per MU is at least ``threshold`` of their map's maximum, and ``A^T M_PTV`` itself (Gy/MU summed
     over PTV voxels).
     """
-    probe = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
-    dose = engine(probe)
-    (adj,) = torch.autograd.grad((dose * ptv.to(dose.dtype)).sum(), probe)
-    adj = adj.detach()
+    adj = adjoint(engine, ptv, shape, device=device, dtype=dtype)
     peak = adj.amax(dim=(1, 2), keepdim=True)
     if not bool((peak > 0).all()):
         raise PlanningError(

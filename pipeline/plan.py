@@ -347,7 +347,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                     spacing_mm=problem.grid.spacing_mm, weights=options.optimizer_weights,
                     goals=_goal_setup(options, problem, case, boost), region=region_t)
 
-            far = _far_terms(problem, options, rx_fx, (arc.n_sectors, machine.bev.n_rows, machine.bev.n_cols))
+            far = _far_terms(problem, options, rx_fx)
             result = optimize_arc(seq, near, objective({}), machine, arc, settings=options.arc,
                                   device=options.device, mu_reference=100.0 * rx_fx, fluence_terms=far)
         seq = result.sequence
@@ -365,8 +365,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                       record=record, goals=goals)
 
 
-def _far_terms(problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
-               shape: tuple[int, int, int]) -> LinearDoseTerms | None:
+def _far_terms(problem: PlanningProblem, options: PlanningOptions, rx_fx: float) -> LinearDoseTerms | None:
     """The femoral heads' mean-dose hinges of the arc optimisation (outside its restricted engine)."""
     from pipeline.optimizer import OptimizerWeights
 
@@ -374,8 +373,7 @@ def _far_terms(problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
     masks = [problem.masks[r] for r in FAR_OARS if r in problem.masks]
     if not masks or w.femur_mean <= 0:
         return None
-    return LinearDoseTerms.of(problem.engine, masks, shape, rx_gy=rx_fx, level=w.femur_mean_level,
-                              weight=w.femur_mean, device=options.device)
+    return LinearDoseTerms.of(problem.engine, masks, rx_gy=rx_fx, level=w.femur_mean_level, weight=w.femur_mean)
 
 
 def _goal_setup(options: PlanningOptions, problem: PlanningProblem, case: Case, boost: dict[int, float], *,

@@ -78,9 +78,8 @@ class Refinement:
 
 
 def refinement_region(masks: Mapping[Role, NDArray[np.bool_]], spacing_mm: tuple[float, float, float], *,
-                      shell_mm: float, oar_reach_mm: float, whole: tuple[Role, ...] = ()) -> NDArray[np.bool_]:
-    """The voxels refinement computes: PTV + ``shell_mm`` shell, bladder/rectum within ``oar_reach_mm``,
-    and every voxel of the ``whole`` roles present (e.g. the femoral heads, which lie beyond any reach).
+                      shell_mm: float, oar_reach_mm: float) -> NDArray[np.bool_]:
+    """The voxels refinement computes: PTV + ``shell_mm`` shell, bladder/rectum within ``oar_reach_mm``.
 
     ``spacing_mm`` is (dx, dy, dz) of the grid; arrays are indexed [z, y, x].
     """
@@ -93,9 +92,6 @@ def refinement_region(masks: Mapping[Role, NDArray[np.bool_]], spacing_mm: tuple
     for role in NEAR_TARGET_OARS:
         if role in masks:
             region |= np.asarray(masks[role], dtype=bool) & (dist <= oar_reach_mm)
-    for role in whole:
-        if role in masks:
-            region |= np.asarray(masks[role], dtype=bool)
     return np.asarray(region, dtype=bool)
 
 

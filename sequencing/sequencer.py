@@ -135,8 +135,9 @@ class ArcSequence:
         return np.diff(self.cumulative_mu)
 
 
-def _check_inputs(fluence: NDArray[np.floating], arc: ArcSpec, machine: MachineModel, threshold: float) -> None:
-    """Raise SequencingError when the inputs cannot be sequenced; the message says how to fix it."""
+def check_fluence_maps(fluence: NDArray[np.floating], arc: ArcSpec, machine: MachineModel) -> None:
+    """Raise SequencingError when fluence maps cannot be sequenced for this arc and machine (by either
+    sequencer); the message says how to fix it."""
     if not isinstance(fluence, np.ndarray):
         raise SequencingError(f"fluence must be a numpy array, got {type(fluence).__name__}")
     if fluence.dtype not in (np.float32, np.float64):
@@ -162,8 +163,6 @@ def _check_inputs(fluence: NDArray[np.floating], arc: ArcSpec, machine: MachineM
         )
     if not fluence.max() > 0:
         raise SequencingError("every fluence map is zero: there is nothing to deliver")
-    if not 0.0 < threshold < 1.0:
-        raise SequencingError(f"aperture threshold must be in (0, 1) of the map maximum, got {threshold}")
     bev = machine.bev
     y_first = machine.leaf_boundaries_mm[machine.first_bev_leaf_pair]
     if abs(y_first + bev.half_height_mm) > 1e-6:
@@ -290,7 +289,9 @@ def sequence_arc(
         sequencer cannot serve.
     """
     t0 = time.perf_counter()
-    _check_inputs(fluence, arc, machine, threshold)
+    check_fluence_maps(fluence, arc, machine)
+    if not 0.0 < threshold < 1.0:
+        raise SequencingError(f"aperture threshold must be in (0, 1) of the map maximum, got {threshold}")
     if not 0.0 <= mu_headroom < 0.5:
         raise SequencingError(f"mu_headroom must be in [0, 0.5), got {mu_headroom}")
     bev = machine.bev

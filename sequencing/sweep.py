@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 
 from core.errors import SequencingError
 from core.machine import ArcSpec, MachineModel
-from sequencing.sequencer import ArcSequence, fit_jaws, limit_leaf_travel
+from sequencing.sequencer import ArcSequence, check_fluence_maps, fit_jaws, limit_leaf_travel
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def sweep_sequence_arc(
     Parameters
     ----------
     fluence
-        ``(n_sectors, n_rows, n_cols)`` MU per pixel, finite, ``>= 0``, not all zero.
+        ``(n_sectors, n_rows, n_cols)`` MU per pixel, float32 or float64, finite, ``>= 0``, not all
+        zero (:func:`sequencing.sequencer.check_fluence_maps`).
     arc, machine
         The arc and the linac (BEV grid, DLG, minimum gap, leaf speed, MU per degree).
     group
@@ -96,13 +97,9 @@ def sweep_sequence_arc(
         ``n_sectors + 1`` control points within every machine limit.
     """
     t0 = time.perf_counter()
+    check_fluence_maps(fluence, arc, machine)
     F = np.asarray(fluence, dtype=np.float64)
     bev = machine.bev
-    expected = (arc.n_sectors, bev.n_rows, bev.n_cols)
-    if F.shape != expected:
-        raise SequencingError(f"fluence has shape {F.shape}; the arc and BEV grid need {expected}")
-    if not np.isfinite(F).all() or F.min() < 0 or not F.max() > 0:
-        raise SequencingError("fluence must be finite, >= 0 and not all zero to be sequenced")
     if group < 1:
         raise SequencingError(f"sweep group must be >= 1 sectors, got {group}")
     if not 0.0 <= mu_headroom < 0.5:

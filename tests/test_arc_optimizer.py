@@ -172,8 +172,7 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
 def test_linear_terms_give_the_far_structures_mean_dose_exactly(problem: dict[str, object]) -> None:
     prob = problem["problem"]
     femur = prob.masks[Role.FEMUR_HEAD_L]  # type: ignore[attr-defined]
-    shape = (ARC.n_sectors, MACHINE.bev.n_rows, MACHINE.bev.n_cols)
-    terms = LinearDoseTerms.of(prob.engine, [femur], shape, rx_gy=8.0, level=0.0, weight=1.0)  # type: ignore[attr-defined]
+    terms = LinearDoseTerms.of(prob.engine, [femur], rx_gy=8.0, level=0.0, weight=1.0)  # type: ignore[attr-defined]
     flu = torch.as_tensor(synthetic_arc_fluence(ARC, MACHINE, seed=2, noise=0.2), dtype=torch.float32)
     with torch.no_grad():
         mean = float(prob.engine(flu)[femur].mean())  # type: ignore[attr-defined]

@@ -96,12 +96,14 @@ def test_sweep_of_a_flat_aperture_delivers_it() -> None:
 
 
 @pytest.mark.parametrize(("make", "needle"), [
-    (lambda f: f[:10], "shape"),
-    (lambda f: f * -1.0, ">= 0"),
-    (lambda f: f * np.nan, "finite"),
-    (lambda f: f * 0.0, "not all zero"),
+    (lambda f: f[:10], "fluence has shape"),
+    (lambda f: f * -1.0, "negative MU"),
+    (lambda f: f * np.nan, "NaN/inf values"),
+    (lambda f: f * 0.0, "every fluence map is zero"),
+    (lambda f: f.astype(np.int64), "float32 or float64"),
 ])
 def test_bad_fluence_is_refused(make, needle: str) -> None:  # type: ignore[no-untyped-def]
+    """The sweep refuses what the rule-based sequencer refuses, with the same messages."""
     with pytest.raises(SequencingError, match=needle):
         sweep_sequence_arc(make(_modulated()), ARC, MACHINE)
 
