@@ -57,9 +57,17 @@ def test_ai_plan_with_candidates(planned: dict[str, Any]) -> None:
     # the arc optimisation started from leaf sweeps of the refined fluence (no threshold search)
     assert m["arc_start"]["kind"] == "sweep" and m["arc_start"]["mu"] > 0
     assert "ai_sequencing" not in m
-    # the candidates are not arc-optimised: the rule-based sequencer at the threshold search's choice
+    # the candidates are not arc-optimised: the rule-based sequencer at the first threshold (in the
+    # configured order) whose plan covers the PTV
     for c in m["candidates"]:
-        assert "arc_start" not in c and c["sequencer_aperture_threshold"] == c["ai_sequencing"]["threshold"]
+        seq_choice = c["ai_sequencing"]
+        assert "arc_start" not in c and c["sequencer_aperture_threshold"] == seq_choice["threshold"]
+        tried = [t["threshold"] for t in seq_choice["tries"]]
+        assert tried == list(Settings().planning.ai_aperture_thresholds[: len(tried)])
+        if seq_choice["tries"][-1]["accepted"]:
+            assert tried[-1] == seq_choice["threshold"]
+            assert seq_choice["tries"][-1]["ptv_D98_rel"] >= 0.97 and seq_choice["tries"][-1]["ptv_HI"] <= 0.10
+        assert not any(t["accepted"] for t in seq_choice["tries"][:-1])
     # the main plan's fluence was refined near the target (the candidates are the networks' alone)
     refine = m["ai_refine"]
     assert refine["iterations"] == Settings().planning.ai_refine_iterations > 0
