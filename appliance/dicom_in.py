@@ -36,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from appliance.config import StructureSettings
-from appliance.dicom_common import lossy_reason
+from appliance.dicom.common import lossy_reason
 from core.case import Case, DicomRefs, Grid, PatientPosition, Prescription, Role
 from core.errors import InputError
 

@@ -97,8 +97,8 @@ def _export(result: PlanResult, case: Case, settings: Settings, out_dir: Path, l
             verdict: Verdict | None, profile: str) -> tuple[str, np.ndarray]:
     """Write ``rtplan.dcm`` and ``rtdose.dcm`` of a planned arc into ``out_dir`` (the profile and the
     verdict in the RT Plan); returns the plan's UID and the plan's dose (all fractions, Gy)."""
-    from appliance.rtdose import write_rtdose
-    from appliance.rtplan import write_rtplan
+    from appliance.dicom.rtdose import write_rtdose
+    from appliance.dicom.rtplan import write_rtplan
 
     iso = result.problem.geometry.isocenter_mm
     dose_plan = (result.dose_fx * case.prescription.fractions).astype(np.float32)

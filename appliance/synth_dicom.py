@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, RTStructureSetStorage, generate_uid
 
-from appliance.dicom_common import format_ds, format_ds_list, save_dataset, software_version
+from appliance.dicom.common import format_ds, format_ds_list, save_dataset, software_version
 from core.case import Grid, PatientPosition
 from core.errors import InputError
 from pipeline import synth

@@ -85,9 +85,9 @@ def test_dciodvfy_accepts_plan_and_dose(planned: dict[str, Any], tmp_path: Path)
 def test_closed_loop_plan_read_back_recomputes_the_written_dose(planned: dict[str, Any]) -> None:
     import torch
 
+    from appliance.dicom.rtdose import read_rtdose
+    from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
     from appliance.dicom_in import load_case
-    from appliance.rtdose import read_rtdose
-    from appliance.rtplan_reader import arc_sequence_from_beam, read_rtplan
     from pipeline.beam_model import load_beam_model
     from pipeline.dose_engine import ReferenceDoseEngine
     from pipeline.geometry import ArcGeometry
@@ -154,7 +154,7 @@ def test_plastimatch_dvh_agrees_with_metrics(planned: dict[str, Any], tmp_path: 
 
 
 def test_plan_respects_machine_limits(planned: dict[str, Any]) -> None:
-    from appliance.rtplan_reader import arc_sequence_from_beam, read_rtplan
+    from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
     from sequencing.deliverability import check_deliverable
 
     settings: Settings = planned["settings"]

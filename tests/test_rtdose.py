@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from numpy.typing import NDArray
 
-from appliance.dicom_common import length_violations
-from appliance.rtdose import read_rtdose, write_rtdose
-from appliance.rtplan import write_rtplan
+from appliance.dicom.common import length_violations
+from appliance.dicom.rtdose import read_rtdose, write_rtdose
+from appliance.dicom.rtplan import write_rtplan
 from core.case import Case, Grid
 from core.errors import ExportError
 from core.machine import MachineModel

@@ -22,9 +22,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
-from appliance.dicom_common import format_ds, length_violations
-from appliance.rtplan import write_rtplan
-from appliance.rtplan_reader import arc_sequence_from_beam, read_rtplan
+from appliance.dicom.common import format_ds, length_violations
+from appliance.dicom.rtplan import write_rtplan
+from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
 from core.case import Case, DicomRefs, Grid, PatientPosition, Role
 from core.errors import ExportError
 from core.machine import ArcSpec, MachineModel, RotationDirection

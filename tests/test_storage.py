@@ -14,9 +14,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, text
 
 from appliance.config import settings_from_dict
+from appliance.dicom.uids import check_uid, is_strict_uid, is_valid_uid
 from appliance.scheduler import StudyScheduler
 from appliance.service import recover
-from appliance.uids import check_uid, is_strict_uid, is_valid_uid
 from core.errors import InputError
 from storage.db import Database, claim_next_job
 from storage.instance_store import InstanceStore, sha256_file

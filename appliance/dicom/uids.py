@@ -1,8 +1,12 @@
-"""DICOM UID validation: a UID becomes part of a file path only after it passed :func:`check_uid`."""
+"""DICOM UIDs: validation of the UIDs received (a UID becomes part of a file path only after it
+passed :func:`check_uid`), of the UIDs written (:func:`check_written_uid`), and new UIDs
+(:func:`new_uid`)."""
 
 from __future__ import annotations
 
 import re
+
+from pydicom.uid import generate_uid
 
 from core.errors import ExportError, InputError
 
@@ -24,6 +28,11 @@ def is_valid_uid(value: object) -> bool:
 def is_strict_uid(value: object) -> bool:
     """True when ``value`` is a UID exactly as PS3.5 9.1 defines it (no leading zeros)."""
     return is_valid_uid(value) and bool(UID_RE.fullmatch(str(value)))
+
+
+def new_uid() -> str:
+    """A new globally unique UID under the UUID-derived root ``2.25`` (no registered root needed)."""
+    return str(generate_uid(prefix=None))
 
 
 def check_uid(value: object, what: str) -> str:
@@ -53,7 +62,7 @@ def check_written_uid(value: object, what: str) -> str:
     if not is_strict_uid(value):
         raise ExportError(f"{what} {_shown(value)} is not a valid DICOM UID (digits and dots, at most "
                           f"{MAX_UID_LENGTH} characters, no leading zeros); pass a UID made by "
-                          "appliance.dicom_common.new_uid or leave it unset")
+                          "appliance.dicom.uids.new_uid or leave it unset")
     return str(value)
 
 

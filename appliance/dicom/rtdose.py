@@ -31,17 +31,16 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import RTDoseStorage, RTPlanStorage
 
-from appliance.dicom_common import (
+from appliance.dicom.common import (
     copy_patient_study,
     format_ds,
     format_ds_list,
-    new_uid,
     read_source,
     save_dataset,
     set_equipment,
     set_instance_creation,
 )
-from appliance.uids import check_written_uid
+from appliance.dicom.uids import check_written_uid, new_uid
 from core.case import Case, Grid
 from core.errors import ExportError
 

@@ -1,13 +1,14 @@
-"""Helpers shared by the DICOM writers and readers of the appliance (RT Plan, RT Dose).
+"""Helpers shared by the DICOM writers and readers of the appliance (RT Plan, RT Dose, CT, RT Structure Set).
 
 - :func:`format_ds` turns a float into a Decimal String of at most 16 characters (Eclipse
   rejects longer ones) with as many significant digits as fit.
-- :func:`new_uid` makes UIDs (:mod:`appliance.uids` checks them).
 - :func:`copy_patient_study` copies the Patient, Patient Study, General Study and Frame of
   Reference attributes from a source dataset (the planning CT): never retyped.
 - :func:`length_violations` walks a dataset (sequences included) and lists every value longer
   than its VR allows; writers call it just before saving, tests call it on what was saved.
 - :func:`save_dataset` writes a dataset atomically (temporary name, fsync, rename).
+
+UIDs are made and checked in :mod:`appliance.dicom.uids`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from core.errors import ExportError
 
@@ -164,11 +165,6 @@ def _tidy_exponent(text: str) -> str:
 def format_ds_list(values: Iterable[float]) -> list[str]:
     """:func:`format_ds` applied to every value (for multi-valued DS attributes)."""
     return [format_ds(v) for v in values]
-
-
-def new_uid() -> str:
-    """A new globally unique UID under the UUID-derived root ``2.25`` (no registered root needed)."""
-    return str(generate_uid(prefix=None))
 
 
 def software_version() -> str:
