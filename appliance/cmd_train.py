@@ -90,8 +90,8 @@ def load_clinical_record(folder: Path, settings: Settings) -> Any:
     """
     import pydicom
 
+    from appliance.dicom.case_loader import load_case
     from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
-    from appliance.dicom_in import load_case
     from core.errors import ExportError
     from pipeline.training.train import PlanRecord
 

@@ -261,7 +261,7 @@ def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: st
     """Load the DICOM files of ``case_dir`` into a Case, choose its profile and plan it (see
     :func:`plan_case`). ``profile`` is an explicit choice (``airt plan --profile``); otherwise the
     AE titles the study came by and the PTV's name choose (``appliance.profiles.choose_profile``)."""
-    from appliance.dicom_in import load_case
+    from appliance.dicom.case_loader import load_case
     from pipeline.plan import Timings
 
     timings = Timings()

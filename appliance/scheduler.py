@@ -254,7 +254,7 @@ class StudyScheduler:
             return found
         import pydicom
 
-        from appliance.dicom_in import rtstruct_image_refs, rtstruct_listed_images
+        from appliance.dicom.rtstruct import rtstruct_image_refs, rtstruct_listed_images
 
         try:
             ds = pydicom.dcmread(self.settings.data_dir / path, stop_before_pixels=True)

@@ -63,7 +63,7 @@ from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verifica
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from appliance.config import Settings
-from appliance.dicom.common import LOSSLESS_SYNTAXES, LOSSY_SYNTAXES, lossy_reason
+from appliance.dicom.ct_pixels import LOSSLESS_SYNTAXES, LOSSY_SYNTAXES, lossy_reason
 from appliance.dicom.uids import check_uid
 from core.errors import AirtError, InputError
 from storage.db import Database, record_node_event

@@ -1,4 +1,4 @@
-"""Time of loading a clinical-size case (DICOM folder -> Case) with ``appliance.dicom_in.load_case``.
+"""Time of loading a clinical-size case (DICOM folder -> Case) with ``appliance.dicom.case_loader.load_case``.
 
 Run: ``python -m benchmarks.bench_load [--repeats 5] [--slices 120] [--matrix 512]``.
 
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from appliance.config import StructureSettings
-from appliance.dicom_in import load_case
+from appliance.dicom.case_loader import load_case
 from core.case import Prescription
 
 _WRITE = (

@@ -75,7 +75,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from appliance.config import Settings
-from appliance.dicom_in import load_case
+from appliance.dicom.case_loader import load_case
 from appliance.synth_dicom import write_synth_case
 from benchmarks.bench_arc import CASE_SETS, _row, case_spec, run_sets
 from benchmarks.crosscheck_dose import DEFAULT_VENV, ensure_venv

@@ -203,8 +203,8 @@ def test_stop_after_stage1_branches_stage2(tmp_path: Path, tiny_samples: list) -
 
 def test_clinical_loader_reads_our_own_plan_and_refuses_others(tmp_path: Path) -> None:
     from appliance.cmd_train import load_clinical_record
+    from appliance.dicom.case_loader import load_case
     from appliance.dicom.rtplan import write_rtplan
-    from appliance.dicom_in import load_case
     from appliance.synth_dicom import write_synth_case
 
     st = Settings()

@@ -33,7 +33,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage  # type: ignore[attr-defined]
 
 from appliance.config import Settings, settings_from_dict
-from appliance.dicom_in import load_case
+from appliance.dicom.case_loader import load_case
 from appliance.planning import plan_folder
 from appliance.scheduler import StudyScheduler
 from appliance.scp import STATUS_DATASET_MISMATCH

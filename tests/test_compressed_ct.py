@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from appliance.dicom_in import load_case
+from appliance.dicom.case_loader import load_case
 from appliance.scheduler import StudyScheduler
 from appliance.worker import Worker
 from core.case import Case

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from appliance.config import StructureSettings
-from appliance.dicom_in import load_case
+from appliance.dicom.case_loader import load_case
 from appliance.scp import StoreRefusedError, parse_header
 from appliance.synth_dicom import SynthWritten
 from core.case import Prescription

@@ -85,9 +85,9 @@ def test_dciodvfy_accepts_plan_and_dose(planned: dict[str, Any], tmp_path: Path)
 def test_closed_loop_plan_read_back_recomputes_the_written_dose(planned: dict[str, Any]) -> None:
     import torch
 
+    from appliance.dicom.case_loader import load_case
     from appliance.dicom.rtdose import read_rtdose
     from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
-    from appliance.dicom_in import load_case
     from pipeline.beam_model import load_beam_model
     from pipeline.dose_engine import ReferenceDoseEngine
     from pipeline.geometry import ArcGeometry

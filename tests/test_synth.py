@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from appliance.cli import main as airt_main
 from appliance.config import StructureSettings
-from appliance.dicom_in import load_case
+from appliance.dicom.case_loader import load_case
 from appliance.synth_dicom import ORIENTATIONS, SynthWritten, mask_contours, write_synth_case
 from core.case import Grid, PatientPosition, Prescription, Role
 from core.errors import InputError

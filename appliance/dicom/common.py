@@ -20,6 +20,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -30,42 +31,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from core.errors import ExportError
 
 logger = logging.getLogger(__name__)
-
-#: Uncompressed transfer syntaxes (Implicit, Explicit LE, Explicit BE, Deflated).
-UNCOMPRESSED_SYNTAXES: dict[str, str] = {
-    "1.2.840.10008.1.2": "Implicit VR Little Endian",
-    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
-    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
-    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
-}
-#: Lossless compressed transfer syntaxes a CT is accepted and decoded in (pydicom's decoders with the
-#: pylibjpeg plugins: libjpeg for JPEG Lossless and JPEG-LS, OpenJPEG for JPEG 2000; RLE is pydicom's own).
-LOSSLESS_SYNTAXES: dict[str, str] = {
-    "1.2.840.10008.1.2.4.57": "JPEG Lossless (Process 14)",
-    "1.2.840.10008.1.2.4.70": "JPEG Lossless (Process 14, SV1)",
-    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
-    "1.2.840.10008.1.2.4.90": "JPEG 2000 (Lossless Only)",
-    "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 (Lossless Only)",
-    "1.2.840.10008.1.2.5": "RLE Lossless",
-}
-#: Lossy transfer syntaxes: a CT in one of them is refused (its HU are not the scanner's), with the reason.
-LOSSY_SYNTAXES: dict[str, str] = {
-    "1.2.840.10008.1.2.4.50": "JPEG Baseline (lossy)",
-    "1.2.840.10008.1.2.4.51": "JPEG Extended (lossy)",
-    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
-    "1.2.840.10008.1.2.4.91": "JPEG 2000 (lossy)",
-    "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000 (lossy)",
-}
-
-
-def lossy_reason(transfer_syntax: str, lossy_flag: object = None) -> str | None:
-    """Why a CT image is lossy-compressed (its transfer syntax, or LossyImageCompression = 01), or None."""
-    if transfer_syntax in LOSSY_SYNTAXES:
-        return f"its transfer syntax is {LOSSY_SYNTAXES[transfer_syntax]} ({transfer_syntax})"
-    if str(lossy_flag or "").strip() == "01":
-        return "LossyImageCompression is 01 (the image was lossy-compressed before)"
-    return None
-
 
 #: Longest value, in characters, of the string VRs this package writes (PS3.5 table 6.2-1).
 MAX_VALUE_LENGTH: dict[str, int] = {
@@ -116,6 +81,19 @@ _PATIENT_STUDY_FOR: tuple[tuple[str, bool], ...] = (
     ("FrameOfReferenceUID", True),
     ("PositionReferenceIndicator", True),
 )
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """One DICOM file read without its pixel data (the readers' unit: a CT slice, a structure set)."""
+
+    path: Path
+    ds: Dataset
+
+    @property
+    def sop_uid(self) -> str:
+        """SOPInstanceUID of the file ("" when absent)."""
+        return str(self.ds.get("SOPInstanceUID", ""))
 
 
 def format_ds(value: float) -> str:

@@ -13,21 +13,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from matplotlib.path import Path as MplPath
 from numpy.typing import NDArray
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, RLELossless, RTStructureSetStorage, generate_uid
 
 from appliance.config import StructureSettings
-from appliance.dicom_in import (
-    CT_IMAGE_STORAGE,
-    RT_STRUCTURE_SET_STORAGE,
-    load_case,
-    rasterise_polygons,
-    sanitise_case_id,
-)
+from appliance.dicom.case_loader import load_case, sanitise_case_id
 from core.case import Grid, PatientPosition, Prescription, Role
 from core.errors import InputError
 from tests.conftest import require_tool
@@ -145,9 +138,9 @@ def write_ct(spec: CtSpec, folder: Path, *, shuffle: bool = False) -> None:
         random.Random(4).shuffle(order)
     for s in order:
         ds = Dataset()
-        ds.file_meta = _file_meta(CT_IMAGE_STORAGE, spec.sop_uids[s])
+        ds.file_meta = _file_meta(CTImageStorage, spec.sop_uids[s])
         _common(ds, spec.study_uid)
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = spec.sop_uids[s]
         ds.Modality = "CT"
         ds.SeriesInstanceUID = spec.series_uid
@@ -191,9 +184,9 @@ def write_rtstruct(path: Path, spec: CtSpec, rois: list[Roi], *, frame_uid: str 
     frame = frame_uid or spec.frame_uid
     sop_uid = generate_uid()
     ds = Dataset()
-    ds.file_meta = _file_meta(RT_STRUCTURE_SET_STORAGE, sop_uid)
+    ds.file_meta = _file_meta(RTStructureSetStorage, sop_uid)
     _common(ds, spec.study_uid)
-    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = sop_uid
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
@@ -209,7 +202,7 @@ def write_rtstruct(path: Path, spec: CtSpec, rois: list[Roi], *, frame_uid: str 
         ser.ContourImageSequence = Sequence()
         for uid in spec.sop_uids:
             img = Dataset()
-            img.ReferencedSOPClassUID = CT_IMAGE_STORAGE
+            img.ReferencedSOPClassUID = CTImageStorage
             img.ReferencedSOPInstanceUID = uid
             ser.ContourImageSequence.append(img)
         study = Dataset()
@@ -382,7 +375,7 @@ def test_shuffled_slice_order_and_ignored_non_dicom_files(
     folder, spec = build(tmp_path, shuffle=True)
     (folder / "notes.txt").write_text("not DICOM\n")
     (folder / "ct" / "DICOMDIR_junk.bin").write_bytes(b"\x00" * 300)
-    with caplog.at_level(logging.DEBUG, logger="appliance.dicom_in"):
+    with caplog.at_level(logging.DEBUG, logger="appliance.dicom.case_loader"):
         case = load(folder)
     np.testing.assert_array_equal(case.ct_hu, spec.hu().astype(np.float32))  # HFS: stored order is canonical
     assert "notes.txt" in caplog.text
@@ -472,7 +465,7 @@ def test_largest_of_several_ptv_candidates(tmp_path: Path, caplog: pytest.LogCap
         Roi("ptv1", [(zz, circle(0, 0, 10)) for zz in z[6:12]]),
     ]
     write_rtstruct(folder / "rs.dcm", spec, rois)
-    with caplog.at_level(logging.INFO, logger="appliance.dicom_in"):
+    with caplog.at_level(logging.INFO, logger="appliance.dicom.structures"):
         case = load(folder, StructureSettings(patterns={"ptv": (r"ptv.*",)}))
     assert case.structure_names[Role.PTV] == "PTV"
     assert "largest" in caplog.text and "'PTV'" in caplog.text
@@ -491,38 +484,6 @@ def test_contours_between_slices_use_half_slice_tolerance(tmp_path: Path) -> Non
     case = load(folder)
     assert list(np.flatnonzero(case.masks[Role.PTV].any(axis=(1, 2)))) == [5, 9]
     assert list(np.flatnonzero(case.masks[Role.BLADDER].any(axis=(1, 2)))) == [3]
-
-
-def test_scanline_rasteriser_matches_matplotlib_reference() -> None:
-    rng = np.random.default_rng(7)
-    grid = Grid(origin_mm=(-30.3, -20.1, 0.0), spacing_mm=(1.1, 0.9, 2.0), shape=(4, 50, 60))
-    x, y, _ = grid.axes_mm()
-    xx, yy = np.meshgrid(x, y)
-    centres = np.column_stack([xx.ravel(), yy.ravel()])
-    polys: list[tuple[int, NDArray[np.float64]]] = []
-    expected = np.zeros(grid.shape, dtype=bool)
-    for k in range(grid.shape[0]):
-        for _ in range(4):  # overlapping star-shaped polygons, some reaching past the grid edge
-            n = int(rng.integers(3, 30))
-            ang = np.sort(rng.uniform(0, 2 * np.pi, n))
-            rad = rng.uniform(3, 25, n)
-            c = rng.uniform([-35, -25], [35, 25])
-            xy = np.column_stack([c[0] + rad * np.cos(ang), c[1] + rad * np.sin(ang)])
-            polys.append((k, xy))
-            inside = MplPath(xy).contains_points(centres).reshape(grid.shape[1:])
-            expected[k] ^= inside
-    got = rasterise_polygons(polys, grid)
-    # Centres lying exactly on an edge may go either way; random vertices make that vanishingly rare.
-    assert np.count_nonzero(got != expected) <= 2
-    assert expected.sum() > 500
-
-
-def test_rasteriser_ignores_degenerate_input() -> None:
-    grid = Grid(origin_mm=(0.0, 0.0, 0.0), spacing_mm=(1.0, 1.0, 1.0), shape=(2, 10, 10))
-    pts = np.array([[1.0, 1.0], [5.0, 5.0]])
-    flat = np.array([[1.0, 2.0], [5.0, 2.0], [8.0, 2.0]])
-    polys = [(0, pts), (5, square(4, 4, 3)), (-1, square(4, 4, 3)), (1, flat)]
-    assert not rasterise_polygons(polys, grid).any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -886,23 +847,6 @@ def test_masks_agree_with_plastimatch(tmp_path: Path) -> None:
         theirs = ref.ravel() > 0
         assert theirs.sum() > 100
         assert np.count_nonzero(ours != theirs) <= 0.01 * theirs.sum(), name
-
-
-def test_rasteriser_abutting_and_nested_spans() -> None:
-    grid = Grid(origin_mm=(0.0, 0.0, 0.0), spacing_mm=(1.0, 1.0, 1.0), shape=(1, 6, 12))
-
-    def rect(x0: float, x1: float) -> NDArray[np.float64]:
-        return np.array([[x0, 0.5], [x1, 0.5], [x1, 4.5], [x0, 4.5]])
-
-    # Columns 1-3 and 4-7 touch (one span ends where the next starts); 9-10 is separate.
-    got = rasterise_polygons([(0, rect(0.2, 3.7)), (0, rect(3.8, 7.6)), (0, rect(8.6, 10.4))], grid)
-    expected_row = np.zeros(12, dtype=bool)
-    expected_row[[1, 2, 3, 4, 5, 6, 7, 9, 10]] = True
-    for j in range(6):
-        np.testing.assert_array_equal(got[0, j], expected_row if 1 <= j <= 4 else np.zeros(12, dtype=bool))
-    # Three nested rectangles: even-odd gives outer ring + innermost island.
-    nested = rasterise_polygons([(0, rect(0.5, 11.5)), (0, rect(2.5, 9.5)), (0, rect(4.5, 7.5))], grid)
-    np.testing.assert_array_equal(nested[0, 2], [0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1])
 
 
 # ---------------------------------------------------------------------------------------------
