@@ -30,10 +30,11 @@ import contourpy
 import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import CTImageStorage, RTStructureSetStorage, generate_uid
+from pydicom.uid import generate_uid
 
-from appliance.dicom.common import format_ds, format_ds_list, save_dataset, software_version
+from appliance.dicom.common import save_dataset, software_version
+from appliance.dicom.ct import ct_slice_dataset
+from appliance.dicom.rtstruct import RoiContours, RoiInterpretedType, structure_set_dataset
 from core.case import Grid, PatientPosition
 from core.errors import InputError
 from pipeline import synth
@@ -49,17 +50,17 @@ ORIENTATIONS: dict[PatientPosition, tuple[float, float, float, float, float, flo
 }
 
 #: ROIs written to the structure set: (generator structure name, RTROIInterpretedType, colour).
-ROIS: tuple[tuple[str, str, tuple[int, int, int]], ...] = (
-    (synth.BODY, "EXTERNAL", (0, 255, 0)),
-    (synth.PTV, "PTV", (255, 0, 0)),
-    (synth.CTV, "CTV", (255, 128, 0)),
-    (synth.PROSTATE, "ORGAN", (0, 128, 255)),
-    (synth.SEMINAL_VESICLES, "ORGAN", (128, 0, 255)),
-    (synth.BLADDER, "ORGAN", (255, 255, 0)),
-    (synth.RECTUM, "ORGAN", (128, 64, 0)),
-    (synth.FEMUR_HEAD_L, "ORGAN", (0, 255, 255)),
-    (synth.FEMUR_HEAD_R, "ORGAN", (255, 0, 255)),
-    (synth.BONE_PELVIC, "ORGAN", (230, 230, 230)),
+ROIS: tuple[tuple[str, RoiInterpretedType, tuple[int, int, int]], ...] = (
+    (synth.BODY, RoiInterpretedType.EXTERNAL, (0, 255, 0)),
+    (synth.PTV, RoiInterpretedType.PTV, (255, 0, 0)),
+    (synth.CTV, RoiInterpretedType.CTV, (255, 128, 0)),
+    (synth.PROSTATE, RoiInterpretedType.ORGAN, (0, 128, 255)),
+    (synth.SEMINAL_VESICLES, RoiInterpretedType.ORGAN, (128, 0, 255)),
+    (synth.BLADDER, RoiInterpretedType.ORGAN, (255, 255, 0)),
+    (synth.RECTUM, RoiInterpretedType.ORGAN, (128, 64, 0)),
+    (synth.FEMUR_HEAD_L, RoiInterpretedType.ORGAN, (0, 255, 255)),
+    (synth.FEMUR_HEAD_R, RoiInterpretedType.ORGAN, (255, 0, 255)),
+    (synth.BONE_PELVIC, RoiInterpretedType.ORGAN, (230, 230, 230)),
 )
 
 #: ROI names of held-out cases: the clinical spellings the structure mapping must recognise
@@ -74,7 +75,6 @@ MANUFACTURER = "AIRT synthetic phantom"
 STUDY_DATE = "20250101"
 STUDY_TIME = "120000"
 RESCALE_INTERCEPT = -1024
-_DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 
 
 @dataclass(frozen=True, eq=False)
@@ -278,45 +278,24 @@ def write_synth_case(
             img = img[:, ::-1]
         if flip_y:
             img = img[::-1, :]
-        ds = Dataset()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ct_uids[k]
+        ds = ct_slice_dataset(
+            sop_instance_uid=ct_uids[k], series_instance_uid=ct_series_uid, instance_number=k + 1,
+            patient_position=position, orientation=iop, position_mm=(first_x, first_y, float(z_axis[k])),
+            pixel_mm=pixel_mm, slice_mm=slice_mm, stored=img, bits_stored=12, rescale_intercept=RESCALE_INTERCEPT,
+        )
         _common(ds, seed, study_uid, frame_uid)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.SeriesDate = STUDY_DATE
         ds.SeriesTime = STUDY_TIME
         ds.ContentDate = STUDY_DATE
         ds.ContentTime = STUDY_TIME
         ds.AcquisitionDate = STUDY_DATE
         ds.AcquisitionTime = STUDY_TIME
-        ds.Modality = "CT"
-        ds.SeriesInstanceUID = ct_series_uid
         ds.SeriesNumber = 1
         ds.SeriesDescription = "Synthetic planning CT"
         ds.BodyPartExamined = "PELVIS"
-        ds.PatientPosition = position.value
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = format_ds_list((first_x, first_y, float(z_axis[k])))
-        ds.ImageOrientationPatient = format_ds_list(iop)
-        ds.SliceLocation = format_ds(float(z_axis[k]))
-        ds.SliceThickness = format_ds(slice_mm)
-        ds.PixelSpacing = format_ds_list((pixel_mm, pixel_mm))
         ds.KVP = "120"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = matrix
-        ds.Columns = matrix
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = format_ds(RESCALE_INTERCEPT)
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
         ds.WindowCenter = "40"
         ds.WindowWidth = "400"
-        ds.PixelData = np.ascontiguousarray(img).tobytes()
         path = out_dir / f"CT_{ct_uids[k]}.dcm"
         save_dataset(ds, path)
         ct_paths.append(path)
@@ -339,62 +318,20 @@ def write_synth_case(
     )
 
 
-def _image_ref(uid: str) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = CTImageStorage
-    item.ReferencedSOPInstanceUID = uid
-    return item
-
-
 def _structure_set(
     seed: int, anatomy: synth.SynthAnatomy, grid: Grid, roi_names: tuple[str, ...], *, study_uid: str,
     frame_uid: str, ct_series_uid: str, rs_series_uid: str, rs_uid: str, ct_uids: tuple[str, ...],
     written_names: dict[str, str],
 ) -> Dataset:
-    """The RT Structure Set dataset (Structure Set, ROI Contour, RT ROI Observations modules);
+    """The RT Structure Set of the case, its contours traced from the generator's masks;
     ``written_names`` maps the generator's structure names to the ROI names written."""
-    ds = Dataset()
-    ds.SOPClassUID = RTStructureSetStorage
-    ds.SOPInstanceUID = rs_uid
-    _common(ds, seed, study_uid, frame_uid)
-    ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = rs_series_uid
-    ds.SeriesNumber = 2
-    ds.SeriesDescription = "Synthetic structures"
-    ds.SeriesDate = STUDY_DATE
-    ds.SeriesTime = STUDY_TIME
-    ds.OperatorsName = ""
-    ds.InstanceNumber = 1
-    ds.StructureSetLabel = f"SYNTH{seed}"[:16]
-    ds.StructureSetName = "Synthetic"
-    ds.StructureSetDate = STUDY_DATE
-    ds.StructureSetTime = STUDY_TIME
-
-    series = Dataset()
-    series.SeriesInstanceUID = ct_series_uid
-    series.ContourImageSequence = DicomSequence([_image_ref(u) for u in ct_uids])
-    study = Dataset()
-    study.ReferencedSOPClassUID = _DETACHED_STUDY_MANAGEMENT
-    study.ReferencedSOPInstanceUID = study_uid
-    study.RTReferencedSeriesSequence = DicomSequence([series])
-    frame = Dataset()
-    frame.FrameOfReferenceUID = frame_uid
-    frame.RTReferencedStudySequence = DicomSequence([study])
-    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
-
     kinds = {name: (kind, colour) for name, kind, colour in ROIS}
     ox, oy, _ = grid.origin_mm
     dx, dy, _ = grid.spacing_mm
     _, _, z_axis = grid.axes_mm()
-    roi_seq, contour_seq, obs_seq = [], [], []
-    for number, name in enumerate(roi_names, start=1):
+    rois = []
+    for name in roi_names:
         kind, colour = kinds[name]
-        roi = Dataset()
-        roi.ROINumber = number
-        roi.ReferencedFrameOfReferenceUID = frame_uid
-        roi.ROIName = written_names[name]
-        roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi_seq.append(roi)
         contours = []
         mask = anatomy.masks[name]
         for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
@@ -403,28 +340,19 @@ def _structure_set(
                 xyz[:, 0] = ox + dx * poly[:, 0]
                 xyz[:, 1] = oy + dy * poly[:, 1]
                 xyz[:, 2] = z_axis[k]
-                c = Dataset()
-                c.ContourImageSequence = DicomSequence([_image_ref(ct_uids[int(k)])])
-                c.ContourGeometricType = "CLOSED_PLANAR"
-                c.NumberOfContourPoints = len(poly)
-                c.ContourData = [f"{v:.3f}".rstrip("0").rstrip(".") for v in xyz.ravel()]
-                contours.append(c)
-        rc = Dataset()
-        rc.ROIDisplayColor = list(colour)
-        rc.ReferencedROINumber = number
-        if contours:
-            rc.ContourSequence = DicomSequence(contours)
-        else:
+                contours.append((ct_uids[int(k)], xyz))
+        if not contours:
             log.warning("synthetic case %d: ROI %s has no voxel on the CT grid", seed, name)
-        contour_seq.append(rc)
-        obs = Dataset()
-        obs.ObservationNumber = number
-        obs.ReferencedROINumber = number
-        obs.ROIObservationLabel = written_names[name]
-        obs.RTROIInterpretedType = kind
-        obs.ROIInterpreter = ""
-        obs_seq.append(obs)
-    ds.StructureSetROISequence = DicomSequence(roi_seq)
-    ds.ROIContourSequence = DicomSequence(contour_seq)
-    ds.RTROIObservationsSequence = DicomSequence(obs_seq)
+        rois.append(RoiContours(name=written_names[name], interpreted_type=kind, colour=colour,
+                                contours=tuple(contours)))
+    ds = structure_set_dataset(
+        sop_instance_uid=rs_uid, series_instance_uid=rs_series_uid, study_instance_uid=study_uid,
+        frame_of_reference_uid=frame_uid, ct_series_instance_uid=ct_series_uid, ct_sop_instance_uids=ct_uids,
+        rois=rois, label=f"SYNTH{seed}"[:16], name="Synthetic", date=STUDY_DATE, time=STUDY_TIME,
+    )
+    _common(ds, seed, study_uid, frame_uid)
+    ds.SeriesNumber = 2
+    ds.SeriesDescription = "Synthetic structures"
+    ds.SeriesDate = STUDY_DATE
+    ds.SeriesTime = STUDY_TIME
     return ds

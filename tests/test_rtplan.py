@@ -1,4 +1,5 @@
-"""RT Plan writer and reader: round trip, encoding rules, dciodvfy, a clinical plan, pymedphys."""
+"""RT Plan writer and reader: round trip, encoding rules, dciodvfy, a clinical plan, pymedphys (DS
+formatting itself: test_dicom_common)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
-from appliance.dicom.common import format_ds, length_violations
+from appliance.dicom.common import length_violations
 from appliance.dicom.rtplan import write_rtplan
 from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
 from core.case import Case, DicomRefs, Grid, PatientPosition, Role
@@ -193,57 +192,6 @@ def write_plan(tmp_path: Path, position: str = "HFS", seed: int = 0) -> tuple[Pa
         fractions=5, rx_gy=40.0, dose_rate_mu_min=600.0,
     )
     return path, uid, seq, case
-
-
-# --------------------------------------------------------------------------------------------
-# DS formatting
-# --------------------------------------------------------------------------------------------
-
-EXTREMES = [
-    0.0, -0.0, 1.0, -1.0, 1 / 3, -2 / 3, 1e-300, -1e-300, 5e-324, 2.2250738585072014e-308,
-    1.7976931348623157e308, -1.7976931348623157e308, 123456789012345678.0, -9.87654321098765e-12,
-    359.99999999999994, 0.1 + 0.2, 1e16, 1e15 + 0.5, 2**52 + 0.5, -123456.78901234567,
-]
-
-
-def _ds_rel_tol(value: float) -> float:
-    """At least 10 significant digits within [1e-99, 1e99], 8 with three-digit exponents."""
-    return 5e-10 if value == 0 or 1e-99 <= abs(value) < 1e99 else 5e-8
-
-
-@pytest.mark.parametrize("value", EXTREMES)
-def test_format_ds_fits_and_reads_back(value: float) -> None:
-    text = format_ds(value)
-    assert len(text) <= 16
-    assert math.isclose(float(text), value, rel_tol=_ds_rel_tol(value))
-    pydicom.valuerep.DSfloat(text, validation_mode=pydicom.config.RAISE)  # a valid DS string
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.floats(allow_nan=False, allow_infinity=False))
-def test_format_ds_any_finite_float(value: float) -> None:
-    text = format_ds(value)
-    assert len(text) <= 16
-    back = float(text)
-    if len(repr(value)) <= 16:
-        assert back == value  # exact when the shortest representation fits
-    else:
-        assert math.isclose(back, value, rel_tol=_ds_rel_tol(value))
-
-
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_format_ds_refuses_non_finite(value: float) -> None:
-    with pytest.raises(ExportError, match="finite"):
-        format_ds(value)
-
-
-def test_length_violations_finds_a_long_ds() -> None:
-    ds = Dataset()
-    item = Dataset()
-    item.SourceAxisDistance = pydicom.valuerep.DSfloat("1000.000000000001", validation_mode=pydicom.config.IGNORE)
-    ds.BeamSequence = Sequence([item])
-    problems = length_violations(ds)
-    assert len(problems) == 1 and "SourceAxisDistance" in problems[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,6 +225,36 @@ def set_instance_creation(ds: Dataset, now: dt.datetime) -> None:
     ds.InstanceCreationTime = now.strftime("%H%M%S")
 
 
+def set_image_plane(
+    ds: Dataset,
+    *,
+    orientation: Iterable[float],
+    position_mm: Iterable[float],
+    pixel_spacing_mm: tuple[float, float],
+    slice_thickness_mm: float,
+) -> None:
+    """Fill the Image Plane module: ImageOrientationPatient (row then column direction cosines),
+    ImagePositionPatient of the first stored pixel (mm), PixelSpacing (between rows, between
+    columns; mm) and SliceThickness (mm), as DS values of at most 16 characters."""
+    ds.ImageOrientationPatient = format_ds_list(orientation)
+    ds.ImagePositionPatient = format_ds_list(position_mm)
+    ds.PixelSpacing = format_ds_list(pixel_spacing_mm)
+    ds.SliceThickness = format_ds(slice_thickness_mm)
+
+
+def set_image_pixel(ds: Dataset, *, rows: int, columns: int, bits_allocated: int, bits_stored: int) -> None:
+    """Fill the Image Pixel module of an unsigned greyscale image (MONOCHROME2, one sample per
+    pixel, the high bit just below ``bits_stored``); the caller sets PixelData."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = bits_allocated
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+
+
 def length_violations(ds: Dataset) -> list[str]:
     """Every value longer than its VR allows, walking sequences; ``[]`` when all fit.
 

@@ -8,6 +8,10 @@ geometry, a single slice, gantry tilt, slices that disagree on rows, columns, pi
 orientation, a non-axial orientation, two slices at one position, missing slices, uneven slice
 spacing, in-plane shifts between slices, or an unsupported PatientPosition. Pixels are decoded by
 :mod:`appliance.dicom.ct_pixels`.
+
+:func:`ct_slice_dataset` writes one axial slice (the synthetic cases of
+:mod:`appliance.synth_dicom`); the tests read such slices back through :func:`ct_geometry` and
+:func:`read_ct_volume`.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
 
-from appliance.dicom.common import DicomFile
+from appliance.dicom.common import DicomFile, format_ds, set_image_pixel, set_image_plane
 from appliance.dicom.ct_pixels import read_slice_hu
 from core.case import Grid, PatientPosition
 from core.errors import InputError
@@ -239,3 +245,71 @@ def patient_position(geometry: CtGeometry) -> PatientPosition:
             "scan the patient in one of these positions and set PatientPosition"
         )
     return PatientPosition(value)
+
+
+def ct_slice_dataset(
+    *,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    instance_number: int,
+    patient_position: PatientPosition,
+    orientation: tuple[float, float, float, float, float, float],
+    position_mm: tuple[float, float, float],
+    pixel_mm: float,
+    slice_mm: float,
+    stored: NDArray[np.uint16],
+    bits_stored: int,
+    rescale_intercept: float,
+) -> Dataset:
+    """One axial CT Image Storage slice: SOP Common UIDs, the General Series, General Image, Image
+    Plane, Image Pixel and CT Image attributes and the pixels.
+
+    Parameters
+    ----------
+    sop_instance_uid, series_instance_uid
+        UIDs of the slice and of its series.
+    instance_number
+        InstanceNumber (1-based).
+    patient_position
+        PatientPosition of the series.
+    orientation
+        ImageOrientationPatient (row, then column direction cosines) of an axial slice.
+    position_mm
+        ImagePositionPatient: patient coordinates (LPS) of the first stored pixel's centre, mm;
+        its z is also written as SliceLocation.
+    pixel_mm
+        Square pixel size, mm (> 0).
+    slice_mm
+        SliceThickness, mm (> 0).
+    stored
+        Stored values, ``[row, column]`` in stored order, unsigned, below ``2**bits_stored``.
+    bits_stored
+        BitsStored (1-16; 16 bits allocated).
+    rescale_intercept
+        RescaleIntercept: HU = stored value + intercept (slope 1).
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The slice without the Patient, General Study, Frame of Reference and General Equipment
+        modules, which the caller adds.
+    """
+    rows, columns = stored.shape
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.PatientPosition = patient_position.value
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = instance_number
+    set_image_plane(ds, orientation=orientation, position_mm=position_mm, pixel_spacing_mm=(pixel_mm, pixel_mm),
+                    slice_thickness_mm=slice_mm)
+    ds.SliceLocation = format_ds(position_mm[2])
+    set_image_pixel(ds, rows=rows, columns=columns, bits_allocated=16, bits_stored=bits_stored)
+    ds.RescaleIntercept = format_ds(rescale_intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
+    return ds

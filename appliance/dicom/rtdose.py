@@ -38,6 +38,8 @@ from appliance.dicom.common import (
     read_source,
     save_dataset,
     set_equipment,
+    set_image_pixel,
+    set_image_plane,
     set_instance_creation,
 )
 from appliance.dicom.uids import check_written_uid, new_uid
@@ -188,20 +190,11 @@ def write_rtdose(
     ds.InstanceNumber = 1
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")
-    # Image Plane
-    ds.ImageOrientationPatient = format_ds_list(refs.image_orientation)
-    ds.ImagePositionPatient = format_ds_list(first)
-    ds.PixelSpacing = format_ds_list((dy, dx))  # row spacing (between rows, along y), column spacing
-    ds.SliceThickness = format_ds(dz)
+    # Image Plane: row spacing (between rows, along y), then column spacing
+    set_image_plane(ds, orientation=refs.image_orientation, position_mm=first, pixel_spacing_mm=(dy, dx),
+                    slice_thickness_mm=dz)
     # Image Pixel + RT Dose
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ny
-    ds.Columns = nx
-    ds.BitsAllocated = 32
-    ds.BitsStored = 32
-    ds.HighBit = 31
-    ds.PixelRepresentation = 0
+    set_image_pixel(ds, rows=ny, columns=nx, bits_allocated=32, bits_stored=32)
     # Multi-frame
     ds.NumberOfFrames = nz
     ds.FrameIncrementPointer = Tag("GridFrameOffsetVector")
