@@ -36,6 +36,7 @@ EXTREMES = [
     0.0, -0.0, 1.0, -1.0, 1 / 3, -2 / 3, 1e-300, -1e-300, 5e-324, 2.2250738585072014e-308,
     1.7976931348623157e308, -1.7976931348623157e308, 123456789012345678.0, -9.87654321098765e-12,
     359.99999999999994, 0.1 + 0.2, 1e16, 1e15 + 0.5, 2**52 + 0.5, -123456.78901234567,
+    9.999999999999998, -9.999999999999998, 1.7976931345e308,
 ]
 
 
@@ -68,6 +69,15 @@ def test_format_ds_any_finite_float(value: float) -> None:
 def test_format_ds_refuses_non_finite(value: float) -> None:
     with pytest.raises(ExportError, match="finite"):
         format_ds(value)
+
+
+def test_format_ds_where_pydicom_alone_is_not_enough() -> None:
+    # pydicom's format_number_as_ds gives '10.00000000000000' (17 characters) and '1.797693135e+308'
+    # (infinity when read back) for these; format_ds keeps both within the rules.
+    assert format_ds(9.999999999999998) == "10.0"
+    assert format_ds(-9.999999999999998) == "-10.0"
+    assert format_ds(1.7976931348623157e308) == "1.797693134e+308"
+    assert format_ds(-1.7976931348623157e308) == "-1.79769313e+308"
 
 
 def test_format_ds_takes_ints_and_numpy_scalars() -> None:

@@ -1,7 +1,8 @@
 """Helpers shared by the DICOM writers and readers of the appliance (RT Plan, RT Dose, CT, RT Structure Set).
 
-- :func:`format_ds` turns a float into a Decimal String of at most 16 characters (Eclipse
-  rejects longer ones) with as many significant digits as fit.
+- :func:`format_ds` turns a number into a Decimal String of at most 16 characters (Eclipse
+  rejects longer ones) with as many significant digits as fit: pydicom's format_number_as_ds
+  and three rules of ours.
 - :func:`copy_patient_study` copies the Patient, Patient Study, General Study and Frame of
   Reference attributes from a source dataset (the planning CT): never retyped.
 - :func:`length_violations` walks a dataset (sequences included) and lists every value longer
@@ -14,11 +15,9 @@ UIDs are made and checked in :mod:`appliance.dicom.uids`.
 from __future__ import annotations
 
 import datetime as dt
-import decimal
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,6 +26,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
 
 from core.errors import ExportError
 
@@ -49,7 +49,9 @@ MANUFACTURER = "AIRT planning appliance (research use only)"
 MODEL_NAME = "airt-appliance"
 RESEARCH_NOTE = "Research output, not clinically approved"
 
-_EXP_RE = re.compile(r"e([+-])0*(\d)")
+#: The largest magnitude format_number_as_ds writes without rounding it up to infinity (10 significant
+#: digits at a three-digit exponent).
+_LARGEST_DS = 1.797693134e308
 
 # Attributes copied verbatim from the source CT when present. The second element says whether
 # the attribute is Type 2 in the target IODs (written empty when the source lacks it).
@@ -99,17 +101,19 @@ class DicomFile:
 def format_ds(value: float) -> str:
     """Format a number as a DICOM Decimal String of at most 16 characters.
 
-    Parameters
-    ----------
-    value
-        Any finite real number.
+    pydicom's :func:`~pydicom.valuerep.format_number_as_ds` does the formatting: the shortest
+    string that reads back to ``value`` exactly when it fits in 16 characters, else ``value``
+    rounded to the most significant digits that fit (at least 10 for magnitudes in
+    [1e-99, 1e99], 8 with a three-digit exponent). This wrapper adds three rules of ours that it
+    lacks:
 
-    Returns
-    -------
-    str
-        The shortest string that reads back to ``value`` exactly when it fits in 16
-        characters, else ``value`` rounded to the most significant digits that fit
-        (at least 10 for magnitudes in [1e-99, 1e99]). ``-0`` is written ``0``.
+    - any real number is accepted (ints and numpy scalars too), and NaN or infinity raise the
+      project's :class:`~core.errors.ExportError` naming the value;
+    - where rounding carries into one more digit, pydicom's string has 17 characters
+      (``9.999999999999998`` gives ``'10.00000000000000'``), which Eclipse rejects: the rounded
+      number is formatted again (``'10.0'``);
+    - magnitudes above 1.797693134e308, which pydicom rounds up to a string that reads back as
+      infinity, are written as 1.797693134e308 (0.0000000007 % smaller).
 
     Raises
     ------
@@ -119,25 +123,12 @@ def format_ds(value: float) -> str:
     v = float(value)
     if not math.isfinite(v):
         raise ExportError(f"cannot write {value!r} as a DICOM DS value: it must be a finite number")
-    if v == 0.0:
-        return "0"
-    text = _tidy_exponent(repr(v))
-    if len(text) <= 16:
-        return text
-    for digits in range(16, 0, -1):
-        text = _tidy_exponent(f"{v:.{digits}g}")
-        if len(text) <= 16:
-            if math.isfinite(float(text)):
-                return text
-            # Rounding up overflowed (|value| near the largest double): truncate instead.
-            truncated = decimal.Context(prec=digits, rounding=decimal.ROUND_DOWN).create_decimal(v)
-            return _tidy_exponent(f"{truncated:.{digits - 1}e}")
-    raise ExportError(f"cannot fit {value!r} into 16 characters")  # pragma: no cover - unreachable
-
-
-def _tidy_exponent(text: str) -> str:
-    """Drop the '+' sign and leading zeros of an exponent ('1e+05' -> '1e5', '1e-05' -> '1e-5')."""
-    return _EXP_RE.sub(lambda m: "e" + ("-" if m.group(1) == "-" else "") + m.group(2), text)
+    if abs(v) > _LARGEST_DS:
+        v = math.copysign(_LARGEST_DS, v)
+    text = format_number_as_ds(v)
+    if len(text) > 16:
+        text = format_number_as_ds(float(text))
+    return text
 
 
 def format_ds_list(values: Iterable[float]) -> list[str]:
