@@ -50,7 +50,7 @@ REJECT_LOCAL_LIMIT = "local_limit"
 REJECT_REASONS = (REJECT_CALLING_AE, REJECT_CALLED_AE, REJECT_LOCAL_LIMIT)
 
 MODALITIES = ("CT", "RTSTRUCT")
-"""What the SCP stores (``appliance.scp.STORAGE_SOP_CLASSES``)."""
+"""What the SCP stores (``appliance.cstore.STORAGE_SOP_CLASSES``)."""
 STORE_FAILURE_STATUSES = (0xA700, 0xA701, 0xA900, 0xC210, 0xC211, 0xC212, 0xC213, 0xC214)
 """The failure statuses the SCP answers (``appliance.scp``), shown at 0 before they first happen."""
 PLAN_OUTCOMES = ("ok", "failed", "crashed", "timeout", "cancelled", "stopping")

@@ -7,41 +7,16 @@ and re-encoded); with ``pynetdicom._config.STORE_RECV_CHUNKED_DATASET`` the data
 temporary file, so large instances go to disk, not memory. Only the header is parsed
 (``stop_before_pixels``).
 
-C-STORE statuses the node answers
----------------------------------
-========  ====================================================================================
-0x0000    Success: the file is on disk (fsynced, renamed) and its row committed; also for an
-          exact duplicate (same SOP Instance UID, same bytes).
-0xA700    Out of resources: free disk below ``storage.min_free_disk_mb``, or the disk filled up
-          while the file was written (nothing of it remains).
-0xA701    Out of resources: the dataset is larger than ``node.max_dataset_bytes``.
-0xA900    Dataset does not match SOP class: SOP Class/Instance UID in the dataset differ from
-          the C-STORE request.
-0xC210    Cannot understand: the dataset cannot be parsed, or required attributes are missing.
-0xC211    Cannot understand: a UID (study, series, SOP instance, frame of reference) is not a
-          valid UID; nothing is written (UIDs become file names only after validation).
-0xC212    Refused: an instance with this SOP Instance UID but different content is already
-          stored. The first version is kept and a ``node_events`` row records the conflict.
-          (A failure, not a warning: a warning would tell the sender the data was stored.)
-0xC213    Processing failure: the node could not write the file or the row (see its log).
-0xC214    Refused: a lossy-compressed CT image (JPEG Baseline/Extended, JPEG-LS near-lossless,
-          lossy JPEG 2000, or LossyImageCompression = 01); a ``node_events`` row lets the
-          study's job say why its CT is missing.
-========  ====================================================================================
-
-Every failure status carries an ErrorComment (64 characters) saying why. CT images are accepted
-uncompressed and losslessly compressed (JPEG Lossless, JPEG-LS lossless, JPEG 2000 lossless, RLE);
-they are stored as sent and decoded when the case is loaded.
+The statuses it answers, what it stores and the check of a received header are in
+:mod:`appliance.cstore`; the transport (TLS, PDU read limits) in :mod:`appliance.scp_transport`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import shutil
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -49,26 +24,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import Settings
-from appliance.dicom.ct_pixels import LOSSLESS_SYNTAXES, LOSSY_SYNTAXES, lossy_reason
-from appliance.dicom.uids import check_uid
-from core.errors import AirtError, InputError
+from appliance.cstore import (
+    CT_TRANSFER_SYNTAXES,
+    STATUS_CONFLICT,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+    STATUS_TOO_LARGE,
+    TRANSFER_SYNTAXES,
+    StoreRefusedError,
+    failure_response,
+    parse_header,
+)
+from appliance.scp_transport import MIN_PDU_READ_BYTES, NodeRequestHandler, NodeServer, make_ssl_context
 from storage.db import Database, record_node_event
 from storage.instance_store import InstanceStore, read_chunks
-from storage.instances import InstanceHeader, RegisterOutcome, classify, register_instance
+from storage.instances import RegisterOutcome, classify, register_instance
 from storage.states import utcnow
 
 if TYPE_CHECKING:
@@ -76,186 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_TOO_LARGE = 0xA701
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_INVALID_UID = 0xC211
-STATUS_CONFLICT = 0xC212
-STATUS_PROCESSING_FAILURE = 0xC213
-STATUS_LOSSY_REFUSED = 0xC214
-
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
-"""Transfer syntaxes accepted for storage (listed explicitly, not 'everything pydicom knows')."""
-CT_TRANSFER_SYNTAXES = [*TRANSFER_SYNTAXES, *LOSSLESS_SYNTAXES, *LOSSY_SYNTAXES]
-"""A CT is also accepted losslessly compressed (decoded at planning, same HU), and lossy-compressed
-syntaxes are accepted in negotiation so that each such image is refused with the reason (0xC214 and
-an ErrorComment the sender shows, a node event the job's failure reason repeats) instead of a
-silent 'no presentation context'."""
-
-STORAGE_SOP_CLASSES = {str(CTImageStorage): "CT", str(RTStructureSetStorage): "RTSTRUCT"}
-"""SOP classes accepted for storage -> the modality the node files them under."""
-
 MiB = 1024 * 1024
-
-
-class StoreRefusedError(AirtError):
-    """An instance was refused; ``status`` is the C-STORE status to answer. With ``study_uid`` the
-    refusal is also a ``node_events`` row, so that the study's job can say why an image is missing."""
-
-    def __init__(self, status: int, message: str, study_uid: str | None = None, comment: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.study_uid = study_uid
-        self.comment = comment or message
-        """The ErrorComment answered (64 characters): the reason first."""
-
-
-def _failure(status: int, comment: str) -> Dataset:
-    """A C-STORE failure response: the status and an ErrorComment (LO, 64 characters) the sender shows."""
-    rsp = Dataset()
-    rsp.Status = status
-    rsp.ErrorComment = "".join(c if c.isprintable() and c != "\\" else " " for c in comment)[:64]
-    return rsp
-
-
-def _first(ds: Dataset, *path: str) -> Any:
-    """Follow ``Seq, Seq, ..., Attribute`` through the first item of each sequence (None if absent)."""
-    cur: Any = ds
-    for name in path[:-1]:
-        seq = getattr(cur, name, None)
-        if not seq:
-            return None
-        cur = seq[0]
-    return getattr(cur, path[-1], None)
-
-
-def parse_header(source: Path | bytes, *, expected_class: str, expected_uid: str) -> InstanceHeader:
-    """Parse and validate the header of a received instance (DICOM file format, with file meta).
-
-    Parameters
-    ----------
-    source
-        A file path or the encoded bytes (preamble, file meta, dataset).
-    expected_class, expected_uid
-        AffectedSOPClassUID and AffectedSOPInstanceUID of the C-STORE request.
-
-    Raises
-    ------
-    StoreRefusedError
-        With the status to answer (0xC210, 0xC211 or 0xA900) and a message naming the attribute.
-    """
-    try:
-        fp: Any = io.BytesIO(source) if isinstance(source, bytes) else source
-        ds = dcmread(fp, stop_before_pixels=True)
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        sop_class = str(ds.SOPClassUID)
-        sop_uid = ds.SOPInstanceUID
-        study_uid, series_uid = ds.StudyInstanceUID, ds.SeriesInstanceUID
-        modality = STORAGE_SOP_CLASSES.get(sop_class)
-        lossy = None
-        if modality == "CT":
-            for_uid = ds.FrameOfReferenceUID
-            ref_series = None
-            lossy = lossy_reason(ts, ds.get("LossyImageCompression"))
-        else:
-            for_uid = _first(ds, "ReferencedFrameOfReferenceSequence", "FrameOfReferenceUID")
-            if for_uid is None:  # the sequence is Type 3; every ROI names its frame (Type 1)
-                for_uid = _first(ds, "StructureSetROISequence", "ReferencedFrameOfReferenceUID")
-            ref_series = _first(ds, "ReferencedFrameOfReferenceSequence", "RTReferencedStudySequence",
-                                "RTReferencedSeriesSequence", "SeriesInstanceUID")
-    except Exception as exc:  # corrupt input makes pydicom raise many types (struct.error, ...: fuzzing)
-        raise StoreRefusedError(STATUS_CANNOT_UNDERSTAND,
-                           f"instance {expected_uid}: cannot parse the dataset: {exc}") from exc
-    if sop_class != expected_class or str(sop_uid) != expected_uid:
-        raise StoreRefusedError(STATUS_DATASET_MISMATCH,
-                           f"dataset SOP Class/Instance UID {sop_class}/{sop_uid} differ from the C-STORE "
-                           f"request's {expected_class}/{expected_uid}")
-    if modality is None:
-        raise StoreRefusedError(STATUS_DATASET_MISMATCH, f"SOP class {sop_class} is not stored by this node")
-    if lossy is not None:
-        raise StoreRefusedError(
-            STATUS_LOSSY_REFUSED, f"CT image {sop_uid} refused: {lossy}; lossy-compressed CT is not planned "
-            "on (its values are not the scanner's HU). Send the original or a lossless copy",
-            study_uid=str(study_uid), comment=f"lossy CT refused ({lossy.split(' (')[0].split(' is ')[-1]}); send lossless")
-    try:
-        hdr = InstanceHeader(
-            study_uid=check_uid(study_uid, "StudyInstanceUID"),
-            series_uid=check_uid(series_uid, "SeriesInstanceUID"),
-            sop_instance_uid=check_uid(sop_uid, "SOPInstanceUID"),
-            sop_class_uid=sop_class,
-            modality=modality,
-            transfer_syntax_uid=check_uid(ts, "TransferSyntaxUID"),
-            frame_of_reference_uid=None if for_uid is None else check_uid(for_uid, "FrameOfReferenceUID"),
-            referenced_series_uid=None if ref_series is None else check_uid(ref_series, "referenced SeriesInstanceUID"),
-        )
-    except InputError as exc:
-        raise StoreRefusedError(STATUS_INVALID_UID, str(exc)) from exc
-    return hdr
-
-
-MIN_PDU_READ_BYTES = 65536
-"""Smallest limit on the PDU length a peer may announce, bytes: an A-ASSOCIATE-RQ with many
-presentation contexts may exceed a small ``node.max_pdu_bytes``; a P-DATA-TF may not."""
-
-
-class _BoundedAssociationSocket(AssociationSocket):
-    """An acceptor socket that refuses to read a PDU longer than the server's ``max_pdu_read`` (pynetdicom
-    would buffer whatever length a peer announces, up to 4 GiB, in memory) and that gives up on a peer
-    that stops sending in the middle of a PDU after ``read_timeout_s``. Either closes the connection
-    (the DUL sees a transport error), so one peer cannot exhaust memory or hold an association slot."""
-
-    max_read: int = 0
-    read_timeout_s: float = 60.0
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        if self.max_read and nr_bytes > self.max_read:
-            log.warning("peer %s announced a PDU of %d bytes (limit %d, node.max_pdu_bytes); closing the "
-                        "connection", self._assoc.requestor.address, nr_bytes, self.max_read)
-            raise OSError(f"PDU of {nr_bytes} bytes exceeds the limit of {self.max_read}")
-        if self.socket is not None:
-            self.socket.settimeout(self.read_timeout_s)
-        return super().recv(nr_bytes)
-
-
-class _NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the node's TLS handling and read limits (see :class:`_NodeRequestHandler`)."""
-
-    node_tls: ssl.SSLContext | None = None
-    handshake_timeout_s: float = 30.0
-    read_timeout_s: float = 60.0
-    max_pdu_read: int = 0
-
-
-class _NodeRequestHandler(RequestHandler):
-    """Handles one connection in its own thread: the TLS handshake first (bounded by the ACSE
-    timeout; a failed handshake closes the connection and is logged), then pynetdicom's association
-    on a :class:`_BoundedAssociationSocket`."""
-
-    server: _NodeServer
-
-    def handle(self) -> None:
-        tls = self.server.node_tls
-        if tls is not None:
-            raw = cast(Any, self.request)
-            try:
-                raw.settimeout(self.server.handshake_timeout_s)
-                self.request = tls.wrap_socket(raw, server_side=True)
-            except (OSError, ValueError) as exc:  # ssl.SSLError and timeouts are OSErrors
-                log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
-                raw.close()
-                return
-        super().handle()
-
-    def _create_association(self) -> Any:
-        assoc = super()._create_association()
-        sock = cast(Any, assoc.dul.socket)
-        # Same object, narrower class: only recv() differs (pynetdicom builds the socket inline).
-        sock.__class__ = _BoundedAssociationSocket
-        sock.max_read = self.server.max_pdu_read
-        sock.read_timeout_s = self.server.read_timeout_s
-        return assoc
 
 
 @dataclass
@@ -264,18 +64,6 @@ class _AssocStats:
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
-
-
-def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server-side TLS context from ``[tls]``, or None when TLS is off."""
-    tls = settings.tls
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file)
-    ctx.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
 
 
 class StorageSCP:
@@ -343,11 +131,11 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         # Not ae.start_server(ssl_context=...): pynetdicom would run the TLS handshake in the accept
-        # loop, where one silent client stops every later association. _NodeServer runs it in the
+        # loop, where one silent client stops every later association. NodeServer runs it in the
         # connection's own thread, with a timeout, and bounds what a peer can make the node read.
-        server = cast(_NodeServer, ae.make_server(
-            (node.bind_address, node.port), evt_handlers=handlers, server_class=_NodeServer,
-            request_handler=_NodeRequestHandler,
+        server = cast(NodeServer, ae.make_server(
+            (node.bind_address, node.port), evt_handlers=handlers, server_class=NodeServer,
+            request_handler=NodeRequestHandler,
         ))
         server.node_tls = make_ssl_context(self.settings)
         server.handshake_timeout_s = node.acse_timeout_s
@@ -482,25 +270,25 @@ class StorageSCP:
                 with contextlib.suppress(Exception), self.db.session() as s:
                     record_node_event(s, "instance_refused", str(exc), study_uid=exc.study_uid[:64],
                                       sop_instance_uid=sop_uid[:64])
-            return _failure(exc.status, exc.comment)
+            return failure_response(exc.status, exc.comment)
         except Exception as exc:
             self._count(event, "refused")
             if self.metrics is not None:
                 self.metrics.store_failed(STATUS_PROCESSING_FAILURE)
             log.exception("C-STORE of %s from AE %r failed while storing", sop_uid[:64], calling)
-            return _failure(STATUS_PROCESSING_FAILURE, f"node error while storing: {type(exc).__name__}")
+            return failure_response(STATUS_PROCESSING_FAILURE, f"node error while storing: {type(exc).__name__}")
         if outcome == RegisterOutcome.CONFLICT:
             self._count(event, "refused")
             if self.metrics is not None:
                 self.metrics.store_failed(STATUS_CONFLICT)
-            return _failure(STATUS_CONFLICT, "same SOP Instance UID already stored with other content")
+            return failure_response(STATUS_CONFLICT, "same SOP Instance UID already stored with other content")
         self._count(event, "stored" if outcome == RegisterOutcome.NEW else "duplicates")
         return STATUS_SUCCESS
 
     # -- the store itself -------------------------------------------------------------------------
 
     def store_instance(self, event: evt.Event, calling: str, called: str | None = None) -> RegisterOutcome:
-        """Write one received instance and its row; see the module docstring for the statuses.
+        """Write one received instance and its row; see :mod:`appliance.cstore` for the statuses.
 
         Raises
         ------

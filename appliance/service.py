@@ -32,10 +32,11 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from appliance.config import Settings
+from appliance.cstore import StoreRefusedError, parse_header
 from appliance.health import Readiness
 from appliance.metrics import NodeMetrics
 from appliance.scheduler import StudyScheduler
-from appliance.scp import StorageSCP, StoreRefusedError, parse_header
+from appliance.scp import StorageSCP
 from appliance.scu import Deliverer
 from appliance.web import WebServer
 from appliance.worker import Worker

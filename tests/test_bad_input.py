@@ -33,10 +33,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage  # type: ignore[attr-defined]
 
 from appliance.config import Settings, settings_from_dict
+from appliance.cstore import STATUS_DATASET_MISMATCH
 from appliance.dicom.case_loader import load_case
 from appliance.planning import plan_folder
 from appliance.scheduler import StudyScheduler
-from appliance.scp import STATUS_DATASET_MISMATCH
 from appliance.synth_dicom import SynthWritten
 from appliance.worker import Worker
 from core.case import Prescription, Role

@@ -33,8 +33,8 @@ from sqlalchemy import select
 
 import storage.db
 from appliance.config import Settings, settings_from_dict
+from appliance.cstore import STATUS_OUT_OF_RESOURCES, STATUS_PROCESSING_FAILURE
 from appliance.scheduler import StudyScheduler
-from appliance.scp import STATUS_OUT_OF_RESOURCES, STATUS_PROCESSING_FAILURE
 from appliance.scu import Deliverer
 from appliance.service import recover
 from appliance.worker import Worker

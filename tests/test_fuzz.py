@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from appliance.config import StructureSettings
+from appliance.cstore import StoreRefusedError, parse_header
 from appliance.dicom.case_loader import load_case
-from appliance.scp import StoreRefusedError, parse_header
 from appliance.synth_dicom import SynthWritten
 from core.case import Prescription
 from core.errors import InputError

@@ -27,13 +27,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
 from appliance.config import settings_from_dict
-from appliance.scp import (
+from appliance.cstore import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_CONFLICT,
     STATUS_INVALID_UID,
     STATUS_OUT_OF_RESOURCES,
-    StorageSCP,
 )
+from appliance.scp import StorageSCP
 from storage.db import Database
 from storage.instance_store import InstanceStore
 from storage.models import Instance, NodeEvent, Study

@@ -28,7 +28,8 @@ from pynetdicom.sop_class import RTDoseStorage, RTPlanStorage  # type: ignore[at
 from sqlalchemy import func, select
 
 from appliance.config import Settings, settings_from_dict
-from appliance.scp import STATUS_TOO_LARGE, StorageSCP
+from appliance.cstore import STATUS_TOO_LARGE
+from appliance.scp import StorageSCP
 from appliance.scu import Deliverer, client_ssl_context
 from storage.db import Database
 from storage.models import Delivery, Instance, Job, NodeEvent
