@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from appliance.config import PlanningMethod, Settings
-from appliance.dicom_in import load_case
+from appliance.dicom.case_loader import load_case
 from appliance.planning import planning_options
 from appliance.synth_dicom import write_synth_case
 from core.case import Case
