@@ -54,7 +54,7 @@ from numpy.typing import NDArray
 from core.case import Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
-from pipeline.dose_engine import DoseEngine, adjoint
+from pipeline.dose_engine import DoseEngine
 from sequencing.sequencer import ArcSequence, fit_jaws, limit_leaf_travel
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ FAR_OARS = (Role.FEMUR_HEAD_L, Role.FEMUR_HEAD_R)
 class LinearDoseTerms:
     """Mean-dose hinges of structures from the fluence, exactly: the dose is linear in the fluence, so a
     structure's mean dose is ``<g, fluence>`` with ``g = A^T m / |m|`` (the engine's adjoint of its mask,
-    one backward pass of the full engine per case).
+    :meth:`pipeline.dose_engine.DoseEngine.adjoint`, once per case).
 
     ``maps`` are the ``g`` of each structure (``(n_sectors, rows, cols)``, dose per MU); the term is
     ``weight x sum_s max(0, mean_s / rx - level)``.
@@ -96,8 +96,8 @@ class LinearDoseTerms:
     @classmethod
     def of(cls, engine: DoseEngine, masks: list[torch.Tensor], *, rx_gy: float, level: float,
            weight: float) -> LinearDoseTerms:
-        """The terms of ``masks`` (bool, on the engine's grid) through ``engine`` (the full one)."""
-        maps = tuple(adjoint(engine, m, engine.fluence_shape, device=engine.device) / float(m.sum())
+        """The terms of ``masks`` (bool, on the engine's grid) through ``engine`` (one that computes them)."""
+        maps = tuple(engine.adjoint(m) / float(m.sum())
                      for m in masks if bool(m.any()))
         return cls(maps=maps, rx_gy=float(rx_gy), level=float(level), weight=float(weight))
 
@@ -197,6 +197,9 @@ def delivered_fluence(leaves: torch.Tensor, jaws: torch.Tensor, segment_mu: torc
         BEV grid and dosimetric leaf gap.
     substeps
         Sub-positions per sector (midpoint rule, as ``fluence_from_sequence``).
+
+    The open area of every pixel, the ``(sectors, substeps, rows, cols)`` part, has a hand-written
+    gradient (:class:`_OpenArea`); the rest (interpolation, dosimetric leaf gap and jaws, MU) is torch's.
     """
     bev = machine.bev
     dtype, dev = leaves.dtype, leaves.device
@@ -216,9 +219,46 @@ def delivered_fluence(leaves: torch.Tensor, jaws: torch.Tensor, segment_mu: torc
     row_lo = torch.as_tensor(bev.row_edges_mm()[:-1], dtype=dtype, device=dev)
     col = torch.as_tensor(bev.col_edges_mm(), dtype=dtype, device=dev)
     oy = (torch.minimum(jw[..., 3:4], row_lo + w) - torch.maximum(jw[..., 2:3], row_lo)).clamp_min(0.0)  # (n, S, R)
-    ox = (torch.minimum(hi[..., None], col[1:]) - torch.maximum(lo[..., None], col[:-1])).clamp_min(0.0)
-    open_area = (oy[..., None] * ox).sum(dim=1) / (substeps * w * w)  # (n, R, C)
+    open_area: torch.Tensor = _OpenArea.apply(lo, hi, oy.detach() / (substeps * w * w), col)  # (n, R, C)
     return open_area * segment_mu[:, None, None]
+
+
+def open_area(lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """``sum_s row_weight[n, s, r] x |[lo, hi] ∩ [col_c, col_c+1]|``: the ``(n, R, C)`` open area of
+    sub-positions ``s`` whose open interval along x is ``[lo, hi]`` (``(n, S, R)``, mm) and whose row
+    weight is ``row_weight`` (the y overlap over the sub-positions' pixel areas). Plain torch (the
+    reference of :class:`_OpenArea`'s gradient)."""
+    ox = (torch.minimum(hi[..., None], col[1:]) - torch.maximum(lo[..., None], col[:-1])).clamp_min(0.0)
+    return (row_weight[..., None] * ox).sum(dim=1)
+
+
+class _OpenArea(torch.autograd.Function):
+    """:func:`open_area` with its gradient by hand: ``d area[n, r, c] / d lo[n, s, r]`` is
+    ``-row_weight`` for the one pixel ``c`` that contains ``lo`` (when the interval is open) and 0
+    elsewhere, and likewise ``+row_weight`` for ``hi``; so the backward pass gathers one value per
+    sub-position and row instead of differentiating the ``(n, S, R, C)`` overlaps (a fifth of an
+    arc optimisation step). At a pixel edge it takes the derivative from above."""
+
+    @staticmethod
+    def forward(ctx: Any, lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor,  # type: ignore[override]
+                col: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(lo, hi, row_weight, col)
+        with torch.no_grad():
+            return open_area(lo, hi, row_weight, col)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        lo, hi, row_weight, col = ctx.saved_tensors
+        n_cols = col.numel() - 1
+        width = col[1] - col[0]
+        g = grad[:, None].expand(-1, lo.shape[1], -1, -1)  # (n, S, R, C), a view
+
+        def at(x: torch.Tensor) -> torch.Tensor:  # grad at the pixel holding x, 0 outside the columns
+            j = torch.floor((x - col[0]) / width).to(torch.int64)
+            inside = (j >= 0) & (j < n_cols) & (hi > lo)
+            return g.gather(3, j.clamp(0, n_cols - 1)[..., None])[..., 0] * row_weight * inside
+
+        return -at(lo), at(hi), None, None
 
 
 @dataclass(frozen=True)

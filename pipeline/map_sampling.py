@@ -48,6 +48,8 @@ def _scatter_kernel(grad: NDArray[Any], xy: NDArray[Any], w: NDArray[Any], c0: i
         m = gmaps[b]
         wb = w[b]
         for i in range(n):
+            if grad[i] == 0.0:
+                continue
             px = xy[b, i, 0] * sx + ox
             py = xy[b, i, 1] * sy + oy
             if px >= 0.0 and px < xmax and py >= 0.0 and py < ymax:

@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 
 from core.errors import PlanningError
 from pipeline import objectives as obj
-from pipeline.dose_engine import DoseEngine, adjoint
+from pipeline.dose_engine import DoseEngine
 from pipeline.goal_objective import GoalSetup, GoalTerm, goal_terms, normalised
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,22 @@ class DoseObjective:
                 t[g.name], k[g.name] = g.value(seen, rx), g.weight
         return t, k
 
+    def on_voxels(self, index: torch.Tensor) -> DoseObjective:
+        """This objective of a dose given as a vector over the voxels ``index`` (flat indices on the dose
+        grid, e.g. :class:`pipeline.dose_engine.RegionDose`): the same value as this objective of the grid
+        dose that equals the vector there, since every voxel the objective reads (its masks, cut to the
+        region it was built for) must be in ``index``. A step costs the region's voxels, not the grid's.
+        """
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1)[index.to(t.device)]
+
+        masks = [self.ptv, self.region, *self.oars.values(), *self.femurs, *(g.mask for g in self.goals)]
+        if any(int(torch.count_nonzero(m)) != int(torch.count_nonzero(take(m))) for m in masks):
+            raise PlanningError("the objective reads voxels outside the given ones; build it with that region")
+        return replace(self, ptv=take(self.ptv), region=take(self.region), ceiling=take(self.ceiling),
+                       oars={r: take(m) for r, m in self.oars.items()}, femurs=tuple(take(m) for m in self.femurs),
+                       goals=tuple(replace(g, mask=take(g.mask)) for g in self.goals))
+
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the dose terms (dimensionless)."""
         t, k = self.terms(dose)
@@ -266,16 +282,18 @@ def _dilate(mask: torch.Tensor, px: int) -> torch.Tensor:
     return m.squeeze(1) > 0.5
 
 
-def ptv_aperture(engine: Callable[[torch.Tensor], torch.Tensor], ptv: torch.Tensor,
+def ptv_aperture(engine: DoseEngine, ptv: torch.Tensor,
                  shape: tuple[int, int, int], *, threshold: float, device: torch.device,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PTV's BEV aperture from the engine's adjoint (one forward and one backward pass).
+    """The PTV's BEV aperture from the engine's adjoint (:meth:`DoseEngine.adjoint`).
 
     Returns ``(aperture, adjoint)``: a boolean (n_sectors, rows, cols) map of pixels whose PTV dose
     per MU is at least ``threshold`` of their map's maximum, and ``A^T M_PTV`` itself (Gy/MU summed
     over PTV voxels).
     """
-    adj = adjoint(engine, ptv, shape, device=device, dtype=dtype)
+    adj = engine.adjoint(ptv).to(device=device, dtype=dtype)
+    if tuple(adj.shape) != tuple(shape):
+        raise PlanningError(f"the engine takes fluence of shape {tuple(adj.shape)}, not {tuple(shape)}")
     peak = adj.amax(dim=(1, 2), keepdim=True)
     if not bool((peak > 0).all()):
         raise PlanningError(

@@ -44,7 +44,7 @@ from pipeline.arc_optimizer import (
     optimize_arc,
     rescale_mu,
 )
-from pipeline.dose_engine import DoseEngine
+from pipeline.dose_engine import DoseEngine, RegionDose
 from pipeline.goal_objective import GoalSetup, PriorityWeights
 from pipeline.goals import AT_LEAST, GoalSpec, GoalStages, Normalisation
 from pipeline.problem import PlanningProblem, build_problem
@@ -197,14 +197,14 @@ class PlanResult:
     goals: list[dict[str, Any]] | None = None
 
 
-def near_target_engine(problem: PlanningProblem) -> tuple[DoseEngine, NDArray[np.bool_]]:
+def near_target_engine(problem: PlanningProblem) -> tuple[RegionDose, NDArray[np.bool_]]:
     """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``),
-    and that region (bool on the dose grid)."""
+    giving the dose as a vector over them, and that region (bool on the dose grid)."""
     from pipeline.refine import refinement_region
 
     masks = {role: m.detach().cpu().numpy().astype(bool) for role, m in problem.masks.items()}
     region = refinement_region(masks, problem.grid.spacing_mm, shell_mm=SHELL_MM, oar_reach_mm=OAR_REACH_MM)
-    return problem.engine.restricted(region), region
+    return RegionDose(problem.engine.restricted(region), region), region
 
 
 def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
@@ -334,7 +334,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
     seq = start = _start_sequence(fluence, problem, machine, arc, options, ptv_engine, timings, record)
 
     objective: Callable[[dict[int, float]], Any] | None = None
-    near: DoseEngine | None = None
+    near: RegionDose | None = None
     far: LinearDoseTerms | None = None
     if options.arc.iterations > 0:
         with timings.stage("arc_optimize"):
@@ -345,7 +345,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                 return build_dose_objective(
                     {role.value: m for role, m in problem.masks.items()}, rx_gy=rx_fx,
                     spacing_mm=problem.grid.spacing_mm, weights=options.optimizer_weights,
-                    goals=_goal_setup(options, problem, case, boost), region=region_t)
+                    goals=_goal_setup(options, problem, case, boost), region=region_t).on_voxels(near.index)
 
             far = _far_terms(problem, options, rx_fx)
             result = optimize_arc(seq, near, objective({}), machine, arc, settings=options.arc,
@@ -440,7 +440,7 @@ def goal_rank(goals: list[dict[str, Any]]) -> tuple[int, float, int, float]:
 
 def _rescue(seq: ArcSequence, dose_fx: NDArray[np.float32], factor: float, goals: list[dict[str, Any]],
             problem: PlanningProblem, case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningOptions,
-            rx_fx: float, near: DoseEngine, objective: Callable[[dict[int, float]], Any], timings: Timings,
+            rx_fx: float, near: RegionDose, objective: Callable[[dict[int, float]], Any], timings: Timings,
             record: dict[str, Any], far: LinearDoseTerms | None) -> tuple[ArcSequence, NDArray[np.float32], float,
                                                                           list[dict[str, Any]]]:
     """While a P1 goal fails: optimise the arc again from the current one with the failing goals'

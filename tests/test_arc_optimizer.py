@@ -16,7 +16,9 @@ from pipeline.arc_optimizer import (
     MU_CAP_FRACTION,
     ArcOptimizerSettings,
     LinearDoseTerms,
+    _OpenArea,
     delivered_fluence,
+    open_area,
     optimize_arc,
     rescale_mu,
 )
@@ -86,6 +88,26 @@ def test_fluence_model_gradient_matches_finite_differences() -> None:
     np.testing.assert_allclose(mu.grad.numpy(), (unit * weights).sum(dim=(1, 2)).numpy(), rtol=1e-10)
 
 
+def test_open_area_gradient_by_hand_is_autograds() -> None:
+    # random intervals (some closed, some reversed, some outside the columns) and row weights
+    gen = torch.Generator().manual_seed(1)
+    col = torch.as_tensor(MACHINE.bev.col_edges_mm())
+    lo = torch.rand(7, 4, 5, generator=gen, dtype=torch.float64) * 260.0 - 130.0
+    hi = lo + torch.rand(7, 4, 5, generator=gen, dtype=torch.float64) * 80.0 - 10.0
+    row_weight = torch.rand(7, 4, 5, generator=gen, dtype=torch.float64)
+    weights = torch.rand(7, 5, col.numel() - 1, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (open_area, _OpenArea.apply):
+        a, b = lo.clone().requires_grad_(True), hi.clone().requires_grad_(True)
+        area = fn(a, b, row_weight, col)
+        (area * weights).sum().backward()
+        assert a.grad is not None and b.grad is not None
+        grads.append((area.detach(), a.grad, b.grad))
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert float(grads[0][1].abs().max()) > 0.1 and float(grads[0][2].abs().max()) > 0.1
+
+
 def test_rescaling_mu_down_limits_the_leaves_again() -> None:
     seq = _sequence(threshold=0.05)
     assert not check_deliverable(seq, MACHINE)
@@ -131,7 +153,8 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
     rx = case.prescription.dose_gy / case.prescription.fractions  # type: ignore[attr-defined]
     near, region = near_target_engine(prob)  # type: ignore[arg-type]
     masks = {r.value: torch.as_tensor(m.numpy() & region) for r, m in prob.masks.items()}  # type: ignore[attr-defined]
-    objective = build_dose_objective(masks, rx_gy=rx, spacing_mm=prob.grid.spacing_mm)  # type: ignore[attr-defined]
+    grid_objective = build_dose_objective(masks, rx_gy=rx, spacing_mm=prob.grid.spacing_mm)  # type: ignore[attr-defined]
+    objective = grid_objective.on_voxels(near.index)
     # a crude start: the sequencer's arc of flat, wide fields at about the right level
     start = _sequence(seed=5, threshold=0.02)
     with torch.no_grad():
@@ -153,8 +176,15 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
     with torch.no_grad():
         flu = _model(seq, torch.float32)
         full = prob.engine(flu).numpy()  # type: ignore[attr-defined]
-        sub = near(flu).numpy()
-    np.testing.assert_allclose(sub[region], full[region], rtol=1e-5, atol=1e-6 * float(full.max()))
+        sub = near(flu)
+        region_grid = torch.zeros(full.size, dtype=sub.dtype).index_copy(0, near.index, sub).reshape(full.shape)
+    np.testing.assert_allclose(sub.numpy(), full[region], rtol=1e-5, atol=1e-6 * float(full.max()))
+    # the objective of the region's dose vector is the grid objective of that dose on the grid
+    assert float(objective(sub)) == pytest.approx(float(grid_objective(region_grid)), rel=1e-5)
+    assert float(objective(sub)) > 0
+    with pytest.raises(PlanningError, match="outside the given ones"):
+        build_dose_objective({r.value: m for r, m in prob.masks.items()}, rx_gy=rx,  # type: ignore[attr-defined]
+                             spacing_mm=prob.grid.spacing_mm).on_voxels(near.index)  # type: ignore[attr-defined]
     with pytest.raises(PlanningError, match="iterations"):
         ArcOptimizerSettings(iterations=-1)
     with pytest.raises(PlanningError, match="mu_weight"):

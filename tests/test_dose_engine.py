@@ -13,7 +13,14 @@ from core.case import Grid, PatientPosition, Role
 from core.errors import ConfigError, InputError, PlanningError
 from core.machine import ArcSpec, BevGrid, MachineModel
 from pipeline.beam_model import load_beam_model
-from pipeline.dose_engine import ReferenceDoseEngine, dose_grid_for_case, hu_to_density, resample_to_grid
+from pipeline.dose_engine import (
+    ReferenceDoseEngine,
+    RegionDose,
+    autograd_adjoint,
+    dose_grid_for_case,
+    hu_to_density,
+    resample_to_grid,
+)
 from pipeline.geometry import ArcGeometry
 
 H = 2.0  # mm, phantom grid spacing
@@ -238,6 +245,24 @@ def test_for_case_synthetic_pelvis() -> None:
         d_all = eng(fr).numpy()
     np.testing.assert_allclose(d_sub[ptv], d_all[ptv], rtol=1e-5, atol=1e-6 * float(d_all.max()))
     assert d_sub[~ptv].max() == 0.0 and d_sub[ptv].min() > 0.0
+    # its dose as a vector over its voxels, and over a region's voxels (0 Gy where the region leaves the body)
+    with torch.no_grad():
+        np.testing.assert_allclose(sub.voxel_dose(fr).numpy(), d_all.reshape(-1)[sub.act_idx.numpy()], rtol=1e-5,
+                                   atol=1e-6 * float(d_all.max()))
+        region = ptv | ~body_dg
+        vec = RegionDose(sub, ptv)(fr).numpy()
+        np.testing.assert_allclose(vec, d_all[ptv], rtol=1e-5, atol=1e-6 * float(d_all.max()))
+        wide = RegionDose(eng.restricted(region), region)(fr).numpy()
+        np.testing.assert_allclose(wide, d_all[region], rtol=1e-5, atol=1e-6 * float(d_all.max()))
+        assert wide[~body_dg[region]].max() == 0.0
+    with pytest.raises(PlanningError, match="outside the region"):
+        RegionDose(eng, ptv)
+    # the adjoint: the numba engine's (no forward pass) is autograd's, for a mask and for voxel weights
+    for weight in (torch.as_tensor(ptv), wt):
+        expected = autograd_adjoint(eng_t, weight, eng.fluence_shape, device="cpu")
+        for e in (eng, eng_t):
+            torch.testing.assert_close(e.adjoint(weight), expected, rtol=1e-4, atol=1e-5 * float(expected.max()))
+        assert float(expected.max()) > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,6 +13,7 @@ import torch
 from core.case import Grid
 from core.errors import InputError, PlanningError
 from pipeline import objectives as obj
+from pipeline.dose_engine import autograd_adjoint
 from pipeline.dvh import dose_at_volume_percent, homogeneity_index
 from pipeline.goals import normalisation_factor
 from pipeline.optimizer import OptimizerWeights, optimize_fluence, ptv_aperture
@@ -161,6 +162,10 @@ class ToyArc(torch.nn.Module):
         sub = ToyArc(self.fluence_shape[0], self.n, self.fluence_shape[1], self.fluence_shape[2])
         sub.keep = torch.as_tensor(mask, dtype=torch.float32)
         return sub
+
+    def adjoint(self, weight: torch.Tensor) -> torch.Tensor:
+        """``A^T w`` (the DoseEngine protocol), by autograd."""
+        return autograd_adjoint(self, weight, self.fluence_shape, device=self.device)
 
 
 def toy_masks(n: int = 24) -> dict[str, torch.Tensor]:
