@@ -39,6 +39,31 @@ def dose_at_ct_voxels(dose: NDArray[np.floating[Any]], dose_grid: Grid, ct_grid:
     return out.astype(np.float32)
 
 
+def ct_voxel_stencil(dose_grid: Grid, ct_grid: Grid, mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64],
+                                                                                       NDArray[np.float32]]:
+    """The trilinear interpolation of :func:`dose_at_ct_voxels` at the CT voxels of ``mask`` as a sparse map:
+    ``(P, 8)`` flat indices on the dose grid and their weights, so that the dose at the ``P`` voxels (in
+    C order) is ``(dose.reshape(-1)[idx] * w).sum(1)``. Neighbours off the dose grid get weight 0 (index 0),
+    as the evaluation's 0 Gy outside the grid."""
+    cz, cy, cx = (np.nonzero(mask)[a] for a in range(3))
+    ax, ay, az = ct_grid.axes_mm()
+    frac = [(np.asarray(v, dtype=np.float64) - dose_grid.origin_mm[a]) / dose_grid.spacing_mm[a]
+            for v, a in ((az[cz], 2), (ay[cy], 1), (ax[cx], 0))]  # z, y, x in dose-grid index units
+    base = [np.floor(f).astype(np.int64) for f in frac]
+    t = [f - b for f, b in zip(frac, base, strict=True)]
+    nz, ny, nx = dose_grid.shape
+    idx = np.zeros((cz.size, 8), dtype=np.int64)
+    w = np.zeros((cz.size, 8), dtype=np.float64)
+    for corner in range(8):
+        dz, dy, dx = (corner >> 2) & 1, (corner >> 1) & 1, corner & 1
+        k, j, i = base[0] + dz, base[1] + dy, base[2] + dx
+        inside = (k >= 0) & (k < nz) & (j >= 0) & (j < ny) & (i >= 0) & (i < nx)
+        weight = ((t[0] if dz else 1.0 - t[0]) * (t[1] if dy else 1.0 - t[1]) * (t[2] if dx else 1.0 - t[2]))
+        idx[:, corner] = np.where(inside, (k * ny + j) * nx + i, 0)
+        w[:, corner] = np.where(inside, weight, 0.0)
+    return idx, w.astype(np.float32)
+
+
 def _bbox(mask: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
     idx = [np.flatnonzero(mask.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))]
     if any(i.size == 0 for i in idx):

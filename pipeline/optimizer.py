@@ -162,6 +162,31 @@ class OptimizationResult:
 
 
 @dataclass(frozen=True, eq=False)
+class PtvPoints:
+    """The PTV's CT voxels as interpolated points of the dose grid (:meth:`DoseObjective.on_voxels`).
+
+    Attributes
+    ----------
+    index
+        ``(P, 8)`` flat dose-grid indices of each voxel's trilinear neighbours (int64).
+    weights
+        ``(P, 8)`` their weights (0 for a neighbour off the grid).
+    voxel_cc
+        Volume of a CT voxel, cm3 (the goals in cm3 count these voxels).
+    """
+
+    index: torch.Tensor
+    weights: torch.Tensor
+    voxel_cc: float
+
+    def support(self, shape: tuple[int, int, int]) -> NDArray[np.bool_]:
+        """The dose-grid voxels the points read (bool of ``shape``)."""
+        flat = np.zeros(int(np.prod(shape)), dtype=bool)
+        flat[self.index[self.weights > 0].cpu().numpy()] = True
+        return flat.reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
 class DoseObjective:
     """The dose terms of the planning objective for one case (see the module docstring, step 3).
 
@@ -179,9 +204,15 @@ class DoseObjective:
     femurs: tuple[torch.Tensor, ...]
     goals: tuple[GoalTerm, ...] = ()
     normalisation_percent: float | None = None
+    #: Extra dose entries the terms read: the positions in the dose vector of each one's 8 trilinear
+    #: neighbours and their weights (``(P, 8)`` each); see :meth:`on_voxels`.
+    points: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def terms(self, dose: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Each dose term of ``dose`` (engine units) and its weight."""
+        if self.points is not None:
+            pos, pw = self.points
+            dose = torch.cat([dose, (dose[pos] * pw).sum(dim=1)])
         w, rx = self.weights, self.rx_gy
         t = {
             "ptv": obj.ptv_homogeneity_term(dose, self.ptv, rx, w.lambda_plus, w.lambda_minus),
@@ -204,11 +235,17 @@ class DoseObjective:
                 t[g.name], k[g.name] = g.value(seen, rx), g.weight
         return t, k
 
-    def on_voxels(self, index: torch.Tensor) -> DoseObjective:
+    def on_voxels(self, index: torch.Tensor, ptv_points: PtvPoints | None = None) -> DoseObjective:
         """This objective of a dose given as a vector over the voxels ``index`` (flat indices on the dose
-        grid, e.g. :class:`pipeline.dose_engine.RegionDose`): the same value as this objective of the grid
-        dose that equals the vector there, since every voxel the objective reads (its masks, cut to the
-        region it was built for) must be in ``index``. A step costs the region's voxels, not the grid's.
+        grid, e.g. :class:`pipeline.dose_engine.RegionDose`). Every voxel the objective reads (its masks,
+        cut to the region it was built for) must be in ``index``; a step then costs the region's voxels,
+        not the grid's.
+
+        Without ``ptv_points`` its value is this objective's of the grid dose that equals the vector
+        there. With them, the PTV is the CT voxels of the PTV instead of its dose-grid voxels: each term
+        and goal on the PTV (and the normalisation the goals see) reads the dose interpolated at those
+        voxels exactly as the plan's evaluation does (:func:`pipeline.evaluation.ct_voxel_stencil`), so
+        the thin ends of a PTV that the dose grid cuts are planned as they are evaluated.
         """
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(-1)[index.to(t.device)]
@@ -216,9 +253,30 @@ class DoseObjective:
         masks = [self.ptv, self.region, *self.oars.values(), *self.femurs, *(g.mask for g in self.goals)]
         if any(int(torch.count_nonzero(m)) != int(torch.count_nonzero(take(m))) for m in masks):
             raise PlanningError("the objective reads voxels outside the given ones; build it with that region")
-        return replace(self, ptv=take(self.ptv), region=take(self.region), ceiling=take(self.ceiling),
-                       oars={r: take(m) for r, m in self.oars.items()}, femurs=tuple(take(m) for m in self.femurs),
-                       goals=tuple(replace(g, mask=take(g.mask)) for g in self.goals))
+        if ptv_points is None:
+            return replace(self, ptv=take(self.ptv), region=take(self.region), ceiling=take(self.ceiling),
+                           oars={r: take(m) for r, m in self.oars.items()},
+                           femurs=tuple(take(m) for m in self.femurs),
+                           goals=tuple(replace(g, mask=take(g.mask)) for g in self.goals))
+        pos = torch.searchsorted(index, ptv_points.index.reshape(-1)).reshape(ptv_points.index.shape)
+        known = ptv_points.weights > 0
+        if bool(((pos >= index.numel()) & known).any()) or bool(
+                (index[pos.clamp_max(index.numel() - 1)] != ptv_points.index)[known].any()):
+            raise PlanningError("the PTV's CT voxels interpolate from dose voxels outside the given ones; "
+                                "add their neighbours to the region")
+        n, p = index.numel(), ptv_points.index.shape[0]
+
+        def grid_part(t: torch.Tensor) -> torch.Tensor:  # 0 at the points
+            part = take(t)
+            return torch.cat([part, part.new_zeros(p)])
+
+        at_points = torch.cat([self.ptv.new_zeros(n), self.ptv.new_ones(p)])
+        goals = tuple(replace(g, mask=at_points.to(torch.bool), total_voxels=p, voxel_cc=ptv_points.voxel_cc)
+                      if g.goal.structure == "ptv" else replace(g, mask=grid_part(g.mask)) for g in self.goals)
+        return replace(self, ptv=at_points, region=grid_part(self.region), ceiling=grid_part(self.ceiling),
+                       oars={r: grid_part(m) for r, m in self.oars.items()},
+                       femurs=tuple(grid_part(m) for m in self.femurs), goals=goals,
+                       points=(pos.clamp_max(n - 1), ptv_points.weights.to(self.ptv.dtype)))
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the dose terms (dimensionless)."""

@@ -47,6 +47,7 @@ from pipeline.arc_optimizer import (
 from pipeline.dose_engine import DoseEngine, RegionDose
 from pipeline.goal_objective import GoalSetup, PriorityWeights
 from pipeline.goals import AT_LEAST, GoalSpec, GoalStages, Normalisation
+from pipeline.optimizer import PtvPoints
 from pipeline.problem import PlanningProblem, build_problem
 from sequencing.sequencer import ArcSequence
 from sequencing.sweep import DEFAULT_GROUP
@@ -197,14 +198,28 @@ class PlanResult:
     goals: list[dict[str, Any]] | None = None
 
 
-def near_target_engine(problem: PlanningProblem) -> tuple[RegionDose, NDArray[np.bool_]]:
-    """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``),
-    giving the dose as a vector over them, and that region (bool on the dose grid)."""
+def near_target_engine(problem: PlanningProblem,
+                       points: PtvPoints | None = None) -> tuple[RegionDose, NDArray[np.bool_]]:
+    """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``;
+    with ``points``, also every voxel they interpolate from), giving the dose as a vector over them, and
+    that region (bool on the dose grid)."""
     from pipeline.refine import refinement_region
 
     masks = {role: m.detach().cpu().numpy().astype(bool) for role, m in problem.masks.items()}
     region = refinement_region(masks, problem.grid.spacing_mm, shell_mm=SHELL_MM, oar_reach_mm=OAR_REACH_MM)
+    if points is not None:
+        region |= points.support(problem.grid.shape)
     return RegionDose(problem.engine.restricted(region), region), region
+
+
+def ptv_points(problem: PlanningProblem, case: Case) -> PtvPoints:
+    """The PTV's CT voxels as points of the dose grid (the arc optimisation's PTV, as it is evaluated)."""
+    from pipeline.evaluation import ct_voxel_stencil
+
+    idx, w = ct_voxel_stencil(problem.grid, case.grid, case.masks[Role.PTV])
+    dev = problem.engine.device
+    return PtvPoints(index=torch.as_tensor(idx, device=dev), weights=torch.as_tensor(w, device=dev),
+                     voxel_cc=case.grid.voxel_volume_cc)
 
 
 def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
@@ -338,20 +353,23 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
     far: LinearDoseTerms | None = None
     if options.arc.iterations > 0:
         with timings.stage("arc_optimize"):
-            near, region = near_target_engine(problem)
+            points = ptv_points(problem, case)
+            near, region = near_target_engine(problem, points)
             region_t = torch.as_tensor(region, device=options.device)
 
             def objective(boost: dict[int, float]) -> Any:
                 return build_dose_objective(
                     {role.value: m for role, m in problem.masks.items()}, rx_gy=rx_fx,
                     spacing_mm=problem.grid.spacing_mm, weights=options.optimizer_weights,
-                    goals=_goal_setup(options, problem, case, boost), region=region_t).on_voxels(near.index)
+                    goals=_goal_setup(options, problem, case, boost),
+                    region=region_t).on_voxels(near.index, points)
 
             far = _far_terms(problem, options, rx_fx)
             result = optimize_arc(seq, near, objective({}), machine, arc, settings=options.arc,
                                   device=options.device, mu_reference=100.0 * rx_fx, fluence_terms=far)
         seq = result.sequence
-        record["arc_optimizer"] = {**result.record(), "voxels": int(region.sum())}
+        record["arc_optimizer"] = {**result.record(), "voxels": int(region.sum()),
+                                   "ptv_ct_voxels": int(points.index.shape[0])}
 
     with timings.stage("final_dose"):
         seq, dose_fx, factor = _normalised_arc(seq, problem, case, machine, arc, options, rx_fx)

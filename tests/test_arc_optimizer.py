@@ -12,6 +12,7 @@ from appliance.config import Settings
 from core.case import Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
+from pipeline import evaluation
 from pipeline.arc_optimizer import (
     MU_CAP_FRACTION,
     ArcOptimizerSettings,
@@ -24,7 +25,7 @@ from pipeline.arc_optimizer import (
 )
 from pipeline.evaluation import evaluate_structures
 from pipeline.optimizer import build_dose_objective
-from pipeline.plan import FluenceSource, PlanningOptions, near_target_engine, plan_arc
+from pipeline.plan import FluenceSource, PlanningOptions, near_target_engine, plan_arc, ptv_points
 from pipeline.problem import build_problem
 from pipeline.synth import synth_case
 from sequencing.deliverability import check_deliverable
@@ -197,6 +198,40 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
     # and no sector above the room left for the MU normalisation
     cap = MU_CAP_FRACTION * MACHINE.max_mu_per_deg * ARC.span_deg() / ARC.n_sectors
     assert frugal.sequence.segment_mu().max() <= cap + 1e-9
+
+
+def test_arc_objective_reads_the_ptv_at_its_ct_voxels(problem: dict[str, object]) -> None:
+    prob = problem["problem"]
+    case = problem["case"]
+    rx = case.prescription.dose_gy / case.prescription.fractions  # type: ignore[attr-defined]
+    points = ptv_points(prob, case)  # type: ignore[arg-type]
+    near, region = near_target_engine(prob, points)  # type: ignore[arg-type]
+    assert points.support(prob.grid.shape)[~region].sum() == 0  # type: ignore[attr-defined]
+    masks = {r.value: torch.as_tensor(m.numpy() & region) for r, m in prob.masks.items()}  # type: ignore[attr-defined]
+    grid_objective = build_dose_objective(masks, rx_gy=rx, spacing_mm=prob.grid.spacing_mm)  # type: ignore[attr-defined]
+    objective = grid_objective.on_voxels(near.index, points)
+    flu = torch.as_tensor(synthetic_arc_fluence(ARC, MACHINE, seed=2, noise=0.2), dtype=torch.float32)
+    with torch.no_grad():
+        vec = near(flu)
+        full = prob.engine(flu).numpy()  # type: ignore[attr-defined]
+    assert objective.points is not None
+    pos, w = objective.points
+    at_points = (vec[pos] * w).sum(dim=1).numpy()
+    # the PTV the objective reads is the dose at the PTV's CT voxels, as the plan's evaluation reads it
+    expected = evaluation.structure_dvh_inputs(full, prob.grid, case, Role.PTV)  # type: ignore[attr-defined,arg-type]
+    assert expected is not None and at_points.size == int(expected[1].sum()) > 500
+    np.testing.assert_allclose(at_points, expected[0][expected[1]], rtol=1e-4, atol=1e-5 * float(full.max()))
+    # its PTV terms see those voxels: the PTV mean of the homogeneity term is their mean
+    assert float(objective.ptv.sum()) == at_points.size and float(objective.ptv[: vec.numel()].sum()) == 0.0
+    assert float(objective(vec)) > 0
+    # a region without one of the points' neighbours is refused
+    missing = int(points.index[points.weights > 0][0])
+    lacking = region.copy()
+    lacking.reshape(-1)[missing] = False
+    cut = {r: torch.as_tensor(m.numpy() & lacking) for r, m in masks.items()}
+    with pytest.raises(PlanningError, match="neighbours"):
+        build_dose_objective(cut, rx_gy=rx, spacing_mm=prob.grid.spacing_mm).on_voxels(  # type: ignore[attr-defined]
+            near.index[near.index != missing], points)
 
 
 def test_linear_terms_give_the_far_structures_mean_dose_exactly(problem: dict[str, object]) -> None:
