@@ -1,6 +1,6 @@
 """The planning case: CT in HU on a regular grid, structure masks by role, prescription.
 
-Torch-free. Built from DICOM by ``appliance.dicom_in`` or directly by ``pipeline.synth``.
+Torch-free. Built from DICOM by ``appliance.dicom.case_loader`` or directly by ``pipeline.synth``.
 
 Coordinate convention (used everywhere in the project)
 -------------------------------------------------------

@@ -162,8 +162,9 @@ class OptimizationResult:
 
 
 @dataclass(frozen=True, eq=False)
-class PtvPoints:
-    """The PTV's CT voxels as interpolated points of the dose grid (:meth:`DoseObjective.on_voxels`).
+class CtPoints:
+    """A structure's CT voxels as interpolated points of the dose grid (:meth:`DoseObjective.on_voxels`):
+    all of them for the PTV, those near the target for an organ.
 
     Attributes
     ----------
@@ -173,11 +174,17 @@ class PtvPoints:
         ``(P, 8)`` their weights (0 for a neighbour off the grid).
     voxel_cc
         Volume of a CT voxel, cm3 (the goals in cm3 count these voxels).
+    total
+        The whole structure's CT voxels (those not among the points count as below every limit).
+    in_ptv
+        ``(P,)`` bool: the voxel is also a PTV voxel (an organ's own terms leave those out, its goals not).
     """
 
     index: torch.Tensor
     weights: torch.Tensor
     voxel_cc: float
+    total: int
+    in_ptv: torch.Tensor
 
     def support(self, shape: tuple[int, int, int]) -> NDArray[np.bool_]:
         """The dose-grid voxels the points read (bool of ``shape``)."""
@@ -235,17 +242,18 @@ class DoseObjective:
                 t[g.name], k[g.name] = g.value(seen, rx), g.weight
         return t, k
 
-    def on_voxels(self, index: torch.Tensor, ptv_points: PtvPoints | None = None) -> DoseObjective:
+    def on_voxels(self, index: torch.Tensor, points: Mapping[str, CtPoints] | None = None) -> DoseObjective:
         """This objective of a dose given as a vector over the voxels ``index`` (flat indices on the dose
         grid, e.g. :class:`pipeline.dose_engine.RegionDose`). Every voxel the objective reads (its masks,
         cut to the region it was built for) must be in ``index``; a step then costs the region's voxels,
         not the grid's.
 
-        Without ``ptv_points`` its value is this objective's of the grid dose that equals the vector
-        there. With them, the PTV is the CT voxels of the PTV instead of its dose-grid voxels: each term
-        and goal on the PTV (and the normalisation the goals see) reads the dose interpolated at those
-        voxels exactly as the plan's evaluation does (:func:`pipeline.evaluation.ct_voxel_stencil`), so
-        the thin ends of a PTV that the dose grid cuts are planned as they are evaluated.
+        Without ``points`` its value is this objective's of the grid dose that equals the vector there.
+        With them (by role value: ``ptv``, organs), each such structure is its CT voxels instead of its
+        dose-grid voxels: its terms and goals (and, for the PTV, the normalisation the goals see) read the
+        dose interpolated at those voxels exactly as the plan's evaluation does
+        (:func:`pipeline.evaluation.ct_voxel_stencil`). The dose grid's 4 mm masks lose the thin ends of a
+        PTV and the edges of the rectum next to it, where the evaluated D98 and V36Gy are decided.
         """
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(-1)[index.to(t.device)]
@@ -253,30 +261,42 @@ class DoseObjective:
         masks = [self.ptv, self.region, *self.oars.values(), *self.femurs, *(g.mask for g in self.goals)]
         if any(int(torch.count_nonzero(m)) != int(torch.count_nonzero(take(m))) for m in masks):
             raise PlanningError("the objective reads voxels outside the given ones; build it with that region")
-        if ptv_points is None:
+        if not points:
             return replace(self, ptv=take(self.ptv), region=take(self.region), ceiling=take(self.ceiling),
                            oars={r: take(m) for r, m in self.oars.items()},
                            femurs=tuple(take(m) for m in self.femurs),
                            goals=tuple(replace(g, mask=take(g.mask)) for g in self.goals))
-        pos = torch.searchsorted(index, ptv_points.index.reshape(-1)).reshape(ptv_points.index.shape)
-        known = ptv_points.weights > 0
-        if bool(((pos >= index.numel()) & known).any()) or bool(
-                (index[pos.clamp_max(index.numel() - 1)] != ptv_points.index)[known].any()):
-            raise PlanningError("the PTV's CT voxels interpolate from dose voxels outside the given ones; "
-                                "add their neighbours to the region")
-        n, p = index.numel(), ptv_points.index.shape[0]
+        n = index.numel()
+        sizes = [int(pt.index.shape[0]) for pt in points.values()]
+        total = n + sum(sizes)
+        starts = dict(zip(points, np.cumsum([n, *sizes[:-1]]).tolist(), strict=True))
+        dtype, dev = self.ptv.dtype, self.ptv.device
 
-        def grid_part(t: torch.Tensor) -> torch.Tensor:  # 0 at the points
+        def grid_part(t: torch.Tensor) -> torch.Tensor:  # 0 at every point
             part = take(t)
-            return torch.cat([part, part.new_zeros(p)])
+            return torch.cat([part, part.new_zeros(total - n)])
 
-        at_points = torch.cat([self.ptv.new_zeros(n), self.ptv.new_ones(p)])
-        goals = tuple(replace(g, mask=at_points.to(torch.bool), total_voxels=p, voxel_cc=ptv_points.voxel_cc)
-                      if g.goal.structure == "ptv" else replace(g, mask=grid_part(g.mask)) for g in self.goals)
-        return replace(self, ptv=at_points, region=grid_part(self.region), ceiling=grid_part(self.ceiling),
-                       oars={r: grid_part(m) for r, m in self.oars.items()},
+        def own(name: str, keep: torch.Tensor | None = None) -> torch.Tensor:  # 1 at the structure's points
+            m = torch.zeros(total, dtype=dtype, device=dev)
+            m[starts[name]:starts[name] + points[name].index.shape[0]] = 1.0 if keep is None else keep.to(dtype)
+            return m
+
+        pos, weights = [], []
+        for name, pt in points.items():
+            p = torch.searchsorted(index, pt.index.reshape(-1)).reshape(pt.index.shape).clamp_max(n - 1)
+            if bool((index[p] != pt.index)[pt.weights > 0].any()):
+                raise PlanningError(f"the {name}'s CT voxels interpolate from dose voxels outside the given ones; "
+                                    "add their neighbours to the region")
+            pos.append(p)
+            weights.append(pt.weights.to(dtype))
+        goals = tuple(replace(g, mask=own(g.goal.structure).to(torch.bool), total_voxels=points[g.goal.structure].total,
+                              voxel_cc=points[g.goal.structure].voxel_cc)
+                      if g.goal.structure in points else replace(g, mask=grid_part(g.mask)) for g in self.goals)
+        oars = {r: own(r, ~points[r].in_ptv) if r in points else grid_part(m) for r, m in self.oars.items()}
+        return replace(self, ptv=own("ptv") if "ptv" in points else grid_part(self.ptv), region=grid_part(self.region),
+                       ceiling=grid_part(self.ceiling), oars={r: m for r, m in oars.items() if float(m.sum()) > 0},
                        femurs=tuple(grid_part(m) for m in self.femurs), goals=goals,
-                       points=(pos.clamp_max(n - 1), ptv_points.weights.to(self.ptv.dtype)))
+                       points=(torch.cat(pos), torch.cat(weights)))
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the dose terms (dimensionless)."""

@@ -47,7 +47,7 @@ from pipeline.arc_optimizer import (
 from pipeline.dose_engine import DoseEngine, RegionDose
 from pipeline.goal_objective import GoalSetup, PriorityWeights
 from pipeline.goals import AT_LEAST, GoalSpec, GoalStages, Normalisation
-from pipeline.optimizer import PtvPoints
+from pipeline.optimizer import CtPoints
 from pipeline.problem import PlanningProblem, build_problem
 from sequencing.sequencer import ArcSequence
 from sequencing.sweep import DEFAULT_GROUP
@@ -198,28 +198,43 @@ class PlanResult:
     goals: list[dict[str, Any]] | None = None
 
 
-def near_target_engine(problem: PlanningProblem,
-                       points: PtvPoints | None = None) -> tuple[RegionDose, NDArray[np.bool_]]:
-    """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``;
-    with ``points``, also every voxel they interpolate from), giving the dose as a vector over them, and
-    that region (bool on the dose grid)."""
+#: Structures the arc optimisation reads at their CT voxels (:meth:`DoseObjective.on_voxels`): the PTV
+#: whole, the organs where they are near it.
+CT_POINT_ROLES = (Role.PTV, Role.RECTUM, Role.BLADDER)
+
+
+def near_target_engine(problem: PlanningProblem, case: Case | None = None) -> tuple[RegionDose, NDArray[np.bool_],
+                                                                                     dict[str, CtPoints]]:
+    """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``),
+    giving the dose as a vector over them; that region (bool on the dose grid); and, with ``case``, the
+    CT voxels of :data:`CT_POINT_ROLES` it reads (the PTV's all, an organ's those interpolating from the
+    region), the region then holding every voxel they interpolate from."""
+    from pipeline.evaluation import ct_voxel_stencil
     from pipeline.refine import refinement_region
 
     masks = {role: m.detach().cpu().numpy().astype(bool) for role, m in problem.masks.items()}
     region = refinement_region(masks, problem.grid.spacing_mm, shell_mm=SHELL_MM, oar_reach_mm=OAR_REACH_MM)
-    if points is not None:
-        region |= points.support(problem.grid.shape)
-    return RegionDose(problem.engine.restricted(region), region), region
-
-
-def ptv_points(problem: PlanningProblem, case: Case) -> PtvPoints:
-    """The PTV's CT voxels as points of the dose grid (the arc optimisation's PTV, as it is evaluated)."""
-    from pipeline.evaluation import ct_voxel_stencil
-
-    idx, w = ct_voxel_stencil(problem.grid, case.grid, case.masks[Role.PTV])
-    dev = problem.engine.device
-    return PtvPoints(index=torch.as_tensor(idx, device=dev), weights=torch.as_tensor(w, device=dev),
-                     voxel_cc=case.grid.voxel_volume_cc)
+    points: dict[str, CtPoints] = {}
+    if case is not None:
+        dev = problem.engine.device
+        ptv_ct = case.masks[Role.PTV]
+        base = region.reshape(-1).copy()
+        for role in CT_POINT_ROLES:
+            if role not in case.masks or not case.masks[role].any():
+                continue
+            idx, w = ct_voxel_stencil(problem.grid, case.grid, case.masks[role])
+            in_ptv = ptv_ct[case.masks[role]]
+            if role is not Role.PTV:  # an organ's voxels near the target: some neighbour in the region
+                near = (base[idx] & (w > 0)).any(axis=1)
+                idx, w, in_ptv = idx[near], w[near], in_ptv[near]
+            if idx.shape[0] == 0:
+                continue
+            pt = CtPoints(index=torch.as_tensor(idx, device=dev), weights=torch.as_tensor(w, device=dev),
+                          voxel_cc=case.grid.voxel_volume_cc, total=int(case.masks[role].sum()),
+                          in_ptv=torch.as_tensor(in_ptv, device=dev))
+            region |= pt.support(problem.grid.shape)
+            points[role.value] = pt
+    return RegionDose(problem.engine.restricted(region), region), region, points
 
 
 def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
@@ -353,8 +368,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
     far: LinearDoseTerms | None = None
     if options.arc.iterations > 0:
         with timings.stage("arc_optimize"):
-            points = ptv_points(problem, case)
-            near, region = near_target_engine(problem, points)
+            near, region, points = near_target_engine(problem, case)
             region_t = torch.as_tensor(region, device=options.device)
 
             def objective(boost: dict[int, float]) -> Any:
@@ -369,7 +383,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                                   device=options.device, mu_reference=100.0 * rx_fx, fluence_terms=far)
         seq = result.sequence
         record["arc_optimizer"] = {**result.record(), "voxels": int(region.sum()),
-                                   "ptv_ct_voxels": int(points.index.shape[0])}
+                                   "ct_points": {k: int(p.index.shape[0]) for k, p in points.items()}}
 
     with timings.stage("final_dose"):
         seq, dose_fx, factor = _normalised_arc(seq, problem, case, machine, arc, options, rx_fx)

@@ -25,7 +25,7 @@ from pipeline.arc_optimizer import (
 )
 from pipeline.evaluation import evaluate_structures
 from pipeline.optimizer import build_dose_objective
-from pipeline.plan import FluenceSource, PlanningOptions, near_target_engine, plan_arc, ptv_points
+from pipeline.plan import FluenceSource, PlanningOptions, near_target_engine, plan_arc
 from pipeline.problem import build_problem
 from pipeline.synth import synth_case
 from sequencing.deliverability import check_deliverable
@@ -152,7 +152,7 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
     prob = problem["problem"]
     case = problem["case"]
     rx = case.prescription.dose_gy / case.prescription.fractions  # type: ignore[attr-defined]
-    near, region = near_target_engine(prob)  # type: ignore[arg-type]
+    near, region, _ = near_target_engine(prob)  # type: ignore[arg-type]
     masks = {r.value: torch.as_tensor(m.numpy() & region) for r, m in prob.masks.items()}  # type: ignore[attr-defined]
     grid_objective = build_dose_objective(masks, rx_gy=rx, spacing_mm=prob.grid.spacing_mm)  # type: ignore[attr-defined]
     objective = grid_objective.on_voxels(near.index)
@@ -200,13 +200,14 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
     assert frugal.sequence.segment_mu().max() <= cap + 1e-9
 
 
-def test_arc_objective_reads_the_ptv_at_its_ct_voxels(problem: dict[str, object]) -> None:
+def test_arc_objective_reads_the_ptv_and_the_organs_near_it_at_their_ct_voxels(problem: dict[str, object]) -> None:
     prob = problem["problem"]
     case = problem["case"]
     rx = case.prescription.dose_gy / case.prescription.fractions  # type: ignore[attr-defined]
-    points = ptv_points(prob, case)  # type: ignore[arg-type]
-    near, region = near_target_engine(prob, points)  # type: ignore[arg-type]
-    assert points.support(prob.grid.shape)[~region].sum() == 0  # type: ignore[attr-defined]
+    near, region, points = near_target_engine(prob, case)  # type: ignore[arg-type]
+    assert set(points) == {"ptv", "rectum", "bladder"}
+    for pt in points.values():
+        assert pt.support(prob.grid.shape)[~region].sum() == 0  # type: ignore[attr-defined]
     masks = {r.value: torch.as_tensor(m.numpy() & region) for r, m in prob.masks.items()}  # type: ignore[attr-defined]
     grid_objective = build_dose_objective(masks, rx_gy=rx, spacing_mm=prob.grid.spacing_mm)  # type: ignore[attr-defined]
     objective = grid_objective.on_voxels(near.index, points)
@@ -217,15 +218,27 @@ def test_arc_objective_reads_the_ptv_at_its_ct_voxels(problem: dict[str, object]
     assert objective.points is not None
     pos, w = objective.points
     at_points = (vec[pos] * w).sum(dim=1).numpy()
-    # the PTV the objective reads is the dose at the PTV's CT voxels, as the plan's evaluation reads it
+    n_ptv = points["ptv"].index.shape[0]
+    # the PTV the objective reads is the dose at all the PTV's CT voxels, as the plan's evaluation reads it
     expected = evaluation.structure_dvh_inputs(full, prob.grid, case, Role.PTV)  # type: ignore[attr-defined,arg-type]
-    assert expected is not None and at_points.size == int(expected[1].sum()) > 500
-    np.testing.assert_allclose(at_points, expected[0][expected[1]], rtol=1e-4, atol=1e-5 * float(full.max()))
-    # its PTV terms see those voxels: the PTV mean of the homogeneity term is their mean
-    assert float(objective.ptv.sum()) == at_points.size and float(objective.ptv[: vec.numel()].sum()) == 0.0
+    assert expected is not None and n_ptv == int(expected[1].sum()) > 500
+    np.testing.assert_allclose(at_points[:n_ptv], expected[0][expected[1]], rtol=1e-4, atol=1e-5 * float(full.max()))
+    assert float(objective.ptv.sum()) == n_ptv and float(objective.ptv[: vec.numel()].sum()) == 0.0
+    # an organ: its CT voxels near the target (some, not all), its own terms without those in the PTV
+    rectum = evaluation.structure_dvh_inputs(full, prob.grid, case, Role.RECTUM)  # type: ignore[attr-defined,arg-type]
+    assert rectum is not None
+    n_rect = points["rectum"].index.shape[0]
+    assert 0 < n_rect < int(rectum[1].sum()) == points["rectum"].total
+    rect = points["rectum"]
+    on_grid = (full.reshape(-1)[rect.index.numpy()] * rect.weights.numpy()).sum(axis=1)
+    np.testing.assert_allclose(at_points[n_ptv:n_ptv + n_rect], on_grid, rtol=1e-4, atol=1e-5 * float(full.max()))
+    # and they are the rectum's hottest voxels: the evaluation's rectum D2cc is reached among them
+    top = np.sort(rectum[0][rectum[1]])[::-1][: max(1, round(2.0 / rect.voxel_cc))]
+    assert np.sort(on_grid)[::-1][: top.size] == pytest.approx(top, rel=1e-4)
+    assert float(objective.oars["rectum"].sum()) == float((~points["rectum"].in_ptv).sum())
     assert float(objective(vec)) > 0
     # a region without one of the points' neighbours is refused
-    missing = int(points.index[points.weights > 0][0])
+    missing = int(points["ptv"].index[points["ptv"].weights > 0][0])
     lacking = region.copy()
     lacking.reshape(-1)[missing] = False
     cut = {r: torch.as_tensor(m.numpy() & lacking) for r, m in masks.items()}
