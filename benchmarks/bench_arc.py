@@ -29,7 +29,7 @@ grid (as ``metrics.json``):
 
     .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai]
                                              [--threads 2] [--profile NAME] [--optimizer-weights K=V,...]
-                                             [--json OUT.json] [--from-json OUT.json]
+                                             [--json OUT.json] [--from-json OUT.json [--compare BEFORE.json]]
 
 With ``--json`` each finished case is appended at once and a rerun skips the cases already there.
 """
@@ -287,6 +287,35 @@ def print_goal_table(rows: list[dict[str, Any]]) -> None:
                   + (", ".join(f"{k}: {v}" for k, v in fails.items()) or "none") + f" | {rescued}/{len(sub)} |")
 
 
+def print_comparison(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
+    """Medians before -> after on the seeds both runs planned, per set and method (the exported arcs)."""
+    print("\n| set | method | cases | PTV HI | PTV D98 Gy min | D98 >= 97 % Rx | rectum Dmean Gy | bladder Dmean Gy | "
+          "all P1 met | P2 met | arc optimisation s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case_set in CASE_SETS:
+        old = {r["seed"]: r for r in before if r["set"] == case_set}
+        new = {r["seed"]: r for r in after if r["set"] == case_set}
+        seeds = sorted(old.keys() & new.keys())
+        if not seeds:
+            continue
+        for m in new[seeds[0]]["methods"]:
+            if m not in old[seeds[0]]["methods"]:
+                continue
+            cols = []
+            for runs in (old, new):
+                x = [runs[s]["methods"][m] for s in seeds]
+                rx = runs[seeds[0]].get("rx_gy", 40.0)
+                p1 = sum(all(g["passed"] is not False for g in v["goals"] if g["priority"] == 1) for v in x)
+                p2 = [g for v in x for g in v["goals"] if g["priority"] == 2 and g["passed"] is not None]
+                cols.append((f"{_med([v['exported']['HI'] for v in x]):.3f}", f"{min(v['exported']['D98_Gy'] for v in x):.2f}",
+                             f"{sum(v['exported']['D98_Gy'] >= 0.97 * rx for v in x)}/{len(x)}",
+                             f"{_med([v['exported']['rectum_Dmean_Gy'] for v in x]):.2f}",
+                             f"{_med([v['exported']['bladder_Dmean_Gy'] for v in x]):.2f}", f"{p1}/{len(x)}",
+                             f"{sum(g['passed'] for g in p2)}/{len(p2)}", f"{_med([v['arc_optimize_s'] for v in x]):.1f}"))
+            print(f"| {case_set} | {m} | {len(seeds)} | " + " | ".join(f"{a} -> {b}" for a, b in zip(*cols, strict=True))
+                  + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="synth,heldout", help="case sets, comma-separated (synth, heldout)")
@@ -299,11 +328,15 @@ def main() -> None:
                          "e.g. oar_mean=5,ring_floor_fraction=0.1")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
+    ap.add_argument("--compare", default="", metavar="BEFORE.json",
+                    help="with --from-json: also print the medians of BEFORE -> the saved run on their common seeds")
     args = ap.parse_args()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())["rows"]
         print_tables(saved)
         print_goal_table(saved)
+        if args.compare:
+            print_comparison(json.loads(Path(args.compare).read_text())["rows"], saved)
         return
     torch.set_num_threads(args.threads)
     global PROFILE, WEIGHTS

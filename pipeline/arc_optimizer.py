@@ -15,8 +15,10 @@ torch: sector ``k`` delivers its MU while leaves and jaws move linearly from con
 ``k + 1``, sampled at ``substeps`` sub-positions; a pixel is open by the fraction of its area
 inside ``[a - DLG/2, b + DLG/2] ∩ [X1, X2]`` in x and ``[Y1, Y2]`` in y (partial pixel edges, the
 dosimetric leaf gap, the jaws). It gives the same fluence as the numba kernel to rounding, and
-is differentiable in the leaf positions (almost everywhere) and linear in the MU. The jaws are
-fitted to the leaves (``sequencing``'s rule) after every step and held fixed within a step.
+is differentiable in the leaf positions (almost everywhere) and linear in the MU; the gradient of the
+open areas is written by hand (:class:`_OpenArea`: one pixel per leaf edge), a fifth of the step
+before. The jaws are fitted to the leaves (``sequencing``'s rule) after every step and held fixed
+within a step.
 
 Objective. The planning objective's dose terms (:class:`pipeline.optimizer.DoseObjective`, the
 same terms the fluence optimizer minimises) plus, with ``mu_weight``, a hinge on the arc's total
@@ -24,7 +26,11 @@ MU over a reference above ``mu_limit`` (the modulation factor, MU per cGy), eval
 dose engine: the reference engine or a copy restricted to the voxels near the target where the
 terms change (``SHELL_MM``, ``OAR_REACH_MM``), so a step costs tens of milliseconds instead of the
 full engine's 0.7 s; the femoral heads' mean dose comes exactly from the fluence (``FAR_OARS``,
-:class:`LinearDoseTerms`).
+:class:`LinearDoseTerms`). In the planning core (``pipeline.plan``) the restricted engine gives the
+dose as a vector over its region only (:class:`pipeline.dose_engine.RegionDose`) and the objective
+reads the PTV, and the rectum and bladder near it, at their CT voxels by the evaluation's own
+trilinear interpolation (:meth:`pipeline.optimizer.DoseObjective.on_voxels`): the goals are
+optimised on the voxels their verdict is computed on.
 
 Machine limits, by construction. After every Adam step the variables are projected onto the
 machine's feasible set: MU per sector within ``[min_mu_per_deg, MU_CAP_FRACTION x max_mu_per_deg] x

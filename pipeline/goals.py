@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from core.case import Case, Grid, Role
 from core.errors import InputError, PlanningError
-from pipeline.dvh import METRIC_RE, dose_at_volume_percent, evaluate_metric, metric_unit, paddick_ci
+from pipeline.dvh import METRIC_RE, V_METRIC_RE, dose_at_volume_percent, evaluate_metric, metric_unit, paddick_ci
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class GoalResult:
     unit: str
     passed: bool | None
     reason: str = ""
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (for metrics.json)."""
@@ -211,7 +212,29 @@ def evaluate_goals(goals: Iterable[GoalSpec], dose: NDArray[Any], dose_grid: Gri
     def ci(_d: NDArray[Any], _m: NDArray[Any]) -> float:
         return evaluation.paddick_ci(dose, dose_grid, case)
 
-    return _evaluate(goals, inputs, ci, case.grid.voxel_volume_cc, case.prescription.dose_gy)
+    results = _evaluate(goals, inputs, ci, case.grid.voxel_volume_cc, case.prescription.dose_gy)
+    for r in results:
+        r["note"] = _overlap_note(r, case)
+    return results
+
+
+def _overlap_note(result: Mapping[str, Any], case: Case) -> str:
+    """For a failed "at most" volume goal of an organ (``VxGy`` below the prescription): how much of the
+    organ lies inside the PTV when that alone exceeds the allowed volume, i.e. when the goal cannot be
+    met without giving up PTV coverage (the plan is normalised to cover the PTV). Empty otherwise."""
+    m = V_METRIC_RE.match(str(result["metric"]))
+    role = result["structure"]
+    if (m is None or result["passed"] is not False or result["comparison"] != AT_MOST or role == Role.PTV.value
+            or role not in case.masks or Role.PTV not in case.masks
+            or float(m.group("x")) >= case.prescription.dose_gy):
+        return ""
+    organ = case.masks[Role(role)]
+    inside = int((organ & case.masks[Role.PTV]).sum())
+    allowed = (float(result["limit"]) / case.grid.voxel_volume_cc if m.group("unit") == "cc"
+               else float(result["limit"]) / 100.0 * int(organ.sum()))
+    if inside <= allowed:
+        return ""
+    return f"{inside * case.grid.voxel_volume_cc:.2g} cm3 of the {role} inside the PTV"
 
 
 def normalisation_factor(
@@ -309,7 +332,8 @@ def plan_verdict(results: Iterable[Mapping[str, Any]]) -> Verdict:
         unit = f" {g['unit']}" if g.get("unit") not in (None, "", "%") else ("%" if g.get("unit") == "%" else "")
         value = g.get("value")
         shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        return f"{g['structure']} {g['metric']} {shown}{unit} vs {g['comparison']} {g['limit']:g}{unit}"
+        note = f" ({g['note']})" if g.get("note") else ""
+        return f"{g['structure']} {g['metric']} {shown}{unit} vs {g['comparison']} {g['limit']:g}{unit}{note}"
 
     failed = tuple(describe(g) for g in rows if g["priority"] == 1 and g.get("passed") is False)
     p2 = [g for g in rows if g["priority"] == 2 and g.get("passed") is not None]

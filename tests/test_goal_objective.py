@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.case import Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
 from pipeline.arc_optimizer import ArcOptimizerSettings
+from pipeline.dose_engine import dose_grid_for_case
 from pipeline.dvh import evaluate_metric
 from pipeline.goal_objective import (
     PriorityWeights,
@@ -17,7 +19,7 @@ from pipeline.goal_objective import (
     goal_terms,
     normalised,
 )
-from pipeline.goals import GoalSpec, GoalStages, plan_verdict
+from pipeline.goals import GoalSpec, GoalStages, evaluate_goals, plan_verdict
 from pipeline.plan import FluenceSource, PlanningOptions, goal_rank, plan_arc
 from pipeline.problem import build_problem
 from pipeline.synth import synth_case
@@ -116,6 +118,22 @@ def test_verdict_text_and_rank() -> None:
     worse = [dict(r) for r in rows]
     worse[1]["value"] = 9.0
     assert goal_rank(rows) < goal_rank(worse) and goal_rank(rows[:1]) < goal_rank(rows)
+
+
+def test_a_volume_goal_that_the_ptv_overlap_alone_breaks_says_so() -> None:
+    case = synth_case(2005, spacing_mm=(2.0, 2.0, 2.5))
+    inside = float((case.masks[Role.RECTUM] & case.masks[Role.PTV]).sum()) * case.grid.voxel_volume_cc
+    assert inside > 1.5  # this anatomy puts 2.1 cc of the rectum inside the PTV
+    grid = dose_grid_for_case(case, 4.0)
+    dose = np.full(grid.shape, case.prescription.dose_gy, dtype=np.float32)  # every voxel at Rx: both fail
+    goals = [GoalSpec("rectum", "V36Gycc", "<=", 1.0, 1), GoalSpec("rectum", "V36Gycc", "<=", inside + 1.0, 1),
+             GoalSpec("rectum", "V36Gy%", "<=", 0.5, 2), GoalSpec("ptv", "D98%", ">=", 50.0, 1)]
+    rows = evaluate_goals(goals, dose, grid, case)
+    assert [r["passed"] for r in rows] == [False, False, False, False]
+    # the overlap exceeds 1 cc and 0.5 % of the rectum: named; it does not exceed inside + 1 cc: not named
+    assert rows[0]["note"] == rows[2]["note"] == f"{inside:.2g} cm3 of the rectum inside the PTV"
+    assert rows[1]["note"] == "" and rows[3]["note"] == ""
+    assert plan_verdict(rows).p1_failed[0].endswith(f"vs <= 1 cm3 ({inside:.2g} cm3 of the rectum inside the PTV)")
 
 
 def test_planning_with_goals_rescues_a_failing_p1_goal() -> None:
