@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -138,6 +138,11 @@ class GoalTerm:
     limit_fx: float  # the limit in dose-per-fraction units for dose metrics, the metric's own otherwise
     voxel_cc: float
     total_voxels: int  # the whole structure's voxels (those outside ``mask`` count as below every limit)
+    index: torch.Tensor | None = None  # ``mask``'s flat indices, when precomputed
+
+    def with_index(self) -> GoalTerm:
+        """The same term with ``index`` precomputed (no boolean selection per call)."""
+        return replace(self, index=torch.nonzero(self.mask.reshape(-1)).reshape(-1))
 
     @property
     def name(self) -> str:
@@ -146,7 +151,8 @@ class GoalTerm:
     def value(self, dose: torch.Tensor, scale: float) -> torch.Tensor:
         """The term (dimensionless, 0 when met) of a dose per fraction; ``scale`` is Rx per fraction."""
         g = self.goal
-        d = dose.reshape(-1)[self.mask.reshape(-1)]
+        d = (dose.reshape(-1)[self.mask.reshape(-1)] if self.index is None
+             else dose.reshape(-1).index_select(0, self.index))
         n = self.total_voxels
         if d.numel() == 0:
             return dose.new_zeros(())
@@ -224,10 +230,13 @@ def goal_terms(goals: Sequence[GoalSpec], masks: Mapping[str, torch.Tensor], *, 
     return tuple(out)
 
 
-def normalised(dose: torch.Tensor, ptv: torch.Tensor, rx_fx: float, volume_percent: float) -> torch.Tensor:
+def normalised(dose: torch.Tensor, ptv: torch.Tensor, rx_fx: float, volume_percent: float, *,
+               index: torch.Tensor | None = None) -> torch.Tensor:
     """``dose`` scaled so that the PTV's D<volume_percent> equals ``rx_fx`` (as the MU normalisation
-    will scale the exported plan); differentiable through the order statistic."""
-    d = dose.reshape(-1)[ptv.reshape(-1).to(torch.bool)]
+    will scale the exported plan); differentiable through the order statistic. ``index``: the PTV
+    voxels' flat indices, when precomputed."""
+    d = (dose.reshape(-1)[ptv.reshape(-1).to(torch.bool)] if index is None
+         else dose.reshape(-1).index_select(0, index))
     k = max(1, min(d.numel(), math.ceil((1.0 - volume_percent / 100.0) * d.numel())))
     dv = torch.kthvalue(d, k).values.clamp_min(1e-9)
     return dose * (rx_fx / dv)

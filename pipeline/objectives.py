@@ -183,35 +183,39 @@ def mean_dose_term(dose: torch.Tensor, weight: torch.Tensor, rx: float) -> torch
 
 
 def upper_dvh_term(
-    dose: torch.Tensor, weight: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float
+    dose: torch.Tensor, weight: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float, *,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dose-volume objective: mean ReLU(D - limit)^2 / Rx^2 over the hottest ``volume_fraction`` of a structure.
 
     Penalises the dose above ``limit_gy`` (Gy) in the highest-dose part of the organ only, so that a
     constraint like "V36Gy < 5 %" does not push on the whole organ. ``volume_fraction`` in (0, 1].
-    Voxels are counted where ``weight > 0.5``.
+    Voxels are counted where ``weight > 0.5``; ``index``, when given, are those voxels' flat indices
+    (the same term without a boolean selection each call).
     """
     if not 0 < volume_fraction <= 1:
         raise InputError(f"dose-volume objective needs a volume fraction in (0, 1], got {volume_fraction}")
-    sel = (weight > 0.5).reshape(-1)
-    n = int(sel.sum())
+    if index is None:
+        index = torch.nonzero((weight > 0.5).reshape(-1)).reshape(-1)
+    n = int(index.numel())
     if n == 0:
         return dose.new_zeros(())
-    vals = dose.reshape(-1)[sel]
+    vals = dose.reshape(-1).index_select(0, index)
     k = max(1, math.ceil(volume_fraction * n))
     top = torch.topk(vals, k, sorted=False).values
     return (torch.relu(top - limit_gy) ** 2).mean() / (rx * rx)
 
 
 def lower_dvh_term(
-    dose: torch.Tensor, weight: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float
+    dose: torch.Tensor, weight: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float, *,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Coverage objective: mean ReLU(limit - D)^2 / Rx^2 over the coldest ``volume_fraction`` of a structure.
 
     The mirror of :func:`upper_dvh_term` for targets: it lifts the cold tail of the DVH (e.g. D98)
     without pushing on the rest of the target. Voxels are counted where ``weight > 0.5``.
     """
-    return upper_dvh_term(-dose, weight, -limit_gy, volume_fraction, rx)
+    return upper_dvh_term(-dose, weight, -limit_gy, volume_fraction, rx, index=index)
 
 
 def falloff_reference(

@@ -214,6 +214,9 @@ class DoseObjective:
     #: Extra dose entries the terms read: the positions in the dose vector of each one's 8 trilinear
     #: neighbours and their weights (``(P, 8)`` each); see :meth:`on_voxels`.
     points: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Flat indices of the voxels of the PTV and of each organ (``"ptv"``, role values), precomputed by
+    #: :meth:`on_voxels` so a step selects them without boolean masks.
+    indices: dict[str, torch.Tensor] | None = None
 
     def terms(self, dose: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Each dose term of ``dose`` (engine units) and its weight."""
@@ -223,24 +226,38 @@ class DoseObjective:
         w, rx = self.weights, self.rx_gy
         t = {
             "ptv": obj.ptv_homogeneity_term(dose, self.ptv, rx, w.lambda_plus, w.lambda_minus),
-            "cold_tail": obj.lower_dvh_term(dose, self.ptv, w.cold_tail_level * rx, w.cold_tail_fraction, rx),
-            "hot_tail": obj.upper_dvh_term(dose, self.ptv, w.hot_tail_level * rx, w.hot_tail_fraction, rx),
+            "cold_tail": obj.lower_dvh_term(dose, self.ptv, w.cold_tail_level * rx, w.cold_tail_fraction, rx,
+                                            index=self._index("ptv")),
+            "hot_tail": obj.upper_dvh_term(dose, self.ptv, w.hot_tail_level * rx, w.hot_tail_fraction, rx,
+                                           index=self._index("ptv")),
             "ring": obj.hinge_mean_term(dose, self.region, self.ceiling, rx),
         }
         k = {"ptv": w.ptv, "cold_tail": w.cold_tail, "hot_tail": w.hot_tail, "ring": w.ring}
         for r, m in self.oars.items():
             t[f"{r}_mean"], k[f"{r}_mean"] = obj.mean_dose_term(dose, m, rx), w.oar_mean
-            t[f"{r}_high"] = obj.upper_dvh_term(dose, m, w.oar_high_level * rx, w.oar_high_fraction, rx)
+            t[f"{r}_high"] = obj.upper_dvh_term(dose, m, w.oar_high_level * rx, w.oar_high_fraction, rx,
+                                                index=self._index(r))
             k[f"{r}_high"] = w.oar_high
         for i, m in enumerate(self.femurs):
             t[f"femur_{i}"], k[f"femur_{i}"] = obj.hinge_mean_term(dose, m, w.femur_level * rx, rx), w.femur
         if self.goals:
             # the goals hold for the exported plan, i.e. after the MU normalisation
             seen = dose if self.normalisation_percent is None else normalised(
-                dose, self.ptv, rx, self.normalisation_percent)
+                dose, self.ptv, rx, self.normalisation_percent, index=self._index("ptv"))
             for g in self.goals:
                 t[g.name], k[g.name] = g.value(seen, rx), g.weight
         return t, k
+
+    def _index(self, name: str) -> torch.Tensor | None:
+        return None if self.indices is None else self.indices.get(name)
+
+    def _with_indices(self) -> DoseObjective:
+        """This objective with the voxel indices of its structures and goals precomputed."""
+        def where(m: torch.Tensor) -> torch.Tensor:
+            return torch.nonzero((m > 0.5).reshape(-1)).reshape(-1)
+
+        return replace(self, indices={"ptv": where(self.ptv), **{r: where(m) for r, m in self.oars.items()}},
+                       goals=tuple(g.with_index() for g in self.goals))
 
     def on_voxels(self, index: torch.Tensor, points: Mapping[str, CtPoints] | None = None) -> DoseObjective:
         """This objective of a dose given as a vector over the voxels ``index`` (flat indices on the dose
@@ -265,7 +282,7 @@ class DoseObjective:
             return replace(self, ptv=take(self.ptv), region=take(self.region), ceiling=take(self.ceiling),
                            oars={r: take(m) for r, m in self.oars.items()},
                            femurs=tuple(take(m) for m in self.femurs),
-                           goals=tuple(replace(g, mask=take(g.mask)) for g in self.goals))
+                           goals=tuple(replace(g, mask=take(g.mask)) for g in self.goals))._with_indices()
         n = index.numel()
         sizes = [int(pt.index.shape[0]) for pt in points.values()]
         total = n + sum(sizes)
@@ -296,7 +313,7 @@ class DoseObjective:
         return replace(self, ptv=own("ptv") if "ptv" in points else grid_part(self.ptv), region=grid_part(self.region),
                        ceiling=grid_part(self.ceiling), oars={r: m for r, m in oars.items() if float(m.sum()) > 0},
                        femurs=tuple(grid_part(m) for m in self.femurs), goals=goals,
-                       points=(torch.cat(pos), torch.cat(weights)))
+                       points=(torch.cat(pos), torch.cat(weights)))._with_indices()
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the dose terms (dimensionless)."""
