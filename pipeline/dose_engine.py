@@ -773,6 +773,15 @@ class ReferenceDoseEngine(torch.nn.Module):
         return total
 
 
+def positions_in(index: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``values`` stand in the ascending ``index`` (flat voxel indices): their positions (valid
+    where found) and whether each is there."""
+    if index.numel() == 0:
+        return torch.zeros_like(values), torch.zeros_like(values, dtype=torch.bool)
+    pos = torch.searchsorted(index, values).clamp_max(index.numel() - 1)
+    return pos, index[pos] == values
+
+
 class RegionDose:
     """A restricted engine's dose as a vector over the voxels of its region: what an objective cut to
     that region reads (:meth:`pipeline.optimizer.DoseObjective.on_voxels`), without the full grid.
@@ -793,8 +802,8 @@ class RegionDose:
 
     def __init__(self, engine: ReferenceDoseEngine, region: NDArray[np.bool_]) -> None:
         flat = torch.as_tensor(np.flatnonzero(np.asarray(region, dtype=bool)), device=engine.device)
-        pos = torch.searchsorted(flat, engine.act_idx)
-        if engine.act_idx.numel() and (int(pos.max()) >= flat.numel() or bool((flat[pos] != engine.act_idx).any())):
+        pos, found = positions_in(flat, engine.act_idx)
+        if not bool(found.all()):
             raise PlanningError("the engine computes voxels outside the region; restrict it to the region first")
         self.engine = engine
         self.index = flat

@@ -43,7 +43,7 @@ from numpy.typing import NDArray
 
 from core.errors import PlanningError
 from pipeline import objectives as obj
-from pipeline.dose_engine import DoseEngine
+from pipeline.dose_engine import DoseEngine, positions_in
 from pipeline.goal_objective import GoalSetup, GoalTerm, goal_terms, normalised
 
 log = logging.getLogger(__name__)
@@ -278,15 +278,13 @@ class DoseObjective:
         masks = [self.ptv, self.region, *self.oars.values(), *self.femurs, *(g.mask for g in self.goals)]
         if any(int(torch.count_nonzero(m)) != int(torch.count_nonzero(take(m))) for m in masks):
             raise PlanningError("the objective reads voxels outside the given ones; build it with that region")
-        if not points:
-            return replace(self, ptv=take(self.ptv), region=take(self.region), ceiling=take(self.ceiling),
-                           oars={r: take(m) for r, m in self.oars.items()},
-                           femurs=tuple(take(m) for m in self.femurs),
-                           goals=tuple(replace(g, mask=take(g.mask)) for g in self.goals))._with_indices()
+        points = dict(points or {})
         n = index.numel()
-        sizes = [int(pt.index.shape[0]) for pt in points.values()]
-        total = n + sum(sizes)
-        starts = dict(zip(points, np.cumsum([n, *sizes[:-1]]).tolist(), strict=True))
+        starts: dict[str, int] = {}
+        total = n
+        for name, pt in points.items():  # the vector: the voxels, then each structure's points
+            starts[name] = total
+            total += int(pt.index.shape[0])
         dtype, dev = self.ptv.dtype, self.ptv.device
 
         def grid_part(t: torch.Tensor) -> torch.Tensor:  # 0 at every point
@@ -300,11 +298,11 @@ class DoseObjective:
 
         pos, weights = [], []
         for name, pt in points.items():
-            p = torch.searchsorted(index, pt.index.reshape(-1)).reshape(pt.index.shape).clamp_max(n - 1)
-            if bool((index[p] != pt.index)[pt.weights > 0].any()):
+            p, found = positions_in(index, pt.index.reshape(-1))
+            if bool((~found.reshape(pt.index.shape))[pt.weights > 0].any()):
                 raise PlanningError(f"the {name}'s CT voxels interpolate from dose voxels outside the given ones; "
                                     "add their neighbours to the region")
-            pos.append(p)
+            pos.append(p.reshape(pt.index.shape))
             weights.append(pt.weights.to(dtype))
         goals = tuple(replace(g, mask=own(g.goal.structure).to(torch.bool), total_voxels=points[g.goal.structure].total,
                               voxel_cc=points[g.goal.structure].voxel_cc)
@@ -313,7 +311,7 @@ class DoseObjective:
         return replace(self, ptv=own("ptv") if "ptv" in points else grid_part(self.ptv), region=grid_part(self.region),
                        ceiling=grid_part(self.ceiling), oars={r: m for r, m in oars.items() if float(m.sum()) > 0},
                        femurs=tuple(grid_part(m) for m in self.femurs), goals=goals,
-                       points=(torch.cat(pos), torch.cat(weights)))._with_indices()
+                       points=(torch.cat(pos), torch.cat(weights)) if points else None)._with_indices()
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the dose terms (dimensionless)."""
