@@ -210,7 +210,7 @@ def cmd_release(db: Database, job_id: int, settings: Settings) -> int:
             raise InputError(f"job {job_id} is {job.state.value} and its deliveries are not held; only a "
                              "SUCCEEDED job held by planning.when_p1_fails = hold can be released")
         now = utcnow()
-        n = queue_deliveries(s, job_id, settings, now)
+        n = queue_deliveries(s, job_id, settings.destinations, now)
         released = (f"deliveries released by airt jobs release (user {getpass.getuser()}) after: "
                     f"{job.hold_reason}")
         s.add(JobEvent(job_id=job_id, at=now, from_state=JobState.SUCCEEDED, to_state=JobState.SUCCEEDED,

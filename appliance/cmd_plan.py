@@ -36,13 +36,14 @@ def parse_candidate(text: str) -> tuple[float, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Plan the folder and print the summary."""
-    from appliance.planning import plan_folder
+    from appliance.dicom.case_loader import request_from_folder
+    from appliance.planning import plan_request
     from appliance.report import format_summary
 
     settings = load_settings(args.config)
     candidates = None if args.candidate is None else [parse_candidate(c) for c in args.candidate]
-    metrics = plan_folder(args.case_dir, args.out, settings, method=args.method, profile=args.profile,
-                          candidates=candidates)
+    _, metrics = plan_request(request_from_folder(args.case_dir), args.out, settings, method=args.method,
+                              profile=args.profile, candidates=candidates)
     print(format_summary(metrics), end="")
     print(f"outputs in {args.out}/: rtplan.dcm rtdose.dcm metrics.json report_dvh.png report_slices.png report.txt")
     return 0

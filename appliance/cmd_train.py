@@ -90,7 +90,7 @@ def load_clinical_record(folder: Path, settings: Settings) -> Any:
     """
     import pydicom
 
-    from appliance.dicom.case_loader import load_case
+    from appliance.dicom.case_loader import load_folder
     from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
     from core.errors import ExportError
     from pipeline.training.train import PlanRecord
@@ -127,7 +127,7 @@ def load_clinical_record(folder: Path, settings: Settings) -> Any:
                          "re-sample the plan or change machine.arc settings")
     if abs((seq.collimator_deg - arc.collimator_deg + 180.0) % 360.0 - 180.0) > 0.5:
         raise InputError(f"{where}: collimator {seq.collimator_deg} deg, the configured arc uses {arc.collimator_deg}")
-    case = load_case(folder, structures=settings.structures, prescription=settings.profile().to_prescription())
+    case = load_folder(folder, structures=settings.structures, prescription=settings.profile().to_prescription())
     if beam.isocenter_mm is not None:
         offset = float(np.linalg.norm(np.asarray(beam.isocenter_mm) - np.asarray(case.ptv_centroid_mm())))
         if offset > MAX_ISOCENTER_OFFSET_MM:

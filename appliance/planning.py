@@ -1,5 +1,5 @@
-"""Plan a folder of DICOM files: load the Case, run the planning core, write RT Plan, RT Dose,
-metrics.json and a report.
+"""Plan a case: load the CT series and RT Structure Set a :class:`~core.request.CaseRequest` names, run
+the planning core, write RT Plan, RT Dose, metrics.json (with the :class:`PlanSummary`) and a report.
 
 This is what ``airt plan`` and the node's worker run. The planning itself (fluence, sequencer,
 machine-parameter optimisation, reference dose, MU normalisation) is ``pipeline.plan.plan_arc``;
@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from appliance.config import PlanningMethod, Profile, Settings
+from appliance.plan_summary import PlanSummary
 from appliance.profiles import ProfileChoice, choose_profile
 from core.case import Case, Role
 from core.errors import PlanningError
+from core.request import CaseRequest
 
 if TYPE_CHECKING:
     from pipeline.goals import Verdict
@@ -158,8 +161,9 @@ def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, ma
 
 def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | None = None,
               timings: Timings | None = None, profile: ProfileChoice | None = None,
-              candidates: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """Plan a loaded Case and write the outputs into ``out_dir``; returns the metrics dict.
+              candidates: list[tuple[float, float]] | None = None) -> tuple[PlanSummary, dict[str, Any]]:
+    """Plan a loaded Case and write the outputs into ``out_dir``; returns the plan's summary and the
+    metrics document written as ``metrics.json`` (which holds the summary under ``"summary"``).
 
     ``profile`` (default: ``planning.profile``) gives the prescription, normalisation and goal list;
     the case is planned to the profile's prescription.
@@ -247,18 +251,31 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         **extra,
     }
     metrics["timings_s"]["total"] = round(sum(timings.stages.values()), 4)
+
+    def figure(role: Role, key: str) -> float | None:
+        value = structures.get(role.value, {}).get(key)
+        return float(value) if isinstance(value, int | float) and np.isfinite(value) else None
+
+    summary = PlanSummary(
+        case_id=case.case_id, method=chosen.value, profile=profile.profile.name, profile_reason=profile.reason,
+        dose_gy=rx_total, fractions=fractions,
+        verdict=verdict.text if verdict else "no clinical goals in the profile",
+        p1_met=verdict.p1_met if verdict else None,
+        ptv_d98_gy=figure(Role.PTV, "D98_Gy"), ptv_hi=figure(Role.PTV, "HI"),
+        bladder_dmean_gy=figure(Role.BLADDER, "Dmean_Gy"), rectum_dmean_gy=figure(Role.RECTUM, "Dmean_Gy"),
+        total_mu=float(seq.total_mu), rtplan_uid=plan_uid, stages_s=dict(metrics["timings_s"]))
+    metrics["summary"] = summary.to_dict()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
     write_report(out_dir, metrics=metrics, dose=dose_plan, grid=grid, case=case)
-    log.info("case %s: planned in %.1f s, %.0f MU, PTV D98 %.2f Gy, HI %.3f", case.case_id,
-             metrics["timings_s"]["total"], seq.total_mu,
-             structures.get("ptv", {}).get("D98_Gy", float("nan")), structures.get("ptv", {}).get("HI", float("nan")))
-    return metrics
+    log.info("case %s: planned in %.1f s, %.0f MU, PTV D98 %s Gy, HI %s", case.case_id,
+             metrics["timings_s"]["total"], seq.total_mu, summary.ptv_d98_gy, summary.ptv_hi)
+    return summary, metrics
 
 
-def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
-                profile: str | None = None, called_aets: tuple[str, ...] = (), calling_aets: tuple[str, ...] = (),
-                candidates: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """Load the DICOM files of ``case_dir`` into a Case, choose its profile and plan it (see
+def plan_request(request: CaseRequest, out_dir: Path, settings: Settings, *, method: str | None = None,
+                 profile: str | None = None,
+                 candidates: list[tuple[float, float]] | None = None) -> tuple[PlanSummary, dict[str, Any]]:
+    """Load the CT series and RT Structure Set a request names, choose its profile and plan it (see
     :func:`plan_case`). ``profile`` is an explicit choice (``airt plan --profile``); otherwise the
     AE titles the study came by and the PTV's name choose (``appliance.profiles.choose_profile``)."""
     from appliance.dicom.case_loader import load_case
@@ -266,12 +283,24 @@ def plan_folder(case_dir: Path, out_dir: Path, settings: Settings, *, method: st
 
     timings = Timings()
     with timings.stage("load"):
-        case = load_case(Path(case_dir), structures=settings.structures,
-                         prescription=settings.profile().to_prescription())
-        choice = choose_profile(settings, ptv_name=case.structure_names.get(Role.PTV, ""), called_aets=called_aets,
-                                calling_aets=calling_aets, explicit=profile)
+        case = load_case(request, structures=settings.structures, prescription=settings.profile().to_prescription())
+        choice = choose_profile(settings, ptv_name=case.structure_names.get(Role.PTV, ""),
+                                called_aets=request.called_aets, calling_aets=request.calling_aets, explicit=profile)
     return plan_case(case, Path(out_dir), settings, method=method, timings=timings, profile=choice,
                      candidates=candidates)
+
+
+@dataclass(frozen=True)
+class Planner:
+    """The planning function the node's worker runs in its planning process, with the settings it
+    plans by (``planning``, ``machine``, ``structures``, ``profiles``); picklable into a spawned process.
+    """
+
+    settings: Settings
+
+    def __call__(self, request: CaseRequest, out_dir: Path, method: str | None = None) -> PlanSummary:
+        """Plan one case into ``out_dir``; the summary the worker records."""
+        return plan_request(request, out_dir, self.settings, method=method)[0]
 
 
 def json_default(o: object) -> object:

@@ -7,11 +7,11 @@ StableAge of Orthanc. A study arriving over several associations is one study):
 
 * a stable study holding an RT Structure Set whose Frame of Reference is that of a CT series in
   the study becomes a PENDING job over that CT series + the structure set (the newest structure set
-  when there are several). The CT series is chosen here, once, and the loader plans on it: the one
-  the structure set names (RTReferencedSeriesSequence), else the one holding the images its
-  contours reference (ContourImageSequence), else the only CT series on that frame of reference.
-  Several candidates and nothing to tell them apart (a CBCT or a second reconstruction of the same
-  scan) make a FAILED job: the structures are never planned on a CT they may not have been drawn on;
+  when there are several). The CT series is chosen here, once, by the rule of
+  :func:`core.request.choose_ct_series`; the worker hands the choice to the loader as a
+  :class:`core.request.CaseRequest` and the loader plans on it. Several candidates and nothing to
+  tell them apart (a CBCT or a second reconstruction of the same scan) make a FAILED job: the
+  structures are never planned on a CT they may not have been drawn on;
 * a stable study with an RT Structure Set but no CT series, or whose structure sets reference no
   CT series' frame of reference, becomes a FAILED job whose reason says what is missing;
 * a study with CT only is waited for (contouring often comes later): after
@@ -28,6 +28,7 @@ worker and become FAILED jobs with the loader's message.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from appliance.config import Settings
+from core.errors import InputError
+from core.request import SeriesSeen, StructureSetSeen, choose_ct_series
 from storage.db import Database, record_node_event
 from storage.models import Instance, Job, JobEvent, JobInstance, NodeEvent, Series, Study
 from storage.states import JobState, transition, utcnow
@@ -90,25 +93,19 @@ def decide(study: Study, instances: Sequence[Instance], series: Sequence[Series]
         return Decision(tuple(instances), reason=(
             f"study {study.study_uid} holds an RT Structure Set but no CT series; send the planning CT "
             "series (same Frame of Reference) and the study is planned again"))
+    seen = [SeriesSeen(s.series_uid, str(by_series[s.id][0].frame_of_reference_uid),
+                       frozenset(i.sop_instance_uid for i in by_series[s.id])) for s in ct_series]
     for rs in rtstructs:
-        candidates = [s for s in ct_series if by_series[s.id][0].frame_of_reference_uid == rs.frame_of_reference_uid]
-        if not candidates:
+        drawn_on = StructureSetSeen(rs.sop_instance_uid, frozenset({str(rs.frame_of_reference_uid)}),
+                                    frozenset({rs.referenced_series_uid} if rs.referenced_series_uid else ()))
+        try:
+            chosen = choose_ct_series(drawn_on, seen, functools.partial(image_refs, rs), f"study {study.study_uid}")
+        except InputError as exc:
+            return Decision(tuple(instances), reason=str(exc))
+        if chosen is None:
             continue
-        named = [s for s in candidates if s.series_uid == rs.referenced_series_uid]
-        if not named and len(candidates) > 1:
-            refs = image_refs(rs)
-            named = [s for s in candidates if any(i.sop_instance_uid in refs for i in by_series[s.id])]
-            if len(named) != 1:
-                listed = ", ".join(f"{s.series_uid} ({len(by_series[s.id])} images)" for s in candidates)
-                return Decision(tuple(instances), reason=(
-                    f"study {study.study_uid}: {len(candidates)} CT series share the Frame of Reference of RT "
-                    f"Structure Set {rs.sop_instance_uid} ({listed}) and its references "
-                    + ("point into several of them" if named else "name none of them")
-                    + "; the structures are not planned on a CT they may not have been drawn on. Send only "
-                    "the planning CT series with the structure set"))
-        ct = named[0] if named else candidates[0]
-        members = (*by_series[ct.id], rs)
-        return Decision(members, ct_series_uid=ct.series_uid, rtstruct_uid=rs.sop_instance_uid)
+        ct = next(s for s in ct_series if s.series_uid == chosen.series_uid)
+        return Decision((*by_series[ct.id], rs), ct_series_uid=ct.series_uid, rtstruct_uid=rs.sop_instance_uid)
     fors = sorted({str(s.frame_of_reference_uid) for s in ct_series})
     return Decision(tuple(instances), reason=(
         f"study {study.study_uid}: no RT Structure Set references the Frame of Reference of a CT series "

@@ -163,7 +163,7 @@ class Node:
         self.scp = StorageSCP(settings, self.db, self.store, metrics=self.metrics)
         self.scheduler = StudyScheduler(settings, self.db)
         self.deliverer = Deliverer(settings, self.db, metrics=self.metrics)
-        self.worker = Worker(settings, self.db, metrics=self.metrics) if settings.worker.enabled else None
+        self.worker = Worker.for_node(settings, self.db, metrics=self.metrics) if settings.worker.enabled else None
         self._worker_thread: threading.Thread | None = None
         parts: dict[str, Any] = {"scheduler_running": lambda: self.scheduler.running}
         if self.worker is not None:

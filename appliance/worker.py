@@ -1,47 +1,44 @@
 """The planning worker: claims one job at a time and plans it in a separate process.
 
 For each claimed job the worker links (or copies) the job's instance files into
-``DATA_DIR/jobs/<id>/input``, runs ``appliance.planning.plan_folder`` in a child process
-(multiprocessing *spawn*: no inherited threads or sockets) writing into ``DATA_DIR/jobs/<id>/output``,
-and waits. A crash or hang of the child cannot take the node down: a child running longer than
-``worker.plan_timeout_s`` is killed and the job FAILED ("plan exceeded N s"); a child that dies
-without a result (segfault, out of memory) puts the job back to PENDING until
-``worker.max_attempts`` starts were made. A planning error (``AirtError``) fails the job with the
-planner's message. On success the job stores per-stage timings and the DVH metrics of
-``metrics.json`` and gets one delivery row per configured destination, in the same transaction as
-its SUCCEEDED state.
-
-The child dies with its parent (``PR_SET_PDEATHSIG`` on Linux, plus a watch on the parent pid), so
-a node killed with SIGKILL leaves no orphan writing into a job folder that recovery re-queues.
+``DATA_DIR/jobs/<id>/input``, makes the :class:`~core.request.CaseRequest` of the CT series and RT
+Structure Set the scheduler chose, and runs the planning function it was given (the node's is
+:class:`appliance.planning.Planner`) in a child process (:mod:`appliance.plan_process`) writing
+into ``DATA_DIR/jobs/<id>/output``, and waits. A crash or hang of the child cannot take the node
+down: a child running longer than ``worker.plan_timeout_s`` is killed and the job FAILED ("plan
+exceeded N s"); a child that dies without a result (segfault, out of memory) puts the job back to
+PENDING until ``worker.max_attempts`` starts were made. A planning error (``AirtError``) fails the
+job with the planner's message. On success the job stores per-stage timings, the figures of the
+plan's :class:`~appliance.plan_summary.PlanSummary` and its ``metrics.json``, and gets one delivery
+row per configured destination, in the same transaction as its SUCCEEDED state.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import logging
 import multiprocessing as mp
 import os
-import re
 import shutil
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from appliance.config import P1Policy, Settings
-from appliance.planning import json_default
-from core.errors import AirtError
+from appliance.config import Destination, P1Policy, Settings, WorkerSettings
+from appliance.plan_process import PlanFunction, plan_in_child
+from appliance.plan_summary import PLAN_FILES, PlanSummary
+from core.errors import PlanningError
+from core.request import CaseRequest
 from storage.db import Database, claim_next_job
 from storage.models import Delivery, Instance, Job, JobInstance
 from storage.states import DeliveryState, JobState, TransitionError, transition, utcnow
@@ -51,104 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PLAN_FUNCTION = "appliance.planning:plan_folder"
-"""``module:function`` the child process calls: ``f(case_dir, out_dir, settings, *, method=None) -> dict``."""
-
 STATE_POLL_S = 0.5
 """How often the worker checks a running job for cancellation and its child for exit, s."""
-
-
-# ------------------------------------------------------------------------------------------------
-# The child process
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
-        os._exit(3)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent_pid:
-                os._exit(3)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def plan_child(case_dir: str, out_dir: str, settings: Settings, method: str | None, result_path: str,
-               parent_pid: int, plan_function: str = PLAN_FUNCTION,
-               routing: Mapping[str, tuple[str, ...]] | None = None) -> None:
-    """Entry point of the planning child: plan, then write ``result_path`` (JSON) atomically.
-
-    The result is ``{"ok": true, "metrics": {...}, "plan_s": t}`` or
-    ``{"ok": false, "error": message, "kind": exception class}``.
-    """
-    _die_with_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s [plan %(process)d]: %(message)s")
-    for noisy in ("numba", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    result: dict[str, Any]
-    try:
-        module_name, func_name = plan_function.split(":")
-        module = __import__(module_name, fromlist=[func_name])
-        fn: Callable[..., Mapping[str, Any]] = getattr(module, func_name)
-        metrics = dict(fn(Path(case_dir), Path(out_dir), settings, method=method, **(routing or {})))
-        result = {"ok": True, "metrics": metrics, "plan_s": time.perf_counter() - t0}
-    except AirtError as exc:
-        result = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
-    except Exception as exc:
-        result = {"ok": False, "kind": type(exc).__name__,
-                  "error": f"internal error in planning ({type(exc).__name__}: {exc}); see the node log",
-                  "traceback": traceback.format_exc()}
-    tmp = Path(result_path + ".tmp")
-    tmp.write_text(json.dumps(result, default=json_default), encoding="utf-8")
-    os.replace(tmp, result_path)
-
-
-# ------------------------------------------------------------------------------------------------
-# Metrics summary
-
-
-def _norm(key: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", key.lower())
-
-
-def _find_role(metrics: Mapping[str, Any], role: str) -> Mapping[str, Any] | None:
-    for container in (metrics, *(v for k, v in metrics.items()
-                                 if isinstance(v, Mapping) and _norm(k) in ("structures", "dvh", "metrics"))):
-        for k, v in container.items():
-            if isinstance(v, Mapping) and _norm(k) == role:
-                return v
-    return None
-
-
-def _find_value(table: Mapping[str, Any] | None, *names: str) -> float | None:
-    if table is None:
-        return None
-    wanted = {_norm(n) for n in names}
-    for k, v in table.items():
-        if _norm(k) in wanted and isinstance(v, int | float) and not isinstance(v, bool):
-            return float(v)
-    return None
-
-
-def summary_metrics(metrics: Mapping[str, Any]) -> dict[str, float | None]:
-    """The job columns shown in ``v_jobs_overview`` (PTV D98 and HI, bladder and rectum Dmean, Gy),
-    found in a metrics.json by structure role and metric name whatever the exact key spelling
-    (``D98_Gy``, ``D98%_Gy``, ``d98``...); None where absent."""
-    ptv = _find_role(metrics, "ptv")
-    return {
-        "ptv_d98_gy": _find_value(ptv, "D98_Gy", "D98%_Gy", "D98", "D98pct_Gy"),
-        "ptv_hi": _find_value(ptv, "HI"),
-        "bladder_dmean_gy": _find_value(_find_role(metrics, "bladder"), "Dmean_Gy", "Dmean", "mean_Gy"),
-        "rectum_dmean_gy": _find_value(_find_role(metrics, "rectum"), "Dmean_Gy", "Dmean", "mean_Gy"),
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,35 +61,62 @@ class Worker:
 
     Parameters
     ----------
-    settings
-        ``worker``, ``planning``, ``destinations`` and ``storage`` are used; passed to the planner.
     db
         The queue database.
+    plan
+        The planning function run in the planning process (:data:`~appliance.plan_process.PlanFunction`;
+        the node's is :class:`appliance.planning.Planner`).
+    settings
+        The ``[worker]`` section: timeout and number of starts of a planning process.
+    data_dir
+        The node's data directory (instance files; job folders under ``jobs/``).
+    destinations
+        Where a finished plan is sent: one delivery row each.
+    when_p1_fails
+        What happens to a plan that failed a priority-1 goal (``planning.when_p1_fails``).
+    poll_interval_s
+        How long the loop sleeps when no job is pending (``scheduler.poll_interval_s``).
     name
         Recorded as ``jobs.worker``; default ``host:pid``.
-    plan_function
-        ``module:function`` the child calls (default :data:`PLAN_FUNCTION`).
     metrics
         Counts planning processes by outcome into it (None: nothing is counted).
     """
 
-    def __init__(self, settings: Settings, db: Database, *, name: str | None = None,
-                 plan_function: str = PLAN_FUNCTION, metrics: NodeMetrics | None = None) -> None:
-        self.settings = settings
+    def __init__(self, db: Database, plan: PlanFunction, *, settings: WorkerSettings, data_dir: Path,
+                 destinations: Sequence[Destination], when_p1_fails: P1Policy, poll_interval_s: float,
+                 name: str | None = None, metrics: NodeMetrics | None = None) -> None:
         self.db = db
+        self.plan = plan
+        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.destinations = tuple(destinations)
+        self.when_p1_fails = when_p1_fails
+        self.poll_interval_s = poll_interval_s
         self.metrics = metrics
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.plan_function = plan_function
-        self.jobs_dir = settings.data_dir / "jobs"
+        self.jobs_dir = self.data_dir / "jobs"
         self._ctx = mp.get_context("spawn")
         self._stop = threading.Event()
         self.current_job: int | None = None
         self.last_beat = time.monotonic()
 
+    @classmethod
+    def for_node(cls, settings: Settings, db: Database, *, plan: PlanFunction | None = None, name: str | None = None,
+                 metrics: NodeMetrics | None = None) -> Worker:
+        """The worker of a node configured by ``settings``; ``plan`` defaults to the planner
+        (:class:`appliance.planning.Planner` with these settings)."""
+        if plan is None:
+            from appliance.planning import Planner
+
+            plan = Planner(settings)
+        return cls(db, plan, settings=settings.worker, data_dir=settings.data_dir, destinations=settings.destinations,
+                   when_p1_fails=settings.planning.when_p1_fails, poll_interval_s=settings.scheduler.poll_interval_s,
+                   name=name, metrics=metrics)
+
     # -- loop ---------------------------------------------------------------------------------------
 
     def run_forever(self, wake: threading.Event | None = None) -> None:
-        """Plan jobs until :meth:`stop`; sleeps ``scheduler.poll_interval_s`` (or until ``wake``) when idle."""
+        """Plan jobs until :meth:`stop`; sleeps ``poll_interval_s`` (or until ``wake``) when idle."""
         log.info("worker %s started", self.name)
         while not self._stop.is_set():
             self.last_beat = time.monotonic()
@@ -199,10 +127,10 @@ class Worker:
                 job_id = None
             if job_id is None:
                 if wake is not None:
-                    wake.wait(self.settings.scheduler.poll_interval_s)
+                    wake.wait(self.poll_interval_s)
                     wake.clear()
                 else:
-                    self._stop.wait(self.settings.scheduler.poll_interval_s)
+                    self._stop.wait(self.poll_interval_s)
         log.info("worker %s stopped", self.name)
 
     def stop(self) -> None:
@@ -217,21 +145,18 @@ class Worker:
             job = claim_next_job(s, self.name)
             if job is None:
                 return None
-            job_id, attempts, created = job.id, job.attempts, job.created_at
-            method = job.method
-            rows = s.execute(select(Instance.path, Instance.called_ae_title, Instance.calling_ae_title)
+            claimed = _Claimed(job.id, job.attempts, job.created_at, job.method, job.study_uid, job.ct_series_uid,
+                               job.rtstruct_uid)
+            rows = s.execute(select(Instance.path, Instance.modality, Instance.sop_instance_uid,
+                                    Instance.called_ae_title, Instance.calling_ae_title)
                              .join(JobInstance, JobInstance.instance_id == Instance.id)
-                             .where(JobInstance.job_id == job_id)).all()
-        paths = [r.path for r in rows]
-        # Which AE titles the study came by: they choose its protocol profile (appliance.profiles).
-        routing = {"called_aets": tuple(sorted({r.called_ae_title for r in rows if r.called_ae_title})),
-                   "calling_aets": tuple(sorted({r.calling_ae_title for r in rows}))}
-        self.current_job = job_id
+                             .where(JobInstance.job_id == job.id)).all()
+        self.current_job = claimed.job_id
         try:
-            self._run_claimed(job_id, attempts, created, method, paths, routing)
+            self._run_claimed(claimed, rows)
         finally:
             self.current_job = None
-        return job_id
+        return claimed.job_id
 
     def _fail(self, job_id: int, reason: str, timings: dict[str, Any] | None = None,
               values: dict[str, Any] | None = None) -> None:
@@ -242,77 +167,96 @@ class Worker:
         except TransitionError as exc:
             log.warning("job %d: could not record failure (%s)", job_id, exc)
 
-    def _run_claimed(self, job_id: int, attempts: int, created: Any, method: str | None,
-                     paths: list[str], routing: Mapping[str, tuple[str, ...]]) -> None:
+    def _back_to_pending(self, job_id: int, reason: str, values: dict[str, Any]) -> None:
+        try:
+            with self.db.session() as s:
+                transition(s, job_id, {JobState.RUNNING}, JobState.PENDING, reason, values=values)
+        except TransitionError as exc:
+            log.warning("job %d: %s", job_id, exc)
+
+    def _run_claimed(self, job: _Claimed, rows: Sequence[Any]) -> None:
+        job_id, attempts = job.job_id, job.attempts
         t_start = time.perf_counter()
-        timings: dict[str, Any] = {"queue_wait_s": round((utcnow() - created).total_seconds(), 3)}
-        max_attempts = self.settings.worker.max_attempts
+        timings: dict[str, Any] = {"queue_wait_s": round((utcnow() - job.created).total_seconds(), 3)}
+        max_attempts = self.settings.max_attempts
         if attempts > max_attempts:
             self._fail(job_id, f"gave up after {attempts - 1} start(s) (worker.max_attempts = {max_attempts}); "
                                "the planning process kept stopping: see the node log, then airt jobs retry")
             return
         log.info("job %d claimed by %s (attempt %d of %d, %d instances)", job_id, self.name, attempts,
-                 max_attempts, len(paths))
+                 max_attempts, len(rows))
         job_dir = self.jobs_dir / str(job_id)
         in_dir, out_dir = job_dir / "input", job_dir / "output"
         try:
-            for d in (in_dir, out_dir):
-                if d.exists():
-                    shutil.rmtree(d)
-                d.mkdir(parents=True)
-            for rel in paths:
-                src = self.settings.data_dir / rel
-                if not src.is_file():
-                    self._fail(job_id, f"instance file {rel} of this job is missing from the data directory; "
-                                       "send the study again")
-                    return
-                dst = in_dir / src.name
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
+            request = self._prepare(job, rows, in_dir, out_dir)
+        except PlanningError as exc:
+            self._fail(job_id, str(exc))
+            return
         except OSError as exc:
             self._fail(job_id, f"cannot prepare the job folder {job_dir}: {exc}; check disk space and permissions")
             return
         timings["inputs_s"] = round(time.perf_counter() - t_start, 3)
-        outcome, detail, plan_wall = self._run_child(job_id, in_dir, out_dir, method, routing)
+        outcome, detail, plan_wall = self._run_child(job_id, request, out_dir, job.method)
         timings["plan_process_s"] = round(plan_wall, 3)
         if self.metrics is not None:
             self.metrics.planning_process(outcome)
         if outcome == "ok":
+            assert isinstance(detail, PlanSummary)
             self._succeed(job_id, out_dir, detail, timings)
         elif outcome == "cancelled":
             log.info("job %d cancelled while planning; child stopped", job_id)
         elif outcome == "stopping":
-            try:
-                with self.db.session() as s:
-                    transition(s, job_id, {JobState.RUNNING}, JobState.PENDING,
-                               "node shutting down; planning interrupted, will restart",
-                               values={"attempts": Job.attempts - 1, "started_at": None})
-            except TransitionError as exc:
-                log.warning("job %d: %s", job_id, exc)
+            self._back_to_pending(job_id, "node shutting down; planning interrupted, will restart",
+                                  {"attempts": Job.attempts - 1, "started_at": None})
         elif outcome == "crashed" and attempts < max_attempts:
-            try:
-                with self.db.session() as s:
-                    transition(s, job_id, {JobState.RUNNING}, JobState.PENDING,
-                               f"{detail}; retrying (attempt {attempts} of {max_attempts})",
-                               values={"timings": timings})
-            except TransitionError as exc:
-                log.warning("job %d: %s", job_id, exc)
+            self._back_to_pending(job_id, f"{detail}; retrying (attempt {attempts} of {max_attempts})",
+                                  {"timings": timings})
         else:
             self._fail(job_id, str(detail), timings)
 
-    def _run_child(self, job_id: int, in_dir: Path, out_dir: Path, method: str | None,
-                   routing: Mapping[str, tuple[str, ...]]) -> tuple[str, Any, float]:
-        """Run the planning child; returns (outcome, detail, wall s) with outcome one of ok (detail:
-        metrics), failed / crashed / timeout (detail: reason), cancelled, stopping."""
-        result_path = in_dir.parent / "result.json"
+    def _prepare(self, job: _Claimed, rows: Sequence[Any], in_dir: Path, out_dir: Path) -> CaseRequest:
+        """Link the job's instance files into ``in_dir`` and make the request of the scheduler's choice."""
+        if job.ct_series_uid is None or job.rtstruct_uid is None:
+            raise PlanningError(f"job {job.job_id} names no CT series or RT Structure Set to plan; send the study "
+                                "again")
+        for d in (in_dir, out_dir):
+            if d.exists():
+                shutil.rmtree(d)
+            d.mkdir(parents=True)
+        linked: dict[str, Path] = {}
+        for r in rows:
+            src = self.data_dir / r.path
+            if not src.is_file():
+                raise PlanningError(f"instance file {r.path} of this job is missing from the data directory; "
+                                    "send the study again")
+            dst = in_dir / src.name
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+            linked[r.sop_instance_uid] = dst
+        rtstruct = linked.get(job.rtstruct_uid)
+        if rtstruct is None:
+            raise PlanningError(f"RT Structure Set {job.rtstruct_uid} chosen for job {job.job_id} is not among its "
+                                "instances; send the study again")
+        return CaseRequest(
+            study_uid=job.study_uid, ct_series_uid=job.ct_series_uid, rtstruct_uid=job.rtstruct_uid,
+            ct_files=tuple(sorted(linked[r.sop_instance_uid] for r in rows if r.modality == "CT")),
+            rtstruct_file=rtstruct,
+            # The AE titles the study came by choose its protocol profile (appliance.profiles).
+            called_aets=tuple(sorted({r.called_ae_title for r in rows if r.called_ae_title})),
+            calling_aets=tuple(sorted({r.calling_ae_title for r in rows})))
+
+    def _run_child(self, job_id: int, request: CaseRequest, out_dir: Path,
+                   method: str | None) -> tuple[str, PlanSummary | str | None, float]:
+        """Run the planning process; returns (outcome, detail, wall s) with outcome one of ok (detail: the
+        plan's summary), failed / crashed / timeout (detail: reason), cancelled, stopping."""
+        result_path = out_dir.parent / "result.json"
         result_path.unlink(missing_ok=True)
-        timeout = self.settings.worker.plan_timeout_s
+        timeout = self.settings.plan_timeout_s
         proc = self._ctx.Process(
-            target=plan_child, name=f"plan-job-{job_id}", daemon=True,
-            args=(str(in_dir), str(out_dir), self.settings, method, str(result_path), os.getpid(),
-                  self.plan_function, dict(routing)))
+            target=plan_in_child, name=f"plan-job-{job_id}", daemon=True,
+            args=(self.plan, request, str(out_dir), method, str(result_path), os.getpid()))
         t0 = time.perf_counter()
         proc.start()
         log.info("job %d: planning process %s started (timeout %.0f s)", job_id, proc.pid, timeout)
@@ -349,42 +293,39 @@ class Worker:
             if result.get("traceback"):
                 log.error("job %d: planning raised:\n%s", job_id, result["traceback"])
             return "failed", result.get("error") or "planning failed without a message", wall
-        metrics_file = out_dir / "metrics.json"
-        metrics = result.get("metrics") or {}
-        if metrics_file.is_file():
-            with contextlib.suppress(ValueError):
-                metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        return "ok", metrics, wall
+        try:
+            return "ok", PlanSummary.from_dict(result["summary"]), wall
+        except PlanningError as exc:
+            return "failed", str(exc), wall
 
-    def _succeed(self, job_id: int, out_dir: Path, metrics: dict[str, Any], timings: dict[str, Any]) -> None:
+    def _succeed(self, job_id: int, out_dir: Path, summary: PlanSummary, timings: dict[str, Any]) -> None:
         """Record a finished plan; queue its deliveries, hold them or fail the job, as
         ``planning.when_p1_fails`` says for a plan that failed a priority-1 goal."""
-        missing = [n for n in ("rtplan.dcm", "rtdose.dcm") if not (out_dir / n).is_file()]
+        missing = [n for n in PLAN_FILES if not (out_dir / n).is_file()]
         if missing:
             self._fail(job_id, f"planning reported success but did not write {missing} in {out_dir}", timings)
             return
-        stage = (metrics.get("timings_s") or metrics.get("timings")) if isinstance(metrics, dict) else None
-        if isinstance(stage, Mapping):
-            timings["plan_stages_s"] = dict(stage)
-        found = metrics.get("verdict")
-        verdict: dict[str, Any] = found if isinstance(found, dict) else {}
-        p1_failed = verdict.get("p1_met") is False
-        found = metrics.get("profile")
-        profile: dict[str, Any] = found if isinstance(found, dict) else {}
-        policy = self.settings.planning.when_p1_fails
-        values: dict[str, Any] = {"metrics": metrics, "timings": timings,
-                                  "output_dir": str(out_dir.relative_to(self.settings.data_dir)),
-                                  "profile": profile.get("name"), "profile_reason": profile.get("reason"),
-                                  **summary_metrics(metrics)}
-        if p1_failed and policy is P1Policy.FAIL:
-            self._fail(job_id, f"the plan fails a priority-1 clinical goal ({verdict.get('text')}) and "
+        try:
+            document = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+        except ValueError as exc:
+            self._fail(job_id, f"the plan's metrics.json in {out_dir} is not JSON ({exc})", timings)
+            return
+        timings["plan_stages_s"] = dict(summary.stages_s)
+        policy = self.when_p1_fails
+        values: dict[str, Any] = {
+            "metrics": document, "timings": timings, "output_dir": str(out_dir.relative_to(self.data_dir)),
+            "profile": summary.profile, "profile_reason": summary.profile_reason,
+            "ptv_d98_gy": summary.ptv_d98_gy, "ptv_hi": summary.ptv_hi,
+            "bladder_dmean_gy": summary.bladder_dmean_gy, "rectum_dmean_gy": summary.rectum_dmean_gy}
+        if summary.p1_failed and policy is P1Policy.FAIL:
+            self._fail(job_id, f"the plan fails a priority-1 clinical goal ({summary.verdict}) and "
                                "planning.when_p1_fails = fail; nothing was sent. Its files are in "
                                f"{values['output_dir']}; airt jobs retry re-plans it", timings,
                        values={k: v for k, v in values.items() if k != "timings"})
             return
-        held = p1_failed and policy is P1Policy.HOLD
+        held = summary.p1_failed and policy is P1Policy.HOLD
         if held:
-            values["hold_reason"] = (f"a priority-1 clinical goal failed ({verdict.get('text')}); "
+            values["hold_reason"] = (f"a priority-1 clinical goal failed ({summary.verdict}); "
                                      "planning.when_p1_fails = hold: review, then airt jobs release "
                                      f"{job_id}")
         now = utcnow()
@@ -394,26 +335,38 @@ class Worker:
                            f"planned in {timings['plan_process_s']:.1f} s" + ("; deliveries held" if held else ""),
                            values=values)
                 if not held:
-                    queue_deliveries(s, job_id, self.settings, now)
+                    queue_deliveries(s, job_id, self.destinations, now)
         except TransitionError as exc:
             log.warning("job %d finished planning but was moved meanwhile (%s); results kept in %s",
                         job_id, exc, out_dir)
             return
-        s_m = summary_metrics(metrics)
-        log.log(logging.WARNING if p1_failed else logging.INFO,
+        log.log(logging.WARNING if summary.p1_failed else logging.INFO,
                 "job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; profile %s; PTV D98 %s Gy, HI %s; "
                 "goals: %s; %s", job_id, timings["queue_wait_s"], timings["inputs_s"], timings["plan_process_s"],
-                profile.get("name", "?"), s_m["ptv_d98_gy"], s_m["ptv_hi"], verdict.get("text", "not evaluated"),
+                summary.profile, summary.ptv_d98_gy, summary.ptv_hi, summary.verdict,
                 f"deliveries HELD until airt jobs release {job_id}" if held
-                else f"{len(self.settings.destinations)} delivery(ies) queued")
+                else f"{len(self.destinations)} delivery(ies) queued")
 
 
-def queue_deliveries(session: Session, job_id: int, settings: Settings, now: Any) -> int:
-    """One PENDING delivery row per configured destination for a job; returns how many."""
-    for d in settings.destinations:
+@dataclass(frozen=True)
+class _Claimed:
+    """What the worker keeps of a claimed job row (the session that read it is closed)."""
+
+    job_id: int
+    attempts: int
+    created: Any
+    method: str | None
+    study_uid: str
+    ct_series_uid: str | None
+    rtstruct_uid: str | None
+
+
+def queue_deliveries(session: Session, job_id: int, destinations: Sequence[Destination], now: Any) -> int:
+    """One PENDING delivery row per destination for a job; returns how many."""
+    for d in destinations:
         session.add(Delivery(job_id=job_id, destination=d.name, ae_title=d.ae_title, host=d.host, port=d.port,
                              state=DeliveryState.PENDING, next_try_at=now, created_at=now, updated_at=now))
-    return len(settings.destinations)
+    return len(destinations)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     settings = load_settings(args.config)
-    worker = Worker(settings, Database(settings.database_url))
+    worker = Worker.for_node(settings, Database(settings.database_url))
     if args.once:
         job = worker.run_once()
         print(job if job is not None else "")

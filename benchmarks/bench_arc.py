@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from appliance.config import PlanningMethod, Settings
-from appliance.dicom.case_loader import load_case
+from appliance.dicom.case_loader import load_folder
 from appliance.planning import planning_options
 from appliance.synth_dicom import write_synth_case
 from core.case import Case
@@ -181,7 +181,7 @@ def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[s
     with tempfile.TemporaryDirectory(prefix="bench_arc_") as tmp:
         write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
                          matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
-        case = load_case(Path(tmp), structures=SETTINGS.structures, prescription=PROFILE.to_prescription())
+        case = load_folder(Path(tmp), structures=SETTINGS.structures, prescription=PROFILE.to_prescription())
     out: dict[str, Any] = {"set": case_set, "seed": seed, "ct": ct.label(), "profile": PROFILE.name,
                            "optimizer_weights": None if WEIGHTS is None else asdict(WEIGHTS),
                            "rx_gy": PROFILE.dose_gy, "methods": {}}

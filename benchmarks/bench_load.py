@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from appliance.config import StructureSettings
-from appliance.dicom.case_loader import load_case
+from appliance.dicom.case_loader import load_folder
 from core.case import Prescription
 
 _WRITE = (
@@ -41,7 +41,7 @@ def _stage_seconds(folder: Path, structures: StructureSettings, rx: Prescription
     """Cumulative seconds of the loader's main stages in one profiled load."""
     prof = cProfile.Profile()
     prof.enable()
-    load_case(folder, structures=structures, prescription=rx)
+    load_folder(folder, structures=structures, prescription=rx)
     prof.disable()
     stats = pstats.Stats(prof)
     wanted = {
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             case = None  # free the previous case before the next load
             t = time.perf_counter()
-            case = load_case(folder, structures=structures, prescription=rx)
+            case = load_folder(folder, structures=structures, prescription=rx)
             times.append(time.perf_counter() - t)
         assert case is not None
         peak = _peak_rss_mib()

@@ -75,7 +75,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from appliance.config import Settings
-from appliance.dicom.case_loader import load_case
+from appliance.dicom.case_loader import load_folder
 from appliance.synth_dicom import write_synth_case
 from benchmarks.bench_arc import CASE_SETS, _row, case_spec, run_sets
 from benchmarks.crosscheck_dose import DEFAULT_VENV, ensure_venv
@@ -148,7 +148,7 @@ def load_bench_case(case_set: str, index: int, protocol: Protocol, settings: Set
     with tempfile.TemporaryDirectory(prefix="bench_prp_") as tmp:
         write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
                          matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
-        case = load_case(Path(tmp), structures=settings.structures, prescription=protocol.prescription)
+        case = load_folder(Path(tmp), structures=settings.structures, prescription=protocol.prescription)
     return case, ct.label(), seed
 
 

@@ -203,14 +203,14 @@ def test_stop_after_stage1_branches_stage2(tmp_path: Path, tiny_samples: list) -
 
 def test_clinical_loader_reads_our_own_plan_and_refuses_others(tmp_path: Path) -> None:
     from appliance.cmd_train import load_clinical_record
-    from appliance.dicom.case_loader import load_case
+    from appliance.dicom.case_loader import load_folder
     from appliance.dicom.rtplan import write_rtplan
     from appliance.synth_dicom import write_synth_case
 
     st = Settings()
     folder = tmp_path / "patient1"
     write_synth_case(folder, 9, n_slices=40, slice_mm=5.0, matrix=128, pixel_mm=3.9)
-    case = load_case(folder, structures=st.structures, prescription=st.profile().to_prescription())
+    case = load_folder(folder, structures=st.structures, prescription=st.profile().to_prescription())
     seq = teacher_sequence(9)
     write_rtplan(folder / "rtplan.dcm", sequence=seq, machine=MACHINE, case=case, isocenter_mm=case.ptv_centroid_mm(),
                  fractions=5, rx_gy=40.0, dose_rate_mu_min=600.0)

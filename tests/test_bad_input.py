@@ -34,8 +34,8 @@ from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage  # type: 
 
 from appliance.config import Settings, settings_from_dict
 from appliance.cstore import STATUS_DATASET_MISMATCH
-from appliance.dicom.case_loader import load_case
-from appliance.planning import plan_folder
+from appliance.dicom.case_loader import load_folder, request_from_folder
+from appliance.planning import plan_request
 from appliance.scheduler import StudyScheduler
 from appliance.synth_dicom import SynthWritten
 from appliance.worker import Worker
@@ -107,7 +107,7 @@ def _map_points(ds: Dataset, name: str, fn: Callable[[np.ndarray], np.ndarray]) 
 
 
 def _load(folder: Path) -> object:
-    return load_case(folder, structures=SETTINGS.structures, prescription=Prescription())
+    return load_folder(folder, structures=SETTINGS.structures, prescription=Prescription())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_ptv_larger_than_the_field_is_refused_by_the_planner(case: Path, tmp_pat
     _edit(_rs(case), lambda ds: _map_points(ds, "PTV", widen))
     t0 = time.perf_counter()
     with pytest.raises(InputError, match=r"PTV extends .* mm from the isocenter"):
-        plan_folder(case, tmp_path / "out", SETTINGS)
+        plan_request(request_from_folder(case), tmp_path / "out", SETTINGS)
     assert time.perf_counter() - t0 < 60
     assert not (tmp_path / "out" / "rtplan.dcm").exists()
 
@@ -310,7 +310,7 @@ def test_truncated_instance_through_the_node_becomes_a_failed_job(tmp_path: Path
         assert statuses == [0] * len(files)  # headers are fine: stored as received
         db = scp.db
         (job_id,) = StudyScheduler(settings, db).tick()
-        assert Worker(settings, db).run_once() == job_id
+        assert Worker.for_node(settings, db).run_once() == job_id
         with db.session() as s:
             job = s.get(Job, job_id)
         assert job is not None and job.state == JobState.FAILED, job.state if job else None

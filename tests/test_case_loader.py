@@ -20,7 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, RLELossless, RTStructureSetStorage, generate_uid
 
 from appliance.config import StructureSettings
-from appliance.dicom.case_loader import load_case, sanitise_case_id
+from appliance.dicom.case_loader import load_folder, sanitise_case_id
 from core.case import Grid, PatientPosition, Prescription, Role
 from core.errors import InputError
 from tests.conftest import require_tool
@@ -302,7 +302,7 @@ def edit(path: Path, fn: object) -> None:
 
 
 def load(folder: Path, structures: StructureSettings = STRUCTURES):  # type: ignore[no-untyped-def]
-    return load_case(folder, structures=structures, prescription=RX)
+    return load_folder(folder, structures=structures, prescription=RX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_dicom_refs_case_id_and_names(tmp_path: Path) -> None:
         Role.BODY: "BODY", Role.PTV: "PTV_40", Role.RECTUM: "Rectum", Role.BLADDER: "Bladder"
     }
     assert set(case.masks) == {Role.BODY, Role.PTV, Role.RECTUM, Role.BLADDER}  # "Couch" maps to no role
-    named = load_case(folder, structures=STRUCTURES, prescription=RX, case_id="pat 1/../x")
+    named = load_folder(folder, structures=STRUCTURES, prescription=RX, case_id="pat 1/../x")
     assert named.case_id == "pat_1_.._x"
     assert sanitise_case_id("...") == "case"
 
@@ -516,7 +516,7 @@ def test_refuses_several_series_without_a_way_to_choose(tmp_path: Path) -> None:
     other.frame_uid = spec.frame_uid
     write_ct(other, folder / "b")
     write_rtstruct(folder / "rs.dcm", spec, standard_rois(spec), reference_series=False)
-    with pytest.raises(InputError, match="several CT series") as err:
+    with pytest.raises(InputError, match="2 CT series share the Frame of Reference") as err:
         load(folder)
     assert spec.series_uid in str(err.value) and other.series_uid in str(err.value)
 

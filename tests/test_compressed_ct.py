@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from appliance.dicom.case_loader import load_case
+from appliance.dicom.case_loader import load_folder
 from appliance.scheduler import StudyScheduler
 from appliance.worker import Worker
 from core.case import Case
@@ -68,7 +68,7 @@ def _load(folder: Path) -> Case:
     from appliance.config import Settings
 
     s = Settings()
-    return load_case(folder, structures=s.structures, prescription=s.profile().to_prescription())
+    return load_folder(folder, structures=s.structures, prescription=s.profile().to_prescription())
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
@@ -110,7 +110,7 @@ def test_node_takes_every_lossless_ct_from_storescu_and_plans_it(tmp_path: Path)
         assert stored == {CODECS[c][1] for c in pushed}
         jobs = StudyScheduler(settings, db).tick(utcnow())
         assert len(jobs) == len(pushed) == 4
-        worker = Worker(settings, db)
+        worker = Worker.for_node(settings, db)
         for _ in jobs:
             worker.run_once()
         with db.session() as s:

@@ -34,10 +34,12 @@ from sqlalchemy import select
 import storage.db
 from appliance.config import Settings, settings_from_dict
 from appliance.cstore import STATUS_OUT_OF_RESOURCES, STATUS_PROCESSING_FAILURE
+from appliance.plan_summary import PlanSummary
 from appliance.scheduler import StudyScheduler
 from appliance.scu import Deliverer
 from appliance.service import recover
 from appliance.worker import Worker
+from core.request import CaseRequest
 from storage.db import Database
 from storage.instance_store import InstanceStore
 from storage.models import Delivery, Instance, Job, JobEvent, NodeEvent
@@ -361,24 +363,22 @@ def test_destination_failing_past_give_up_is_failed_and_can_be_retried(tmp_path:
 # Planning processes that crash, hang or raise
 
 
-def crashing_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
-                  **routing: Any) -> dict[str, Any]:
+def crashing_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
     """Dies like a segfault or the OOM killer would: no result, no traceback."""
     os.kill(os.getpid(), signal.SIGKILL)
-    return {}
+    raise AssertionError("not reached")
 
 
-def hanging_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
-                  **routing: Any) -> dict[str, Any]:
+def hanging_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
     """Never returns."""
     threading.Event().wait()
-    return {}
+    raise AssertionError("not reached")
 
 
-def buggy_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
-                  **routing: Any) -> dict[str, Any]:
+def buggy_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
     """A programming error inside planning."""
-    return {"x": [1, 2, 3][7]}
+    plans: list[PlanSummary] = []
+    return plans[7]
 
 
 def _pending_job(tmp_path: Path, **over: Any) -> tuple[Settings, Database, int]:
@@ -400,7 +400,7 @@ def _job(db: Database, job_id: int) -> Job:
 
 def test_planning_process_that_crashes_is_retried_then_failed(tmp_path: Path) -> None:
     settings, db, job_id = _pending_job(tmp_path, worker={"max_attempts": 2})
-    worker = Worker(settings, db, plan_function="tests.test_faults:crashing_plan")
+    worker = Worker.for_node(settings, db, plan=crashing_plan)
     assert worker.run_once() == job_id
     job = _job(db, job_id)
     assert job.state == JobState.PENDING and job.attempts == 1
@@ -418,7 +418,7 @@ def test_planning_process_that_crashes_is_retried_then_failed(tmp_path: Path) ->
 def test_planning_process_that_hangs_is_killed_at_the_timeout(tmp_path: Path) -> None:
     settings, db, job_id = _pending_job(tmp_path, worker={"plan_timeout_s": 2.0})
     t0 = time.perf_counter()
-    assert Worker(settings, db, plan_function="tests.test_faults:hanging_plan").run_once() == job_id
+    assert Worker.for_node(settings, db, plan=hanging_plan).run_once() == job_id
     assert time.perf_counter() - t0 < 30
     job = _job(db, job_id)
     assert job.state == JobState.FAILED and "plan exceeded 2 s" in str(job.failure_reason)
@@ -427,7 +427,7 @@ def test_planning_process_that_hangs_is_killed_at_the_timeout(tmp_path: Path) ->
 
 def test_planning_bug_fails_the_job_with_an_internal_error(tmp_path: Path) -> None:
     settings, db, job_id = _pending_job(tmp_path)
-    assert Worker(settings, db, plan_function="tests.test_faults:buggy_plan").run_once() == job_id
+    assert Worker.for_node(settings, db, plan=buggy_plan).run_once() == job_id
     job = _job(db, job_id)
     assert job.state == JobState.FAILED and "internal error in planning (IndexError" in str(job.failure_reason)
     db.dispose()

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from appliance.config import StructureSettings
 from appliance.cstore import StoreRefusedError, parse_header
-from appliance.dicom.case_loader import load_case
+from appliance.dicom.case_loader import load_folder
 from appliance.synth_dicom import SynthWritten
 from core.case import Prescription
 from core.errors import InputError
@@ -85,7 +85,7 @@ STRUCTURES = StructureSettings()
 
 def _load(folder: Path) -> None:
     try:
-        case = load_case(folder, structures=STRUCTURES, prescription=Prescription())
+        case = load_folder(folder, structures=STRUCTURES, prescription=Prescription())
     except InputError as exc:
         assert str(exc)
         return

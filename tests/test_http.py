@@ -368,7 +368,7 @@ def test_planned_job_in_headless_chromium(tmp_path: Path) -> None:
     with scp_with_metrics(settings, db, metrics) as scp:
         assert set(store_paths(scp.port, paths).statuses) == {0}
         (job_id,) = StudyScheduler(settings, db).tick(utcnow())
-        assert Worker(settings, db, metrics=metrics).run_once() == job_id
+        assert Worker.for_node(settings, db, metrics=metrics).run_once() == job_id
         assert Deliverer(settings, db, metrics=metrics).tick(utcnow()) == 0  # nobody listens at the destination
         with db.session() as s:
             job = s.get(Job, job_id)

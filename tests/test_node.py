@@ -109,7 +109,7 @@ def _ingest_tiny_case(tmp_path: Path, plannable: bool = False, **settings_over: 
 
 def test_unplannable_case_fails_with_the_loaders_message(tmp_path: Path) -> None:
     settings, db, job_id = _ingest_tiny_case(tmp_path)
-    assert Worker(settings, db).run_once() == job_id
+    assert Worker.for_node(settings, db).run_once() == job_id
     with db.session() as s:
         job = s.get(Job, job_id)
     assert job is not None and job.state == JobState.FAILED and job.attempts == 1
@@ -122,7 +122,7 @@ def test_plan_timeout_kills_the_planning_process(tmp_path: Path) -> None:
     # a plannable case: the loader's own error must not end the plan before the timeout does
     settings, db, job_id = _ingest_tiny_case(tmp_path, plannable=True, worker={"plan_timeout_s": 0.3})
     t0 = time.perf_counter()
-    assert Worker(settings, db).run_once() == job_id
+    assert Worker.for_node(settings, db).run_once() == job_id
     assert time.perf_counter() - t0 < 30
     with db.session() as s:
         job = s.get(Job, job_id)

@@ -85,7 +85,7 @@ def test_dciodvfy_accepts_plan_and_dose(planned: dict[str, Any], tmp_path: Path)
 def test_closed_loop_plan_read_back_recomputes_the_written_dose(planned: dict[str, Any]) -> None:
     import torch
 
-    from appliance.dicom.case_loader import load_case
+    from appliance.dicom.case_loader import load_folder
     from appliance.dicom.rtdose import read_rtdose
     from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
     from pipeline.beam_model import load_beam_model
@@ -97,7 +97,7 @@ def test_closed_loop_plan_read_back_recomputes_the_written_dose(planned: dict[st
     out: Path = planned["out"]
     plan = read_rtplan(out / "rtplan.dcm")
     seq = arc_sequence_from_beam(plan.beams[0])
-    case = load_case(planned["case_dir"], structures=settings.structures,
+    case = load_folder(planned["case_dir"], structures=settings.structures,
                      prescription=settings.profile().to_prescription())
     machine = settings.machine.model()
     iso = plan.beams[0].isocenter_mm

@@ -15,16 +15,16 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from appliance.config import Settings
+from appliance.plan_summary import PlanSummary
 from appliance.scheduler import StudyScheduler
+from core.request import CaseRequest
 from storage.db import Database
-from storage.models import Instance, Job, JobEvent, Study
+from storage.models import Instance, Job, JobEvent, JobInstance, Series, Study
 from storage.states import JobState, utcnow
 from tests.node_helpers import PostgresServer, node_settings, running_scp, store_paths
 from tests.test_scp import write_case
@@ -37,13 +37,17 @@ RESULTS = Path(__file__).parent / "data" / "dicompyler_example"
 pytestmark = pytest.mark.external
 
 
-def quick_plan(case_dir: Path, out_dir: Path, settings: Settings, *, method: str | None = None,
-                  **routing: Any) -> dict[str, Any]:
+def quick_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
     """A planning function for queue tests: writes a (real, shipped) RT Plan and RT Dose as the outputs
     so that the worker's success path runs, without spending minutes planning."""
     for name in ("rtplan.dcm", "rtdose.dcm"):
         shutil.copy(RESULTS / name, out_dir / name)
-    return {"case_dir": str(case_dir)}
+    summary = PlanSummary(case_id=request.study_uid, method="optimize", profile="queue-test", profile_reason="test",
+                          dose_gy=40.0, fractions=5, verdict="no clinical goals in the profile", p1_met=None,
+                          ptv_d98_gy=None, ptv_hi=None, bladder_dmean_gy=None, rectum_dmean_gy=None, total_mu=0.0,
+                          rtplan_uid="", stages_s={})
+    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary.to_dict()}))
+    return summary
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,9 @@ def _fresh_db(pg: PostgresServer, name: str) -> str:
     return pg.url.replace(f"/{pg.database}?", f"/{name}?")
 
 
-def _add_jobs(db: Database, n: int) -> list[int]:
+def _add_jobs(db: Database, n: int, data_dir: Path | None = None) -> list[int]:
+    """``n`` PENDING jobs; with ``data_dir``, each over one stored CT image and RT Structure Set (files
+    written there) as the scheduler would have chosen them."""
     now = utcnow()
     ids = []
     with db.session() as s:
@@ -74,6 +80,24 @@ def _add_jobs(db: Database, n: int) -> list[int]:
             s.add(job)
             s.flush()
             ids.append(job.id)
+            if data_dir is None:
+                continue
+            case = write_case(data_dir / "cases" / str(k), n_slices=1, study=st.study_uid)
+            series = Series(study_id=st.id, series_uid=str(case["series"]), modality="CT")
+            s.add(series)
+            s.flush()
+            paths: list[Path] = case["paths"]  # type: ignore[assignment]
+            for path in paths:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                inst = Instance(series_id=series.id, sop_instance_uid=ds.SOPInstanceUID,
+                                sop_class_uid=ds.SOPClassUID, modality=ds.Modality,
+                                transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                                path=str(path.relative_to(data_dir)), size_bytes=path.stat().st_size, sha256="0" * 64,
+                                calling_ae_title="PEER", received_at=now)
+                s.add(inst)
+                s.flush()
+                s.add(JobInstance(job_id=job.id, instance_id=inst.id))
+            job.ct_series_uid, job.rtstruct_uid = str(case["series"]), str(case["rtstruct"])
     return ids
 
 
@@ -159,8 +183,9 @@ WORKER = textwrap.dedent("""
     from appliance.worker import Worker
     from storage.db import Database
     settings = settings_from_dict(json.loads(sys.argv[1]))
-    worker = Worker(settings, Database(settings.database_url, create=False), name=sys.argv[2],
-                    plan_function="tests.test_postgres:quick_plan")
+    from tests.test_postgres import quick_plan
+    worker = Worker.for_node(settings, Database(settings.database_url, create=False), name=sys.argv[2],
+                             plan=quick_plan)
     done = []
     while (job := worker.run_once()) is not None:
         done.append(job)
@@ -174,7 +199,7 @@ def test_worker_processes_share_one_queue(tmp_path: Path, pg: PostgresServer) ->
     table = {"storage": {"data_dir": str(tmp_path / "data"), "database_url": url},
              "destinations": [{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 104}]}
     db = Database(url)
-    ids = _add_jobs(db, 6)
+    ids = _add_jobs(db, 6, tmp_path / "data")
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(table), f"worker-{k}"], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
     done = []

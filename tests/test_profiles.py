@@ -123,7 +123,7 @@ def test_node_routes_two_pushes_by_called_ae_and_holds_a_plan_failing_p1(tmp_pat
         assert {r for (r,) in s.query(Instance.called_ae_title).distinct()} == {"AIRT_SBRT", "AIRT_CHHIP"}
     jobs = StudyScheduler(settings, db).tick(utcnow())
     assert len(jobs) == 2
-    worker = Worker(settings, db)
+    worker = Worker.for_node(settings, db)
     assert {worker.run_once(), worker.run_once()} == set(jobs)
     with db.session() as s:
         rows = {j.profile: j for j in s.query(Job)}

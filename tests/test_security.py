@@ -398,7 +398,7 @@ def test_no_patient_name_in_logs_through_receive_plan_and_deliver(tmp_path: Path
             assert set(store_paths(scp.port, case_files(w)).statuses) == {0}
             db = scp.db
             (job_id,) = StudyScheduler(settings, db).tick()
-            assert Worker(settings, db).run_once() == job_id
+            assert Worker.for_node(settings, db).run_once() == job_id
             assert Deliverer(settings, db).tick() == 1
             with db.session() as s:
                 job = s.get(Job, job_id)

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from appliance.cli import main as airt_main
 from appliance.config import StructureSettings
-from appliance.dicom.case_loader import load_case
+from appliance.dicom.case_loader import load_folder
 from appliance.synth_dicom import ORIENTATIONS, SynthWritten, mask_contours, write_synth_case
 from core.case import Grid, PatientPosition, Prescription, Role
 from core.errors import InputError
@@ -270,7 +270,7 @@ def test_round_trip_through_load_case(position: str, tmp_path: Path, written: Sy
     else:
         w = write_synth_case(tmp_path, 12, **{**SMALL, "n_slices": 24}, patient_position=position)  # type: ignore[arg-type]
     check_pixels_against_anatomy(w)
-    case = load_case(w.folder, structures=StructureSettings(), prescription=Prescription())
+    case = load_folder(w.folder, structures=StructureSettings(), prescription=Prescription())
     assert case.patient_position == PatientPosition(position)
     assert case.grid.shape == w.anatomy.grid.shape
     assert np.allclose(case.grid.origin_mm, w.anatomy.grid.origin_mm, atol=1e-3)
@@ -392,7 +392,7 @@ def test_full_size_case_is_valid_and_round_trips(tmp_path: Path) -> None:
     assert (ds.Rows, ds.Columns) == (512, 512)
     run_dciodvfy(w.ct_paths[60])
     run_dciodvfy(w.rtstruct_path)
-    case = load_case(w.folder, structures=StructureSettings(), prescription=Prescription())
+    case = load_folder(w.folder, structures=StructureSettings(), prescription=Prescription())
     for role, name in synth.ROLE_NAMES.items():
         assert dice(case.masks[role], w.anatomy.masks[name]) >= 0.97, role
     vol = float(case.masks[Role.PTV].sum()) * case.grid.voxel_volume_cc
@@ -436,6 +436,6 @@ def test_heldout_case_has_clinical_names_its_own_uids_and_loads(tmp_path: Path) 
     assert held.study_instance_uid != plain.study_instance_uid
     assert held.anatomy.volume_cc(synth.BLADDER) != pytest.approx(plain.anatomy.volume_cc(synth.BLADDER), rel=0.05)
     # the default structure mapping recognises every planning role under its clinical name
-    case = load_case(tmp_path / "held", structures=StructureSettings(), prescription=Prescription())
+    case = load_folder(tmp_path / "held", structures=StructureSettings(), prescription=Prescription())
     assert set(case.masks) == {Role.PTV, Role.BLADDER, Role.RECTUM, Role.BODY, Role.FEMUR_HEAD_L, Role.FEMUR_HEAD_R}
     assert case.structure_names[Role.PTV] == "PTV_4000" and case.patient_position is PatientPosition.FFS

@@ -1,10 +1,12 @@
-"""DICOM input: a folder holding a CT series and an RT Structure Set becomes a planning :class:`Case`.
+"""DICOM input: the CT series and RT Structure Set of a :class:`~core.request.CaseRequest` become a
+planning :class:`Case`.
 
-The loader reads every file under a folder (recursively), picks the CT series that the RT
-Structure Set refers to, builds the CT volume in Hounsfield units on the canonical grid of
-:mod:`core.case` (indices increasing along +x, +y, +z of the DICOM patient coordinate
-system), and rasterises the closed planar contours of every ROI whose name maps to a planning
-role onto that grid.
+:func:`load_case` reads exactly the files a request names (the node's scheduler chose them) and
+checks they are what it says; :func:`request_from_folder` makes a request from a folder (``airt
+plan``) by the same choice rule, and :func:`load_folder` does both. The CT volume is built in
+Hounsfield units on the canonical grid of :mod:`core.case` (indices increasing along +x, +y, +z of
+the DICOM patient coordinate system), and the closed planar contours of every ROI whose name maps
+to a planning role are rasterised onto that grid.
 
 Everything the planner cannot trust is refused with an :class:`~core.errors.InputError`
 whose message says what was wrong, with which UID, ROI or file, and what to do: a folder with
@@ -13,8 +15,8 @@ slice spacing, gantry tilt or a non-axial orientation, slices that disagree on r
 pixel spacing, pixel data of the wrong size, an RT Structure Set in another frame of reference,
 no PTV, or an empty PTV.
 
-This module scans the folder, chooses the RT Structure Set and the CT series, checks the
-structure set's image references and puts the case together; the parts live beside it: the CT
+This module scans a folder or reads a request's files, checks the structure set's image
+references and puts the case together; the parts live beside it: the CT
 series' geometry and volume in :mod:`appliance.dicom.ct` (pixel decoding in
 :mod:`appliance.dicom.ct_pixels`), the structure set's references and contour points in
 :mod:`appliance.dicom.rtstruct`, the role masks in :mod:`appliance.dicom.structures` and the
@@ -47,31 +49,67 @@ from appliance.dicom.rtstruct import rtstruct_frames, rtstruct_image_refs, rtstr
 from appliance.dicom.structures import structure_masks
 from core.case import Case, DicomRefs, Prescription
 from core.errors import InputError
+from core.request import CaseRequest, SeriesSeen, StructureSetSeen, choose_ct_series
 
 logger = logging.getLogger(__name__)
 
 
-def load_case(
-    folder: Path,
-    *,
-    structures: StructureSettings,
-    prescription: Prescription,
-    case_id: str | None = None,
-) -> Case:
-    """Build a planning case from a folder of DICOM files (a CT series and an RT Structure Set).
+def request_from_folder(folder: Path, *, case_id: str | None = None) -> CaseRequest:
+    """Choose the RT Structure Set and the CT series to plan from a folder of DICOM files.
+
+    The node's scheduler makes this choice over the instances it stored; this is the same rule
+    (:func:`core.request.choose_ct_series`) for a folder (``airt plan``, benchmarks, teacher data).
+    Among several RT Structure Sets the most recent one (StructureSetDate/Time) on a CT series'
+    frame of reference is planned.
 
     Parameters
     ----------
     folder
         Folder searched recursively; files that are not DICOM are ignored (debug log).
+    case_id
+        Identifier of the case; None: the sanitised StudyInstanceUID of the CT.
+
+    Returns
+    -------
+    CaseRequest
+        The chosen files and their UIDs.
+
+    Raises
+    ------
+    InputError
+        No CT, no RT Structure Set, or no way to choose; the message says what to send.
+    """
+    request, _, _ = _choose_in_folder(Path(folder), case_id)
+    return request
+
+
+def load_folder(folder: Path, *, structures: StructureSettings, prescription: Prescription,
+                case_id: str | None = None) -> Case:
+    """:func:`request_from_folder`, then :func:`load_case` on the files it chose (headers read once)."""
+    request, cts, rtstruct = _choose_in_folder(Path(folder), case_id)
+    return _load_chosen(request, cts, rtstruct, structures, prescription)
+
+
+def load_case(
+    request: CaseRequest,
+    *,
+    structures: StructureSettings,
+    prescription: Prescription,
+) -> Case:
+    """Build a planning case from the CT series and RT Structure Set a :class:`CaseRequest` names.
+
+    Nothing is chosen here: every file of the request is read and must be what the request says (a CT
+    image of its CT series, its RT Structure Set), or the case is refused.
+
+    Parameters
+    ----------
+    request
+        The files and UIDs chosen by the scheduler (or :func:`request_from_folder`).
     structures
         ROI name -> role mapping (``[structures]`` of the configuration). Only ROIs that map to a
         role are rasterised; several ROIs of one role: the largest (in voxels) is kept.
     prescription
         Dose prescribed to the PTV, copied into the case.
-    case_id
-        Identifier of the case (sanitised for file names); default: the sanitised
-        StudyInstanceUID of the CT.
 
     Returns
     -------
@@ -82,10 +120,37 @@ def load_case(
     Raises
     ------
     InputError
-        When the folder cannot be planned as it is; the message names the file, UID or ROI and
+        When the files cannot be planned as they are; the message names the file, UID or ROI and
         says what to do.
     """
-    folder = Path(folder)
+    rtstruct = _read_named(request.rtstruct_file, RTStructureSetStorage, "RT Structure Set")
+    if rtstruct.sop_uid != request.rtstruct_uid:
+        raise InputError(
+            f"{request.rtstruct_file.name} holds RT Structure Set {rtstruct.sop_uid}, not {request.rtstruct_uid} "
+            "that this case was scheduled on; the stored files changed: send the study again"
+        )
+    cts = [_read_named(p, CTImageStorage, "CT image") for p in request.ct_files]
+    other = sorted({str(c.ds.get("SeriesInstanceUID", "")) for c in cts} - {request.ct_series_uid})
+    if other:
+        raise InputError(
+            f"the CT files of this case belong to series {other}, not only to {request.ct_series_uid} that it was "
+            "scheduled on; the stored files changed: send the study again"
+        )
+    return _load_chosen(request, cts, rtstruct, structures, prescription)
+
+
+def _read_named(path: Path, sop_class: str, what: str) -> DicomFile:
+    """A file a request names, read without pixel data; it must exist and be of ``sop_class``."""
+    ds = _read_header(path) if path.is_file() else None
+    if ds is None:
+        raise InputError(f"{what} file {path} of this case is missing or not DICOM; send the study again")
+    found = str(ds.get("SOPClassUID", ""))
+    if found != sop_class:
+        raise InputError(f"{path.name} should be a {what} but its SOP class is {found}; send the study again")
+    return DicomFile(path, ds)
+
+
+def _choose_in_folder(folder: Path, case_id: str | None) -> tuple[CaseRequest, list[DicomFile], DicomFile]:
     if not folder.is_dir():
         raise InputError(
             f"case folder {folder} does not exist or is not a folder; pass a folder of DICOM files"
@@ -102,9 +167,20 @@ def load_case(
             "send the RT Structure Set that contours the planning CT"
         )
     rtstruct = _choose_rtstruct(rtstructs, cts)
-    series_uid = _choose_ct_series(cts, rtstruct)
-    _check_referenced_images(rtstruct, series_uid, cts[series_uid])
-    geometry = ct_geometry(series_uid, cts[series_uid])
+    series_uid = _choose_ct_series(cts, rtstruct, folder)
+    slices = cts[series_uid]
+    request = CaseRequest(
+        study_uid=str(slices[0].ds.get("StudyInstanceUID", "")), ct_series_uid=series_uid,
+        rtstruct_uid=rtstruct.sop_uid, ct_files=tuple(i.path for i in slices), rtstruct_file=rtstruct.path,
+        case_id=case_id)
+    return request, slices, rtstruct
+
+
+def _load_chosen(request: CaseRequest, slices: list[DicomFile], rtstruct: DicomFile,
+                 structures: StructureSettings, prescription: Prescription) -> Case:
+    series_uid = request.ct_series_uid
+    _check_referenced_images(rtstruct, series_uid, slices)
+    geometry = ct_geometry(series_uid, slices)
     ct_hu = read_ct_volume(geometry)
     ct_for = str(geometry.slices[0].ds.FrameOfReferenceUID)
     masks, names = structure_masks(rtstruct, ct_for, geometry, structures)
@@ -128,7 +204,7 @@ def load_case(
         rtstruct_path=str(rtstruct.path),
         image_orientation=geometry.iop,
     )
-    cid = sanitise_case_id(case_id if case_id is not None else study_uid)
+    cid = sanitise_case_id(request.case_id if request.case_id is not None else study_uid)
     case = Case(
         case_id=cid,
         ct_hu=ct_hu,
@@ -252,38 +328,26 @@ def _choose_rtstruct(rtstructs: list[DicomFile], cts: dict[str, list[DicomFile]]
     return ranked[0]
 
 
-def _choose_ct_series(cts: dict[str, list[DicomFile]], rtstruct: DicomFile) -> str:
-    """The SeriesInstanceUID of the CT series the RT Structure Set contours."""
+def _choose_ct_series(cts: dict[str, list[DicomFile]], rtstruct: DicomFile, folder: Path) -> str:
+    """The SeriesInstanceUID of the CT series the RT Structure Set contours (:func:`core.request.choose_ct_series`)."""
     frames = rtstruct_frames(rtstruct.ds)
     if not frames:
         raise InputError(
             f"RT Structure Set {rtstruct.sop_uid} ({rtstruct.path.name}) names no frame of reference "
             "(ReferencedFrameOfReferenceSequence is empty); export it again from the contouring system"
         )
-    candidates = [uid for uid, inst in cts.items() if _series_frame(inst) in frames]
-    if not candidates:
+    series_refs, image_refs = rtstruct_series_and_images(rtstruct.ds)
+    seen = [SeriesSeen(uid, _series_frame(inst), frozenset(i.sop_uid for i in inst)) for uid, inst in cts.items()]
+    chosen = choose_ct_series(StructureSetSeen(rtstruct.sop_uid, frozenset(frames), frozenset(series_refs)),
+                              seen, lambda: image_refs, f"folder {folder}")
+    if chosen is None:
         found = ", ".join(f"{uid} (frame {_series_frame(inst)})" for uid, inst in sorted(cts.items()))
         raise InputError(
             f"RT Structure Set {rtstruct.sop_uid} is in frame of reference {sorted(frames)}, which does not "
             f"match the frame of reference of any CT series received: {found}; send the CT series the "
             "structures were drawn on"
         )
-    if len(candidates) == 1:
-        return candidates[0]
-    series_refs, image_refs = rtstruct_series_and_images(rtstruct.ds)
-    by_series = [uid for uid in candidates if uid in series_refs]
-    if len(by_series) == 1:
-        logger.info("several CT series in frame %s; the RT Structure Set references %s", frames, by_series[0])
-        return by_series[0]
-    by_image = [uid for uid in candidates if any(i.sop_uid in image_refs for i in cts[uid])]
-    if len(by_image) == 1:
-        logger.info("several CT series in frame %s; contour images belong to %s", frames, by_image[0])
-        return by_image[0]
-    raise InputError(
-        f"several CT series ({sorted(candidates)}) share the frame of reference {sorted(frames)} of RT "
-        f"Structure Set {rtstruct.sop_uid}, and its series and image references do not pick one; send "
-        "only the planning CT series with the structure set"
-    )
+    return chosen.series_uid
 
 
 def _check_referenced_images(rtstruct: DicomFile, series_uid: str, slices: Sequence[DicomFile]) -> None:

@@ -1,0 +1,168 @@
+"""The choice of what to plan is made once and travels as a value; the plan's outcome comes back typed.
+
+- :func:`core.request.choose_ct_series`, the one rule the scheduler and the folder loader apply;
+- the worker hands the scheduler's choice (a :class:`CaseRequest`) to the planning function in the
+  planning process: with a second CT series in the study's frame of reference, the plan sees exactly
+  the series the structure set names;
+- :func:`appliance.dicom.case_loader.load_case` plans the files a request names or refuses them, it
+  never chooses again;
+- :class:`PlanSummary` round-trips through JSON and refuses a summary of another shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from appliance.dicom.case_loader import load_case, request_from_folder
+from appliance.plan_summary import PlanSummary
+from appliance.scheduler import StudyScheduler
+from appliance.worker import Worker
+from core.case import Prescription
+from core.errors import InputError, PlanningError
+from core.request import CaseRequest, SeriesSeen, StructureSetSeen, choose_ct_series
+from storage.db import Database
+from storage.models import Job
+from storage.states import JobState
+from tests.node_helpers import node_settings, running_scp, store_paths
+from tests.test_case_loader import STRUCTURES, build
+from tests.test_scp import make_ct_slice, write_case
+
+SHIPPED = Path(__file__).parent / "data" / "dicompyler_example"
+
+
+def _summary(case_id: str, **over: object) -> PlanSummary:
+    values: dict[str, object] = dict(
+        case_id=case_id, method="optimize", profile="prostate_40gy_5fx", profile_reason="test",
+        dose_gy=40.0, fractions=5, verdict="P1 failed: rectum V36Gycc 3.28 cm3 vs <= 2 cm3", p1_met=False,
+        ptv_d98_gy=39.1, ptv_hi=0.071, bladder_dmean_gy=8.2, rectum_dmean_gy=None, total_mu=612.0,
+        rtplan_uid="1.2.3.4", stages_s={"load": 0.5, "arc_optimize": 9.9})
+    values.update(over)
+    return PlanSummary(**values)  # type: ignore[arg-type]
+
+
+def recording_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+    """A planning function that records the request it was handed (in metrics.json) and writes real,
+    shipped RT Plan and RT Dose files, so that the worker's success path runs without planning."""
+    for name in ("rtplan.dcm", "rtdose.dcm"):
+        shutil.copy(SHIPPED / name, out_dir / name)
+    summary = _summary(request.study_uid, p1_met=True, verdict="all P1 met")
+    seen = {"ct_series_uid": request.ct_series_uid, "rtstruct_uid": request.rtstruct_uid,
+            "ct_files": [p.name for p in request.ct_files], "rtstruct_file": request.rtstruct_file.name,
+            "calling_aets": list(request.calling_aets), "method": method}
+    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary.to_dict(), "request": seen}))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# The rule
+
+
+def _series(uid: str, frame: str, *images: str) -> SeriesSeen:
+    return SeriesSeen(uid, frame, frozenset(images))
+
+
+def _rs(frames: set[str], refs: set[str] = set()) -> StructureSetSeen:  # noqa: B006
+    return StructureSetSeen("9.9", frozenset(frames), frozenset(refs))
+
+
+def test_choice_by_frame_then_series_reference_then_contour_images() -> None:
+    a, b, c = _series("1", "F", "a1", "a2"), _series("2", "F", "b1"), _series("3", "G", "c1")
+
+    def no_images() -> set[str]:
+        raise AssertionError("image references read although the series reference decided")
+
+    assert choose_ct_series(_rs({"G"}), [a, b, c], no_images, "here") == c
+    assert choose_ct_series(_rs({"F"}, {"2"}), [a, b, c], no_images, "here") == b
+    assert choose_ct_series(_rs({"F"}), [a, b, c], lambda: {"a2"}, "here") == a
+    assert choose_ct_series(_rs({"H"}), [a, b, c], no_images, "here") is None
+
+
+@pytest.mark.parametrize("refs", [set(), {"a1", "b1"}])
+def test_choice_refuses_two_series_that_nothing_tells_apart(refs: set[str]) -> None:
+    a, b = _series("1", "F", "a1"), _series("2", "F", "b1")
+    with pytest.raises(InputError, match="study 7: 2 CT series share the Frame of Reference") as err:
+        choose_ct_series(_rs({"F"}), [a, b], lambda: refs, "study 7")
+    assert "1 (1 images), 2 (1 images)" in str(err.value)
+    assert ("point into several of them" if refs else "name none of them") in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker hands the scheduler's choice to the planning process
+
+
+def test_worker_plans_the_series_the_scheduler_chose(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path)
+    case = write_case(tmp_path / "case", n_slices=3)
+    # A second reconstruction in the same study and frame of reference, not named by the structure set.
+    other = generate_uid()
+    extra = []
+    for k in range(5):
+        ds = make_ct_slice(study=str(case["study"]), series=other, for_uid=str(case["for"]), z=2.0 * k, seed=10 + k)
+        path = tmp_path / "case" / f"recon_{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        extra.append(path)
+    with running_scp(settings) as scp:
+        assert set(store_paths(scp.port, [*case["paths"], *extra]).statuses) == {0}  # type: ignore[misc]
+    db = Database(settings.database_url)
+    (job_id,) = StudyScheduler(settings, db).tick()
+    assert Worker.for_node(settings, db, plan=recording_plan).run_once() == job_id
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        assert job.state == JobState.SUCCEEDED, job.failure_reason
+        seen = job.metrics["request"]
+        # The job's figures come from the summary's fields.
+        assert (job.profile, job.ptv_d98_gy, job.ptv_hi, job.rectum_dmean_gy) == ("prostate_40gy_5fx", 39.1, 0.071, None)
+        assert job.timings["plan_stages_s"] == {"load": 0.5, "arc_optimize": 9.9}
+    assert seen["ct_series_uid"] == case["series"] and seen["rtstruct_uid"] == case["rtstruct"]
+    assert len(seen["ct_files"]) == 3 and seen["rtstruct_file"].endswith(".dcm")
+    assert seen["calling_aets"] and seen["method"] == settings.planning.method.value
+    db.dispose()
+
+
+# ------------------------------------------------------------------------------------------------
+# The loader plans the request or refuses it
+
+
+def test_loader_plans_the_request_and_refuses_files_that_are_not_what_it_names(tmp_path: Path) -> None:
+    folder, spec = build(tmp_path)
+    request = request_from_folder(folder, case_id="c1")
+    assert request.ct_series_uid == spec.series_uid and len(request.ct_files) == len(list((folder / "ct").iterdir()))
+    case = load_case(request, structures=STRUCTURES, prescription=Prescription())
+    assert case.case_id == "c1" and case.dicom is not None and case.dicom.ct_series_instance_uid == spec.series_uid
+
+    with pytest.raises(InputError, match=r"not 1\.2\.9 that this case was scheduled on"):
+        load_case(dataclasses.replace(request, rtstruct_uid="1.2.9"), structures=STRUCTURES, prescription=Prescription())
+    with pytest.raises(InputError, match=r"not only to 1\.2\.8 that it was scheduled on"):
+        load_case(dataclasses.replace(request, ct_series_uid="1.2.8"), structures=STRUCTURES, prescription=Prescription())
+    with pytest.raises(InputError, match="should be a CT image"):
+        load_case(dataclasses.replace(request, ct_files=(*request.ct_files, request.rtstruct_file)),
+                  structures=STRUCTURES, prescription=Prescription())
+    gone = request.ct_files[0]
+    gone.unlink()
+    with pytest.raises(InputError, match=re.escape(f"CT image file {gone} of this case is missing")):
+        load_case(request, structures=STRUCTURES, prescription=Prescription())
+
+
+# ------------------------------------------------------------------------------------------------
+# The typed summary
+
+
+def test_plan_summary_round_trips_and_refuses_another_shape() -> None:
+    summary = _summary("case1")
+    assert PlanSummary.from_dict(json.loads(json.dumps(summary.to_dict()))) == summary
+    assert summary.p1_failed and not _summary("c", p1_met=None).p1_failed
+    data = summary.to_dict()
+    with pytest.raises(PlanningError, match=r"missing fields \['ptv_hi'\] and unknown fields \['HI'\]"):
+        PlanSummary.from_dict({**{k: v for k, v in data.items() if k != "ptv_hi"}, "HI": 0.07})
+    with pytest.raises(PlanningError, match="ptv_d98_gy is 'nan', not a finite number"):
+        PlanSummary.from_dict({**data, "ptv_d98_gy": "nan"})
+    with pytest.raises(PlanningError, match="p1_met is 'yes'"):
+        PlanSummary.from_dict({**data, "p1_met": "yes"})
