@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     peer = parse_peer(args.peer)
     t0 = time.perf_counter()
     status = echo(peer, calling_aet=args.aet or settings.node.ae_title, timeout_s=args.timeout,
-                  tls=client_ssl_context(settings) if args.tls else None)
+                  tls=client_ssl_context(settings.tls) if args.tls else None)
     ms = (time.perf_counter() - t0) * 1000
     print(f"C-ECHO {peer}: status 0x{status:04X} in {ms:.0f} ms")
     return 0 if status == 0 else 1

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     peer = parse_peer(args.to)
     files = _expand(args.files)
     results = send_files(files, peer, calling_aet=args.aet or settings.node.ae_title,
-                         tls=client_ssl_context(settings) if args.tls else None)
+                         tls=client_ssl_context(settings.tls) if args.tls else None)
     for p, status in results:
         print(f"{p}: " + (f"status 0x{status:04X}" if status >= 0 else "no accepted presentation context"))
     ok = len(results) == len(files) and all(is_stored(st) for _, st in results)

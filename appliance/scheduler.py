@@ -33,13 +33,14 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from appliance.config import Settings
+from appliance.config import SchedulerSettings, Settings
 from core.errors import InputError
 from core.request import SeriesSeen, StructureSetSeen, choose_ct_series
 from storage.db import Database, record_node_event
@@ -126,27 +127,40 @@ class StudyScheduler:
 
     Parameters
     ----------
-    settings
-        ``scheduler`` and ``planning.method`` are used.
     db
         The queue database.
+    settings
+        The ``[scheduler]`` section: stable age and poll interval.
+    data_dir
+        The node's data directory (RT Structure Set files are read for their image references).
+    method
+        The planning method recorded in new jobs (``planning.method``).
     ct_only_wait_s
         See :data:`CT_ONLY_WAIT_S`.
     """
 
-    def __init__(self, settings: Settings, db: Database, *, ct_only_wait_s: float = CT_ONLY_WAIT_S) -> None:
-        self.settings = settings
+    def __init__(self, db: Database, settings: SchedulerSettings, *, data_dir: Path, method: str,
+                 ct_only_wait_s: float = CT_ONLY_WAIT_S) -> None:
         self.db = db
+        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.method = method
         self.ct_only_wait_s = ct_only_wait_s
         self._bg: BackgroundScheduler | None = None
         self._ref_cache: dict[int, _ImageRefs] = {}
         """RT Structure Set instance id -> its image references; kept while its study waits."""
 
+    @classmethod
+    def for_node(cls, settings: Settings, db: Database, *, ct_only_wait_s: float = CT_ONLY_WAIT_S) -> StudyScheduler:
+        """The scheduler of a node configured by ``settings``."""
+        return cls(db, settings.scheduler, data_dir=settings.data_dir, method=settings.planning.method.value,
+                   ct_only_wait_s=ct_only_wait_s)
+
     def tick(self, now: dt.datetime | None = None) -> list[int]:
         """One pass over the studies with instances not yet scheduled: the complete ones and the stable
         ones become jobs; returns new job ids."""
         now = now or utcnow()
-        cutoff = now - dt.timedelta(seconds=self.settings.scheduler.stable_age_s)
+        cutoff = now - dt.timedelta(seconds=self.settings.stable_age_s)
         with self.db.session() as s:
             waiting = s.execute(
                 select(Study.id, Study.last_received_at).where(
@@ -203,7 +217,7 @@ class StudyScheduler:
         state = JobState.PENDING if reason is None else JobState.FAILED
         job = Job(study_id=study_id, study_uid=study.study_uid, instance_fingerprint=fp,
                   ct_series_uid=d.ct_series_uid, rtstruct_uid=d.rtstruct_uid, state=state,
-                  method=self.settings.planning.method.value, created_at=now, updated_at=now,
+                  method=self.method, created_at=now, updated_at=now,
                   finished_at=None if reason is None else now, failure_reason=reason)
         s.add(job)
         s.flush()
@@ -254,7 +268,7 @@ class StudyScheduler:
         from appliance.dicom.rtstruct import rtstruct_image_refs, rtstruct_listed_images
 
         try:
-            ds = pydicom.dcmread(self.settings.data_dir / path, stop_before_pixels=True)
+            ds = pydicom.dcmread(self.data_dir / path, stop_before_pixels=True)
             found = _ImageRefs(listed=rtstruct_listed_images(ds), anywhere=rtstruct_image_refs(ds))
         except Exception as exc:  # a damaged file: the loader will say so; here it references nothing
             log.warning("RT Structure Set %s cannot be read for its image references: %s", sop_uid, exc)
@@ -265,7 +279,7 @@ class StudyScheduler:
     def start(self, extra: Sequence[tuple[str, object]] = ()) -> None:
         """Run :meth:`tick` (and each ``(name, callable)`` in ``extra``) every poll interval in a
         background thread (APScheduler; one run at a time per callable, missed runs coalesced)."""
-        interval = self.settings.scheduler.poll_interval_s
+        interval = self.settings.poll_interval_s
         bg = BackgroundScheduler(timezone=dt.UTC)
         bg.add_job(self._safe_tick, "interval", seconds=interval, id="studies", max_instances=1,
                    coalesce=True, next_run_time=utcnow())

@@ -26,7 +26,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
-from appliance.config import Settings
+from appliance.config import DeliverySettings, Destination, Settings, TlsSettings
 from core.errors import ConfigError, ExportError
 from storage.db import Database
 from storage.models import Delivery, Job
@@ -88,11 +88,11 @@ def is_stored(status: int) -> bool:
     return status == 0x0000 or status == 0x0001 or 0xB000 <= status <= 0xBFFF
 
 
-def client_ssl_context(settings: Settings) -> ssl.SSLContext:
+def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     """A client TLS context from ``[tls]`` (CA bundle; our certificate for mutual TLS when set)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls.ca_file or None)
-    if settings.tls.cert_file and settings.tls.key_file:
-        ctx.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
+    if tls.cert_file and tls.key_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
     return ctx
 
 
@@ -194,18 +194,42 @@ class Deliverer:
 
     Parameters
     ----------
-    settings
-        ``delivery``, ``node.ae_title`` (our calling AE title), ``tls`` and ``destinations``.
     db
         The queue database.
+    settings
+        The ``[delivery]`` section: retries and when to give up.
+    data_dir
+        The node's data directory (the jobs' output folders).
+    destinations
+        The configured destinations (which of them use TLS).
+    calling_aet
+        Our calling AE title (``node.ae_title``).
+    timeout_s
+        DIMSE timeout of an association (``node.dimse_timeout_s``).
+    tls
+        The ``[tls]`` section, for destinations with ``tls = true``.
     metrics
         Counts delivery attempts into it (None: nothing is counted).
     """
 
-    def __init__(self, settings: Settings, db: Database, metrics: NodeMetrics | None = None) -> None:
-        self.settings = settings
+    def __init__(self, db: Database, settings: DeliverySettings, *, data_dir: Path,
+                 destinations: Sequence[Destination], calling_aet: str, timeout_s: float, tls: TlsSettings,
+                 metrics: NodeMetrics | None = None) -> None:
         self.db = db
+        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.destinations = tuple(destinations)
+        self.calling_aet = calling_aet
+        self.timeout_s = timeout_s
+        self.tls = tls
         self.metrics = metrics
+
+    @classmethod
+    def for_node(cls, settings: Settings, db: Database, metrics: NodeMetrics | None = None) -> Deliverer:
+        """The deliverer of a node configured by ``settings``."""
+        return cls(db, settings.delivery, data_dir=settings.data_dir, destinations=settings.destinations,
+                   calling_aet=settings.node.ae_title, timeout_s=settings.node.dimse_timeout_s, tls=settings.tls,
+                   metrics=metrics)
 
     def tick(self, now: dt.datetime | None = None) -> int:
         """Try every delivery whose ``next_try_at`` has come; returns how many were delivered."""
@@ -237,13 +261,12 @@ class Deliverer:
         except TransitionError:
             return False  # another loop took it
         peer = PeerAddress(row.ae_title, row.host, row.port)
-        files = result_files(self.settings.data_dir / str(output_dir))
-        dest_cfg = next((x for x in self.settings.destinations if x.name == dest), None)
-        tls = client_ssl_context(self.settings) if dest_cfg is not None and dest_cfg.tls else None
+        files = result_files(self.data_dir / str(output_dir))
+        dest_cfg = next((x for x in self.destinations if x.name == dest), None)
+        tls = client_ssl_context(self.tls) if dest_cfg is not None and dest_cfg.tls else None
         error: str | None = None
         try:
-            results = send_files(files, peer, calling_aet=self.settings.node.ae_title,
-                                 timeout_s=self.settings.node.dimse_timeout_s, tls=tls)
+            results = send_files(files, peer, calling_aet=self.calling_aet, timeout_s=self.timeout_s, tls=tls)
             bad = [(p.name, st) for p, st in results if not is_stored(st)]
             if bad or len(results) != len(files):
                 error = "; ".join(f"{n}: status 0x{st:04X}" if st >= 0 else f"{n}: no accepted context"
@@ -263,7 +286,7 @@ class Deliverer:
                 log.info("job %d: %d file(s) (RT Plan and RT Dose of %d plan(s)) delivered to %s (%s) after "
                          "%d attempt(s)", job_id, len(files), len(files) // 2, dest, peer, n)
                 return True
-            cfg = self.settings.delivery
+            cfg = self.settings
             give_up = finished is not None and (now - finished).total_seconds() > cfg.give_up_after_s
             if give_up:
                 transition_delivery(s, d_id, {DeliveryState.SENDING}, DeliveryState.FAILED,

@@ -161,8 +161,8 @@ class Node:
         self.store = InstanceStore(settings.data_dir)
         self.metrics = NodeMetrics(self.db, settings.data_dir)
         self.scp = StorageSCP(settings, self.db, self.store, metrics=self.metrics)
-        self.scheduler = StudyScheduler(settings, self.db)
-        self.deliverer = Deliverer(settings, self.db, metrics=self.metrics)
+        self.scheduler = StudyScheduler.for_node(settings, self.db)
+        self.deliverer = Deliverer.for_node(settings, self.db, metrics=self.metrics)
         self.worker = Worker.for_node(settings, self.db, metrics=self.metrics) if settings.worker.enabled else None
         self._worker_thread: threading.Thread | None = None
         parts: dict[str, Any] = {"scheduler_running": lambda: self.scheduler.running}

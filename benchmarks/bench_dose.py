@@ -19,14 +19,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from core.case import Case, Grid, PatientPosition, Role
+from core.case import DEFAULT_HU_TO_DENSITY, Case, Grid, PatientPosition, Role
 from core.machine import ArcSpec, MachineModel
 from pipeline.beam_model import load_beam_model
 from pipeline.bev import BevProjector
 from pipeline.dose_engine import ReferenceDoseEngine, resample_to_grid
 from pipeline.geometry import ArcGeometry
 
-HU_CURVE = ((-1000.0, 0.001), (-800.0, 0.2), (0.0, 1.0), (200.0, 1.11), (1200.0, 1.69), (3000.0, 2.8))
+HU_CURVE = DEFAULT_HU_TO_DENSITY
 
 
 def _water_cylinder_case() -> Case:

@@ -309,7 +309,7 @@ def test_truncated_instance_through_the_node_becomes_a_failed_job(tmp_path: Path
         statuses = [*store_paths(scp.port, files[:7] + files[8:]).statuses, _send_raw(scp.port, broken)]
         assert statuses == [0] * len(files)  # headers are fine: stored as received
         db = scp.db
-        (job_id,) = StudyScheduler(settings, db).tick()
+        (job_id,) = StudyScheduler.for_node(settings, db).tick()
         assert Worker.for_node(settings, db).run_once() == job_id
         with db.session() as s:
             job = s.get(Job, job_id)

@@ -111,7 +111,7 @@ def test_worker_plans_the_series_the_scheduler_chose(tmp_path: Path) -> None:
     with running_scp(settings) as scp:
         assert set(store_paths(scp.port, [*case["paths"], *extra]).statuses) == {0}  # type: ignore[misc]
     db = Database(settings.database_url)
-    (job_id,) = StudyScheduler(settings, db).tick()
+    (job_id,) = StudyScheduler.for_node(settings, db).tick()
     assert Worker.for_node(settings, db, plan=recording_plan).run_once() == job_id
     with db.session() as s:
         job = s.get(Job, job_id)

@@ -108,7 +108,7 @@ def test_node_takes_every_lossless_ct_from_storescu_and_plans_it(tmp_path: Path)
         with db.session() as s:
             stored = {str(t) for (t,) in s.query(Instance.transfer_syntax_uid).filter(Instance.modality == "CT")}
         assert stored == {CODECS[c][1] for c in pushed}
-        jobs = StudyScheduler(settings, db).tick(utcnow())
+        jobs = StudyScheduler.for_node(settings, db).tick(utcnow())
         assert len(jobs) == len(pushed) == 4
         worker = Worker.for_node(settings, db)
         for _ in jobs:
@@ -139,7 +139,7 @@ def test_lossy_ct_is_refused_with_a_reason_the_sender_and_the_job_show(tmp_path:
             assert [m for (m,) in s.query(Instance.modality)] == ["RTSTRUCT"]
             events = [e.message for e in s.query(NodeEvent).filter(NodeEvent.kind == "instance_refused")]
         assert len(events) == 12 and "JPEG Baseline (lossy)" in events[0]
-        (job_id,) = StudyScheduler(settings, db).tick(utcnow())
+        (job_id,) = StudyScheduler.for_node(settings, db).tick(utcnow())
         with db.session() as s:
             job = s.get(Job, job_id)
             assert job is not None and job.state == JobState.FAILED

@@ -314,7 +314,7 @@ def test_destination_faults_are_retried_until_delivered(tmp_path: Path, fault: s
     else:
         bad = _Receiver(port, stall_s=4.0)
         words = "rtplan.dcm"
-    deliverer = Deliverer(settings, db)
+    deliverer = Deliverer.for_node(settings, db)
     try:
         t0 = time.perf_counter()
         assert deliverer.tick() == 0
@@ -332,7 +332,7 @@ def test_destination_faults_are_retried_until_delivered(tmp_path: Path, fault: s
     })
     good = _Receiver(port)
     try:
-        assert Deliverer(patient, db).tick(d.next_try_at) == 1
+        assert Deliverer.for_node(patient, db).tick(d.next_try_at) == 1
     finally:
         good.close()
     d = _delivery(db)
@@ -349,7 +349,7 @@ def test_destination_failing_past_give_up_is_failed_and_can_be_retried(tmp_path:
         "destinations": [{"name": "tps", "ae_title": "RESULTS", "host": "127.0.0.1", "port": port}],
         "delivery": {"give_up_after_s": 60.0},
     })
-    deliverer = Deliverer(settings, db)
+    deliverer = Deliverer.for_node(settings, db)
     import datetime as dt
 
     later = utcnow() + dt.timedelta(seconds=120)
@@ -387,7 +387,7 @@ def _pending_job(tmp_path: Path, **over: Any) -> tuple[Settings, Database, int]:
     with running_scp(settings) as scp:
         assert store_paths(scp.port, case["paths"]).statuses == [0, 0, 0]  # type: ignore[arg-type]
     db = Database(settings.database_url)
-    (job_id,) = StudyScheduler(settings, db).tick()
+    (job_id,) = StudyScheduler.for_node(settings, db).tick()
     return settings, db, job_id
 
 
@@ -451,7 +451,7 @@ def test_concurrent_associations_store_everything_and_make_one_job_per_study(tmp
         for t in threads:
             t.join(120)
         assert [r.statuses for r in runs] == [[0] * 7] * len(cases)
-        sched = StudyScheduler(settings, scp.db)
+        sched = StudyScheduler.for_node(settings, scp.db)
         jobs = sched.tick()
         assert len(jobs) == len(cases) and sched.tick() == []
         with scp.db.session() as s:

@@ -367,9 +367,9 @@ def test_planned_job_in_headless_chromium(tmp_path: Path) -> None:
     metrics = NodeMetrics(db, settings.data_dir)
     with scp_with_metrics(settings, db, metrics) as scp:
         assert set(store_paths(scp.port, paths).statuses) == {0}
-        (job_id,) = StudyScheduler(settings, db).tick(utcnow())
+        (job_id,) = StudyScheduler.for_node(settings, db).tick(utcnow())
         assert Worker.for_node(settings, db, metrics=metrics).run_once() == job_id
-        assert Deliverer(settings, db, metrics=metrics).tick(utcnow()) == 0  # nobody listens at the destination
+        assert Deliverer.for_node(settings, db, metrics=metrics).tick(utcnow()) == 0  # nobody listens at the destination
         with db.session() as s:
             job = s.get(Job, job_id)
             assert job is not None and job.state == JobState.SUCCEEDED and job.metrics

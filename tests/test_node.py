@@ -103,7 +103,7 @@ def _ingest_tiny_case(tmp_path: Path, plannable: bool = False, **settings_over: 
         assoc.release()  # type: ignore[attr-defined]
     finally:
         scp.stop()
-    (job_id,) = StudyScheduler(settings, db).tick(utcnow())
+    (job_id,) = StudyScheduler.for_node(settings, db).tick(utcnow())
     return settings, db, job_id
 
 

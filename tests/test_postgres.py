@@ -115,9 +115,9 @@ def test_scp_and_scheduler_on_postgresql(tmp_path: Path, pg: PostgresServer) -> 
         other.PixelData = bytes(len(other.PixelData))
         other.save_as(tmp_path / "other.dcm")
         assert store_paths(scp.port, [tmp_path / "other.dcm"]).statuses == [0xC212]
-        jobs = StudyScheduler(settings, scp.db).tick()
+        jobs = StudyScheduler.for_node(settings, scp.db).tick()
         assert len(jobs) == 1
-        assert StudyScheduler(settings, scp.db).tick() == []  # created once
+        assert StudyScheduler.for_node(settings, scp.db).tick() == []  # created once
         with scp.db.session() as s:
             assert s.scalar(select(func.count()).select_from(Instance)) == 4
             job = s.get(Job, jobs[0])

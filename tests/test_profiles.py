@@ -121,7 +121,7 @@ def test_node_routes_two_pushes_by_called_ae_and_holds_a_plan_failing_p1(tmp_pat
     db = Database(settings.database_url)
     with db.session() as s:
         assert {r for (r,) in s.query(Instance.called_ae_title).distinct()} == {"AIRT_SBRT", "AIRT_CHHIP"}
-    jobs = StudyScheduler(settings, db).tick(utcnow())
+    jobs = StudyScheduler.for_node(settings, db).tick(utcnow())
     assert len(jobs) == 2
     worker = Worker.for_node(settings, db)
     assert {worker.run_once(), worker.run_once()} == set(jobs)
@@ -147,11 +147,11 @@ def test_node_routes_two_pushes_by_called_ae_and_holds_a_plan_failing_p1(tmp_pat
 
     receiver = start_storescp(tmp_path / "received", rx_port)
     try:
-        assert Deliverer(settings, db).tick(utcnow()) == 1  # the held plan is not sent
+        assert Deliverer.for_node(settings, db).tick(utcnow()) == 1  # the held plan is not sent
         assert cmd_release(db, chhip.id, settings) == 0
         with pytest.raises(InputError, match="not held"):
             cmd_release(db, chhip.id, settings)
-        assert Deliverer(settings, db).tick(utcnow()) == 1
+        assert Deliverer.for_node(settings, db).tick(utcnow()) == 1
         assert _received_order(tmp_path / "received", expected=4) == ["RTPLAN", "RTDOSE", "RTPLAN", "RTDOSE"]
     finally:
         receiver.terminate()

@@ -25,7 +25,7 @@ def _push_and_schedule(tmp_path: Path, paths: list[Path]) -> tuple[Job, list[str
         assert run.established and set(run.statuses) == {0}, run.statuses
     db = Database(settings.database_url)
     try:
-        (job_id,) = StudyScheduler(settings, db).tick(utcnow())
+        (job_id,) = StudyScheduler.for_node(settings, db).tick(utcnow())
         with db.session() as s:
             job = s.get(Job, job_id)
             assert job is not None
@@ -114,7 +114,7 @@ def _pushed(tmp_path: Path, paths: list[Path]) -> tuple[StudyScheduler, Database
         run = store_paths(scp.port, paths)
         assert run.established and set(run.statuses) == {0}, run.statuses
     db = Database(settings.database_url)
-    return StudyScheduler(settings, db), db
+    return StudyScheduler.for_node(settings, db), db
 
 
 def test_a_complete_study_is_planned_at_once_without_waiting_for_the_quiet_period(tmp_path: Path) -> None:

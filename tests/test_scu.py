@@ -142,7 +142,7 @@ def _succeeded_job_with_delivery(tmp_path: Path, port: int) -> tuple[object, Dat
 def test_destination_down_then_up_results_arrive(tmp_path: Path) -> None:
     port = free_port()
     settings, db, _job_id = _succeeded_job_with_delivery(tmp_path, port)
-    deliverer = Deliverer(settings, db)  # type: ignore[arg-type]
+    deliverer = Deliverer.for_node(settings, db)  # type: ignore[arg-type]
     t0 = utcnow()
     assert deliverer.tick(t0) == 0  # nobody listens
     assert deliverer.tick(t0 + dt.timedelta(seconds=4)) == 0  # not due yet: nothing tried

@@ -196,7 +196,7 @@ def test_scu_delivers_over_mutual_tls(tmp_path: Path, pki: Pki) -> None:
                 "ca_file": str(pki.ca)},
         "destinations": [{"name": "tps", "ae_title": "TLSTPS", "host": "127.0.0.1", "port": port, "tls": True}],
     })
-    assert client_ssl_context(settings).verify_mode.name == "CERT_REQUIRED"
+    assert client_ssl_context(settings.tls).verify_mode.name == "CERT_REQUIRED"
     db = Database(settings.database_url)
     with db.session() as s:
         d = s.scalar(select(Delivery))
@@ -204,7 +204,7 @@ def test_scu_delivers_over_mutual_tls(tmp_path: Path, pki: Pki) -> None:
         d.ae_title = "TLSTPS"
     receiver = _TlsResultsReceiver(pki, port)
     try:
-        assert Deliverer(settings, db).tick() == 1
+        assert Deliverer.for_node(settings, db).tick() == 1
     finally:
         assert receiver.server is not None
         receiver.server.shutdown()
@@ -397,9 +397,9 @@ def test_no_patient_name_in_logs_through_receive_plan_and_deliver(tmp_path: Path
         with running_scp(settings) as scp:
             assert set(store_paths(scp.port, case_files(w)).statuses) == {0}
             db = scp.db
-            (job_id,) = StudyScheduler(settings, db).tick()
+            (job_id,) = StudyScheduler.for_node(settings, db).tick()
             assert Worker.for_node(settings, db).run_once() == job_id
-            assert Deliverer(settings, db).tick() == 1
+            assert Deliverer.for_node(settings, db).tick() == 1
             with db.session() as s:
                 job = s.get(Job, job_id)
                 events = [e.message for e in s.scalars(select(NodeEvent))]

@@ -168,7 +168,7 @@ def _register(db: Database, ds: pydicom.Dataset, modality: str, at: dt.datetime,
 def test_scheduler_rules(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     db = Database(settings.database_url)
-    sched = StudyScheduler(settings, db, ct_only_wait_s=100.0)
+    sched = StudyScheduler.for_node(settings, db, ct_only_wait_s=100.0)
     t0 = utcnow()
     study, series, for_uid = generate_uid(), generate_uid(), generate_uid()
     cts = [make_ct_slice(study=study, series=series, for_uid=for_uid, z=float(k)) for k in range(3)]
@@ -216,7 +216,7 @@ def test_scheduler_rules(tmp_path: Path) -> None:
     st5, se5, f5 = generate_uid(), generate_uid(), generate_uid()
     _register(db, make_ct_slice(study=st5, series=se5, for_uid=f5, z=0.0), "CT", t0)
     _register(db, make_rtstruct(study=st5, for_uid=f5, ct_series=se5), "RTSTRUCT", t0, for_uid=f5)
-    other_sched = StudyScheduler(settings, Database(settings.database_url))
+    other_sched = StudyScheduler.for_node(settings, Database(settings.database_url))
     later = t0 + dt.timedelta(seconds=300)
     assert len(sched.tick(later)) + len(other_sched.tick(later)) == 1
 
