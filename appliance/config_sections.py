@@ -121,6 +121,14 @@ class WorkerSettings:
     enabled: Bool = setting("Run a planning worker in this process (false: receive only)", default=True)
     plan_timeout_s: PositiveSeconds = setting("A plan running longer than this fails", "s", default=1800.0)
     max_attempts: Count = setting("Times a job is started before it fails for good (crashes count)", "count", default=2)
+    warm_up: Bool = setting(
+        "Plan a small synthetic case when a planning process starts (imports, compiled kernels, model), so "
+        "the first job after start-up is as fast as later ones", default=True)
+    planner_jobs: Count = setting(
+        "Jobs a planning process plans before a fresh one replaces it (1: a new process per job)", "count",
+        default=25)
+    planner_max_rss_mb: Positive = setting(
+        "A planning process whose peak memory passed this is replaced after its job", "MiB", default=8192.0)
 
 
 @section

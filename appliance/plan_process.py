@@ -1,15 +1,22 @@
-"""The planning process: one case planned in a child of the worker, its outcome written to a file.
+"""The planning process: a long-lived child of the worker that plans one case at a time.
 
-The worker (:mod:`appliance.worker`) starts :func:`plan_in_child` in a process of its own
-(multiprocessing *spawn*: no inherited threads or sockets) with the planning function it was
-given (:class:`appliance.planning.Planner` on the node), the :class:`~core.request.CaseRequest` the
-scheduler chose and the output folder. The child writes ``result.json`` atomically:
-``{"ok": true, "summary": PlanSummary.to_dict(), "plan_s": t}`` or
-``{"ok": false, "error": message, "kind": exception class}`` (a planning error's message is the
-physicist's; any other exception is an internal error whose traceback goes to the node log).
+The worker (:mod:`appliance.worker`) keeps one :class:`PlannerProcess`: a process of its own
+(multiprocessing *spawn*: no inherited threads or sockets) started with the planning function the
+worker was given (:class:`appliance.planning.Planner` on the node). The process imports the
+planning stack once and, with ``worker.warm_up``, plans a small synthetic case before its first job
+(the planner's ``warm_up``: compiled kernels loaded, the model read, first-call costs paid), so a
+job pays only for its own case. It then plans the :class:`~core.request.CaseRequest` it is sent,
+writes ``result.json`` atomically, ``{"ok": true, "summary": PlanSummary.to_dict(), "plan_s": t}``
+or ``{"ok": false, "error": message, "kind": exception class}`` (a planning error's message is
+the physicist's; any other exception is an internal error whose traceback goes to the node log),
+and answers with its peak memory.
 
-The child dies with its parent (``PR_SET_PDEATHSIG`` on Linux, plus a watch on the parent pid), so
-a node killed with SIGKILL leaves no orphan writing into a job folder that recovery re-queues.
+The worker kills the process at ``worker.plan_timeout_s``, on cancellation and at shutdown, and
+replaces it after ``worker.planner_jobs`` jobs or when its peak memory passed
+``worker.planner_max_rss_mb``; a process that died (segfault, out of memory) is replaced for the
+next job. The process dies with its parent (``PR_SET_PDEATHSIG`` on Linux, plus a watch on the
+parent pid), so a node killed with SIGKILL leaves no orphan writing into a job folder that recovery
+re-queues.
 """
 
 from __future__ import annotations
@@ -18,19 +25,25 @@ import contextlib
 import ctypes
 import json
 import logging
+import multiprocessing as mp
 import os
+import resource
 import signal
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from appliance.plan_summary import PlanSummary
 from core.errors import AirtError
 from core.request import CaseRequest
+
+log = logging.getLogger(__name__)
 
 PlanFunction = Callable[[CaseRequest, Path, str | None], PlanSummary]
 """Plans one case into an output folder (RT Plan, RT Dose, metrics.json) with a method (None: the
@@ -55,18 +68,13 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def plan_in_child(plan: PlanFunction, request: CaseRequest, out_dir: str, method: str | None, result_path: str,
-                  parent_pid: int) -> None:
-    """Entry point of the planning process: plan, then write ``result_path`` (JSON) atomically."""
-    _die_with_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s [plan %(process)d]: %(message)s")
-    for noisy in ("numba", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _plan_one(plan: PlanFunction, request: CaseRequest, out_dir: Path, method: str | None,
+              result_path: Path) -> None:
+    """Plan one case and write its result file atomically."""
     t0 = time.perf_counter()
     result: dict[str, Any]
     try:
-        summary = plan(request, Path(out_dir), method)
+        summary = plan(request, out_dir, method)
         if not isinstance(summary, PlanSummary):
             raise TypeError(f"the planning function returned {type(summary).__name__}, not a PlanSummary")
         result = {"ok": True, "summary": summary.to_dict(), "plan_s": time.perf_counter() - t0}
@@ -76,6 +84,139 @@ def plan_in_child(plan: PlanFunction, request: CaseRequest, out_dir: str, method
         result = {"ok": False, "kind": type(exc).__name__,
                   "error": f"internal error in planning ({type(exc).__name__}: {exc}); see the node log",
                   "traceback": traceback.format_exc()}
-    tmp = Path(result_path + ".tmp")
+    tmp = result_path.with_name(result_path.name + ".tmp")
     tmp.write_text(json.dumps(result), encoding="utf-8")
     os.replace(tmp, result_path)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def serve(plan: PlanFunction, conn: Connection, parent_pid: int, warm_up: bool) -> None:
+    """Entry point of the planning process: warm up, then plan each ``(request, out_dir, method,
+    result_path)`` received on ``conn`` and answer ``("done", peak MiB)``; ends on None or a closed pipe."""
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s [plan %(process)d]: %(message)s")
+    for noisy in ("numba", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warm = getattr(plan, "warm_up", None)
+    if warm_up and callable(warm):
+        t0 = time.perf_counter()
+        try:
+            warm()
+            log.info("planning process warmed up in %.1f s", time.perf_counter() - t0)
+        except Exception:  # a failed warm-up costs speed, not correctness: the job plans as usual
+            log.exception("planning process warm-up failed; planning goes on without it")
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        if job is None:
+            return
+        request, out_dir, method, result_path = job
+        _plan_one(plan, request, Path(out_dir), method, Path(result_path))
+        conn.send(("done", _peak_rss_mb()))
+
+
+class PlannerProcess:
+    """The worker's handle on its planning process (see the module docstring).
+
+    Parameters
+    ----------
+    plan
+        The planning function the process runs.
+    warm_up
+        Whether the process warms up before its first job (``worker.warm_up``).
+    max_jobs
+        Jobs a process plans before it is replaced (``worker.planner_jobs``).
+    max_rss_mb
+        Peak memory after which it is replaced (``worker.planner_max_rss_mb``).
+    """
+
+    def __init__(self, plan: PlanFunction, *, warm_up: bool, max_jobs: int, max_rss_mb: float) -> None:
+        self.plan = plan
+        self.warm_up = warm_up
+        self.max_jobs = max_jobs
+        self.max_rss_mb = max_rss_mb
+        self._ctx = mp.get_context("spawn")
+        self._proc: BaseProcess | None = None
+        self._conn: Connection | None = None
+        self.jobs = 0
+        """Jobs the current process has planned."""
+        self.peak_rss_mb = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        """The current process's pid; None when there is none."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit code of a process that ended; None while it runs (or when there is none)."""
+        return None if self._proc is None else self._proc.exitcode
+
+    def start(self) -> None:
+        """Start a fresh process (it warms up in the background) unless one is running."""
+        if self._proc is not None and self._proc.exitcode is None:
+            return
+        self.kill()
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=serve, name="planner", daemon=True,
+                                 args=(self.plan, child, os.getpid(), self.warm_up))
+        proc.start()
+        child.close()
+        self._proc, self._conn, self.jobs, self.peak_rss_mb = proc, parent, 0, 0.0
+        log.info("planning process %s started%s", proc.pid, " (warming up)" if self.warm_up else "")
+
+    def submit(self, request: CaseRequest, out_dir: Path, method: str | None, result_path: Path) -> None:
+        """Send one case to the process (started first when there is none)."""
+        self.start()
+        assert self._conn is not None
+        self._conn.send((request, str(out_dir), method, str(result_path)))
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the case sent last; True when it is done (its result file
+        written), False while it runs. A process that died is seen by :attr:`exitcode`."""
+        assert self._conn is not None and self._proc is not None
+        try:
+            if not self._conn.poll(timeout_s):
+                return False
+            _, self.peak_rss_mb = self._conn.recv()
+        except (EOFError, OSError):
+            self._proc.join(5)
+            return False
+        self.jobs += 1
+        return True
+
+    def recycle_if_due(self) -> None:
+        """Replace the process when it planned ``max_jobs`` cases or its peak memory passed ``max_rss_mb``."""
+        if self._proc is None:
+            return
+        why = (f"{self.jobs} jobs planned" if self.jobs >= self.max_jobs else
+               f"peak memory {self.peak_rss_mb:.0f} MiB > {self.max_rss_mb:g} MiB"
+               if self.peak_rss_mb > self.max_rss_mb else "")
+        if why:
+            log.info("planning process %s replaced: %s", self._proc.pid, why)
+            self.close()
+            self.start()
+
+    def kill(self) -> None:
+        """Stop the process now (a running plan is lost)."""
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if conn is not None:
+            conn.close()
+        if proc is not None and proc.exitcode is None:
+            proc.kill()
+            proc.join(10)
+
+    def close(self) -> None:
+        """Let the process end after its current case; killed if it does not within 10 s."""
+        if self._conn is not None and self._proc is not None and self._proc.exitcode is None:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self._proc.join(10)
+        self.kill()

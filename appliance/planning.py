@@ -302,6 +302,30 @@ class Planner:
         """Plan one case into ``out_dir``; the summary the worker records."""
         return plan_request(request, out_dir, self.settings, method=method)[0]
 
+    def warm_up(self) -> None:
+        """Plan a small synthetic case (128 x 128 x 40 CT) end to end with the configured method and one or two
+        evaluations per stage, in a temporary folder: load, every planning stage, export and report run once, so
+        imports, the compiled kernels, the model and first-call costs are paid here and not by the first job."""
+        import tempfile
+        from dataclasses import replace
+
+        from appliance.dicom.case_loader import request_from_folder
+        from appliance.synth_dicom import write_synth_case
+
+        method = resolve_method(self.settings, None)
+        p = self.settings.planning
+        quick = replace(self.settings, planning=replace(
+            p, optimizer_iterations=2, ai_refine_iterations=min(p.ai_refine_iterations, 1),
+            arc_optimizer_iterations=min(p.arc_optimizer_iterations, 2), rescue_rounds=0, candidate_sparings=()))
+        logging.disable(logging.WARNING)  # the warm-up case's verdict and stages are not a job's: keep the log clean
+        try:
+            with tempfile.TemporaryDirectory(prefix="airt-warm-up-") as tmp:
+                folder = Path(tmp) / "case"
+                write_synth_case(folder, 0, n_slices=40, pixel_mm=3.9, slice_mm=5.0, matrix=128, include_bones=False)
+                plan_request(request_from_folder(folder), Path(tmp) / "out", quick, method=method.value)
+        finally:
+            logging.disable(logging.NOTSET)
+
 
 def json_default(o: object) -> object:
     """``json.dumps(default=...)`` for the numbers planning produces (numpy scalars and arrays)."""

@@ -2,12 +2,13 @@
 
 For each claimed job the worker links (or copies) the job's instance files into
 ``DATA_DIR/jobs/<id>/input``, makes the :class:`~core.request.CaseRequest` of the CT series and RT
-Structure Set the scheduler chose, and runs the planning function it was given (the node's is
-:class:`appliance.planning.Planner`) in a child process (:mod:`appliance.plan_process`) writing
-into ``DATA_DIR/jobs/<id>/output``, and waits. A crash or hang of the child cannot take the node
-down: a child running longer than ``worker.plan_timeout_s`` is killed and the job FAILED ("plan
-exceeded N s"); a child that dies without a result (segfault, out of memory) puts the job back to
-PENDING until ``worker.max_attempts`` starts were made. A planning error (``AirtError``) fails the
+Structure Set the scheduler chose, and sends it to its long-lived, warmed-up planning process
+(:mod:`appliance.plan_process`), which runs the planning function the worker was given (the node's
+is :class:`appliance.planning.Planner`) writing into ``DATA_DIR/jobs/<id>/output``, and waits. A
+crash or hang of the planning process cannot take the node down: one running longer than
+``worker.plan_timeout_s`` is killed and the job FAILED ("plan exceeded N s"); one that dies
+without a result (segfault, out of memory) puts the job back to PENDING until
+``worker.max_attempts`` starts were made; either way a fresh process plans the next job. A planning error (``AirtError``) fails the
 job with the planner's message. On success the job stores per-stage timings, the figures of the
 plan's :class:`~appliance.plan_summary.PlanSummary` and its ``metrics.json``, and gets one delivery
 row per configured destination, in the same transaction as its SUCCEEDED state.
@@ -18,16 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
-import shutil
 import signal
 import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from appliance.config import Destination, P1Policy, Settings, WorkerSettings
-from appliance.plan_process import PlanFunction, plan_in_child
+from appliance.job_inputs import ClaimedJob, job_request
+from appliance.plan_process import PlanFunction, PlannerProcess
 from appliance.plan_summary import PLAN_FILES, PlanSummary
 from core.errors import PlanningError
 from core.request import CaseRequest
@@ -95,7 +95,9 @@ class Worker:
         self.metrics = metrics
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.jobs_dir = self.data_dir / "jobs"
-        self._ctx = mp.get_context("spawn")
+        self.planner = PlannerProcess(plan, warm_up=settings.warm_up, max_jobs=settings.planner_jobs,
+                                      max_rss_mb=settings.planner_max_rss_mb)
+        weakref.finalize(self, self.planner.kill)  # a dropped worker leaves no planning process behind
         self._stop = threading.Event()
         self.current_job: int | None = None
         self.last_beat = time.monotonic()
@@ -118,19 +120,23 @@ class Worker:
     def run_forever(self, wake: threading.Event | None = None) -> None:
         """Plan jobs until :meth:`stop`; sleeps ``poll_interval_s`` (or until ``wake``) when idle."""
         log.info("worker %s started", self.name)
-        while not self._stop.is_set():
-            self.last_beat = time.monotonic()
-            try:
-                job_id = self.run_once()
-            except Exception:
-                log.exception("worker %s: unexpected error; continuing", self.name)
-                job_id = None
-            if job_id is None:
-                if wake is not None:
-                    wake.wait(self.poll_interval_s)
-                    wake.clear()
-                else:
-                    self._stop.wait(self.poll_interval_s)
+        try:
+            while not self._stop.is_set():
+                self.last_beat = time.monotonic()
+                self.planner.start()  # warm for the next job (no-op while one runs)
+                try:
+                    job_id = self.run_once()
+                except Exception:
+                    log.exception("worker %s: unexpected error; continuing", self.name)
+                    job_id = None
+                if job_id is None:
+                    if wake is not None:
+                        wake.wait(self.poll_interval_s)
+                        wake.clear()
+                    else:
+                        self._stop.wait(self.poll_interval_s)
+        finally:
+            self.planner.close()
         log.info("worker %s stopped", self.name)
 
     def stop(self) -> None:
@@ -145,7 +151,7 @@ class Worker:
             job = claim_next_job(s, self.name)
             if job is None:
                 return None
-            claimed = _Claimed(job.id, job.attempts, job.created_at, job.method, job.study_uid, job.ct_series_uid,
+            claimed = ClaimedJob(job.id, job.attempts, job.created_at, job.method, job.study_uid, job.ct_series_uid,
                                job.rtstruct_uid)
             rows = s.execute(select(Instance.path, Instance.modality, Instance.sop_instance_uid,
                                     Instance.called_ae_title, Instance.calling_ae_title)
@@ -174,7 +180,7 @@ class Worker:
         except TransitionError as exc:
             log.warning("job %d: %s", job_id, exc)
 
-    def _run_claimed(self, job: _Claimed, rows: Sequence[Any]) -> None:
+    def _run_claimed(self, job: ClaimedJob, rows: Sequence[Any]) -> None:
         job_id, attempts = job.job_id, job.attempts
         t_start = time.perf_counter()
         timings: dict[str, Any] = {"queue_wait_s": round((utcnow() - job.created).total_seconds(), 3)}
@@ -188,7 +194,7 @@ class Worker:
         job_dir = self.jobs_dir / str(job_id)
         in_dir, out_dir = job_dir / "input", job_dir / "output"
         try:
-            request = self._prepare(job, rows, in_dir, out_dir)
+            request = job_request(job, rows, self.data_dir, in_dir, out_dir)
         except PlanningError as exc:
             self._fail(job_id, str(exc))
             return
@@ -214,39 +220,6 @@ class Worker:
         else:
             self._fail(job_id, str(detail), timings)
 
-    def _prepare(self, job: _Claimed, rows: Sequence[Any], in_dir: Path, out_dir: Path) -> CaseRequest:
-        """Link the job's instance files into ``in_dir`` and make the request of the scheduler's choice."""
-        if job.ct_series_uid is None or job.rtstruct_uid is None:
-            raise PlanningError(f"job {job.job_id} names no CT series or RT Structure Set to plan; send the study "
-                                "again")
-        for d in (in_dir, out_dir):
-            if d.exists():
-                shutil.rmtree(d)
-            d.mkdir(parents=True)
-        linked: dict[str, Path] = {}
-        for r in rows:
-            src = self.data_dir / r.path
-            if not src.is_file():
-                raise PlanningError(f"instance file {r.path} of this job is missing from the data directory; "
-                                    "send the study again")
-            dst = in_dir / src.name
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-            linked[r.sop_instance_uid] = dst
-        rtstruct = linked.get(job.rtstruct_uid)
-        if rtstruct is None:
-            raise PlanningError(f"RT Structure Set {job.rtstruct_uid} chosen for job {job.job_id} is not among its "
-                                "instances; send the study again")
-        return CaseRequest(
-            study_uid=job.study_uid, ct_series_uid=job.ct_series_uid, rtstruct_uid=job.rtstruct_uid,
-            ct_files=tuple(sorted(linked[r.sop_instance_uid] for r in rows if r.modality == "CT")),
-            rtstruct_file=rtstruct,
-            # The AE titles the study came by choose its protocol profile (appliance.profiles).
-            called_aets=tuple(sorted({r.called_ae_title for r in rows if r.called_ae_title})),
-            calling_aets=tuple(sorted({r.calling_ae_title for r in rows})))
-
     def _run_child(self, job_id: int, request: CaseRequest, out_dir: Path,
                    method: str | None) -> tuple[str, PlanSummary | str | None, float]:
         """Run the planning process; returns (outcome, detail, wall s) with outcome one of ok (detail: the
@@ -254,18 +227,17 @@ class Worker:
         result_path = out_dir.parent / "result.json"
         result_path.unlink(missing_ok=True)
         timeout = self.settings.plan_timeout_s
-        proc = self._ctx.Process(
-            target=plan_in_child, name=f"plan-job-{job_id}", daemon=True,
-            args=(self.plan, request, str(out_dir), method, str(result_path), os.getpid()))
         t0 = time.perf_counter()
-        proc.start()
-        log.info("job %d: planning process %s started (timeout %.0f s)", job_id, proc.pid, timeout)
+        self.planner.submit(request, out_dir, method, result_path)
+        log.info("job %d: sent to planning process %s (timeout %.0f s)", job_id, self.planner.pid, timeout)
         outcome = ""
-        while True:
-            proc.join(STATE_POLL_S)
+        while not self.planner.wait(STATE_POLL_S):
             self.last_beat = time.monotonic()
-            if proc.exitcode is not None:
-                break
+            exitcode = self.planner.exitcode
+            if exitcode is not None:
+                self.planner.kill()
+                return "crashed", (f"planning process exited with code {exitcode} without a result "
+                                   "(crash or out of memory)"), time.perf_counter() - t0
             if time.perf_counter() - t0 > timeout:
                 outcome = "timeout"
             elif self._stop.is_set():
@@ -276,8 +248,7 @@ class Worker:
                 if state != JobState.RUNNING:
                     outcome = "cancelled"
             if outcome:
-                proc.kill()
-                proc.join(10)
+                self.planner.kill()
                 break
         wall = time.perf_counter() - t0
         if outcome == "timeout":
@@ -285,9 +256,9 @@ class Worker:
                              "stopped. Raise the timeout or check the case size"), wall
         if outcome:
             return outcome, None, wall
+        self.planner.recycle_if_due()
         if not result_path.is_file():
-            return "crashed", (f"planning process exited with code {proc.exitcode} without a result "
-                               "(crash or out of memory)"), wall
+            return "crashed", "planning process answered without writing its result file", wall
         result = json.loads(result_path.read_text(encoding="utf-8"))
         if not result.get("ok"):
             if result.get("traceback"):
@@ -346,19 +317,6 @@ class Worker:
                 summary.profile, summary.ptv_d98_gy, summary.ptv_hi, summary.verdict,
                 f"deliveries HELD until airt jobs release {job_id}" if held
                 else f"{len(self.destinations)} delivery(ies) queued")
-
-
-@dataclass(frozen=True)
-class _Claimed:
-    """What the worker keeps of a claimed job row (the session that read it is closed)."""
-
-    job_id: int
-    attempts: int
-    created: Any
-    method: str | None
-    study_uid: str
-    ct_series_uid: str | None
-    rtstruct_uid: str | None
 
 
 def queue_deliveries(session: Session, job_id: int, destinations: Sequence[Destination], now: Any) -> int:

@@ -6,13 +6,16 @@
   the series the structure set names;
 - :func:`appliance.dicom.case_loader.load_case` plans the files a request names or refuses them, it
   never chooses again;
-- :class:`PlanSummary` round-trips through JSON and refuses a summary of another shape.
+- :class:`PlanSummary` round-trips through JSON and refuses a summary of another shape;
+- the planning process is long-lived: warmed up once, reused for the next jobs, replaced after
+  ``worker.planner_jobs`` jobs; the node's planner warms up on a real synthetic case.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -56,8 +59,24 @@ def recording_plan(request: CaseRequest, out_dir: Path, method: str | None) -> P
     seen = {"ct_series_uid": request.ct_series_uid, "rtstruct_uid": request.rtstruct_uid,
             "ct_files": [p.name for p in request.ct_files], "rtstruct_file": request.rtstruct_file.name,
             "calling_aets": list(request.calling_aets), "method": method}
-    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary.to_dict(), "request": seen}))
+    (out_dir / "metrics.json").write_text(json.dumps({"summary": summary.to_dict(), "request": seen,
+                                                      "pid": os.getpid(), "warmed": WARMED}))
     return summary
+
+
+WARMED: list[int] = []
+"""In a planning process: the pid that ran :meth:`WarmRecordingPlan.warm_up`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmRecordingPlan:
+    """:func:`recording_plan` with a warm-up, as the node's planner has."""
+
+    def warm_up(self) -> None:
+        WARMED.append(os.getpid())
+
+    def __call__(self, request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+        return recording_plan(request, out_dir, method)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,3 +185,38 @@ def test_plan_summary_round_trips_and_refuses_another_shape() -> None:
         PlanSummary.from_dict({**data, "ptv_d98_gy": "nan"})
     with pytest.raises(PlanningError, match="p1_met is 'yes'"):
         PlanSummary.from_dict({**data, "p1_met": "yes"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The long-lived planning process
+
+
+def test_planning_process_is_warmed_once_reused_and_replaced_after_its_jobs(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path, worker={"planner_jobs": 2, "warm_up": True})
+    cases = [write_case(tmp_path / f"case{k}", n_slices=2) for k in range(3)]
+    with running_scp(settings) as scp:
+        for case in cases:
+            assert set(store_paths(scp.port, case["paths"]).statuses) == {0}  # type: ignore[arg-type]
+    db = Database(settings.database_url)
+    jobs = sorted(StudyScheduler.for_node(settings, db).tick())
+    worker = Worker.for_node(settings, db, plan=WarmRecordingPlan())
+    assert [worker.run_once() for _ in jobs] == jobs and worker.run_once() is None
+    with db.session() as s:
+        seen = [s.get(Job, j).metrics for j in jobs]  # type: ignore[union-attr]
+    pids = [m["pid"] for m in seen]
+    assert pids[0] == pids[1] != pids[2], pids  # reused, then replaced after planner_jobs = 2
+    assert [m["warmed"] for m in seen] == [[pids[0]], [pids[0]], [pids[2]]]  # each process warmed once, first
+    assert worker.planner.pid == pids[2]
+    worker.planner.close()
+    assert worker.planner.pid is None
+    db.dispose()
+
+
+def test_the_planner_warms_up_on_a_synthetic_case_and_leaves_logging_on(tmp_path: Path) -> None:
+    import logging
+
+    from appliance.planning import Planner
+
+    settings = node_settings(tmp_path)
+    Planner(settings).warm_up()
+    assert logging.root.manager.disable == logging.NOTSET
