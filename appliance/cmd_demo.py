@@ -24,6 +24,8 @@ from typing import Any
 
 import pydicom
 
+from appliance.scu import wait_for_port
+
 log = logging.getLogger(__name__)
 
 NODE_AET = "AIRT"
@@ -44,18 +46,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with status {proc.returncode} before listening on {port}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def _write_config(path: Path, *, data_dir: Path, node_port: int, receiver_port: int, method: str,
@@ -163,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         if received_dir.exists():
             shutil.rmtree(received_dir)
         receiver = _start_receiver(received_dir, receiver_port)
-        _wait_port(receiver_port, 10.0, receiver)
+        wait_for_port(receiver_port, 10.0, receiver)
         print(f"[demo] results receiver {RECEIVER_AET} listening on 127.0.0.1:{receiver_port}")
 
         data_dir = work / "node-data"
@@ -173,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         _write_config(cfg, data_dir=data_dir, node_port=node_port, receiver_port=receiver_port, method=args.method,
                       http_port=http_port)
         node = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)])
-        _wait_port(node_port, 60.0, node)
+        wait_for_port(node_port, 60.0, node)
         print(f"[demo] node {NODE_AET} listening on 127.0.0.1:{node_port} (data in {data_dir}); job pages and "
               f"metrics at http://127.0.0.1:{http_port}/ while it runs")
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
+import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +84,28 @@ def parse_peer(text: str) -> PeerAddress:
     if not m or not 1 <= int(m["port"]) <= 65535:
         raise ConfigError(f"peer {text!r}: write it as AE@HOST:PORT, e.g. TPS@127.0.0.1:104")
     return PeerAddress(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0, proc: subprocess.Popen[bytes] | None = None,
+                  host: str = "127.0.0.1") -> None:
+    """Return once something accepts TCP connections on ``host:port`` (a peer or node just started).
+
+    Raises
+    ------
+    RuntimeError
+        ``proc`` (the process expected to listen) exited first.
+    TimeoutError
+        Nothing listens after ``timeout_s``.
+    """
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with status {proc.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
 
 
 def is_stored(status: int) -> bool:

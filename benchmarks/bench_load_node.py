@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from appliance.scu import wait_for_port
 from appliance.synth_dicom import write_synth_case
 from tests.conftest import free_port
 from tests.node_helpers import PEER, StoreRun, store_paths
-from tests.test_scu import _wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     node = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)], cwd=REPO,
                             stdout=log, stderr=log)
     try:
-        _wait_port(port, timeout=120)
+        wait_for_port(port, timeout_s=120)
         proc = psutil.Process(node.pid)
         rss0 = proc.memory_info().rss
         peak = [rss0]

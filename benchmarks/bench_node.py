@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from appliance.scu import wait_for_port
+
 NODE_AET, PUSHER_AET, RECEIVER_AET = "AIRT", "PUSHER", "RESULTS"
 
 
@@ -32,16 +34,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 120.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 def _config(path: Path, *, data: Path, port: int, receiver_port: int | None, worker: bool, stable_age_s: float,
@@ -86,7 +78,7 @@ def _start_node(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     fh = log.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)],
                             stdout=fh, stderr=fh)
-    _wait_port(port)
+    wait_for_port(port, 120.0)
     return proc
 
 

@@ -37,6 +37,7 @@ from appliance.cstore import STATUS_DATASET_MISMATCH
 from appliance.dicom.case_loader import load_folder, request_from_folder
 from appliance.planning import plan_request
 from appliance.scheduler import StudyScheduler
+from appliance.scu import wait_for_port as wait_port
 from appliance.synth_dicom import SynthWritten
 from appliance.worker import Worker
 from core.case import Prescription, Role
@@ -55,7 +56,6 @@ from tests.node_helpers import (
     tiny_case,
 )
 from tests.test_scp import make_ct_slice
-from tests.test_scu import _wait_port as wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = settings_from_dict({"planning": {"method": "optimize", "optimizer_iterations": 2, "dose_grid_mm": 8.0}})
@@ -345,7 +345,7 @@ def test_huge_instance_is_streamed_with_bounded_memory(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", SCP_CHILD, json.dumps(table)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_port(table["node"]["port"], timeout=60)
+        wait_port(table["node"]["port"], timeout_s=60)
         child = psutil.Process(proc.pid)
         time.sleep(0.5)
         rss0 = child.memory_info().rss

@@ -157,8 +157,8 @@ def test_orthanc_pushes_losslessly_compressed_ct(tmp_path: Path) -> None:
     import json
     import urllib.request
 
+    from appliance.scu import wait_for_port
     from tests.conftest import free_port
-    from tests.test_scu import _wait_port
 
     orthanc = require_tool("Orthanc")
     settings = node_settings(tmp_path, peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1"}])
@@ -181,7 +181,7 @@ def test_orthanc_pushes_losslessly_compressed_ct(tmp_path: Path) -> None:
 
     plains = {}
     try:
-        _wait_port(o_http, 60)
+        wait_for_port(o_http, 60)
         with running_scp(settings):
             for seed, codec in ((31, "jpeg-ls-lossless"), (32, "jpeg2000-lossless")):
                 files, plain = _compressed_case(tmp_path / codec, seed, CODECS[codec][0])

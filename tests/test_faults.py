@@ -37,6 +37,7 @@ from appliance.cstore import STATUS_OUT_OF_RESOURCES, STATUS_PROCESSING_FAILURE
 from appliance.plan_summary import PlanSummary
 from appliance.scheduler import StudyScheduler
 from appliance.scu import Deliverer
+from appliance.scu import wait_for_port as wait_port
 from appliance.service import recover
 from appliance.worker import Worker
 from core.request import CaseRequest
@@ -48,7 +49,6 @@ from tests.conftest import free_port
 from tests.node_helpers import kill_group, node_settings, node_table, running_scp, store_paths
 from tests.test_scp import make_ct_slice, write_case
 from tests.test_scu import _succeeded_job_with_delivery
-from tests.test_scu import _wait_port as wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_sigkill_while_storing_loses_nothing_acknowledged(tmp_path: Path, stage:
     proc = subprocess.Popen([sys.executable, "-c", SCP_CHILD, json.dumps(table), stage, "3"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_port(settings.node.port, timeout=60)
+        wait_port(settings.node.port, timeout_s=60)
         run = store_paths(settings.node.port, paths, timeout_s=10)
         assert proc.wait(30) == -signal.SIGKILL
     finally:

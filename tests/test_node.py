@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from appliance.config import settings_from_dict
 from appliance.scheduler import StudyScheduler
 from appliance.scp import StorageSCP
+from appliance.scu import wait_for_port
 from appliance.worker import Worker
 from storage.db import Database
 from storage.instance_store import InstanceStore
@@ -39,7 +40,7 @@ from storage.states import JobState, utcnow
 from tests.conftest import free_port, require_tool
 from tests.node_helpers import case_files, tiny_case
 from tests.test_scp import PEER, associate, write_case
-from tests.test_scu import _received_order, _wait_port, start_storescp
+from tests.test_scu import _received_order, start_storescp
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "airt.service"
@@ -72,7 +73,7 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
         pytest.skip("the airt entry point is not installed in this environment")
     unit = tmp_path / "airt.service"
     unit.write_text(text.replace("/opt/airt/bin/airt", str(airt)))
-    r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout_s=60)
     assert r.returncode == 0 and "airt.service" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
@@ -146,7 +147,7 @@ class NodeProcess:
         fh = self.log.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(self.config)],
                                      stdout=fh, stderr=fh, cwd=REPO)
-        _wait_port(self.port, timeout=120)
+        wait_for_port(self.port, timeout_s=120)
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -336,7 +337,7 @@ def test_push_plan_deliver_through_kill9_while_receiving_planning_and_sending(
 
 def _http(method: str, url: str, body: bytes | None = None) -> Any:
     req = urllib.request.Request(url, data=body, method=method)
-    with urllib.request.urlopen(req, timeout=120) as rsp:
+    with urllib.request.urlopen(req, timeout_s=120) as rsp:
         raw = rsp.read()
     return json.loads(raw) if raw else None
 
@@ -358,7 +359,7 @@ def test_orthanc_pushes_a_study_and_receives_the_results(
     o_proc = subprocess.Popen([orthanc, str(tmp_path / "orthanc.json")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     cleanup.append(o_proc.terminate)
-    _wait_port(o_http, 60)
+    wait_for_port(o_http, 60)
     base = f"http://127.0.0.1:{o_http}"
     for p in files:
         _http("POST", f"{base}/instances", p.read_bytes())

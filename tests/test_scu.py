@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from appliance.config import settings_from_dict
-from appliance.scu import Deliverer, PeerAddress, backoff_s, echo, parse_peer, send_files
+from appliance.scu import Deliverer, PeerAddress, backoff_s, echo, parse_peer, send_files, wait_for_port
 from core.errors import ConfigError, ExportError
 from storage.db import Database
 from storage.models import Delivery, Job, Study
@@ -28,16 +27,6 @@ DATA = Path(__file__).parent / "data" / "dicompyler_example"
 RECEIVER = "RESULTS"
 
 
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
-
-
 def start_storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
     """dcmtk storescp writing what it receives to ``out`` and the order of reception to out/order.txt."""
     exe = require_tool("storescp")
@@ -45,7 +34,7 @@ def start_storescp(out: Path, port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([exe, "-aet", RECEIVER, "-od", str(out), "-uf",
                              "-xcr", f"echo #f >> {out}/order.txt", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port(port)
+    wait_for_port(port)
     return proc
 
 
