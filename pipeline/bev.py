@@ -56,6 +56,25 @@ BACKENDS = ("auto", "numba", "torch")
 # need no clamping because the sample range keeps every position inside the padded grid.
 
 
+@njit(inline="always", fastmath=True)
+def _ray_origin(start: NDArray[np.float64], step: NDArray[np.float64], s_lo: NDArray[np.int64],
+                r: int) -> tuple[float, float, float, float, float, float]:  # pragma: no cover - compiled
+    """Position of ray ``r``'s first sample and its step (padded index coordinates)."""
+    dx, dy, dz = step[r, 0], step[r, 1], step[r, 2]
+    s0 = s_lo[r]
+    return start[r, 0] + s0 * dx, start[r, 1] + s0 * dy, start[r, 2] + s0 * dz, dx, dy, dz
+
+
+@njit(inline="always", fastmath=True)
+def _cell(px: float, py: float, pz: float, uh: np.uint64,
+          uw: np.uint64) -> tuple[np.uint64, float, float, float]:  # pragma: no cover - compiled
+    """Flat index of the lower corner of the cell holding a position, and the position's fractions in it."""
+    i = np.uint64(px)
+    j = np.uint64(py)
+    k = np.uint64(pz)
+    return (k * uh + j) * uw + i, px - i, py - j, pz - k
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def _ray_mean_kernel(vol: NDArray[Any], start: NDArray[np.float64], step: NDArray[np.float64],
                      s_lo: NDArray[np.int64], s_hi: NDArray[np.int64], inv_n: float,
@@ -68,19 +87,9 @@ def _ray_mean_kernel(vol: NDArray[Any], start: NDArray[np.float64], step: NDArra
         v = vol[b].ravel()
         for r in prange(n_rays):
             acc = 0.0
-            dx, dy, dz = step[r, 0], step[r, 1], step[r, 2]
-            s0 = s_lo[r]
-            px = start[r, 0] + s0 * dx
-            py = start[r, 1] + s0 * dy
-            pz = start[r, 2] + s0 * dz
-            for _s in range(s0, s_hi[r] + 1):
-                i = np.uint64(px)
-                j = np.uint64(py)
-                k = np.uint64(pz)
-                fx = px - i
-                fy = py - j
-                fz = pz - k
-                o = (k * uh + j) * uw + i
+            px, py, pz, dx, dy, dz = _ray_origin(start, step, s_lo, r)
+            for _s in range(s_lo[r], s_hi[r] + 1):
+                o, fx, fy, fz = _cell(px, py, pz, uh, uw)
                 a0, a1, a2, a3 = v[o], v[o + one], v[o + uw], v[o + uw1]
                 o += uhw
                 b0, b1, b2, b3 = v[o], v[o + one], v[o + uw], v[o + uw1]
@@ -114,25 +123,15 @@ def _ray_mean_adjoint_kernel(grad: NDArray[Any], start: NDArray[np.float64], ste
                 g = grad[b, r] * inv_n
                 if g == 0.0:
                     continue
-                dx, dy, dz = step[r, 0], step[r, 1], step[r, 2]
-                s0 = s_lo[r]
-                px = start[r, 0] + s0 * dx
-                py = start[r, 1] + s0 * dy
-                pz = start[r, 2] + s0 * dz
-                for _s in range(s0, s_hi[r] + 1):
-                    i = np.uint64(px)
-                    j = np.uint64(py)
-                    k = np.uint64(pz)
-                    fx = px - i
-                    fy = py - j
-                    fz = pz - k
+                px, py, pz, dx, dy, dz = _ray_origin(start, step, s_lo, r)
+                for _s in range(s_lo[r], s_hi[r] + 1):
+                    o, fx, fy, fz = _cell(px, py, pz, uh, uw)
                     g1 = g * fz
                     g0 = g - g1
                     g01 = g0 * fy
                     g00 = g0 - g01
                     g11 = g1 * fy
                     g10 = g1 - g11
-                    o = (k * uh + j) * uw + i
                     a[o] += g00 - g00 * fx
                     a[o + one] += g00 * fx
                     a[o + uw] += g01 - g01 * fx
