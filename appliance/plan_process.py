@@ -37,7 +37,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.plan_summary import PlanSummary
 from core.errors import AirtError
@@ -45,10 +45,15 @@ from core.request import CaseRequest
 
 log = logging.getLogger(__name__)
 
-PlanFunction = Callable[[CaseRequest, Path, str | None], PlanSummary]
-"""Plans one case into an output folder (RT Plan, RT Dose, metrics.json) with a method (None: the
-configured one) and returns its summary; must be picklable (a module-level function or an
-instance of a module-level class) to reach the spawned planning process."""
+class PlanFunction(Protocol):
+    """Plans one case into an output folder (RT Plan, RT Dose, metrics.json) with a method (None: the
+    configured one) and returns its summary; calls ``on_deliverable(summary)`` once the RT Plan, RT
+    Dose and metrics.json may be sent, when that is before it returns (report still to come). Must be
+    picklable (a module-level function or an instance of a module-level class) to reach the spawned
+    planning process."""
+
+    def __call__(self, request: CaseRequest, out_dir: Path, method: str | None,
+                 on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary: ...
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -69,12 +74,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _plan_one(plan: PlanFunction, request: CaseRequest, out_dir: Path, method: str | None,
-              result_path: Path) -> None:
-    """Plan one case and write its result file atomically."""
+              result_path: Path, conn: Connection) -> None:
+    """Plan one case, telling the worker when it is deliverable, and write its result file atomically."""
     t0 = time.perf_counter()
     result: dict[str, Any]
     try:
-        summary = plan(request, out_dir, method)
+        summary = plan(request, out_dir, method,
+                       on_deliverable=lambda early: conn.send(("deliverable", early.to_dict())))
         if not isinstance(summary, PlanSummary):
             raise TypeError(f"the planning function returned {type(summary).__name__}, not a PlanSummary")
         result = {"ok": True, "summary": summary.to_dict(), "plan_s": time.perf_counter() - t0}
@@ -118,7 +124,7 @@ def serve(plan: PlanFunction, conn: Connection, parent_pid: int, warm_up: bool) 
         if job is None:
             return
         request, out_dir, method, result_path = job
-        _plan_one(plan, request, Path(out_dir), method, Path(result_path))
+        _plan_one(plan, request, Path(out_dir), method, Path(result_path), conn)
         conn.send(("done", _peak_rss_mb()))
 
 
@@ -148,6 +154,8 @@ class PlannerProcess:
         self.jobs = 0
         """Jobs the current process has planned."""
         self.peak_rss_mb = 0.0
+        self.deliverable: dict[str, Any] = {}
+        """The summary of the last case the process said may be sent."""
 
     @property
     def pid(self) -> int | None:
@@ -178,19 +186,24 @@ class PlannerProcess:
         assert self._conn is not None
         self._conn.send((request, str(out_dir), method, str(result_path)))
 
-    def wait(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the case sent last; True when it is done (its result file
-        written), False while it runs. A process that died is seen by :attr:`exitcode`."""
+    def wait(self, timeout_s: float) -> str | None:
+        """Wait up to ``timeout_s`` for news of the case sent last: ``"deliverable"`` (its summary in
+        :attr:`deliverable`), ``"done"`` (its result file written), or None (still running, or the process
+        died: see :attr:`exitcode`)."""
         assert self._conn is not None and self._proc is not None
         try:
             if not self._conn.poll(timeout_s):
-                return False
-            _, self.peak_rss_mb = self._conn.recv()
+                return None
+            kind, value = self._conn.recv()
         except (EOFError, OSError):
             self._proc.join(5)
-            return False
+            return None
+        if kind == "deliverable":
+            self.deliverable = value
+            return "deliverable"
+        self.peak_rss_mb = value
         self.jobs += 1
-        return True
+        return "done"
 
     def recycle_if_due(self) -> None:
         """Replace the process when it planned ``max_jobs`` cases or its peak memory passed ``max_rss_mb``."""

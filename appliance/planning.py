@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,9 +162,14 @@ def _plan_candidate(case: Case, settings: Settings, options: PlanningOptions, ma
 
 def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | None = None,
               timings: Timings | None = None, profile: ProfileChoice | None = None,
-              candidates: list[tuple[float, float]] | None = None) -> tuple[PlanSummary, dict[str, Any]]:
+              candidates: list[tuple[float, float]] | None = None,
+              on_deliverable: Callable[[PlanSummary], None] | None = None) -> tuple[PlanSummary, dict[str, Any]]:
     """Plan a loaded Case and write the outputs into ``out_dir``; returns the plan's summary and the
     metrics document written as ``metrics.json`` (which holds the summary under ``"summary"``).
+
+    ``on_deliverable`` is called with the summary as soon as the RT Plan, the RT Dose and metrics.json
+    are written, before the fidelity check and the report (and, when candidate plans are made, only
+    at the end: they are sent with the main plan); metrics.json is completed afterwards.
 
     ``profile`` (default: ``planning.profile``) gives the prescription, normalisation and goal list;
     the case is planned to the profile's prescription.
@@ -208,20 +214,9 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
 
     with timings.stage("evaluate"):
         structures = evaluate_structures(dose_plan, grid, case)
-        goals = result.goals or []
-        # Before sequencing (the optimizer's or network's fluence, normalised alike), for fidelity.
-        dose_unseq = unsequenced_dose_fx(result, case, options) * fractions
-        ptv_unseq = structure_metrics(dose_unseq, result.problem.masks[Role.PTV].cpu().numpy(),
-                                      grid.voxel_volume_cc, rx_gy=rx_total)
-
-    extra: dict[str, Any] = dict(result.record)
     sparings = settings.planning.candidate_sparings if candidates is None else tuple(candidates)
-    if sparings and chosen is PlanningMethod.AI:
-        with timings.stage("candidates"):
-            extra["candidates"] = [_plan_candidate(case, settings, options, result, out_dir, bladder, rectum,
-                                                   profile.profile.name)
-                                   for bladder, rectum in sparings]
-    elif sparings:
+    make_candidates = bool(sparings) and chosen is PlanningMethod.AI
+    if sparings and not make_candidates:
         log.info("case %s: candidate plans need the AI method (method is %s); none made", case.case_id, chosen.value)
 
     iso = result.problem.geometry.isocenter_mm
@@ -243,38 +238,58 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
             "rtplan_sop_instance_uid": plan_uid,
         },
         "structures": structures,
-        "goals": goals,
+        "goals": result.goals or [],
         "verdict": verdict.to_dict() if verdict else None,
-        "before_sequencing": {"ptv_HI": ptv_unseq.get("HI"), "ptv_D98_Gy": ptv_unseq.get("D98_Gy")},
+        "before_sequencing": None,
         "dose_grid": {"spacing_mm": list(grid.spacing_mm), "shape": list(grid.shape)},
-        "timings_s": {k: round(v, 4) for k, v in timings.stages.items()},
-        **extra,
+        **result.record,
     }
-    metrics["timings_s"]["total"] = round(sum(timings.stages.values()), 4)
 
     def figure(role: Role, key: str) -> float | None:
         value = structures.get(role.value, {}).get(key)
         return float(value) if isinstance(value, int | float) and np.isfinite(value) else None
 
-    summary = PlanSummary(
-        case_id=case.case_id, method=chosen.value, profile=profile.profile.name, profile_reason=profile.reason,
-        dose_gy=rx_total, fractions=fractions,
-        verdict=verdict.text if verdict else "no clinical goals in the profile",
-        p1_met=verdict.p1_met if verdict else None,
-        ptv_d98_gy=figure(Role.PTV, "D98_Gy"), ptv_hi=figure(Role.PTV, "HI"),
-        bladder_dmean_gy=figure(Role.BLADDER, "Dmean_Gy"), rectum_dmean_gy=figure(Role.RECTUM, "Dmean_Gy"),
-        total_mu=float(seq.total_mu), rtplan_uid=plan_uid, stages_s=dict(metrics["timings_s"]))
-    metrics["summary"] = summary.to_dict()
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
-    write_report(out_dir, metrics=metrics, dose=dose_plan, grid=grid, case=case)
+    def finish(summary: PlanSummary | None) -> PlanSummary:
+        """The summary at this point, written into metrics.json with the stage timings so far."""
+        metrics["timings_s"] = {k: round(v, 4) for k, v in timings.stages.items()}
+        metrics["timings_s"]["total"] = round(sum(timings.stages.values()), 4)
+        summary = replace(summary, stages_s=dict(metrics["timings_s"])) if summary else PlanSummary(
+            case_id=case.case_id, method=chosen.value, profile=profile.profile.name, profile_reason=profile.reason,
+            dose_gy=rx_total, fractions=fractions,
+            verdict=verdict.text if verdict else "no clinical goals in the profile",
+            p1_met=verdict.p1_met if verdict else None,
+            ptv_d98_gy=figure(Role.PTV, "D98_Gy"), ptv_hi=figure(Role.PTV, "HI"),
+            bladder_dmean_gy=figure(Role.BLADDER, "Dmean_Gy"), rectum_dmean_gy=figure(Role.RECTUM, "Dmean_Gy"),
+            total_mu=float(seq.total_mu), rtplan_uid=plan_uid, stages_s=dict(metrics["timings_s"]))
+        metrics["summary"] = summary.to_dict()
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
+        return summary
+
+    summary = finish(None)
+    if on_deliverable is not None and not make_candidates:
+        on_deliverable(summary)  # RT Plan, RT Dose and metrics.json are complete: they may be sent now
+    with timings.stage("fidelity"):
+        # Before sequencing (the optimizer's or network's fluence, normalised alike), for fidelity.
+        dose_unseq = unsequenced_dose_fx(result, case, options) * fractions
+        ptv_unseq = structure_metrics(dose_unseq, result.problem.masks[Role.PTV].cpu().numpy(),
+                                      grid.voxel_volume_cc, rx_gy=rx_total)
+        metrics["before_sequencing"] = {"ptv_HI": ptv_unseq.get("HI"), "ptv_D98_Gy": ptv_unseq.get("D98_Gy")}
+    if make_candidates:
+        with timings.stage("candidates"):
+            metrics["candidates"] = [_plan_candidate(case, settings, options, result, out_dir, bladder, rectum,
+                                                     profile.profile.name)
+                                     for bladder, rectum in sparings]
+    with timings.stage("report"):
+        write_report(out_dir, metrics=metrics, dose=dose_plan, grid=grid, case=case)
+    summary = finish(summary)
     log.info("case %s: planned in %.1f s, %.0f MU, PTV D98 %s Gy, HI %s", case.case_id,
              metrics["timings_s"]["total"], seq.total_mu, summary.ptv_d98_gy, summary.ptv_hi)
     return summary, metrics
 
 
 def plan_request(request: CaseRequest, out_dir: Path, settings: Settings, *, method: str | None = None,
-                 profile: str | None = None,
-                 candidates: list[tuple[float, float]] | None = None) -> tuple[PlanSummary, dict[str, Any]]:
+                 profile: str | None = None, candidates: list[tuple[float, float]] | None = None,
+                 on_deliverable: Callable[[PlanSummary], None] | None = None) -> tuple[PlanSummary, dict[str, Any]]:
     """Load the CT series and RT Structure Set a request names, choose its profile and plan it (see
     :func:`plan_case`). ``profile`` is an explicit choice (``airt plan --profile``); otherwise the
     AE titles the study came by and the PTV's name choose (``appliance.profiles.choose_profile``)."""
@@ -287,7 +302,7 @@ def plan_request(request: CaseRequest, out_dir: Path, settings: Settings, *, met
         choice = choose_profile(settings, ptv_name=case.structure_names.get(Role.PTV, ""),
                                 called_aets=request.called_aets, calling_aets=request.calling_aets, explicit=profile)
     return plan_case(case, Path(out_dir), settings, method=method, timings=timings, profile=choice,
-                     candidates=candidates)
+                     candidates=candidates, on_deliverable=on_deliverable)
 
 
 @dataclass(frozen=True)
@@ -298,9 +313,11 @@ class Planner:
 
     settings: Settings
 
-    def __call__(self, request: CaseRequest, out_dir: Path, method: str | None = None) -> PlanSummary:
-        """Plan one case into ``out_dir``; the summary the worker records."""
-        return plan_request(request, out_dir, self.settings, method=method)[0]
+    def __call__(self, request: CaseRequest, out_dir: Path, method: str | None = None,
+                 on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
+        """Plan one case into ``out_dir``; the summary the worker records (``on_deliverable``: see
+        :func:`plan_case`)."""
+        return plan_request(request, out_dir, self.settings, method=method, on_deliverable=on_deliverable)[0]
 
     def warm_up(self) -> None:
         """Plan a small synthetic case (128 x 128 x 40 CT) end to end with the configured method and one or two

@@ -26,11 +26,11 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from appliance.config import Destination, P1Policy, Settings, WorkerSettings
@@ -202,11 +202,19 @@ class Worker:
             self._fail(job_id, f"cannot prepare the job folder {job_dir}: {exc}; check disk space and permissions")
             return
         timings["inputs_s"] = round(time.perf_counter() - t_start, 3)
-        outcome, detail, plan_wall = self._run_child(job_id, request, out_dir, job.method)
-        timings["plan_process_s"] = round(plan_wall, 3)
+        t_plan = time.perf_counter()
+
+        def deliverable(summary: PlanSummary) -> None:
+            timings["plan_process_s"] = round(time.perf_counter() - t_plan, 3)
+            self._succeed(job_id, out_dir, summary, timings)
+
+        outcome, detail, plan_wall = self._run_child(job_id, request, out_dir, job.method, deliverable)
+        timings.setdefault("plan_process_s", round(plan_wall, 3))
         if self.metrics is not None:
-            self.metrics.planning_process(outcome)
-        if outcome == "ok":
+            self.metrics.planning_process("ok" if outcome == "delivered" else outcome)
+        if outcome == "delivered":
+            self._complete_metrics(job_id, out_dir, detail)
+        elif outcome == "ok":
             assert isinstance(detail, PlanSummary)
             self._succeed(job_id, out_dir, detail, timings)
         elif outcome == "cancelled":
@@ -220,29 +228,56 @@ class Worker:
         else:
             self._fail(job_id, str(detail), timings)
 
-    def _run_child(self, job_id: int, request: CaseRequest, out_dir: Path,
-                   method: str | None) -> tuple[str, PlanSummary | str | None, float]:
-        """Run the planning process; returns (outcome, detail, wall s) with outcome one of ok (detail: the
-        plan's summary), failed / crashed / timeout (detail: reason), cancelled, stopping."""
+    def _complete_metrics(self, job_id: int, out_dir: Path, problem: PlanSummary | str | None) -> None:
+        """After a plan was recorded as deliverable: the job's metrics from the completed metrics.json
+        (fidelity, candidates, all stage timings), or a warning when the rest of the planning failed."""
+        if problem is not None:
+            log.warning("job %d: its plan was recorded and queued; what planning does after that (fidelity check, "
+                        "report) did not complete: %s", job_id, problem)
+            return
+        try:
+            document = json.loads((out_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("job %d: completed metrics.json not readable (%s); the job keeps the first one", job_id, exc)
+            return
+        with self.db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(metrics=document))
+
+    def _run_child(self, job_id: int, request: CaseRequest, out_dir: Path, method: str | None,
+                   deliverable: Callable[[PlanSummary], None]) -> tuple[str, PlanSummary | str | None, float]:
+        """Run the case in the planning process; returns (outcome, detail, wall s) with outcome one of ok
+        (detail: the plan's summary), failed / crashed / timeout (detail: reason), cancelled, stopping, or
+        delivered: the process said the plan may be sent and ``deliverable(summary)`` recorded it then
+        (detail: None, or why the rest of the planning did not complete)."""
         result_path = out_dir.parent / "result.json"
         result_path.unlink(missing_ok=True)
         timeout = self.settings.plan_timeout_s
         t0 = time.perf_counter()
         self.planner.submit(request, out_dir, method, result_path)
         log.info("job %d: sent to planning process %s (timeout %.0f s)", job_id, self.planner.pid, timeout)
-        outcome = ""
-        while not self.planner.wait(STATE_POLL_S):
+        outcome, delivered = "", False
+        while (event := self.planner.wait(STATE_POLL_S)) != "done":
             self.last_beat = time.monotonic()
+            if event == "deliverable" and not delivered:
+                try:
+                    early = PlanSummary.from_dict(self.planner.deliverable)
+                except PlanningError as exc:
+                    log.warning("job %d: %s; waiting for the final result", job_id, exc)
+                else:
+                    deliverable(early)
+                    delivered = True
+                continue
             exitcode = self.planner.exitcode
             if exitcode is not None:
                 self.planner.kill()
-                return "crashed", (f"planning process exited with code {exitcode} without a result "
-                                   "(crash or out of memory)"), time.perf_counter() - t0
+                reason = f"planning process exited with code {exitcode} without a result (crash or out of memory)"
+                return ("delivered", reason, time.perf_counter() - t0) if delivered else ("crashed", reason,
+                                                                                          time.perf_counter() - t0)
             if time.perf_counter() - t0 > timeout:
                 outcome = "timeout"
             elif self._stop.is_set():
                 outcome = "stopping"
-            else:
+            elif not delivered:
                 with self.db.session() as s:
                     state = s.scalar(select(Job.state).where(Job.id == job_id))
                 if state != JobState.RUNNING:
@@ -251,19 +286,23 @@ class Worker:
                 self.planner.kill()
                 break
         wall = time.perf_counter() - t0
+        if outcome and delivered:
+            return "delivered", f"the planning process was stopped ({outcome})", wall
         if outcome == "timeout":
             return outcome, (f"plan exceeded {timeout:g} s (worker.plan_timeout_s); the planning process was "
                              "stopped. Raise the timeout or check the case size"), wall
         if outcome:
             return outcome, None, wall
         self.planner.recycle_if_due()
-        if not result_path.is_file():
-            return "crashed", "planning process answered without writing its result file", wall
-        result = json.loads(result_path.read_text(encoding="utf-8"))
+        result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {
+            "ok": False, "error": "planning process answered without writing its result file"}
         if not result.get("ok"):
             if result.get("traceback"):
                 log.error("job %d: planning raised:\n%s", job_id, result["traceback"])
-            return "failed", result.get("error") or "planning failed without a message", wall
+            error = str(result.get("error") or "planning failed without a message")
+            return ("delivered", error, wall) if delivered else ("failed", error, wall)
+        if delivered:
+            return "delivered", None, wall
         try:
             return "ok", PlanSummary.from_dict(result["summary"]), wall
         except PlanningError as exc:

@@ -7,6 +7,8 @@
 - :func:`appliance.dicom.case_loader.load_case` plans the files a request names or refuses them, it
   never chooses again;
 - :class:`PlanSummary` round-trips through JSON and refuses a summary of another shape;
+- a plan recorded as deliverable (RT Plan, RT Dose, metrics.json written) is queued for sending before
+  the planner's report is made; what fails after that does not take the plan back;
 - the planning process is long-lived: warmed up once, reused for the next jobs, replaced after
   ``worker.planner_jobs`` jobs; the node's planner warms up on a real synthetic case.
 """
@@ -18,10 +20,13 @@ import json
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from appliance.dicom.case_loader import load_case, request_from_folder
 from appliance.plan_summary import PlanSummary
@@ -31,7 +36,7 @@ from core.case import Prescription
 from core.errors import InputError, PlanningError
 from core.request import CaseRequest, SeriesSeen, StructureSetSeen, choose_ct_series
 from storage.db import Database
-from storage.models import Job
+from storage.models import Delivery, Job
 from storage.states import JobState
 from tests.node_helpers import node_settings, running_scp, store_paths
 from tests.test_case_loader import STRUCTURES, build
@@ -50,7 +55,8 @@ def _summary(case_id: str, **over: object) -> PlanSummary:
     return PlanSummary(**values)  # type: ignore[arg-type]
 
 
-def recording_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+def recording_plan(request: CaseRequest, out_dir: Path, method: str | None,
+                  on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
     """A planning function that records the request it was handed (in metrics.json) and writes real,
     shipped RT Plan and RT Dose files, so that the worker's success path runs without planning."""
     for name in ("rtplan.dcm", "rtdose.dcm"):
@@ -75,7 +81,8 @@ class WarmRecordingPlan:
     def warm_up(self) -> None:
         WARMED.append(os.getpid())
 
-    def __call__(self, request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+    def __call__(self, request: CaseRequest, out_dir: Path, method: str | None,
+                 on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
         return recording_plan(request, out_dir, method)
 
 
@@ -220,3 +227,49 @@ def test_the_planner_warms_up_on_a_synthetic_case_and_leaves_logging_on(tmp_path
     settings = node_settings(tmp_path)
     Planner(settings).warm_up()
     assert logging.root.manager.disable == logging.NOTSET
+
+
+# ------------------------------------------------------------------------------------------------
+# Deliverable before the report
+
+
+def early_plan(request: CaseRequest, out_dir: Path, method: str | None,
+               on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
+    """Says the plan is deliverable, then 'makes the report' (0.5 s), completes metrics.json, and then
+    fails when the study's calling AE title says so."""
+    summary = recording_plan(request, out_dir, method)
+    assert on_deliverable is not None
+    on_deliverable(summary)
+    time.sleep(0.5)
+    document = json.loads((out_dir / "metrics.json").read_text())
+    (out_dir / "metrics.json").write_text(json.dumps({**document, "completed": True}))
+    if "FAILAFTER" in request.calling_aets:
+        raise RuntimeError("the report could not be drawn")
+    return summary
+
+
+@pytest.mark.parametrize("fail_after", [False, True])
+def test_a_deliverable_plan_is_queued_before_the_report_and_kept_if_the_rest_fails(
+        tmp_path: Path, fail_after: bool, caplog: pytest.LogCaptureFixture) -> None:
+    peer = "FAILAFTER" if fail_after else "PEER"
+    settings = node_settings(tmp_path, peers=[{"ae_title": peer}],
+                             destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 104}])
+    case = write_case(tmp_path / "case", n_slices=2)
+    with running_scp(settings) as scp:
+        assert set(store_paths(scp.port, case["paths"], aet=peer).statuses) == {0}  # type: ignore[arg-type]
+    db = Database(settings.database_url)
+    (job_id,) = StudyScheduler.for_node(settings, db).tick()
+    with caplog.at_level("WARNING"):
+        assert Worker.for_node(settings, db, plan=early_plan).run_once() == job_id
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == JobState.SUCCEEDED
+        # Queued when deliverable: the plan's time is to that point, not to the end of the report.
+        assert 0 < job.timings["plan_process_s"] < 5
+        assert [d.destination for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id))] == ["tps"]
+        assert job.metrics.get("completed") is (None if fail_after else True)
+    failed_after = [r.getMessage() for r in caplog.records if "did not complete" in r.getMessage()]
+    assert bool(failed_after) is fail_after
+    if fail_after:
+        assert "internal error in planning (RuntimeError: the report could not be drawn)" in failed_after[0]
+    db.dispose()

@@ -20,7 +20,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -363,19 +363,22 @@ def test_destination_failing_past_give_up_is_failed_and_can_be_retried(tmp_path:
 # Planning processes that crash, hang or raise
 
 
-def crashing_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+def crashing_plan(request: CaseRequest, out_dir: Path, method: str | None,
+                  on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
     """Dies like a segfault or the OOM killer would: no result, no traceback."""
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("not reached")
 
 
-def hanging_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+def hanging_plan(request: CaseRequest, out_dir: Path, method: str | None,
+                  on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
     """Never returns."""
     threading.Event().wait()
     raise AssertionError("not reached")
 
 
-def buggy_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+def buggy_plan(request: CaseRequest, out_dir: Path, method: str | None,
+                  on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
     """A programming error inside planning."""
     plans: list[PlanSummary] = []
     return plans[7]

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -37,7 +37,8 @@ RESULTS = Path(__file__).parent / "data" / "dicompyler_example"
 pytestmark = pytest.mark.external
 
 
-def quick_plan(request: CaseRequest, out_dir: Path, method: str | None) -> PlanSummary:
+def quick_plan(request: CaseRequest, out_dir: Path, method: str | None,
+                  on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
     """A planning function for queue tests: writes a (real, shipped) RT Plan and RT Dose as the outputs
     so that the worker's success path runs, without spending minutes planning."""
     for name in ("rtplan.dcm", "rtdose.dcm"):
