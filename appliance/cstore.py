@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -103,13 +103,13 @@ def _first(ds: Dataset, *path: str) -> Any:
     return getattr(cur, path[-1], None)
 
 
-def parse_header(source: Path | bytes, *, expected_class: str, expected_uid: str) -> InstanceHeader:
+def parse_header(source: Path | bytes | BinaryIO, *, expected_class: str, expected_uid: str) -> InstanceHeader:
     """Parse and validate the header of a received instance (DICOM file format, with file meta).
 
     Parameters
     ----------
     source
-        A file path or the encoded bytes (preamble, file meta, dataset).
+        A file path, the encoded bytes or a seekable binary file (preamble, file meta, dataset).
     expected_class, expected_uid
         AffectedSOPClassUID and AffectedSOPInstanceUID of the C-STORE request.
 

@@ -2,13 +2,20 @@
 
 A C-STORE handler does four things only: check the peer and SOP class (negotiation and
 ``EVT_REQUESTED`` already did most of it), write the file atomically, insert its row, return a
-status. It never plans. Received bytes are written as sent (file meta + dataset, never decoded
-and re-encoded); with ``pynetdicom._config.STORE_RECV_CHUNKED_DATASET`` the dataset arrives in a
-temporary file, so large instances go to disk, not memory. Only the header is parsed
-(``stop_before_pixels``).
+status. It never plans. Received bytes are written as sent: the file meta pynetdicom makes for the
+request (``event.file_meta``), then the dataset as the peer encoded it, never decoded and
+re-encoded. Only the header is parsed (``stop_before_pixels``).
+
+The transport (:mod:`appliance.scp_transport`) receives each dataset as it arrives, in memory up to
+1 MiB and past that into an unnamed temporary file in the instance store's folder, and keeps at
+most ``node.max_dataset_bytes`` of it (a larger one is refused with 0xA701 and the association goes
+on); the handler takes it with :func:`~appliance.scp_transport.received_dataset`. So a large
+instance goes to disk, not memory, with pynetdicom's public API only (its private switch
+``STORE_RECV_CHUNKED_DATASET`` did the same before).
 
 The statuses it answers, what it stores and the check of a received header are in
-:mod:`appliance.cstore`; the transport (TLS, PDU read limits) in :mod:`appliance.scp_transport`.
+:mod:`appliance.cstore`; the transport (TLS, PDU and dataset limits) in :mod:`appliance.scp_transport`
+and :mod:`appliance.scp_stream`.
 """
 
 from __future__ import annotations
@@ -19,17 +26,15 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance.config import Settings
 from appliance.cstore import (
@@ -44,9 +49,10 @@ from appliance.cstore import (
     failure_response,
     parse_header,
 )
-from appliance.scp_transport import MIN_PDU_READ_BYTES, NodeRequestHandler, NodeServer, make_ssl_context
+from appliance.scp_stream import ReceivedDataset
+from appliance.scp_transport import NodeRequestHandler, NodeServer, TransportLimits, make_ssl_context, received_dataset
 from storage.db import Database, record_node_event
-from storage.instance_store import InstanceStore, read_chunks
+from storage.instance_store import InstanceStore
 from storage.instances import RegisterOutcome, classify, register_instance
 from storage.states import utcnow
 
@@ -56,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+FILE_PREAMBLE = b"\x00" * 128 + b"DICM"
+"""What a DICOM file starts with, before its file meta (PS3.10 7.1)."""
 
 
 @dataclass
@@ -87,8 +95,7 @@ class StorageSCP:
         self.db = db
         self.store = store
         self.metrics = metrics
-        self._server: ThreadedAssociationServer | None = None
-        self._prev_chunked = False
+        self._server: NodeServer | None = None
         self._stats: dict[int, _AssocStats] = {}
         self._silent: dict[int, tuple[float, str]] = {}
         """Open connections that have sent no A-ASSOCIATE-RQ yet: id -> (opened, monotonic s; peer)."""
@@ -114,10 +121,6 @@ class StorageSCP:
 
     def start(self) -> tuple[str, int]:
         """Start listening (returns at once); returns the bound (address, port)."""
-        # Receive C-STORE data into a temporary file instead of memory (process-wide switch,
-        # set while the SCP runs and restored by stop()).
-        self._prev_chunked = _config.STORE_RECV_CHUNKED_DATASET
-        _config.STORE_RECV_CHUNKED_DATASET = True
         node = self.settings.node
         ae = self.build_ae()
         handlers: list[Any] = [
@@ -135,13 +138,9 @@ class StorageSCP:
         # connection's own thread, with a timeout, and bounds what a peer can make the node read.
         server = cast(NodeServer, ae.make_server(
             (node.bind_address, node.port), evt_handlers=handlers, server_class=NodeServer,
-            request_handler=NodeRequestHandler,
+            request_handler=NodeRequestHandler, node_tls=make_ssl_context(self.settings),
+            limits=TransportLimits.of(node), dataset_folder=self.store.root,
         ))
-        server.node_tls = make_ssl_context(self.settings)
-        server.handshake_timeout_s = node.acse_timeout_s
-        server.read_timeout_s = node.network_timeout_s
-        server.max_pdu_read = max(node.max_pdu_bytes, MIN_PDU_READ_BYTES)
-        ae._servers.append(server)  # as start_server does: server.shutdown() removes it again
         threading.Thread(target=server.serve_forever, name=f"scp-{node.port}", daemon=True).start()
         self._server = server
         host, port = server.server_address[:2]
@@ -165,7 +164,6 @@ class StorageSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            _config.STORE_RECV_CHUNKED_DATASET = self._prev_chunked
             log.info("Storage SCP stopped")
 
     # -- event handlers ---------------------------------------------------------------------------
@@ -296,6 +294,12 @@ class StorageSCP:
             When the instance is refused (the status to answer is on the exception).
         """
         req = cast(C_STORE, event.request)
+        with contextlib.closing(received_dataset(event.assoc, req.MessageID)) as dataset:
+            return self._store(req, dataset, FILE_PREAMBLE + encode_file_meta(event.file_meta), calling, called)
+
+    def _store(self, req: C_STORE, dataset: ReceivedDataset, head: bytes, calling: str,
+               called: str | None) -> RegisterOutcome:
+        """:meth:`store_instance` of a received ``dataset``, whose file will start with ``head``."""
         expected_class = str(req.AffectedSOPClassUID)
         expected_uid = str(req.AffectedSOPInstanceUID)
         free_mb = shutil.disk_usage(self.store.root).free / MiB
@@ -303,20 +307,20 @@ class StorageSCP:
             raise StoreRefusedError(STATUS_OUT_OF_RESOURCES,
                                f"only {free_mb:.0f} MiB free in {self.store.root} "
                                f"(storage.min_free_disk_mb = {self.settings.storage.min_free_disk_mb})")
-        source: Path | bytes
-        try:
-            source = Path(event.dataset_path)
-            size = source.stat().st_size
-        except AttributeError:  # chunked receive off: the bytes are in memory
-            source = event.encoded_dataset()
-            size = len(source)
+        size = len(head) + dataset.size
         if size > self.settings.node.max_dataset_bytes:
             raise StoreRefusedError(STATUS_TOO_LARGE, f"dataset of {size} bytes exceeds node.max_dataset_bytes = "
                                                  f"{self.settings.node.max_dataset_bytes}")
-        hdr = parse_header(source, expected_class=expected_class, expected_uid=expected_uid)
+        if dataset.error is not None:  # it could not be kept while it arrived
+            if dataset.error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreRefusedError(STATUS_OUT_OF_RESOURCES, f"no space left in {self.store.root} while "
+                                        f"receiving {expected_uid}: {dataset.error.strerror}") from dataset.error
+            raise dataset.error
+        with dataset.open(head) as fp:
+            hdr = parse_header(fp, expected_class=expected_class, expected_uid=expected_uid)
         rel = self.store.relative_path(hdr.study_uid, hdr.series_uid, hdr.sop_instance_uid)
         try:
-            written = self.store.write_temp(rel, _chunks(source))
+            written = self.store.write_temp(rel, dataset.chunks(head))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the disk filled up under the free-space check
                 raise StoreRefusedError(STATUS_OUT_OF_RESOURCES, f"no space left in {self.store.root} while "
@@ -347,10 +351,3 @@ class StorageSCP:
                      hdr.sop_instance_uid, calling)
         return outcome
 
-
-def _chunks(source: Path | bytes) -> Iterator[bytes]:
-    if isinstance(source, bytes):
-        yield source
-        return
-    with source.open("rb") as fh:
-        yield from read_chunks(cast(BinaryIO, fh))

@@ -15,8 +15,9 @@ Routes (GET and HEAD only; any other method gets 405):
                                 decoded or joined from user input): anything else is 404
 ==============================  =====================================================================
 
-No patient data is read or shown: jobs carry Study/Series/SOP Instance UIDs, ROI names and figures
-only. Every page carries the banner "Research output; not clinically approved". The server has no
+What the pages show is read from the database in :mod:`appliance.web_pages` (no patient data: jobs
+carry Study/Series/SOP Instance UIDs, ROI names and figures only) and laid out by the templates of
+:mod:`appliance.web_templates`; this module routes requests and sends answers. Every page carries the banner "Research output; not clinically approved". The server has no
 authentication and binds to loopback by default (``[http]``); put a reverse proxy with TLS and
 authentication in front of it to reach it from elsewhere.
 
@@ -40,26 +41,20 @@ import socket
 import socketserver
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jinja2
-from sqlalchemy import select
 
 from appliance.config import Settings
 from appliance.health import Readiness
 from appliance.metrics import NodeMetrics
+from appliance.web_pages import REPORT_IMAGES, job_page, job_rows, report_image
 from appliance.web_templates import TEMPLATES
 from storage.db import Database
-from storage.models import Delivery, Job, JobEvent
-from storage.states import DeliveryState, JobState
+from storage.states import JobState
 
 log = logging.getLogger(__name__)
-
-REPORT_IMAGES: dict[str, str] = {"report_dvh.png": "DVH of the final dose",
-                                 "report_slices.png": "Dose slices through the isocenter"}
-"""The only files of a job's output folder the server sends (name -> alt text)."""
 
 JOB_RE = re.compile(r"/jobs/([1-9][0-9]{0,17})")
 IMAGE_RE = re.compile(r"/jobs/([1-9][0-9]{0,17})/(" + "|".join(re.escape(n) for n in REPORT_IMAGES) + ")")
@@ -76,180 +71,6 @@ SECURITY_HEADERS = {
 HTML_CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; "
             "form-action 'none'; frame-ancestors 'none'")
 """Pages load their report images from this server and nothing else; no script runs."""
-
-DVH_COLUMNS = (("name", "ROI name"), ("volume_cm3", "Volume (cm3)"), ("Dmean_Gy", "Dmean (Gy)"),
-               ("D98_Gy", "D98 (Gy)"), ("D95_Gy", "D95 (Gy)"), ("D50_Gy", "D50 (Gy)"), ("D2_Gy", "D2 (Gy)"),
-               ("Dmax_Gy", "Dmax (Gy)"), ("HI", "HI"), ("CI_paddick", "CI (Paddick)"))
-"""Columns of the DVH table (metrics.json key, heading), shown when some structure has the key."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Formatting
-
-
-def fmt(v: Any, nd: int = 2) -> str:
-    """A value for a table cell: numbers with ``nd`` decimals, None as ``-``."""
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def fmt_time(t: Any) -> str:
-    """A UTC timestamp as ``YYYY-MM-DD HH:MM:SS`` (``-`` when unset)."""
-    return "-" if t is None else str(t.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def verdict_label(metrics: Mapping[str, Any] | None) -> str:
-    """``P1 met`` or ``P1 FAIL`` from a job's metrics, ``-`` when it has no verdict (as ``airt jobs list``)."""
-    verdict = (metrics or {}).get("verdict")
-    if not isinstance(verdict, Mapping) or "p1_met" not in verdict:
-        return "-"
-    return "P1 met" if verdict["p1_met"] else "P1 FAIL"
-
-
-def _dict(v: Any) -> Mapping[str, Any]:
-    return v if isinstance(v, Mapping) else {}
-
-
-# ------------------------------------------------------------------------------------------------
-# Page data (from the database; nothing about the patient is read)
-
-
-def job_rows(db: Database, state: JobState | None, limit: int) -> list[dict[str, Any]]:
-    """The job list's rows, newest first."""
-    with db.session() as s:
-        q = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state is not None:
-            q = q.where(Job.state == state)
-        jobs = list(s.scalars(q))
-    rows = []
-    for j in jobs:
-        goals = verdict_label(j.metrics)
-        rows.append({
-            "id": j.id, "state": j.state.value, "created": fmt_time(j.created_at), "finished": fmt_time(j.finished_at),
-            "profile": fmt(j.profile), "method": fmt(j.method), "d98": fmt(j.ptv_d98_gy), "hi": fmt(j.ptv_hi, 3),
-            "goals": goals, "goals_class": {"P1 met": "pass", "P1 FAIL": "fail"}.get(goals, ""),
-            "send": "HELD" if j.hold_reason else "-" if j.state != JobState.SUCCEEDED else "yes",
-            "study_uid": j.study_uid, "reason": (j.failure_reason or "")[:300],
-        })
-    return rows
-
-
-def job_page(db: Database, data_dir: Path, job_id: int) -> dict[str, Any] | None:
-    """Everything the job page shows, or None when there is no such job."""
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            return None
-        events = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
-        deliveries = list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
-    metrics = _dict(job.metrics)
-    page: dict[str, Any] = {
-        "job": {
-            "id": job.id, "state": job.state.value, "study_uid": job.study_uid, "ct_series_uid": fmt(job.ct_series_uid),
-            "rtstruct_uid": fmt(job.rtstruct_uid), "profile": fmt(job.profile), "profile_reason": job.profile_reason,
-            "method": fmt(job.method), "attempts": job.attempts, "worker": fmt(job.worker),
-            "created": fmt_time(job.created_at), "started": fmt_time(job.started_at),
-            "finished": fmt_time(job.finished_at), "failure_reason": job.failure_reason,
-            "hold_reason": job.hold_reason,
-        },
-        "events": [{"at": fmt_time(e.at), "from_state": e.from_state.value if e.from_state else "(new)",
-                    "to_state": e.to_state.value, "message": e.message or ""} for e in events],
-        "deliveries": [{"destination": d.destination, "peer": f"{d.ae_title}@{d.host}:{d.port}",
-                        "state": d.state.value, "attempts": d.attempts,
-                        "next_try": fmt_time(d.next_try_at) if d.state == DeliveryState.PENDING else "-",
-                        "delivered": fmt_time(d.delivered_at), "last_error": d.last_error or ""}
-                       for d in deliveries],
-        "verdict": None, "goals": _goal_rows(metrics.get("goals")), "dvh": _dvh_table(metrics.get("structures")),
-        "candidates": _candidate_rows(metrics.get("candidates")), "timings": _timing_rows(job.timings),
-        "plan": "", "prescription": "", "images": [],
-    }
-    verdict = _dict(metrics.get("verdict"))
-    if "p1_met" in verdict:
-        page["verdict"] = {"p1_met": bool(verdict["p1_met"]), "label": verdict_label(metrics),
-                           "text": str(verdict.get("text", ""))}
-    plan = _dict(metrics.get("plan"))
-    if plan:
-        page["plan"] = (f"{fmt(plan.get('total_MU'), 1)} MU, {fmt(plan.get('control_points'))} control points, "
-                        f"machine {fmt(plan.get('machine'))}")
-    rx = _dict(metrics.get("prescription"))
-    if rx:
-        page["prescription"] = (f"{fmt(rx.get('dose_Gy'), 2)} Gy in {fmt(rx.get('fractions'))} fractions; "
-                                f"normalisation {fmt(rx.get('normalisation'))}")
-    out = report_folder(data_dir, job.output_dir)
-    if out is not None:
-        page["images"] = [{"id": name.removesuffix(".png"), "url": f"/jobs/{job.id}/{name}", "alt": alt}
-                          for name, alt in REPORT_IMAGES.items() if (out / name).is_file()]
-    return page
-
-
-def report_folder(data_dir: Path, output_dir: str | None) -> Path | None:
-    """A job's output folder, only when it lies inside the data directory."""
-    if not output_dir:
-        return None
-    root = data_dir.resolve()
-    out = (root / output_dir).resolve()
-    return out if out.is_relative_to(root) and out.is_dir() else None
-
-
-def _goal_rows(goals: Any) -> list[dict[str, Any]]:
-    rows = []
-    for g in goals if isinstance(goals, list) else []:
-        if not isinstance(g, Mapping):
-            continue
-        passed = g.get("passed")
-        unit = g.get("unit") or ""
-        value = g.get("value")
-        rows.append({
-            "result": "PASS" if passed is True else "FAIL" if passed is False else "n/a",
-            "css": "pass" if passed is True else "fail" if passed is False else "na",
-            "priority": fmt(g.get("priority")), "structure": fmt(g.get("structure")), "metric": fmt(g.get("metric")),
-            "goal": f"{fmt(g.get('comparison'))} {fmt(g.get('limit'))} {unit}".strip(),
-            "value": f"{fmt(value, 2)} {unit}".strip() if value is not None else "-",
-            "note": str(g.get("reason") or ""),
-        })
-    return rows
-
-
-def _dvh_table(structures: Any) -> dict[str, Any]:
-    table = _dict(structures)
-    present = [(k, h) for k, h in DVH_COLUMNS if any(isinstance(m, Mapping) and k in m for m in table.values())]
-    rows = [{"role": role, "cells": [fmt(m.get(k), 3 if k in ("HI", "CI_paddick") else 2) for k, _ in present]}
-            for role, m in table.items() if isinstance(m, Mapping)]
-    return {"columns": [h for _, h in present], "rows": rows}
-
-
-def _candidate_rows(candidates: Any) -> list[dict[str, Any]]:
-    rows = []
-    for c in candidates if isinstance(candidates, list) else []:
-        if not isinstance(c, Mapping):
-            continue
-        sp, st = _dict(c.get("sparing")), _dict(c.get("structures"))
-        ptv = _dict(st.get("ptv"))
-        rows.append({"s_bladder": fmt(sp.get("bladder")), "s_rectum": fmt(sp.get("rectum")), "hi": fmt(ptv.get("HI"), 3),
-                     "d98": fmt(ptv.get("D98_Gy")), "bladder": fmt(_dict(st.get("bladder")).get("Dmean_Gy")),
-                     "rectum": fmt(_dict(st.get("rectum")).get("Dmean_Gy")), "mu": fmt(c.get("total_MU"), 1),
-                     "verdict": f"{verdict_label(c)}: {_dict(c.get('verdict')).get('text', '')}".rstrip(": "),
-                     "folder": fmt(c.get("folder"))})
-    return rows
-
-
-def _timing_rows(timings: Any) -> list[tuple[str, str]]:
-    rows: list[tuple[str, str]] = []
-    for k, v in _dict(timings).items():
-        if isinstance(v, Mapping):
-            rows += [(f"{k}: {sk}", fmt(sv, 3)) for sk, sv in v.items()]
-        else:
-            rows.append((str(k), fmt(v, 3)))
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------
-# The server
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -358,11 +179,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _image(self, job_id: int, name: str, head: bool) -> None:
         web = self.server.web
-        with web.db.session() as s:
-            output_dir = s.scalar(select(Job.output_dir).where(Job.id == job_id))
-        out = report_folder(web.settings.data_dir, output_dir)
-        path = None if out is None else out / name
-        if path is None or not path.is_file():
+        path = report_image(web.db, web.settings.data_dir, job_id, name)
+        if path is None:
             self._error(404, "Not Found", f"job {job_id} has no {name}", "report_image", head)
             return
         self._send(200, path.read_bytes(), "image/png", "report_image", head)

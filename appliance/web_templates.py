@@ -1,4 +1,4 @@
-"""Jinja2 templates of the read-only job pages (``appliance.web``).
+"""Jinja2 templates of the read-only job pages (served by ``appliance.web``, filled from ``appliance.web_pages``).
 
 Kept in a Python module, not in ``.html`` files, so that they travel with the package whatever
 way it is installed (``pip install PATH`` copies only Python files and the package data listed in

@@ -22,7 +22,14 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from appliance.dicom.common import length_violations
-from appliance.dicom.rtplan import write_rtplan
+from appliance.dicom.rtplan import MODALITY, ApprovalStatus, PlanGeometry, PlanIntent, write_rtplan
+from appliance.dicom.rtplan_beam import (
+    BeamType,
+    DeviceType,
+    RadiationType,
+    RotationDirectionCode,
+    TreatmentDeliveryType,
+)
 from appliance.dicom.rtplan_reader import arc_sequence_from_beam, read_rtplan
 from core.case import Case, DicomRefs, Grid, PatientPosition, Role
 from core.errors import ExportError
@@ -208,7 +215,7 @@ def test_round_trip_every_control_point(tmp_path: Path) -> None:
     assert plan.study_instance_uid == refs.study_instance_uid
     assert plan.frame_of_reference_uid == refs.frame_of_reference_uid
     assert plan.structure_set_uid == refs.rtstruct_sop_instance_uid
-    assert plan.approval_status == "UNAPPROVED"
+    assert plan.approval_status == ApprovalStatus.UNAPPROVED
     assert plan.fractions_planned == 5
     assert plan.patient_position == "HFS"
     assert len(plan.beams) == 1
@@ -221,7 +228,8 @@ def test_round_trip_every_control_point(tmp_path: Path) -> None:
     np.testing.assert_allclose(beam.cumulative_mu, seq.cumulative_mu, rtol=1e-12, atol=1e-12)
     assert math.isclose(plan.total_mu, seq.total_mu, rel_tol=1e-14)
     assert set(beam.collimator_deg) == {30.0}
-    assert beam.gantry_direction == ("CW",) * 180 + ("NONE",)
+    assert beam.gantry_direction == (RotationDirectionCode.CW,) * 180 + (RotationDirectionCode.NONE,)
+    assert beam.is_arc and beam.beam_type == BeamType.DYNAMIC
     assert beam.isocenter_mm is not None
     np.testing.assert_allclose(beam.isocenter_mm, (1.25, -3.5, 0.123456789012345), atol=1e-12)
     assert (beam.energy_mv, beam.dose_rate_mu_min, beam.sad_mm, beam.machine_name) == (6.0, 600.0, 1000.0, "TrueBeam")
@@ -235,16 +243,20 @@ def test_control_point_encoding_and_research_marking(tmp_path: Path) -> None:
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyID",
                     "AccessionNumber", "FrameOfReferenceUID", "StudyDate"):
         assert ds[keyword].value == ct[keyword].value, keyword
-    assert ds.ApprovalStatus == "UNAPPROVED"
-    assert ds.PlanIntent == "RESEARCH"
+    assert ds.Modality == MODALITY == "RTPLAN"
+    assert ds.ApprovalStatus == ApprovalStatus.UNAPPROVED == "UNAPPROVED"
+    assert ds.PlanIntent == PlanIntent.RESEARCH == "RESEARCH"
     assert "not clinically approved" in ds.RTPlanDescription.lower()
-    assert ds.RTPlanGeometry == "PATIENT"
+    assert ds.RTPlanGeometry == PlanGeometry.PATIENT == "PATIENT"
     assert ds.DoseReferenceSequence[0].ReferencedROINumber == 2  # PTV_40 in the structure set
     assert float(ds.DoseReferenceSequence[0].TargetPrescriptionDose) == 40.0
     fg = ds.FractionGroupSequence[0]
     assert (fg.NumberOfBeams, fg.NumberOfBrachyApplicationSetups, fg.NumberOfFractionsPlanned) == (1, 0, 5)
     beam = ds.BeamSequence[0]
+    assert (beam.BeamType, beam.RadiationType, beam.TreatmentDeliveryType) == ("DYNAMIC", "PHOTON", "TREATMENT")
+    assert (BeamType.DYNAMIC, RadiationType.PHOTON, TreatmentDeliveryType.TREATMENT) == ("DYNAMIC", "PHOTON", "TREATMENT")
     assert [d.RTBeamLimitingDeviceType for d in beam.BeamLimitingDeviceSequence] == ["ASYMX", "ASYMY", "MLCX"]
+    assert [DeviceType.ASYMX, DeviceType.ASYMY, DeviceType.MLCX] == ["ASYMX", "ASYMY", "MLCX"]
     assert len(beam.BeamLimitingDeviceSequence[2].LeafPositionBoundaries) == 61
     cps = beam.ControlPointSequence
     first = cps[0]
@@ -322,6 +334,66 @@ def test_rejects_long_label_and_case_without_dicom(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="no DICOM references"):
         write_rtplan(tmp_path / "p.dcm", sequence=seq, machine=machine, case=bare, isocenter_mm=(0, 0, 0),
                      fractions=5, rx_gy=40.0, dose_rate_mu_min=600.0)
+
+
+def _rename_devices(ds: Dataset, names: dict[str, str]) -> None:
+    """Rename beam limiting devices in a plan's beams and control points (``names``: old -> new)."""
+    for beam in ds.BeamSequence:
+        items = [*beam.BeamLimitingDeviceSequence,
+                 *(d for cp in beam.ControlPointSequence for d in cp.get("BeamLimitingDevicePositionSequence", []))]
+        for d in items:
+            d.RTBeamLimitingDeviceType = names.get(d.RTBeamLimitingDeviceType, d.RTBeamLimitingDeviceType)
+
+
+def test_reader_takes_every_device_keyword_and_skips_setup_beams(tmp_path: Path) -> None:
+    path, _, seq, _ = write_plan(tmp_path)
+    ds = pydicom.dcmread(path)
+    _rename_devices(ds, {DeviceType.ASYMX: DeviceType.X, DeviceType.ASYMY: DeviceType.Y,
+                         DeviceType.MLCX: DeviceType.MLCY})
+    setup = Dataset()
+    setup.update(ds.BeamSequence[0])
+    setup.BeamNumber = 2
+    setup.TreatmentDeliveryType = "SETUP"
+    ds.BeamSequence.append(setup)
+    ref = Dataset()
+    ref.update(ds.FractionGroupSequence[0].ReferencedBeamSequence[0])
+    ref.ReferencedBeamNumber = 2
+    ds.FractionGroupSequence[0].ReferencedBeamSequence.append(ref)  # referenced, yet no treatment beam
+    ds.save_as(tmp_path / "renamed.dcm")
+    plan = read_rtplan(tmp_path / "renamed.dcm")
+    assert [b.beam_number for b in plan.beams] == [1]
+    beam = plan.beams[0]
+    np.testing.assert_allclose(beam.jaws_mm, seq.jaws_mm, rtol=1e-12, atol=1e-9)
+    assert beam.leaves_mm is not None
+    np.testing.assert_allclose(beam.leaves_mm, seq.leaves_mm, rtol=1e-12, atol=1e-9)
+    np.testing.assert_array_equal(beam.leaf_boundaries_mm, MachineModel().leaf_boundaries_mm)
+
+
+def test_reader_names_the_control_point_of_a_bad_device(tmp_path: Path) -> None:
+    path, *_ = write_plan(tmp_path)
+    ds = pydicom.dcmread(path)
+    cp = ds.BeamSequence[0].ControlPointSequence[0]
+    cp.BeamLimitingDevicePositionSequence[0].LeafJawPositions = ["-10", "0", "10"]
+    ds.save_as(tmp_path / "bad_jaw.dcm")
+    with pytest.raises(ExportError, match=r"beam 1 control point 0: ASYMX has 3 positions, expected 2"):
+        read_rtplan(tmp_path / "bad_jaw.dcm")
+    ds = pydicom.dcmread(path)
+    ds.BeamSequence[0].ControlPointSequence[3].BeamLimitingDevicePositionSequence[-1].LeafJawPositions = ["0"] * 4
+    ds.save_as(tmp_path / "bad_mlc.dcm")
+    with pytest.raises(ExportError, match=r"beam 1 control point 3: MLCX has 4 positions, expected 120"):
+        read_rtplan(tmp_path / "bad_mlc.dcm")
+
+
+def test_reader_refuses_a_beam_that_does_not_rotate(tmp_path: Path) -> None:
+    path, *_ = write_plan(tmp_path)
+    ds = pydicom.dcmread(path)
+    for cp in ds.BeamSequence[0].ControlPointSequence:
+        cp.GantryRotationDirection = RotationDirectionCode.NONE
+    ds.save_as(tmp_path / "still.dcm")
+    beam = read_rtplan(tmp_path / "still.dcm").beams[0]
+    assert not beam.is_arc
+    with pytest.raises(ExportError, match=r"is not a single-direction arc \(directions \['NONE'\]\)"):
+        arc_sequence_from_beam(beam)
 
 
 def test_arc_sequence_round_trip_gives_the_same_fluence(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import socket
 import subprocess
@@ -150,7 +151,7 @@ def scp(tmp_path: Path) -> Iterator[StorageSCP]:
     server.start()
     yield server
     server.stop()
-    assert not _config.STORE_RECV_CHUNKED_DATASET  # restored
+    assert not _config.STORE_RECV_CHUNKED_DATASET  # the SCP never sets pynetdicom's process-wide switches
     db.dispose()
 
 
@@ -330,3 +331,48 @@ def test_idle_connections_filling_max_associations_are_logged(tmp_path: Path, ca
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "node.max_associations = 2 reached with 3 connections open, 2 of them without an association" in text
     assert text.count("closed after") == 2 and "held one of the node.max_associations = 2 slots" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API only
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("appliance", "core", "pipeline", "sequencing", "storage")
+
+
+def _private_imports(tree: ast.AST) -> list[str]:
+    """Imports of another package's private modules or names (``_x``; ``__future__`` and dunders aside)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] not in PACKAGES:
+            parts = node.module.split(".")
+            names = [a.name for a in node.names]
+            if any(p.startswith("_") and not p.startswith("__") for p in parts + names):
+                found.append(f"line {node.lineno}: from {node.module} import {', '.join(names)}")
+        elif isinstance(node, ast.Import):
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                      if a.name.split(".")[0] not in PACKAGES
+                      and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))]
+    return found
+
+
+def test_no_package_imports_another_packages_private_names() -> None:
+    found = {str(f.relative_to(REPO)): hits for pkg in PACKAGES for f in sorted((REPO / pkg).rglob("*.py"))
+             if (hits := _private_imports(ast.parse(f.read_text(encoding="utf-8"))))}
+    assert found == {}, "private names of other packages imported (use their public API):\n" + "\n".join(
+        f"{k}: {v}" for k, v in found.items())
+
+
+def test_the_scp_touches_no_private_attribute_of_a_library_object() -> None:
+    """In the SCP's modules ``_private`` attributes are read or set only on ``self``, and only those the
+    module itself defines (not those of a library base class)."""
+    found = []
+    for name in ("scp.py", "scp_transport.py", "scp_stream.py", "cstore.py"):
+        tree = ast.parse((REPO / "appliance" / name).read_text(encoding="utf-8"))
+        private = [n for n in ast.walk(tree)
+                   if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")]
+        own = {n.attr for n in private if isinstance(n.ctx, ast.Store)} | {
+            n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+        found += [f"{name} line {n.lineno}: {ast.unparse(n)}" for n in private
+                  if not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls")) or n.attr not in own]
+    assert found == []

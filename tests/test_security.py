@@ -7,6 +7,8 @@ Real loopback associations, real SQLite files, real processes; nothing is mocked
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import shutil
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pydicom
 import pytest
@@ -30,6 +33,7 @@ from sqlalchemy import func, select
 from appliance.config import Settings, settings_from_dict
 from appliance.cstore import STATUS_TOO_LARGE
 from appliance.scp import StorageSCP
+from appliance.scp_stream import PduStream
 from appliance.scu import Deliverer, client_ssl_context
 from storage.db import Database
 from storage.models import Delivery, Instance, Job, NodeEvent
@@ -293,6 +297,99 @@ def test_dataset_size_limit(tmp_path: Path) -> None:
         assoc.release()
         assert _n_instances(scp.db) == 1
         assert not list(scp.store.root.rglob("*.tmp-*"))
+
+
+def test_an_oversized_dataset_is_refused_with_its_size_and_the_association_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    limit = 65536
+    settings = node_settings(tmp_path, node={"max_dataset_bytes": limit, "max_pdu_bytes": 16384})
+    big = make_ct_slice(study=generate_uid(), series=generate_uid(), for_uid=generate_uid(), z=0.0, rows=512)
+    small = make_ct_slice(study=generate_uid(), series=generate_uid(), for_uid=generate_uid(), z=0.0, rows=8)
+    with caplog.at_level(logging.WARNING, logger="appliance.scp"), running_scp(settings) as scp:
+        assoc = client_ae().associate("127.0.0.1", scp.port, ae_title="AIRT")
+        assert assoc.send_c_store(big).Status == STATUS_TOO_LARGE
+        assert assoc.send_c_store(small).Status == 0
+        assoc.release()
+        assert _n_instances(scp.db) == 1
+    sizes = [int(m[1]) for r in caplog.records if (m := re.search(r"dataset of (\d+) bytes exceeds", r.getMessage()))]
+    assert len(sizes) == 1 and sizes[0] > len(big.PixelData) >= 8 * limit  # the size sent, though not kept
+
+
+def _pdv(control: int, data: bytes, context_id: int = 1) -> bytes:
+    """A presentation data value item: length, context ID, message control header, fragment."""
+    return (len(data) + 2).to_bytes(4, "big") + bytes([context_id, control]) + data
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return bytes([pdu_type, 0]) + len(body).to_bytes(4, "big") + body
+
+
+def _message(message_id: int, dataset: bytes, fragment: int) -> tuple[bytes, bytes]:
+    """A DIMSE message as P-DATA-TF PDUs (command, then the dataset in fragments), and the same
+    message as the node hands it to pynetdicom (every dataset fragment empty)."""
+    command = (b"\x00\x00\x02\x00\x04\x00\x00\x001.2\x00"  # (0000,0002) UI "1.2"
+               + b"\x00\x00\x10\x01\x02\x00\x00\x00" + message_id.to_bytes(2, "little"))  # (0000,0110) US
+    parts = [dataset[i:i + fragment] for i in range(0, len(dataset), fragment)]
+    sent = _pdu(0x04, _pdv(0x03, command))
+    seen = sent
+    for k, part in enumerate(parts):
+        control = 0x02 if k == len(parts) - 1 else 0x00
+        sent += _pdu(0x04, _pdv(control, part))
+        seen += _pdu(0x04, _pdv(control, b""))
+    return sent, seen
+
+
+def _through(stream: bytes, tmp_path: Path, max_dataset_bytes: int, max_pdu_bytes: int = 65536) -> tuple[bytes, PduStream]:
+    """What pynetdicom reads from a connection carrying ``stream`` (4096 bytes at a time), and the stream."""
+    src = io.BytesIO(stream)
+    pdus = PduStream(src.readinto, "test", max_pdu_bytes=max_pdu_bytes, max_dataset_bytes=max_dataset_bytes,
+                     folder=tmp_path)
+    out = bytearray()
+    while chunk := pdus.recv(4096):
+        out += chunk
+    return bytes(out), pdus
+
+
+def test_pdu_stream_takes_each_dataset_out_as_sent(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    small, large = rng.bytes(5000), rng.bytes(3 * 2**20)  # the large one goes past memory to a file
+    sent7, seen7 = _message(7, small, 1000)
+    sent8, seen8 = _message(8, large, 60000)
+    sent9, seen9 = _message(9, small, 700)
+    assoc_rq, release = _pdu(0x01, b"A" * 300), _pdu(0x05, b"\0" * 4)
+    seen, pdus = _through(assoc_rq + sent7 + sent8 + sent9 + release, tmp_path, max_dataset_bytes=4 * 2**20)
+    assert seen == assoc_rq + seen7 + seen8 + seen9 + release
+    with contextlib.closing(pdus.take(8)) as d8:  # message 7 was never taken: dropped
+        assert d8.complete and d8.size == len(large)
+        with d8.open(b"HEAD") as fp:
+            assert fp.read(6) == b"HEAD" + large[:2]
+            fp.seek(-10, io.SEEK_END)
+            assert fp.read() == large[-10:]
+            fp.seek(0)
+            assert fp.read() == b"HEAD" + large
+        assert b"".join(d8.chunks(b"HEAD")) == b"HEAD" + large
+    with contextlib.closing(pdus.take(9)) as d9:
+        assert b"".join(d9.chunks(b"")) == small
+    with pytest.raises(LookupError, match="no dataset of message 7"):
+        pdus.take(7)
+
+
+def test_pdu_stream_counts_a_dataset_past_the_limit_without_keeping_it(tmp_path: Path) -> None:
+    sent, seen = _message(3, b"D" * 50000, 4000)
+    out, pdus = _through(sent, tmp_path, max_dataset_bytes=10000)
+    assert out == seen
+    with contextlib.closing(pdus.take(3)) as d:
+        assert not d.complete and d.size == 50000
+        assert len(b"".join(d.chunks(b""))) <= 10000
+
+
+def test_pdu_stream_refuses_a_long_pdu_and_leaves_malformed_ones_to_pynetdicom(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="PDU of 70000 bytes exceeds the limit of 65536"):
+        _through(_pdu(0x04, b"\0" * 70000), tmp_path, max_dataset_bytes=10)
+    bad_item = _pdu(0x04, (9999).to_bytes(4, "big") + b"\x01\x00" + b"D" * 100)  # item longer than its PDU
+    assert _through(bad_item, tmp_path, max_dataset_bytes=10)[0] == bad_item
+    short = _pdu(0x04, _pdv(0x00, b"D" * 100))[:50]  # the connection ends inside a PDU
+    assert _through(short, tmp_path, max_dataset_bytes=10)[0] == short
 
 
 # ------------------------------------------------------------------------------------------------

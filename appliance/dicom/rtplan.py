@@ -40,6 +40,10 @@ from core.machine import MachineModel
 logger = logging.getLogger(__name__)
 
 
+MODALITY = "RTPLAN"
+"""Modality (0008,0060) of an RT Plan."""
+
+
 class ApprovalStatus(enum.StrEnum):
     """DICOM ApprovalStatus (300E,0002); this writer only ever writes UNAPPROVED."""
 
@@ -146,7 +150,7 @@ def write_rtplan(
     ds.SOPInstanceUID = plan_uid
     set_instance_creation(ds, now)
     # RT Series
-    ds.Modality = "RTPLAN"
+    ds.Modality = MODALITY
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = 900  # a new series; a number keeps DICOMDIR builders and TPS lists happy
     ds.SeriesDescription = f"{plan_label} ({RESEARCH_NOTE.lower()})"[:64]

@@ -44,7 +44,8 @@ class RadiationType(enum.StrEnum):
 
 
 class TreatmentDeliveryType(enum.StrEnum):
-    """DICOM TreatmentDeliveryType (300A,00CE) values this writer uses."""
+    """DICOM TreatmentDeliveryType (300A,00CE) values this writer uses (the reader skips beams of any
+    other type: setup fields and verification images deliver no treatment MU)."""
 
     TREATMENT = "TREATMENT"
 
@@ -58,11 +59,23 @@ class RotationDirectionCode(enum.StrEnum):
 
 
 class DeviceType(enum.StrEnum):
-    """DICOM RTBeamLimitingDeviceType (300A,00B8) values this writer uses."""
+    """DICOM RTBeamLimitingDeviceType (300A,00B8): the writer uses ASYMX, ASYMY and MLCX; the reader
+    (:mod:`appliance.dicom.rtplan_reader`) takes every defined term."""
 
+    X = "X"
+    Y = "Y"
     ASYMX = "ASYMX"
     ASYMY = "ASYMY"
     MLCX = "MLCX"
+    MLCY = "MLCY"
+
+
+JAW_DEVICES: dict[str, int] = {DeviceType.ASYMX: 0, DeviceType.X: 0, DeviceType.ASYMY: 2, DeviceType.Y: 2}
+"""Jaw device types -> the index of their first position in (X1, X2, Y1, Y2)."""
+MLC_DEVICES = frozenset({DeviceType.MLCX, DeviceType.MLCY})
+"""Device types that are a multileaf collimator."""
+ROTATING = frozenset({RotationDirectionCode.CW, RotationDirectionCode.CC})
+"""Rotation directions in which the gantry moves (NONE: it stands still)."""
 
 
 class ArcSequenceLike(Protocol):
@@ -138,7 +151,7 @@ def checked_arrays(
     coll = float(sequence.collimator_deg)
     if not 0 <= coll < 360:
         raise ExportError(f"sequence collimator_deg must be in [0, 360) degrees, got {coll}")
-    if str(getattr(sequence.direction, "value", sequence.direction)) not in ("CW", "CC"):
+    if str(getattr(sequence.direction, "value", sequence.direction)) not in ROTATING:
         raise ExportError(f"sequence direction must be CW or CC, got {sequence.direction!r}")
     if not np.isfinite(total) or total <= 0:
         raise ExportError(f"sequence total_mu must be > 0, got {total}")

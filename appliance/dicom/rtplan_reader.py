@@ -6,7 +6,9 @@ direction, collimator and couch angles, jaws and MLC, so every control point of
 :class:`BeamData` is complete. Jaws come from ASYMX/X and ASYMY/Y devices; a beam without one
 of them gets NaN for those jaws. MU at a control point is
 ``BeamMeterset * CumulativeMetersetWeight / FinalCumulativeMetersetWeight`` with BeamMeterset
-from the (first) fraction group.
+from the (first) fraction group. Coded values (modality, delivery type, device types, rotation
+directions) are compared with the enums the writer uses (:mod:`appliance.dicom.rtplan`,
+:mod:`appliance.dicom.rtplan_beam`), so each has one home.
 
 :func:`arc_sequence_from_beam` turns one VMAT beam into ``sequencing.sequencer.ArcSequence``
 (imported only there) so that ``fluence_from_sequence`` can make fluence maps of clinical plans.
@@ -24,14 +26,20 @@ import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from appliance.dicom.rtplan import MODALITY
+from appliance.dicom.rtplan_beam import (
+    JAW_DEVICES,
+    MLC_DEVICES,
+    ROTATING,
+    RotationDirectionCode,
+    TreatmentDeliveryType,
+)
 from core.errors import ExportError
 
 if TYPE_CHECKING:
     from sequencing.sequencer import ArcSequence
 
 logger = logging.getLogger(__name__)
-
-_JAW_DEVICES = {"ASYMX": 0, "X": 0, "ASYMY": 2, "Y": 2}
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +67,7 @@ class BeamData:
     gantry_deg, collimator_deg, couch_deg
         (n_cp,) angles per control point, degrees.
     gantry_direction
-        Per control point: "CW", "CC" or "NONE".
+        Per control point: "CW", "CC" or "NONE" (:class:`~appliance.dicom.rtplan_beam.RotationDirectionCode`).
     jaws_mm
         (n_cp, 4) X1, X2, Y1, Y2, mm; NaN for a jaw pair the beam does not have.
     leaves_mm
@@ -102,7 +110,7 @@ class BeamData:
     @property
     def is_arc(self) -> bool:
         """True when the gantry rotates during the beam (a VMAT or conformal arc)."""
-        return any(d in ("CW", "CC") for d in self.gantry_direction[:-1])
+        return any(d in ROTATING for d in self.gantry_direction[:-1])
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,13 +175,13 @@ def read_rtplan(path: str | os.PathLike[str]) -> PlanData:
         ds = pydicom.dcmread(where)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ExportError(f"cannot read RT Plan {where!r}: {exc}") from exc
-    if ds.get("Modality") != "RTPLAN" or "BeamSequence" not in ds:
+    if ds.get("Modality") != MODALITY or "BeamSequence" not in ds:
         raise ExportError(f"{where!r} is not an RT Plan with a BeamSequence (Modality {ds.get('Modality')})")
     metersets, fractions = _fraction_group(ds)
     beams = []
     for beam in ds.BeamSequence:
         number = int(beam.BeamNumber)
-        if str(beam.get("TreatmentDeliveryType", "TREATMENT")) != "TREATMENT":
+        if str(beam.get("TreatmentDeliveryType", TreatmentDeliveryType.TREATMENT)) != TreatmentDeliveryType.TREATMENT:
             continue  # setup fields and verification images deliver no treatment MU
         if metersets and number not in metersets:
             continue
@@ -223,7 +231,7 @@ def _read_beam(beam: Dataset, meterset: float, where: str) -> BeamData:
     n_pairs = 0
     boundaries: NDArray[np.float64] | None = None
     for dev in beam.get("BeamLimitingDeviceSequence", []):
-        if dev.RTBeamLimitingDeviceType in ("MLCX", "MLCY"):
+        if dev.RTBeamLimitingDeviceType in MLC_DEVICES:
             n_pairs = int(dev.NumberOfLeafJawPairs)
             if "LeafPositionBoundaries" in dev:
                 boundaries = np.array([float(v) for v in dev.LeafPositionBoundaries])
@@ -238,7 +246,8 @@ def _read_beam(beam: Dataset, meterset: float, where: str) -> BeamData:
     jaws = np.full((n_cp, 4), np.nan)
     leaves = np.full((n_cp, n_pairs, 2), np.nan) if n_pairs else None
     directions: list[str] = []
-    state: dict[str, Any] = {"gantry": None, "coll": 0.0, "couch": 0.0, "dir": "NONE", "weight": None}
+    state: dict[str, Any] = {"gantry": None, "coll": 0.0, "couch": 0.0, "dir": RotationDirectionCode.NONE.value,
+                             "weight": None}
     cur_jaws = np.full(4, np.nan)
     cur_leaves: NDArray[np.float64] | None = None
     for k, cp in enumerate(cps):
@@ -255,12 +264,12 @@ def _read_beam(beam: Dataset, meterset: float, where: str) -> BeamData:
         for dev in cp.get("BeamLimitingDevicePositionSequence", []):
             kind = str(dev.RTBeamLimitingDeviceType)
             pos = np.array([float(v) for v in dev.LeafJawPositions])
-            if kind in _JAW_DEVICES:
+            if kind in JAW_DEVICES:
                 if pos.size != 2:
                     raise ExportError(f"{label} control point {k}: {kind} has {pos.size} positions, expected 2")
-                i = _JAW_DEVICES[kind]
+                i = JAW_DEVICES[kind]
                 cur_jaws[i : i + 2] = pos
-            elif kind in ("MLCX", "MLCY") and n_pairs:
+            elif kind in MLC_DEVICES and n_pairs:
                 if pos.size != 2 * n_pairs:
                     raise ExportError(
                         f"{label} control point {k}: {kind} has {pos.size} positions, expected {2 * n_pairs}"
@@ -331,9 +340,10 @@ def arc_sequence_from_beam(beam: BeamData) -> ArcSequence:
     from sequencing.sequencer import ArcSequence
 
     label = f"beam {beam.beam_number} ({beam.beam_name})"
-    moving = {d for d in beam.gantry_direction[:-1] if d != "NONE"}
+    moving = {d for d in beam.gantry_direction[:-1] if d != RotationDirectionCode.NONE}
     if len(moving) != 1:
-        raise ExportError(f"{label} is not a single-direction arc (directions {sorted(moving) or ['NONE']})")
+        raise ExportError(f"{label} is not a single-direction arc "
+                          f"(directions {sorted(moving) or [RotationDirectionCode.NONE.value]})")
     if beam.leaves_mm is None:
         raise ExportError(f"{label} has no MLC; an arc sequence needs leaf positions")
     if np.isnan(beam.jaws_mm).any():
