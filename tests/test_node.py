@@ -73,7 +73,7 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
         pytest.skip("the airt entry point is not installed in this environment")
     unit = tmp_path / "airt.service"
     unit.write_text(text.replace("/opt/airt/bin/airt", str(airt)))
-    r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout_s=60)
+    r = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "airt.service" not in r.stdout + r.stderr, r.stdout + r.stderr
 
 
@@ -337,7 +337,7 @@ def test_push_plan_deliver_through_kill9_while_receiving_planning_and_sending(
 
 def _http(method: str, url: str, body: bytes | None = None) -> Any:
     req = urllib.request.Request(url, data=body, method=method)
-    with urllib.request.urlopen(req, timeout_s=120) as rsp:
+    with urllib.request.urlopen(req, timeout=120) as rsp:
         raw = rsp.read()
     return json.loads(raw) if raw else None
 
