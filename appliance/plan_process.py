@@ -3,9 +3,9 @@
 The worker (:mod:`appliance.worker`) keeps one :class:`PlannerProcess`: a process of its own
 (multiprocessing *spawn*: no inherited threads or sockets) started with the planning function the
 worker was given (:class:`appliance.planning.Planner` on the node). The process imports the
-planning stack once and, with ``worker.warm_up``, plans a small synthetic case before its first job
-(the planner's ``warm_up``: compiled kernels loaded, the model read, first-call costs paid), so a
-job pays only for its own case. It then plans the :class:`~core.request.CaseRequest` it is sent,
+planning stack once and, with ``worker.warm_up``, plans a small synthetic case while it waits for
+its first job (the planner's ``warm_up``: compiled kernels loaded, the model read, first-call costs
+paid; skipped when a job is already waiting), so a job pays only for its own case. It then plans the :class:`~core.request.CaseRequest` it is sent,
 writes ``result.json`` atomically, ``{"ok": true, "summary": PlanSummary.to_dict(), "plan_s": t}``
 or ``{"ok": false, "error": message, "kind": exception class}`` (a planning error's message is
 the physicist's; any other exception is an internal error whose traceback goes to the node log),
@@ -44,6 +44,9 @@ from core.errors import AirtError
 from core.request import CaseRequest
 
 log = logging.getLogger(__name__)
+
+WARM_UP_AFTER_IDLE_S = 3.0
+"""A new planning process warms up only when no job arrived within this many seconds of its start."""
 
 class PlanFunction(Protocol):
     """Plans one case into an output folder (RT Plan, RT Dose, metrics.json) with a method (None: the
@@ -109,7 +112,9 @@ def serve(plan: PlanFunction, conn: Connection, parent_pid: int, warm_up: bool) 
     for noisy in ("numba", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warm = getattr(plan, "warm_up", None)
-    if warm_up and callable(warm):
+    # Warm up only when no job is waiting: a job that is already there is planned at once (cold costs
+    # are a few seconds; the warm-up, a whole small plan, costs more).
+    if warm_up and callable(warm) and not conn.poll(WARM_UP_AFTER_IDLE_S):
         t0 = time.perf_counter()
         try:
             warm()
