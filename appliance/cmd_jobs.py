@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from appliance.config import Settings, load_settings
 from appliance.report import format_candidates
+from appliance.web_pages import fmt, fmt_time, verdict_label
 from core.errors import InputError
 from storage.db import Database
 from storage.models import Delivery, Job, JobEvent
@@ -35,18 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("job_id", type=int, metavar="ID")
 
 
-def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
-
-
-def _time(t: Any) -> str:
-    return "-" if t is None else t.strftime("%Y-%m-%d %H:%M:%S")
-
-
 def _get_job(s: Any, job_id: int) -> Job:
     job = s.get(Job, job_id)
     if job is None:
@@ -66,36 +55,28 @@ def cmd_list(db: Database, state: str | None, limit: int) -> int:
     for j in jobs:
         tail = j.study_uid + (f"  {j.failure_reason[:80]}" if j.failure_reason else "")
         send = "HELD" if j.hold_reason else "-" if j.state != JobState.SUCCEEDED else "yes"
-        print(f"{j.id:>5}  {j.state.value:<10} {_time(j.created_at):<19}  {_fmt(j.profile):<18} {_fmt(j.method):<8} "
-              f"{_fmt(j.ptv_d98_gy):>7} {_fmt(j.ptv_hi, 3):>6}  {_goals_column(j.metrics):<9} {send:<5} {tail}")
+        print(f"{j.id:>5}  {j.state.value:<10} {fmt_time(j.created_at):<19}  {fmt(j.profile):<18} {fmt(j.method):<8} "
+              f"{fmt(j.ptv_d98_gy):>7} {fmt(j.ptv_hi, 3):>6}  {verdict_label(j.metrics):<9} {send:<5} {tail}")
     if not jobs:
         print("(no jobs)")
     return 0
-
-
-def _goals_column(metrics: dict[str, Any] | None) -> str:
-    """``P1 met`` or ``P1 FAIL`` from a job's metrics (its verdict), ``-`` when it has none."""
-    verdict = (metrics or {}).get("verdict")
-    if not isinstance(verdict, dict) or "p1_met" not in verdict:
-        return "-"
-    return "P1 met" if verdict["p1_met"] else "P1 FAIL"
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     how = [f"method {metrics.get('method', '-')}"]
     refine = metrics.get("ai_refine")
     if isinstance(refine, dict):
-        how.append(f"networks' fluence refined by {_fmt(refine.get('iterations'))} optimizer evaluations on "
-                   f"{_fmt(refine.get('voxels'))} voxels near the PTV")
+        how.append(f"networks' fluence refined by {fmt(refine.get('iterations'))} optimizer evaluations on "
+                   f"{fmt(refine.get('voxels'))} voxels near the PTV")
     start = metrics.get("arc_start")
     if isinstance(start, dict):
-        how.append(f"leaf sweeps over {_fmt(start.get('group'))} sectors ({_fmt(start.get('mu'))} MU) as the arc's start")
+        how.append(f"leaf sweeps over {fmt(start.get('group'))} sectors ({fmt(start.get('mu'))} MU) as the arc's start")
     elif metrics.get("sequencer_aperture_threshold") is not None:
-        how.append(f"sequencer threshold {_fmt(metrics['sequencer_aperture_threshold'])}")
+        how.append(f"sequencer threshold {fmt(metrics['sequencer_aperture_threshold'])}")
     arc = metrics.get("arc_optimizer")
     if isinstance(arc, dict):
-        how.append(f"arc's leaves and MU optimised by {_fmt(arc.get('iterations'))} evaluations on "
-                   f"{_fmt(arc.get('voxels'))} voxels")
+        how.append(f"arc's leaves and MU optimised by {fmt(arc.get('iterations'))} evaluations on "
+                   f"{fmt(arc.get('voxels'))} voxels")
     print("\nPlanned with: " + "; ".join(how))
     verdict = metrics.get("verdict")
     if isinstance(verdict, dict):
@@ -115,7 +96,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
         print(f"  {'structure':<14}" + "".join(f"{k:>12}" for k in keys))
         for name, m in structures.items():
             if isinstance(m, dict):
-                print(f"  {name:<14}" + "".join(f"{_fmt(m.get(k), 3):>12}" for k in keys))
+                print(f"  {name:<14}" + "".join(f"{fmt(m.get(k), 3):>12}" for k in keys))
     goals = metrics.get("goals")
     if isinstance(goals, list) and goals:
         print("\nClinical goals:")
@@ -125,10 +106,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             ok = g.get("passed", g.get("pass"))
             mark = "PASS" if ok else "FAIL" if ok is not None else "  ? "
             desc = " ".join(str(g.get(k, "")) for k in ("structure", "metric", "comparison", "limit"))
-            print(f"  [{mark}] {desc:<30} value {_fmt(g.get('value'), 3)}  (priority {g.get('priority', '-')})")
+            print(f"  [{mark}] {desc:<30} value {fmt(g.get('value'), 3)}  (priority {g.get('priority', '-')})")
     plan = metrics.get("plan")
     if isinstance(plan, dict) and "total_MU" in plan:
-        print(f"\nPlan: {_fmt(plan.get('total_MU'), 1)} MU, {plan.get('control_points', '-')} control points")
+        print(f"\nPlan: {fmt(plan.get('total_MU'), 1)} MU, {plan.get('control_points', '-')} control points")
     candidates = metrics.get("candidates")
     if isinstance(candidates, list) and candidates:
         print("\n" + format_candidates(candidates), end="")
@@ -141,13 +122,13 @@ def cmd_show(db: Database, job_id: int) -> int:
         deliveries = list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
     print(f"Job {job.id}: {job.state.value}")
     print(f"  study            {job.study_uid}")
-    print(f"  CT series        {_fmt(job.ct_series_uid)}")
-    print(f"  RT Struct        {_fmt(job.rtstruct_uid)}")
-    print(f"  profile          {_fmt(job.profile)}" + (f"  ({job.profile_reason})" if job.profile_reason else ""))
-    print(f"  method           {_fmt(job.method)}    attempts {job.attempts}    worker {_fmt(job.worker)}")
-    print(f"  created/started/finished (UTC)  {_time(job.created_at)} / {_time(job.started_at)} / "
-          f"{_time(job.finished_at)}")
-    print(f"  output           {_fmt(job.output_dir)}")
+    print(f"  CT series        {fmt(job.ct_series_uid)}")
+    print(f"  RT Struct        {fmt(job.rtstruct_uid)}")
+    print(f"  profile          {fmt(job.profile)}" + (f"  ({job.profile_reason})" if job.profile_reason else ""))
+    print(f"  method           {fmt(job.method)}    attempts {job.attempts}    worker {fmt(job.worker)}")
+    print(f"  created/started/finished (UTC)  {fmt_time(job.created_at)} / {fmt_time(job.started_at)} / "
+          f"{fmt_time(job.finished_at)}")
+    print(f"  output           {fmt(job.output_dir)}")
     if job.failure_reason:
         print(f"  reason           {job.failure_reason}")
     if job.hold_reason:
@@ -155,21 +136,21 @@ def cmd_show(db: Database, job_id: int) -> int:
     print("\nHistory:")
     for e in events:
         frm = e.from_state.value if e.from_state else "(new)"
-        print(f"  {_time(e.at)}  {frm:>10} -> {e.to_state.value:<10} {e.message or ''}")
+        print(f"  {fmt_time(e.at)}  {frm:>10} -> {e.to_state.value:<10} {e.message or ''}")
     if job.timings:
         print("\nTimings (s):")
         for k, v in job.timings.items():
             if isinstance(v, dict):
-                print(f"  {k}: " + ", ".join(f"{sk} {_fmt(sv, 3)}" for sk, sv in v.items()))
+                print(f"  {k}: " + ", ".join(f"{sk} {fmt(sv, 3)}" for sk, sv in v.items()))
             else:
-                print(f"  {k:<16} {_fmt(v, 3)}")
+                print(f"  {k:<16} {fmt(v, 3)}")
     if job.metrics:
         _print_metrics(job.metrics)
     if deliveries:
         print("\nDeliveries:")
         for d in deliveries:
             print(f"  {d.destination:<16} {d.ae_title}@{d.host}:{d.port}  {d.state.value:<9} attempts {d.attempts}"
-                  + (f"  next try {_time(d.next_try_at)}" if d.state == DeliveryState.PENDING else "")
+                  + (f"  next try {fmt_time(d.next_try_at)}" if d.state == DeliveryState.PENDING else "")
                   + (f"  last error: {d.last_error}" if d.last_error else ""))
     return 0
 
