@@ -33,14 +33,15 @@ def write_report(out_dir: Path, *, metrics: dict[str, Any], dose: NDArray[np.flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluation import dose_at_ct_voxels, structure_dvh_inputs
+    from pipeline.evaluation import ct_structure_doses, dose_at_ct_voxels
 
     rx = case.prescription.dose_gy
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    doses = ct_structure_doses(dose, grid, case, [r for r in Role if r in case.masks and r is not Role.BODY])
     for role in Role:
         if role not in case.masks or role is Role.BODY:
             continue
-        inputs = structure_dvh_inputs(dose, grid, case, role)
+        inputs = doses.get(role)
         if inputs is None:
             continue
         d, m = inputs

@@ -68,26 +68,36 @@ class _Sorted:
     """The doses of one structure sorted ascending, with cumulative voxel weights."""
 
     def __init__(self, dose: NDArray[Any], mask: NDArray[Any]) -> None:
-        w = _weights(dose, mask)
-        sel = w > 0
-        if not np.any(sel):
-            raise InputError("the structure mask is empty on the dose grid: it covers no dose voxel")
-        d = np.asarray(dose, dtype=np.float64)[sel]
-        ww = w[sel]
         # Voxels of equal dose form one volume block (so ties do not make steps in Dx).
-        self.dose, inverse = np.unique(d, return_inverse=True)
-        self.w = np.bincount(inverse.ravel(), weights=ww, minlength=self.dose.size)
+        if mask.dtype == np.bool_ and mask.shape == dose.shape:
+            # Whole voxels: sort the selected doses in their own precision (exact: float32 -> float64
+            # keeps order and values) and count each run of equal doses.
+            d = np.sort(np.asarray(dose)[mask])
+            if d.size == 0:
+                raise InputError("the structure mask is empty on the dose grid: it covers no dose voxel")
+            first = np.flatnonzero(np.concatenate(([True], d[1:] != d[:-1])))
+            self.dose: NDArray[np.float64] = d[first].astype(np.float64)
+            self.w: NDArray[np.float64] = np.diff(np.append(first, d.size)).astype(np.float64)
+        else:
+            w = _weights(dose, mask)
+            sel = w > 0
+            if not np.any(sel):
+                raise InputError("the structure mask is empty on the dose grid: it covers no dose voxel")
+            levels, inverse = np.unique(np.asarray(dose, dtype=np.float64)[sel], return_inverse=True)
+            self.dose = levels
+            self.w = np.bincount(inverse.ravel(), weights=w[sel], minlength=levels.size).astype(np.float64)
         self.total = float(self.w.sum())
         # Volume fraction (0..1) at or above the midpoint of each dose level's block.
         above = self.total - np.cumsum(self.w)  # weight strictly hotter than level k
         self.mid_frac = (above + 0.5 * self.w) / self.total
+        # mid_frac decreases along the (ascending-dose) array; np.interp needs increasing xp: kept reversed.
+        self._xp = np.ascontiguousarray(self.mid_frac[::-1])
+        self._fp = np.ascontiguousarray(self.dose[::-1])
 
     def d_at_fraction(self, frac: float) -> float:
         """Dose received by at least ``frac`` (0..1) of the volume, interpolated."""
-        # mid_frac is decreasing along the (ascending-dose) array; np.interp needs increasing xp.
-        xp = self.mid_frac[::-1]
-        fp = self.dose[::-1]
-        return float(np.interp(frac, xp, fp, left=fp[0], right=fp[-1]))
+        fp = self._fp
+        return float(np.interp(frac, self._xp, fp, left=fp[0], right=fp[-1]))
 
     def v_at_dose(self, dose_gy: float) -> float:
         """Volume fraction (0..1) receiving at least ``dose_gy``."""

@@ -9,11 +9,11 @@ interpolated trilinearly at the CT voxel centres, so small organs are not distor
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.ndimage import map_coordinates
 
 from core.case import Case, Grid, Role
 from core.errors import InputError
@@ -26,17 +26,35 @@ log = logging.getLogger(__name__)
 
 def dose_at_ct_voxels(dose: NDArray[np.floating[Any]], dose_grid: Grid, ct_grid: Grid,
                       box: tuple[slice, slice, slice]) -> NDArray[np.float32]:
-    """Dose (Gy) interpolated at the centres of the CT voxels inside ``box`` ([z, y, x] slices)."""
+    """Dose (Gy) interpolated trilinearly at the centres of the CT voxels inside ``box`` ([z, y, x] slices);
+    0 at a CT voxel outside the dose grid (as ``scipy.ndimage.map_coordinates(order=1, mode="constant")``).
+
+    Both grids are axis-aligned, so trilinear interpolation at the CT's regular points is three 1D linear
+    interpolations, one per axis: three small matrix products instead of eight reads per CT voxel.
+    """
     cx, cy, cz = ct_grid.axes_mm()
-    z = cz[box[0]]
-    y = cy[box[1]]
-    x = cx[box[2]]
-    fz = (z - dose_grid.origin_mm[2]) / dose_grid.spacing_mm[2]
-    fy = (y - dose_grid.origin_mm[1]) / dose_grid.spacing_mm[1]
-    fx = (x - dose_grid.origin_mm[0]) / dose_grid.spacing_mm[0]
-    zz, yy, xx = np.meshgrid(fz, fy, fx, indexing="ij")
-    out = map_coordinates(np.asarray(dose, dtype=np.float32), [zz, yy, xx], order=1, mode="constant", cval=0.0)
-    return out.astype(np.float32)
+    mats = [_linear_matrix((np.asarray(c[b], dtype=np.float64) - dose_grid.origin_mm[a]) / dose_grid.spacing_mm[a],
+                           dose_grid.shape[2 - a])
+            for c, b, a in ((cz, box[0], 2), (cy, box[1], 1), (cx, box[2], 0))]
+    d = np.asarray(dose, dtype=np.float32)
+    d = np.tensordot(d, mats[2], axes=([2], [1]))  # (Dz, Dy, Cx)
+    d = np.tensordot(mats[1], d, axes=([1], [1]))  # (Cy, Dz, Cx)
+    d = np.tensordot(mats[0], d, axes=([1], [1]))  # (Cz, Cy, Cx)
+    return np.ascontiguousarray(d, dtype=np.float32)
+
+
+def _linear_matrix(f: NDArray[np.float64], n: int) -> NDArray[np.float32]:
+    """(len(f), n) weights of 1D linear interpolation at fractional indices ``f`` of ``n`` samples; a row is 0
+    where ``f`` lies outside [0, n - 1]."""
+    m = np.zeros((f.size, n), dtype=np.float32)
+    inside = (f >= 0.0) & (f <= n - 1)
+    rows = np.flatnonzero(inside)
+    lo = np.minimum(np.floor(f[inside]).astype(np.int64), max(n - 2, 0))
+    t = f[inside] - lo
+    m[rows, lo] = 1.0 - t
+    if n > 1:
+        m[rows, lo + 1] = t
+    return m
 
 
 def ct_voxel_stencil(dose_grid: Grid, ct_grid: Grid, mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64],
@@ -74,11 +92,23 @@ def _bbox(mask: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
 def structure_dvh_inputs(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case,
                          role: Role) -> tuple[NDArray[np.float32], NDArray[np.bool_]] | None:
     """(dose at the structure's CT voxels, mask) inside its bounding box, or None when empty."""
-    mask = case.masks[role]
-    box = _bbox(mask)
-    if box is None:
-        return None
-    return dose_at_ct_voxels(dose, dose_grid, case.grid, box), mask[box]
+    return ct_structure_doses(dose, dose_grid, case, (role,)).get(role)
+
+
+def ct_structure_doses(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case,
+                       roles: Sequence[Role] | None = None) -> dict[Role, tuple[NDArray[np.float32], NDArray[np.bool_]]]:
+    """For each role (default: every role of the case) with a non-empty mask: the dose at the CT voxels of
+    its bounding box and its mask there. The dose is interpolated once, over the box holding them all,
+    and each structure reads its part (the same values as interpolating each box alone)."""
+    boxes = {r: box for r in (roles if roles is not None else list(case.masks))
+             if r in case.masks and (box := _bbox(case.masks[r])) is not None}
+    if not boxes:
+        return {}
+    union = tuple(slice(min(b[a].start for b in boxes.values()), max(b[a].stop for b in boxes.values()))
+                  for a in range(3))
+    d_all = dose_at_ct_voxels(dose, dose_grid, case.grid, union)  # type: ignore[arg-type]
+    return {r: (d_all[tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union, strict=True))],
+                case.masks[r][box]) for r, box in boxes.items()}
 
 
 def evaluate_structures(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case) -> dict[str, dict[str, Any]]:
@@ -91,11 +121,12 @@ def evaluate_structures(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: 
     """
     rx = case.prescription.dose_gy
     vcc = case.grid.voxel_volume_cc
+    doses = ct_structure_doses(dose, dose_grid, case)
     out: dict[str, dict[str, Any]] = {}
     for role in Role:
         if role not in case.masks:
             continue
-        inputs = structure_dvh_inputs(dose, dose_grid, case, role)
+        inputs = doses.get(role)
         if inputs is None:
             log.warning("structure %s is empty on the CT grid; no metrics", role.value)
             continue
@@ -104,7 +135,10 @@ def evaluate_structures(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: 
         out[role.value] = {"name": case.structure_names.get(role, role.value), **metrics}
     ptv = out.get(Role.PTV.value)
     if ptv is not None:
-        ptv["CI_paddick"] = paddick_ci(dose, dose_grid, case)
+        body = doses.get(Role.BODY)
+        ptv["CI_paddick"] = (paddick_ci(dose, dose_grid, case) if body is None else
+                             _paddick_ci(body[0], case.masks[Role.PTV][_bbox(case.masks[Role.BODY])],  # type: ignore[index]
+                                         rx_gy=rx, body_mask=body[1]))
     return out
 
 

@@ -262,3 +262,51 @@ def test_normalisation_refuses_bad_input() -> None:
         normalisation_factor(dose + 1, ptv, rx_gy=8.0, mode="max")
     with pytest.raises(InputError):
         normalisation_factor(dose + 1, ptv, rx_gy=8.0, volume_percent=100.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast paths of the evaluation give the values of the plain computations
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_dose_at_ct_voxels_equals_scipy_trilinear_with_zero_outside(seed: int) -> None:
+    from scipy.ndimage import map_coordinates
+
+    from core.case import Grid
+    from pipeline.evaluation import dose_at_ct_voxels
+
+    rng = np.random.default_rng(seed)
+    dose_grid = Grid(origin_mm=tuple(rng.uniform(-20, 0, 3)), spacing_mm=tuple(rng.uniform(2.0, 5.0, 3)),
+                     shape=tuple(int(n) for n in rng.integers(2, 9, 3)))  # type: ignore[arg-type]
+    ct_grid = Grid(origin_mm=tuple(rng.uniform(-30, 0, 3)), spacing_mm=tuple(rng.uniform(0.7, 3.0, 3)),
+                   shape=tuple(int(n) for n in rng.integers(5, 30, 3)))  # type: ignore[arg-type]
+    dose = rng.uniform(0, 50, dose_grid.shape).astype(np.float32)
+    box = tuple(slice(int(a), int(b)) for a, b in (sorted(rng.integers(0, n + 1, 2)) for n in ct_grid.shape))
+    if any(b.stop <= b.start for b in box):
+        return
+    got = dose_at_ct_voxels(dose, dose_grid, ct_grid, box)  # type: ignore[arg-type]
+    cx, cy, cz = ct_grid.axes_mm()
+    f = [(c[b] - dose_grid.origin_mm[a]) / dose_grid.spacing_mm[a] for c, b, a in ((cz, box[0], 2),
+                                                                                   (cy, box[1], 1), (cx, box[2], 0))]
+    expected = map_coordinates(dose, np.meshgrid(*f, indexing="ij"), order=1, mode="constant", cval=0.0)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_whole_voxel_dvh_equals_the_weighted_dvh(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    dose = np.round(rng.uniform(0, 45, (6, 7, 8)), int(rng.integers(0, 3))).astype(np.float32)  # ties included
+    mask = rng.random(dose.shape) < 0.4
+    if not mask.any():
+        return
+    weighted = mask.astype(np.float64)  # the general (fractional) path with whole-voxel weights
+    for percent in (2.0, 50.0, 98.0):
+        assert dose_at_volume_percent(dose, mask, percent) == dose_at_volume_percent(dose, weighted, percent)
+    assert volume_at_dose(dose, mask, 20.0) == volume_at_dose(dose, weighted, 20.0)
+    fast, plain = structure_metrics(dose, mask, 0.1, rx_gy=40.0), structure_metrics(dose, weighted, 0.1, rx_gy=40.0)
+    assert fast.keys() == plain.keys()
+    for key, value in fast.items():
+        assert value == pytest.approx(plain[key], rel=1e-12, abs=1e-12), key
