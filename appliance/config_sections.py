@@ -122,8 +122,9 @@ class WorkerSettings:
     plan_timeout_s: PositiveSeconds = setting("A plan running longer than this fails", "s", default=1800.0)
     max_attempts: Count = setting("Times a job is started before it fails for good (crashes count)", "count", default=2)
     warm_up: Bool = setting(
-        "Plan a small synthetic case when a planning process starts (imports, compiled kernels, model), so "
-        "the first job after start-up is as fast as later ones", default=True)
+        "Plan a small synthetic case when a new planning process has had no job for 3 s (first-call costs paid "
+        "early: about 2-3 s of a first job, for a warm-up of 10-15 s that a job arriving meanwhile waits for)",
+        default=False)
     planner_jobs: Count = setting(
         "Jobs a planning process plans before a fresh one replaces it (1: a new process per job)", "count",
         default=25)

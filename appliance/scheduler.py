@@ -27,6 +27,7 @@ worker and become FAILED jobs with the loader's message.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -35,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from apscheduler.jobstores.base import JobLookupError  # type: ignore[import-untyped]
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -147,6 +149,8 @@ class StudyScheduler:
         self.method = method
         self.ct_only_wait_s = ct_only_wait_s
         self._bg: BackgroundScheduler | None = None
+        self.on_jobs: Callable[[], None] | None = None
+        """Called after a pass that created PENDING or FAILED jobs (the node wakes its worker)."""
         self._ref_cache: dict[int, _ImageRefs] = {}
         """RT Structure Set instance id -> its image references; kept while its study waits."""
 
@@ -291,9 +295,21 @@ class StudyScheduler:
 
     def _safe_tick(self) -> None:
         try:
-            self.tick()
+            created = self.tick()
         except Exception:
             log.exception("scheduler pass failed; retrying at the next poll")
+            return
+        if created and self.on_jobs is not None:
+            self.on_jobs()
+
+    def run_now(self, name: str = "studies") -> None:
+        """Run the periodic pass ``name`` (``"studies"`` or one of ``start``'s extras) now instead of at the
+        next poll (no-op before :meth:`start`); a pass already running is not run twice (the next one is
+        coalesced)."""
+        bg = self._bg
+        if bg is not None:
+            with contextlib.suppress(JobLookupError):
+                bg.modify_job(name, next_run_time=utcnow())
 
     def stop(self) -> None:
         """Stop the background thread (waits for a running pass)."""

@@ -26,6 +26,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -87,14 +88,18 @@ class StorageSCP:
         Where instance files go.
     metrics
         Counts associations, instances, bytes and failures into it (None: nothing is counted).
+    on_stored
+        Called (in the association's thread) when an association that stored at least one new instance
+        ends: the node runs its scheduler pass at once instead of at the next poll.
     """
 
     def __init__(self, settings: Settings, db: Database, store: InstanceStore,
-                 metrics: NodeMetrics | None = None) -> None:
+                 metrics: NodeMetrics | None = None, on_stored: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.db = db
         self.store = store
         self.metrics = metrics
+        self.on_stored = on_stored
         self._server: NodeServer | None = None
         self._stats: dict[int, _AssocStats] = {}
         self._silent: dict[int, tuple[float, str]] = {}
@@ -245,6 +250,11 @@ class StorageSCP:
             how = "released" if event.event is evt.EVT_RELEASED else "aborted"
             log.info("association from AE %r %s: %d instance(s) stored, %d duplicate(s), %d refused",
                      st.calling, how, st.stored, st.duplicates, st.refused)
+            if st.stored and self.on_stored is not None:
+                try:
+                    self.on_stored()
+                except Exception:  # a failed hand-off only delays scheduling to the next poll
+                    log.exception("could not start the scheduler pass after the association")
 
     def _count(self, event: evt.Event, field: str) -> None:
         with self._lock:

@@ -160,8 +160,12 @@ class Node:
         self.db = Database(settings.database_url)
         self.store = InstanceStore(settings.data_dir)
         self.metrics = NodeMetrics(self.db, settings.data_dir)
-        self.scp = StorageSCP(settings, self.db, self.store, metrics=self.metrics)
         self.scheduler = StudyScheduler.for_node(settings, self.db)
+        # Hand-offs inside the node are immediate; the poll interval is the fallback (and what other hosts
+        # sharing the queue rely on): a stored study -> a scheduler pass, a new job -> the worker, queued
+        # deliveries -> a delivery pass.
+        self.scp = StorageSCP(settings, self.db, self.store, metrics=self.metrics,
+                              on_stored=self.scheduler.run_now)
         self.deliverer = Deliverer.for_node(settings, self.db, metrics=self.metrics)
         self.worker = Worker.for_node(settings, self.db, metrics=self.metrics) if settings.worker.enabled else None
         self._worker_thread: threading.Thread | None = None
@@ -171,6 +175,9 @@ class Node:
         self.readiness = Readiness(settings, self.db, self.scp, parts)
         self.http = WebServer(settings, self.db, self.metrics, self.readiness) if settings.http.enabled else None
         self._wake = threading.Event()
+        self.scheduler.on_jobs = self._wake.set
+        if self.worker is not None:
+            self.worker.on_queued = lambda: self.scheduler.run_now("deliveries")
         self._stop = threading.Event()
         self._notifier = _Notifier()
         self.port: int | None = None

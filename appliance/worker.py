@@ -95,6 +95,8 @@ class Worker:
         self.metrics = metrics
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.jobs_dir = self.data_dir / "jobs"
+        self.on_queued: Callable[[], None] | None = None
+        """Called after a job's deliveries were queued (the node sends them at once instead of at the next poll)."""
         self.planner = PlannerProcess(plan, warm_up=settings.warm_up, max_jobs=settings.planner_jobs,
                                       max_rss_mb=settings.planner_max_rss_mb)
         weakref.finalize(self, self.planner.kill)  # a dropped worker leaves no planning process behind
@@ -350,6 +352,8 @@ class Worker:
             log.warning("job %d finished planning but was moved meanwhile (%s); results kept in %s",
                         job_id, exc, out_dir)
             return
+        if not held and self.destinations and self.on_queued is not None:
+            self.on_queued()
         log.log(logging.WARNING if summary.p1_failed else logging.INFO,
                 "job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; profile %s; PTV D98 %s Gy, HI %s; "
                 "goals: %s; %s", job_id, timings["queue_wait_s"], timings["inputs_s"], timings["plan_process_s"],

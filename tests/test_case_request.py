@@ -277,3 +277,42 @@ def test_a_deliverable_plan_is_queued_before_the_report_and_kept_if_the_rest_fai
     if fail_after:
         assert "internal error in planning (RuntimeError: the report could not be drawn)" in failed_after[0]
     db.dispose()
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-offs inside the node are immediate
+
+
+def test_a_complete_study_reaches_the_destination_without_waiting_for_a_poll(tmp_path: Path) -> None:
+    from appliance.service import Node
+    from tests.conftest import free_port
+    from tests.node_helpers import case_files, tiny_case
+    from tests.test_scu import start_storescp
+
+    rx_port = free_port()
+    receiver = start_storescp(tmp_path / "received", rx_port)
+    # Polls every 10 minutes and no quiet-period trigger: only the hand-offs can move the study on.
+    settings = node_settings(tmp_path, scheduler={"stable_age_s": 3600.0, "poll_interval_s": 600.0},
+                             http={"enabled": False},
+                             destinations=[{"name": "tps", "ae_title": "RESULTS", "host": "127.0.0.1",
+                                            "port": rx_port}])
+    node = Node(settings)
+    node.start()
+    try:
+        paths = case_files(tiny_case(tmp_path / "case"))
+        t0 = time.perf_counter()
+        assert set(store_paths(node.port or 0, paths).statuses) == {0}
+        deadline = t0 + 180.0
+        while not any(p.name.startswith("RD") for p in (tmp_path / "received").iterdir()):
+            assert time.perf_counter() < deadline, "no RT Dose at the destination"
+            time.sleep(0.1)
+        with node.db.session() as s:
+            job = s.scalars(select(Job)).one()
+            assert job.state == JobState.SUCCEEDED
+            # detection and queue took no poll interval (600 s): the job was created and claimed at once
+            assert (job.started_at - job.created_at).total_seconds() < 5.0
+    finally:
+        node.stop()
+        node.shutdown()
+        receiver.terminate()
+        receiver.wait(10)
