@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any
 
 import pydicom
 
-from appliance.scu import wait_for_port
+from appliance.scu import free_port, wait_for_port
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, default=96, help="CT slices of the synthetic case (2.5 mm)")
     parser.add_argument("--method", choices=["auto", "ai", "optimize"], default="auto", help="planning method")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _write_config(path: Path, *, data_dir: Path, node_port: int, receiver_port: int, method: str,
@@ -148,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[demo] synthetic case seed {args.seed}: {args.slices} CT slices + RTSTRUCT in "
               f"{time.perf_counter() - t0:.1f} s (study {written.study_instance_uid})")
 
-        node_port, receiver_port, http_port = _free_port(), _free_port(), _free_port()
+        node_port, receiver_port, http_port = free_port(), free_port(), free_port()
         received_dir = work / "received"
         if received_dir.exists():
             shutil.rmtree(received_dir)

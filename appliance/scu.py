@@ -86,6 +86,13 @@ def parse_peer(text: str) -> PeerAddress:
     return PeerAddress(m["ae"].strip(), m["host"].strip("[]"), int(m["port"]))
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a peer started next: the demo, tests, benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for_port(port: int, timeout_s: float = 10.0, proc: subprocess.Popen[bytes] | None = None,
                   host: str = "127.0.0.1") -> None:
     """Return once something accepts TCP connections on ``host:port`` (a peer or node just started).

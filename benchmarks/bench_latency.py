@@ -35,20 +35,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.scu import wait_for_port
+from appliance.scu import free_port, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "config" / "airt.toml"
 PLAN_STAGES = ("load", "setup", "ai_load", "ai_preprocess", "ai_inference", "ai_refine", "sequence", "arc_optimize",
                "final_dose", "export", "evaluate")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def shipped_config(path: Path, *, data: Path, port: int, receiver_port: int) -> None:
@@ -121,7 +113,7 @@ def push_and_wait(case: Path, study_uid: str, *, port: int, received: Path, db: 
 
 def node_runs(root: Path, cases: list[tuple[Path, str]]) -> list[dict[str, float]]:
     """All studies through one node started once; a row per study, in order."""
-    port, rport = _free_port(), _free_port()
+    port, rport = free_port(), free_port()
     received = root / "received"
     received.mkdir()
     receiver = subprocess.Popen(["storescp", "-aet", "TPS", "-od", str(received), "-uf", str(rport)],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -25,15 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from appliance.scu import wait_for_port
+from appliance.scu import free_port, wait_for_port
 
 NODE_AET, PUSHER_AET, RECEIVER_AET = "AIRT", "PUSHER", "RESULTS"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(path: Path, *, data: Path, port: int, receiver_port: int | None, worker: bool, stable_age_s: float,
@@ -90,7 +83,7 @@ def _push(folder: Path, port: int) -> subprocess.Popen[bytes]:
 def end_to_end(work: Path, case: Path, *, stable_age_s: float, iterations: int, dose_grid_mm: float,
                method: str) -> tuple[float, float]:
     """One push -> results run; returns (latency minus stable age, job's planning process time), s."""
-    port, rport = _free_port(), _free_port()
+    port, rport = free_port(), free_port()
     out = work / "received"
     out.mkdir(parents=True)
     receiver = subprocess.Popen(["storescp", "-aet", RECEIVER_AET, "-od", str(out), "-uf", str(rport)],
@@ -123,7 +116,7 @@ def end_to_end(work: Path, case: Path, *, stable_age_s: float, iterations: int, 
 
 def throughput(work: Path, cases: list[Path], n_senders: int, n_instances: int) -> float:
     """Instances stored per second with ``n_senders`` concurrent storescu processes (worker off)."""
-    port = _free_port()
+    port = free_port()
     work.mkdir(parents=True)
     cfg = work / "airt.toml"
     _config(cfg, data=work / "data", port=port, receiver_port=None, worker=False, stable_age_s=3600.0,

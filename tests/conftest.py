@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from appliance.scu import free_port  # noqa: F401  (tests import it from here)
+
 # Keep tests deterministic and light on a 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_tool(name: str) -> str:
