@@ -26,7 +26,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -37,7 +37,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
 
-from appliance.config import Settings
+from appliance.config import NodeSettings, Peer, Profile, Settings, TlsSettings
 from appliance.cstore import (
     CT_TRANSFER_SYNTAXES,
     STATUS_CONFLICT,
@@ -80,12 +80,20 @@ class StorageSCP:
 
     Parameters
     ----------
-    settings
-        ``node``, ``peers``, ``tls`` and ``storage`` are used.
     db
         The queue database (rows are committed before Success is answered).
     store
         Where instance files go.
+    node
+        The ``[node]`` section: AE title, address, limits and timeouts.
+    tls
+        The ``[tls]`` section.
+    peers
+        The calling peers allowed to connect.
+    profiles
+        The protocol profiles: each one's called AE title is answered too.
+    min_free_disk_mb
+        Below this much free space in the store an instance is refused (``storage.min_free_disk_mb``).
     metrics
         Counts associations, instances, bytes and failures into it (None: nothing is counted).
     on_stored
@@ -93,9 +101,13 @@ class StorageSCP:
         ends: the node runs its scheduler pass at once instead of at the next poll.
     """
 
-    def __init__(self, settings: Settings, db: Database, store: InstanceStore,
+    def __init__(self, db: Database, store: InstanceStore, *, node: NodeSettings, tls: TlsSettings,
+                 peers: Sequence[Peer], profiles: Sequence[Profile], min_free_disk_mb: float,
                  metrics: NodeMetrics | None = None, on_stored: Callable[[], None] | None = None) -> None:
-        self.settings = settings
+        self.node = node
+        self.tls = tls
+        self.profiles = tuple(profiles)
+        self.min_free_disk_mb = min_free_disk_mb
         self.db = db
         self.store = store
         self.metrics = metrics
@@ -105,14 +117,21 @@ class StorageSCP:
         self._silent: dict[int, tuple[float, str]] = {}
         """Open connections that have sent no A-ASSOCIATE-RQ yet: id -> (opened, monotonic s; peer)."""
         self._lock = threading.Lock()
-        self._allowed = {(p.ae_title.strip(), p.host) for p in settings.peers}
-        self._called = {a.strip() for a in settings.called_ae_titles}
+        self._allowed = {(p.ae_title.strip(), p.host) for p in peers}
+        self._called = {a.strip() for a in (node.ae_title, *(p.called_ae_title for p in profiles if p.called_ae_title))}
+
+    @classmethod
+    def for_node(cls, settings: Settings, db: Database, store: InstanceStore, *, metrics: NodeMetrics | None = None,
+                 on_stored: Callable[[], None] | None = None) -> StorageSCP:
+        """The Storage SCP of a node configured by ``settings``."""
+        return cls(db, store, node=settings.node, tls=settings.tls, peers=settings.peers, profiles=settings.profiles,
+                   min_free_disk_mb=settings.storage.min_free_disk_mb, metrics=metrics, on_stored=on_stored)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def build_ae(self) -> AE:
         """The pynetdicom AE with the node's contexts, limits and timeouts."""
-        node = self.settings.node
+        node = self.node
         ae = AE(ae_title=node.ae_title)
         ae.add_supported_context(Verification)
         ae.add_supported_context(CTImageStorage, CT_TRANSFER_SYNTAXES)
@@ -126,7 +145,7 @@ class StorageSCP:
 
     def start(self) -> tuple[str, int]:
         """Start listening (returns at once); returns the bound (address, port)."""
-        node = self.settings.node
+        node = self.node
         ae = self.build_ae()
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
@@ -143,15 +162,15 @@ class StorageSCP:
         # connection's own thread, with a timeout, and bounds what a peer can make the node read.
         server = cast(NodeServer, ae.make_server(
             (node.bind_address, node.port), evt_handlers=handlers, server_class=NodeServer,
-            request_handler=NodeRequestHandler, node_tls=make_ssl_context(self.settings),
+            request_handler=NodeRequestHandler, node_tls=make_ssl_context(self.tls),
             limits=TransportLimits.of(node), dataset_folder=self.store.root,
         ))
         threading.Thread(target=server.serve_forever, name=f"scp-{node.port}", daemon=True).start()
         self._server = server
         host, port = server.server_address[:2]
         log.info("Storage SCP %s listening on %s:%d%s", node.ae_title, host, port,
-                 " (TLS)" if self.settings.tls.enabled else "")
-        for p in self.settings.profiles:
+                 " (TLS)" if self.tls.enabled else "")
+        for p in self.profiles:
             if p.called_ae_title:
                 log.info("  also answering as %s: profile %s (%g Gy in %d fractions)", p.called_ae_title, p.name,
                          p.dose_gy, p.fractions)
@@ -175,7 +194,7 @@ class StorageSCP:
 
     def peer_allowed(self, calling_aet: str, address: str) -> bool:
         """Whether a calling AE title connecting from ``address`` may associate."""
-        node = self.settings.node
+        node = self.node
         if node.allow_any_calling_aet:
             return True
         for ae_title, host in self._allowed:
@@ -194,7 +213,7 @@ class StorageSCP:
         if silent is not None:
             log.warning("connection from %s closed after %.1f s without an association request; while open it "
                         "held one of the node.max_associations = %d slots", silent[1], time.monotonic() - silent[0],
-                        self.settings.node.max_associations)
+                        self.node.max_associations)
 
     def _on_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejection: more associations than ``node.max_associations``."""
@@ -207,7 +226,7 @@ class StorageSCP:
                     "reached with %d connections open, %d of them without an association request (a peer "
                     "holding idle connections locks others out for up to node.acse_timeout_s = %g s)",
                     str(event.assoc.requestor.ae_title).strip(), event.assoc.requestor.address,
-                    self.settings.node.max_associations, len(active), waiting, self.settings.node.acse_timeout_s)
+                    self.node.max_associations, len(active), waiting, self.node.acse_timeout_s)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -218,7 +237,7 @@ class StorageSCP:
         called = str(cast(A_ASSOCIATE, assoc.requestor.primitive).called_ae_title).strip()
         if not self.peer_allowed(calling, address):
             log.warning("association from AE %r at %s rejected: not in [[peers]]%s", calling, address,
-                        " (address checked)" if self.settings.node.check_peer_host else "")
+                        " (address checked)" if self.node.check_peer_host else "")
             # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised.
             if self.metrics is not None:
                 self.metrics.association_rejected("calling_ae_not_allowed")
@@ -313,14 +332,14 @@ class StorageSCP:
         expected_class = str(req.AffectedSOPClassUID)
         expected_uid = str(req.AffectedSOPInstanceUID)
         free_mb = shutil.disk_usage(self.store.root).free / MiB
-        if free_mb < self.settings.storage.min_free_disk_mb:
+        if free_mb < self.min_free_disk_mb:
             raise StoreRefusedError(STATUS_OUT_OF_RESOURCES,
                                f"only {free_mb:.0f} MiB free in {self.store.root} "
-                               f"(storage.min_free_disk_mb = {self.settings.storage.min_free_disk_mb})")
+                               f"(storage.min_free_disk_mb = {self.min_free_disk_mb})")
         size = len(head) + dataset.size
-        if size > self.settings.node.max_dataset_bytes:
+        if size > self.node.max_dataset_bytes:
             raise StoreRefusedError(STATUS_TOO_LARGE, f"dataset of {size} bytes exceeds node.max_dataset_bytes = "
-                                                 f"{self.settings.node.max_dataset_bytes}")
+                                                 f"{self.node.max_dataset_bytes}")
         if dataset.error is not None:  # it could not be kept while it arrived
             if dataset.error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreRefusedError(STATUS_OUT_OF_RESOURCES, f"no space left in {self.store.root} while "

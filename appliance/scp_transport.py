@@ -32,7 +32,7 @@ from typing import Any
 from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from appliance.config import NodeSettings, Settings
+from appliance.config import NodeSettings, TlsSettings
 from appliance.scp_stream import PduStream, ReceivedDataset
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,8 @@ def received_dataset(assoc: Association, message_id: int | None) -> ReceivedData
     return conn.pdus.take(message_id)
 
 
-def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+def make_ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
     """The server-side TLS context from ``[tls]``, or None when TLS is off."""
-    tls = settings.tls
     if not tls.enabled:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file)

@@ -164,7 +164,7 @@ class Node:
         # Hand-offs inside the node are immediate; the poll interval is the fallback (and what other hosts
         # sharing the queue rely on): a stored study -> a scheduler pass, a new job -> the worker, queued
         # deliveries -> a delivery pass.
-        self.scp = StorageSCP(settings, self.db, self.store, metrics=self.metrics,
+        self.scp = StorageSCP.for_node(settings, self.db, self.store, metrics=self.metrics,
                               on_stored=self.scheduler.run_now)
         self.deliverer = Deliverer.for_node(settings, self.db, metrics=self.metrics)
         self.worker = Worker.for_node(settings, self.db, metrics=self.metrics) if settings.worker.enabled else None

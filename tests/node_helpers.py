@@ -81,7 +81,7 @@ def node_settings(tmp: Path, **over: Any) -> Settings:
 def running_scp(settings: Settings) -> Iterator[StorageSCP]:
     """A Storage SCP started in this process on ``settings`` (its database created), stopped after."""
     db = Database(settings.database_url)
-    scp = StorageSCP(settings, db, InstanceStore(settings.data_dir))
+    scp = StorageSCP.for_node(settings, db, InstanceStore(settings.data_dir))
     scp.start()
     try:
         yield scp

@@ -331,7 +331,7 @@ SCP_CHILD = textwrap.dedent("""
     from storage.db import Database
     from storage.instance_store import InstanceStore
     settings = settings_from_dict(json.loads(sys.argv[1]))
-    scp = StorageSCP(settings, Database(settings.database_url), InstanceStore(settings.data_dir))
+    scp = StorageSCP.for_node(settings, Database(settings.database_url), InstanceStore(settings.data_dir))
     scp.start()
     threading.Event().wait()
 """)

@@ -95,7 +95,7 @@ SCP_CHILD = textwrap.dedent("""
         os.fsync = fsync
     else:  # "committing": the file is renamed into place, the row's COMMIT is about to go out: die
         event.listen(db.engine, "commit", die_at_nth)
-    scp = StorageSCP(settings, db, InstanceStore(settings.data_dir))
+    scp = StorageSCP.for_node(settings, db, InstanceStore(settings.data_dir))
     scp.start()
     print("listening", flush=True)
     threading.Event().wait()

@@ -105,7 +105,7 @@ def rename_patient(paths: list[Path]) -> None:
 
 @contextmanager
 def scp_with_metrics(settings: Settings, db: Database, metrics: NodeMetrics) -> Iterator[StorageSCP]:
-    scp = StorageSCP(settings, db, InstanceStore(settings.data_dir), metrics=metrics)
+    scp = StorageSCP.for_node(settings, db, InstanceStore(settings.data_dir), metrics=metrics)
     scp.start()
     try:
         yield scp

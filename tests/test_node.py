@@ -91,7 +91,7 @@ def _ingest_tiny_case(tmp_path: Path, plannable: bool = False, **settings_over: 
     table.update(settings_over)
     settings = settings_from_dict(table)
     db = Database(settings.database_url)
-    scp = StorageSCP(settings, db, InstanceStore(settings.data_dir))
+    scp = StorageSCP.for_node(settings, db, InstanceStore(settings.data_dir))
     scp.start()
     try:
         if plannable:

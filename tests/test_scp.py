@@ -147,7 +147,7 @@ def node_settings(tmp: Path, **over: object) -> object:
 def scp(tmp_path: Path) -> Iterator[StorageSCP]:
     settings = node_settings(tmp_path)
     db = Database(settings.database_url)  # type: ignore[attr-defined]
-    server = StorageSCP(settings, db, InstanceStore(settings.data_dir))  # type: ignore[arg-type, attr-defined]
+    server = StorageSCP.for_node(settings, db, InstanceStore(settings.data_dir))  # type: ignore[arg-type, attr-defined]
     server.start()
     yield server
     server.stop()
@@ -298,7 +298,7 @@ def test_invalid_uid_never_becomes_a_path(scp: StorageSCP, tmp_path: Path) -> No
 def test_low_disk_answers_out_of_resources(tmp_path: Path) -> None:
     settings = node_settings(tmp_path, storage={"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 10**9})
     db = Database(settings.database_url)  # type: ignore[attr-defined]
-    server = StorageSCP(settings, db, InstanceStore(settings.data_dir))  # type: ignore[arg-type, attr-defined]
+    server = StorageSCP.for_node(settings, db, InstanceStore(settings.data_dir))  # type: ignore[arg-type, attr-defined]
     server.start()
     try:
         assoc = associate(server.port)
