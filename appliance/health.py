@@ -26,6 +26,7 @@ import logging
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert
@@ -54,23 +55,33 @@ class Readiness:
 
     Parameters
     ----------
-    settings
-        ``storage.data_dir`` and ``storage.min_free_disk_mb`` are used.
     db
         The queue database (written to and rolled back at each check).
     scp
         The Storage SCP whose listening is checked (None: the check fails, "no SCP").
+    data_dir
+        The data directory whose free space is checked.
+    min_free_disk_mb
+        The free space below which the node is not ready (``storage.min_free_disk_mb``).
     parts
         Further checks by name: a callable telling whether a part (thread) is alive, e.g.
         ``{"worker_alive": thread.is_alive}``.
     """
 
-    def __init__(self, settings: Settings, db: Database, scp: StorageSCP | None,
+    def __init__(self, db: Database, scp: StorageSCP | None, *, data_dir: Path, min_free_disk_mb: float,
                  parts: Mapping[str, Callable[[], bool]] | None = None) -> None:
-        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.min_free_disk_mb = min_free_disk_mb
         self.db = db
         self.scp = scp
         self.parts = dict(parts or {})
+
+    @classmethod
+    def for_node(cls, settings: Settings, db: Database, scp: StorageSCP | None,
+                 parts: Mapping[str, Callable[[], bool]] | None = None) -> Readiness:
+        """The readiness checks of a node configured by ``settings``."""
+        return cls(db, scp, data_dir=settings.data_dir, min_free_disk_mb=settings.storage.min_free_disk_mb,
+                   parts=parts)
 
     def check(self) -> dict[str, Check]:
         """Run every check (each guarded: an exception fails that check with the error)."""
@@ -106,7 +117,7 @@ class Readiness:
             port = self.scp.port
         except RuntimeError:
             return Check(False, "the Storage SCP is not listening (stopped or not started)")
-        return Check(True, f"listening on {self.settings.node.bind_address}:{port}")
+        return Check(True, f"listening on {self.scp.node.bind_address}:{port}")
 
     def _database(self) -> Check:
         with self.db.engine.connect() as conn:
@@ -119,10 +130,10 @@ class Readiness:
         return Check(True, f"{self.db.engine.dialect.name}: write and roll back succeeded")
 
     def _disk(self) -> Check:
-        free_mb = shutil.disk_usage(self.settings.data_dir).free / MiB
-        floor = self.settings.storage.min_free_disk_mb
+        free_mb = shutil.disk_usage(self.data_dir).free / MiB
+        floor = self.min_free_disk_mb
         if free_mb < floor:
-            return Check(False, f"only {free_mb:.0f} MiB free in {self.settings.data_dir} (storage.min_free_disk_mb = "
+            return Check(False, f"only {free_mb:.0f} MiB free in {self.data_dir} (storage.min_free_disk_mb = "
                                 f"{floor}); C-STOREs are refused until space is freed")
         return Check(True, f"{free_mb:.0f} MiB free (floor {floor} MiB)")
 

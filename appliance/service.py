@@ -172,8 +172,8 @@ class Node:
         parts: dict[str, Any] = {"scheduler_running": lambda: self.scheduler.running}
         if self.worker is not None:
             parts["worker_alive"] = lambda: self._worker_thread is not None and self._worker_thread.is_alive()
-        self.readiness = Readiness(settings, self.db, self.scp, parts)
-        self.http = WebServer(settings, self.db, self.metrics, self.readiness) if settings.http.enabled else None
+        self.readiness = Readiness.for_node(settings, self.db, self.scp, parts)
+        self.http = WebServer.for_node(settings, self.db, self.metrics, self.readiness) if settings.http.enabled else None
         self._wake = threading.Event()
         self.scheduler.on_jobs = self._wake.set
         if self.worker is not None:

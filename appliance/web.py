@@ -41,12 +41,13 @@ import socket
 import socketserver
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jinja2
 
-from appliance.config import Settings
+from appliance.config import HttpSettings, Settings
 from appliance.health import Readiness
 from appliance.metrics import NodeMetrics
 from appliance.web_pages import REPORT_IMAGES, job_page, job_rows, report_image
@@ -144,7 +145,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             elif path in ("/", "/jobs"):
                 self._job_list(parse_qs(parts.query), head)
             elif m := JOB_RE.fullmatch(path):
-                page = job_page(web.db, web.settings.data_dir, int(m[1]))
+                page = job_page(web.db, web.data_dir, int(m[1]))
                 if page is None:
                     self._error(404, "Not Found", f"there is no job {int(m[1])}", "job", head)
                 else:
@@ -179,7 +180,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _image(self, job_id: int, name: str, head: bool) -> None:
         web = self.server.web
-        path = report_image(web.db, web.settings.data_dir, job_id, name)
+        path = report_image(web.db, web.data_dir, job_id, name)
         if path is None:
             self._error(404, "Not Found", f"job {job_id} has no {name}", "report_image", head)
             return
@@ -187,7 +188,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _html(self, code: int, template: str, context: Mapping[str, Any], route: str, head: bool) -> None:
         web = self.server.web
-        body = web.templates.get_template(template).render(node_ae=web.settings.node.ae_title, **context)
+        body = web.templates.get_template(template).render(node_ae=web.node_ae, **context)
         self._send(code, body.encode("utf-8"), "text/html; charset=utf-8", route, head,
                    headers={"Content-Security-Policy": HTML_CSP})
 
@@ -212,18 +213,25 @@ class WebServer:
 
     Parameters
     ----------
-    settings
-        ``http`` (address and port), ``node.ae_title`` (page titles), ``storage.data_dir`` (report images).
     db
         The queue database (read only, except the readiness probe's rolled-back write).
     metrics
         The node's metrics (``/metrics``; requests are counted into it).
     readiness
         The checks of ``/readyz``.
+    http
+        The ``[http]`` section: address and port.
+    node_ae
+        The node's AE title (page titles).
+    data_dir
+        The data directory (report images of the jobs).
     """
 
-    def __init__(self, settings: Settings, db: Database, metrics: NodeMetrics, readiness: Readiness) -> None:
-        self.settings = settings
+    def __init__(self, db: Database, metrics: NodeMetrics, readiness: Readiness, *, http: HttpSettings, node_ae: str,
+                 data_dir: Path) -> None:
+        self.http = http
+        self.node_ae = node_ae
+        self.data_dir = Path(data_dir)
         self.db = db
         self.metrics = metrics
         self.readiness = readiness
@@ -231,6 +239,12 @@ class WebServer:
                                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_node(cls, settings: Settings, db: Database, metrics: NodeMetrics, readiness: Readiness) -> WebServer:
+        """The HTTP endpoint of a node configured by ``settings``."""
+        return cls(db, metrics, readiness, http=settings.http, node_ae=settings.node.ae_title,
+                   data_dir=settings.data_dir)
 
     def start(self) -> tuple[str, int]:
         """Listen on ``http.bind_address:http.port`` and serve from a thread; returns the bound address.
@@ -240,7 +254,7 @@ class WebServer:
         OSError
             When the address cannot be bound (port in use, address not on this host).
         """
-        server = _Server((self.settings.http.bind_address, self.settings.http.port), _Handler)
+        server = _Server((self.http.bind_address, self.http.port), _Handler)
         server.web = self
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
@@ -259,7 +273,7 @@ class WebServer:
     @property
     def url(self) -> str:
         """``http://ADDRESS:PORT/`` (IPv6 addresses in brackets)."""
-        host = str(self._server.server_address[0]) if self._server is not None else self.settings.http.bind_address
+        host = str(self._server.server_address[0]) if self._server is not None else self.http.bind_address
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}/"
 
     def stop(self) -> None:

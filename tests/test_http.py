@@ -115,7 +115,7 @@ def scp_with_metrics(settings: Settings, db: Database, metrics: NodeMetrics) -> 
 
 @contextmanager
 def web_server(settings: Settings, db: Database, metrics: NodeMetrics, readiness: Readiness) -> Iterator[str]:
-    web = WebServer(settings, db, metrics, readiness)
+    web = WebServer.for_node(settings, db, metrics, readiness)
     web.start()
     try:
         yield web.url
@@ -198,10 +198,10 @@ def test_node_metrics_move_while_a_study_is_pushed_and_readiness_names_what_fail
         dead = threading.Thread(target=lambda: None)
         dead.start()
         dead.join()
-        ok, body_dead = Readiness(settings, node.db, node.scp, {"worker_alive": dead.is_alive}).report()
+        ok, body_dead = Readiness.for_node(settings, node.db, node.scp, {"worker_alive": dead.is_alive}).report()
         assert not ok and body_dead["failing"] == ["worker_alive"]
         full = node_settings(tmp_path, storage={"min_free_disk_mb": 1 << 40})
-        ok, body_full = Readiness(full, node.db, node.scp).report()
+        ok, body_full = Readiness.for_node(full, node.db, node.scp).report()
         assert not ok and body_full["failing"] == ["free_disk"]
         assert "storage.min_free_disk_mb" in body_full["checks"]["free_disk"]["detail"]
 
@@ -292,7 +292,7 @@ def test_job_pages_escape_and_serve_only_the_report_images(tmp_path: Path) -> No
     failed_id = _add_job(db, "1.2.3.6", state=JobState.FAILED, failure_reason=f"no CT {hostile}")
 
     metrics = NodeMetrics(db, data)
-    with web_server(settings, db, metrics, Readiness(settings, db, None)) as base:
+    with web_server(settings, db, metrics, Readiness.for_node(settings, db, None)) as base:
         status, headers, body = get(base, f"/jobs/{ok_id}")
         page = body.decode()
         assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
@@ -375,7 +375,7 @@ def test_planned_job_in_headless_chromium(tmp_path: Path) -> None:
             assert job is not None and job.state == JobState.SUCCEEDED and job.metrics
             profile, verdict, n_goals = job.profile, job.metrics["verdict"], len(job.metrics["goals"])
         assert profile
-        with web_server(settings, db, metrics, Readiness(settings, db, scp)) as base:
+        with web_server(settings, db, metrics, Readiness.for_node(settings, db, scp)) as base:
             samples = scrape(base)
             assert value(samples, "airt_planning_processes_total", outcome="ok") == 1
             assert value(samples, "airt_jobs", state="SUCCEEDED") == 1
