@@ -9,6 +9,7 @@ stop a plan from being delivered to the physicist.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -203,14 +204,21 @@ def evaluate_goals(goals: Iterable[GoalSpec], dose: NDArray[Any], dose_grid: Gri
     """
     from pipeline import evaluation  # lazy: it pulls in the beam geometry
 
+    goals = list(goals)
+    wanted = [Role(g.structure) for g in goals if g.structure in {r.value for r in Role}]
+    doses = evaluation.ct_structure_doses(dose, dose_grid, case, sorted(set(wanted)))  # once for every goal
+
     def inputs(role: str) -> tuple[NDArray[Any], NDArray[Any]] | None:
         if role not in case.masks:
             return None
-        got = evaluation.structure_dvh_inputs(dose, dose_grid, case, Role(role))
-        return got if got is not None else (np.zeros(1, np.float32), np.zeros(1, bool))
+        return doses.get(Role(role), (np.zeros(1, np.float32), np.zeros(1, bool)))
+
+    @functools.cache
+    def paddick() -> float:
+        return evaluation.paddick_ci(dose, dose_grid, case)
 
     def ci(_d: NDArray[Any], _m: NDArray[Any]) -> float:
-        return evaluation.paddick_ci(dose, dose_grid, case)
+        return paddick()
 
     results = _evaluate(goals, inputs, ci, case.grid.voxel_volume_cc, case.prescription.dose_gy)
     for r in results:
