@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apscheduler.jobstores.base import JobLookupError  # type: ignore[import-untyped]
+from apscheduler.schedulers import SchedulerNotRunningError  # type: ignore[import-untyped]
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -308,7 +309,7 @@ class StudyScheduler:
         coalesced)."""
         bg = self._bg
         if bg is not None:
-            with contextlib.suppress(JobLookupError):
+            with contextlib.suppress(JobLookupError, SchedulerNotRunningError):  # stopping: nothing to run
                 bg.modify_job(name, next_run_time=utcnow())
 
     def stop(self) -> None:
