@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.case import Case, Grid, Role
 from core.errors import InputError, PlanningError
+from pipeline import trace_kernels
 from pipeline.beam_model import BeamModel
 from pipeline.geometry import ArcGeometry
 from pipeline.map_sampling import SamplePlan, sample_adjoint
@@ -578,24 +579,70 @@ class ReferenceDoseEngine(torch.nn.Module):
     @torch.no_grad()
     def _trace(self, rot: NDArray[np.float64], ray_mm: float, dt: float) -> None:
         """Radiological depth and equilibrium density of every (control point, voxel); stores the voxel's
-        fan coordinates and its per-channel depth weights (inverse square included)."""
+        fan coordinates and its per-channel depth weights (inverse square included).
+
+        The numba back-end traces with the kernel of :mod:`pipeline.trace_kernels` (control points in
+        parallel, no sample tensors), the torch back-end with ``grid_sample`` chunk by chunk; both give
+        the same buffers to floating-point rounding."""
+        dev, dtype = self.device, self.dtype
+        n_cp, n_vox = rot.shape[0], self.points.shape[1]
+        t_range = depth_range_mm(self.grid, rot, self.geometry.isocenter_mm, self.sad, pad_mm=2.0 * dt)
+        nt = math.ceil(float((t_range[:, 1] - t_range[:, 0]).max()) / dt) + 1
+        weights = torch.empty(n_cp, 3, n_vox, device=dev, dtype=dtype)
+        if self.backend == "numba":
+            grid_xy, alpha_all = self._trace_numba(rot, t_range[:, 0], nt, ray_mm, dt, weights)
+        else:
+            grid_xy, alpha_all = self._trace_torch(rot, t_range[:, 0], nt, ray_mm, dt, weights)
+        self.register_buffer("grid_xy", grid_xy)
+        self.register_buffer("weights", weights)
+        # lateral-disequilibrium correction only where some beam sees a low density
+        ld = torch.nonzero(alpha_all.amax(dim=0) > 0.01).reshape(-1)
+        self.register_buffer("ld_idx", ld)
+        self.register_buffer("ld_grid", grid_xy[:, ld].contiguous())
+        self.register_buffer("ld_weights", (weights[:, 0, ld] * alpha_all[:, ld]).contiguous())
+        if self.backend == "numba":
+            self._make_sample_plans()
+
+    def _store_depth_weights(self, weights: torch.Tensor, rad: torch.Tensor, inv_sq: torch.Tensor) -> None:
+        """Fill ``weights`` (b, 3, N) with the beam model's depth weights of ``rad`` (b, N) times ``inv_sq``."""
+        for c, w in enumerate(self.beam.depth_weights(rad)):
+            torch.mul(w, inv_sq, out=weights[:, c])
+
+    def _trace_numba(self, rot: NDArray[np.float64], t0: NDArray[np.float64], nt: int, ray_mm: float, dt: float,
+                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU trace (:func:`pipeline.trace_kernels.trace`); fills ``weights``, returns ``grid_xy`` and the
+        low-density fractions (n_cp, N)."""
+        beam = self.beam
+        grid_xy, rad, inv_sq, alpha = trace_kernels.trace(
+            self.density.numpy(), rot, t0, nt, dt, self.points.numpy(),
+            np.subtract(self.grid.origin_mm, self.geometry.isocenter_mm), np.asarray(self.grid.spacing_mm),
+            sad=self.sad, ray_mm=ray_mm, half_u=self.half_u, half_v=self.half_v,
+            decay=math.exp(-dt / beam.disequilibrium_length_mm), low_density_onset=beam.low_density_onset,
+            low_density_reference=beam.low_density_reference)
+        rad_t, inv_sq_t = torch.from_numpy(rad), torch.from_numpy(inv_sq)
+        for s in range(0, rot.shape[0], self.chunk):  # chunks bound the depth weights' temporaries
+            e = min(rot.shape[0], s + self.chunk)
+            self._store_depth_weights(weights[s:e], rad_t[s:e], inv_sq_t[s:e])
+        return torch.from_numpy(grid_xy), torch.from_numpy(alpha)
+
+    def _trace_torch(self, rot: NDArray[np.float64], t_start: NDArray[np.float64], nt: int, ray_mm: float, dt: float,
+                     weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trace with ``grid_sample`` on the tiled density (any device), chunk by chunk; fills ``weights``,
+        returns ``grid_xy`` and the low-density fractions (n_cp, N)."""
         dev, dtype, sad = self.device, self.dtype, self.sad
         beam = self.beam
         n_cp, n_vox = rot.shape[0], self.points.shape[1]
-        t_range = depth_range_mm(self.grid, rot, self.geometry.isocenter_mm, sad, pad_mm=2.0 * dt)
-        nt = math.ceil(float((t_range[:, 1] - t_range[:, 0]).max()) / dt) + 1
         a = math.exp(-dt / beam.disequilibrium_length_mm)
         dens = self.density[None, None]
         spacing = self.grid.spacing_mm
         origin = [o - i for o, i in zip(self.grid.origin_mm, self.geometry.isocenter_mm)]
         grid_xy = torch.empty(n_cp, n_vox, 2, device=dev, dtype=dtype)
-        weights = torch.empty(n_cp, 3, n_vox, device=dev, dtype=dtype)
         alpha_all = torch.empty(n_cp, n_vox, device=dev, dtype=dtype)
         for s in range(0, n_cp, self.chunk):
             e = min(n_cp, s + self.chunk)
             b = e - s
             r = torch.as_tensor(rot[s:e], device=dev, dtype=dtype)
-            t0 = torch.as_tensor(t_range[s:e, 0], device=dev, dtype=dtype)
+            t0 = torch.as_tensor(t_start[s:e], device=dev, dtype=dtype)
             # voxels in the beam frame and fan coordinates
             xv = torch.matmul(r.transpose(1, 2), self.points)  # (b, 3, N)
             tv = sad - xv[:, 2]
@@ -631,23 +678,11 @@ class ReferenceDoseEngine(torch.nn.Module):
             vol = torch.stack([rad, beam.low_density_fraction(eq)], dim=1)  # (b, 2, nt, nv_r, nu_r)
             vidx = torch.stack([(u + hu_) / ray_mm, (v + hv_) / ray_mm, (tv - t0[:, None]) / dt], dim=-1)
             vals = sample_trilinear(vol, vidx)  # (b, 2, N)
-            p, s1, s2 = beam.depth_weights(vals[:, 0])
-            inv_sq = (sad / tv) ** 2
+            self._store_depth_weights(weights[s:e], vals[:, 0], (sad / tv) ** 2)
             grid_xy[s:e, :, 0] = u / self.half_u
             grid_xy[s:e, :, 1] = v / self.half_v
-            weights[s:e, 0] = inv_sq * p
-            weights[s:e, 1] = inv_sq * s1
-            weights[s:e, 2] = inv_sq * s2
             alpha_all[s:e] = vals[:, 1]
-        self.register_buffer("grid_xy", grid_xy)
-        self.register_buffer("weights", weights)
-        # lateral-disequilibrium correction only where some beam sees a low density
-        ld = torch.nonzero(alpha_all.amax(dim=0) > 0.01).reshape(-1)
-        self.register_buffer("ld_idx", ld)
-        self.register_buffer("ld_grid", grid_xy[:, ld].contiguous())
-        self.register_buffer("ld_weights", (weights[:, 0, ld] * alpha_all[:, ld]).contiguous())
-        if self.backend == "numba":
-            self._make_sample_plans()
+        return grid_xy, alpha_all
 
     def _make_sample_plans(self) -> None:
         """Sample plans of the numba back-end over the traced buffers (views, no copies)."""
