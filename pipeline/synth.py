@@ -242,25 +242,15 @@ def draw_params(seed: int) -> SynthParams:
     n_gas = int(rng.integers(1, 5))
     gas = tuple((u(0.1, 0.95), u(0, 2 * math.pi), u(2.5, 8.0), u(0.0, 0.6)) for _ in range(n_gas))
     # Augmentation (each with probability 0.5 as in the paper).
-    augmented: list[str] = []
-    scale, rot, amp, ptv_m, rect_m = 1.0, (0.0, 0.0, 0.0), 0.0, 3.0, 0.0
     flags = rng.random(5) < 0.5
-    values = (u(0.8, 1.2), (u(-5, 5), u(-5, 5), u(-5, 5)), u(2.0, 6.0), u(3.0, 6.0), u(0.0, 5.0))
-    if flags[0]:
-        scale = values[0]
-        augmented.append("scale")
-    if flags[1]:
-        rot = values[1]
-        augmented.append("rotation")
-    if flags[2]:
-        amp = values[2]
-        augmented.append("deformation")
-    if flags[3]:
-        ptv_m = values[3]
-        augmented.append("ptv_margin")
-    if flags[4]:
-        rect_m = values[4]
-        augmented.append("rectum_margin")
+    drawn = (u(0.8, 1.2), (u(-5, 5), u(-5, 5), u(-5, 5)), u(2.0, 6.0), u(3.0, 6.0), u(0.0, 5.0))
+    scale = drawn[0] if flags[0] else 1.0
+    rot = drawn[1] if flags[1] else (0.0, 0.0, 0.0)
+    amp = drawn[2] if flags[2] else 0.0
+    ptv_m = drawn[3] if flags[3] else 3.0
+    rect_m = drawn[4] if flags[4] else 0.0
+    names = ("scale", "rotation", "deformation", "ptv_margin", "rectum_margin")
+    augmented = [name for f, name in zip(flags, names, strict=True) if f]
     modes = []
     for _ in range(4):
         k = rng.normal(size=3)
