@@ -37,6 +37,7 @@ With ``--json`` each finished case is appended at once and a rerun skips the cas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -326,6 +327,8 @@ def main() -> None:
     ap.add_argument("--optimizer-weights", default="", metavar="NAME=VALUE,...",
                     help="override the optimizer's dose-term weights (pipeline.optimizer.OptimizerWeights), "
                          "e.g. oar_mean=5,ring_floor_fraction=0.1")
+    ap.add_argument("--arc-iterations", type=int, default=0,
+                    help="planning.arc_optimizer_iterations for this run (default: the shipped value)")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     ap.add_argument("--compare", default="", metavar="BEFORE.json",
@@ -339,7 +342,10 @@ def main() -> None:
             print_comparison(json.loads(Path(args.compare).read_text())["rows"], saved)
         return
     torch.set_num_threads(args.threads)
-    global PROFILE, WEIGHTS
+    global PROFILE, WEIGHTS, SETTINGS
+    if args.arc_iterations:
+        SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
+            SETTINGS.planning, arc_optimizer_iterations=args.arc_iterations))
     PROFILE = SETTINGS.profile(args.profile or None)
     if args.optimizer_weights:
         pairs = [p.split("=", 1) for p in args.optimizer_weights.split(",")]
