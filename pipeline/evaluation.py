@@ -36,11 +36,15 @@ def dose_at_ct_voxels(dose: NDArray[np.floating[Any]], dose_grid: Grid, ct_grid:
     mats = [_linear_matrix((np.asarray(c[b], dtype=np.float64) - dose_grid.origin_mm[a]) / dose_grid.spacing_mm[a],
                            dose_grid.shape[2 - a])
             for c, b, a in ((cz, box[0], 2), (cy, box[1], 1), (cx, box[2], 0))]
-    d = np.asarray(dose, dtype=np.float32)
-    d = np.tensordot(d, mats[2], axes=([2], [1]))  # (Dz, Dy, Cx)
-    d = np.tensordot(mats[1], d, axes=([1], [1]))  # (Cy, Dz, Cx)
-    d = np.tensordot(mats[0], d, axes=([1], [1]))  # (Cz, Cy, Cx)
-    return np.ascontiguousarray(d, dtype=np.float32)
+    # torch's matrix products: in the planning process numpy's BLAS threads would compete with torch's
+    import torch
+
+    d = torch.from_numpy(np.ascontiguousarray(dose, dtype=np.float32))
+    mz, my, mx = (torch.from_numpy(m) for m in mats)
+    d = torch.einsum("zyx,cx->zyc", d, mx)
+    d = torch.einsum("by,zyc->zbc", my, d)
+    d = torch.einsum("az,zbc->abc", mz, d)
+    return np.ascontiguousarray(d.numpy(), dtype=np.float32)
 
 
 def _linear_matrix(f: NDArray[np.float64], n: int) -> NDArray[np.float32]:
