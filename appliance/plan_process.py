@@ -5,8 +5,8 @@ The worker (:mod:`appliance.worker`) keeps one :class:`PlannerProcess`: a proces
 worker was given (:class:`appliance.planning.Planner` on the node). The process imports the
 planning stack once and, with ``worker.warm_up``, plans a small synthetic case while it waits for
 its first job (the planner's ``warm_up``: compiled kernels loaded, the model read, first-call costs
-paid; skipped when a job is already waiting), so a job pays only for its own case. It then plans the :class:`~core.request.CaseRequest` it is sent,
-writes ``result.json`` atomically, ``{"ok": true, "summary": PlanSummary.to_dict(), "plan_s": t}``
+paid; skipped when a job is already waiting). It then plans the :class:`~core.request.CaseRequest` it
+is sent, writes ``result.json`` atomically, ``{"ok": true, "summary": PlanSummary.to_dict(), "plan_s": t}``
 or ``{"ok": false, "error": message, "kind": exception class}`` (a planning error's message is
 the physicist's; any other exception is an internal error whose traceback goes to the node log),
 and answers with its peak memory.
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 WARM_UP_AFTER_IDLE_S = 3.0
 """A new planning process warms up only when no job arrived within this many seconds of its start."""
+
 
 class PlanFunction(Protocol):
     """Plans one case into an output folder (RT Plan, RT Dose, metrics.json) with a method (None: the

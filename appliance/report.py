@@ -44,8 +44,7 @@ def write_report(out_dir: Path, *, metrics: dict[str, Any], dose: NDArray[np.flo
         inputs = doses.get(role)
         if inputs is None:
             continue
-        d, m = inputs
-        x, y = _cumulative_dvh(d[m], rx)
+        x, y = _cumulative_dvh(inputs.dose[inputs.mask], rx)
         ax.plot(x, y, color=COLOURS[role], label=case.structure_names.get(role, role.value))
     ax.axvline(rx, color="k", lw=0.6, ls="--")
     ax.set_xlabel("Dose (Gy)")

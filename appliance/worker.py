@@ -2,14 +2,14 @@
 
 For each claimed job the worker links (or copies) the job's instance files into
 ``DATA_DIR/jobs/<id>/input``, makes the :class:`~core.request.CaseRequest` of the CT series and RT
-Structure Set the scheduler chose, and sends it to its long-lived, warmed-up planning process
+Structure Set the scheduler chose, and sends it to its long-lived planning process
 (:mod:`appliance.plan_process`), which runs the planning function the worker was given (the node's
 is :class:`appliance.planning.Planner`) writing into ``DATA_DIR/jobs/<id>/output``, and waits. A
 crash or hang of the planning process cannot take the node down: one running longer than
 ``worker.plan_timeout_s`` is killed and the job FAILED ("plan exceeded N s"); one that dies
 without a result (segfault, out of memory) puts the job back to PENDING until
-``worker.max_attempts`` starts were made; either way a fresh process plans the next job. A planning error (``AirtError``) fails the
-job with the planner's message. On success the job stores per-stage timings, the figures of the
+``worker.max_attempts`` starts were made; either way a fresh process plans the next job. A planning
+error (``AirtError``) fails the job with the planner's message. On success the job stores per-stage timings, the figures of the
 plan's :class:`~appliance.plan_summary.PlanSummary` and its ``metrics.json``, and gets one delivery
 row per configured destination, in the same transaction as its SUCCEEDED state.
 """
@@ -86,7 +86,6 @@ class Worker:
                  destinations: Sequence[Destination], when_p1_fails: P1Policy, poll_interval_s: float,
                  name: str | None = None, metrics: NodeMetrics | None = None) -> None:
         self.db = db
-        self.plan = plan
         self.settings = settings
         self.data_dir = Path(data_dir)
         self.destinations = tuple(destinations)

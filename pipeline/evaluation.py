@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -93,17 +93,27 @@ def _bbox(mask: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
     return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)  # type: ignore[return-value]
 
 
+class CtDose(NamedTuple):
+    """A structure's dose on the CT grid: the dose at the CT voxels of its bounding box, its mask there and
+    the box ([z, y, x] slices of the CT grid)."""
+
+    dose: NDArray[np.float32]
+    mask: NDArray[np.bool_]
+    box: tuple[slice, slice, slice]
+
+
 def structure_dvh_inputs(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case,
                          role: Role) -> tuple[NDArray[np.float32], NDArray[np.bool_]] | None:
     """(dose at the structure's CT voxels, mask) inside its bounding box, or None when empty."""
-    return ct_structure_doses(dose, dose_grid, case, (role,)).get(role)
+    got = ct_structure_doses(dose, dose_grid, case, (role,)).get(role)
+    return None if got is None else (got.dose, got.mask)
 
 
 def ct_structure_doses(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case,
-                       roles: Sequence[Role] | None = None) -> dict[Role, tuple[NDArray[np.float32], NDArray[np.bool_]]]:
-    """For each role (default: every role of the case) with a non-empty mask: the dose at the CT voxels of
-    its bounding box and its mask there. The dose is interpolated once, over the box holding them all,
-    and each structure reads its part (the same values as interpolating each box alone)."""
+                       roles: Sequence[Role] | None = None) -> dict[Role, CtDose]:
+    """For each role (default: every role of the case) with a non-empty mask: its :class:`CtDose`. The dose
+    is interpolated once, over the box holding them all, and each structure reads its part (the same
+    values as interpolating each box alone)."""
     boxes = {r: box for r in (roles if roles is not None else list(case.masks))
              if r in case.masks and (box := _bbox(case.masks[r])) is not None}
     if not boxes:
@@ -111,8 +121,8 @@ def ct_structure_doses(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: C
     union = tuple(slice(min(b[a].start for b in boxes.values()), max(b[a].stop for b in boxes.values()))
                   for a in range(3))
     d_all = dose_at_ct_voxels(dose, dose_grid, case.grid, union)  # type: ignore[arg-type]
-    return {r: (d_all[tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union, strict=True))],
-                case.masks[r][box]) for r, box in boxes.items()}
+    return {r: CtDose(d_all[tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union, strict=True))],
+                      case.masks[r][box], box) for r, box in boxes.items()}
 
 
 def evaluate_structures(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case) -> dict[str, dict[str, Any]]:
@@ -134,33 +144,32 @@ def evaluate_structures(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: 
         if inputs is None:
             log.warning("structure %s is empty on the CT grid; no metrics", role.value)
             continue
-        d, m = inputs
-        metrics = structure_metrics(d, m, vcc, rx_gy=rx)
+        metrics = structure_metrics(inputs.dose, inputs.mask, vcc, rx_gy=rx)
         out[role.value] = {"name": case.structure_names.get(role, role.value), **metrics}
     ptv = out.get(Role.PTV.value)
     if ptv is not None:
-        body = doses.get(Role.BODY)
-        ptv["CI_paddick"] = (paddick_ci(dose, dose_grid, case) if body is None else
-                             _paddick_ci(body[0], case.masks[Role.PTV][_bbox(case.masks[Role.BODY])],  # type: ignore[index]
-                                         rx_gy=rx, body_mask=body[1]))
+        ptv["CI_paddick"] = paddick_ci(dose, dose_grid, case, body=doses.get(Role.BODY))
     return out
 
 
-def paddick_ci(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case) -> float:
+def paddick_ci(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case, *, body: CtDose | None = None) -> float:
     """Paddick conformity index (TV_PIV^2 / (TV x PIV)) at the prescription isodose, on the CT grid.
 
-    PIV is counted inside the body (or the whole dose grid when there is no body structure).
+    PIV is counted inside the body (or the whole dose grid when there is no body structure); ``body`` is
+    the body's :class:`CtDose` when the caller has it already.
     """
     rx = case.prescription.dose_gy
-    region = case.masks.get(Role.BODY)
-    if region is None or not region.any():
-        region = np.ones(case.grid.shape, dtype=bool)
-    box = _bbox(region)
-    assert box is not None
-    d = dose_at_ct_voxels(dose, dose_grid, case.grid, box)
-    if not case.masks[Role.PTV][box].any():
+    if body is None:
+        region = case.masks.get(Role.BODY)
+        if region is None or not region.any():
+            region = np.ones(case.grid.shape, dtype=bool)
+        box = _bbox(region)
+        assert box is not None
+        body = CtDose(dose_at_ct_voxels(dose, dose_grid, case.grid, box), region[box], box)
+    ptv = case.masks[Role.PTV][body.box]
+    if not ptv.any():
         return 0.0
-    return _paddick_ci(d, case.masks[Role.PTV][box], rx_gy=rx, body_mask=region[box])
+    return _paddick_ci(body.dose, ptv, rx_gy=rx, body_mask=body.mask)
 
 
 def check_ptv_fits_field(case: Case, geometry: ArcGeometry, *, margin_mm: float = 5.0) -> float:

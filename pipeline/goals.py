@@ -211,7 +211,8 @@ def evaluate_goals(goals: Iterable[GoalSpec], dose: NDArray[Any], dose_grid: Gri
     def inputs(role: str) -> tuple[NDArray[Any], NDArray[Any]] | None:
         if role not in case.masks:
             return None
-        return doses.get(Role(role), (np.zeros(1, np.float32), np.zeros(1, bool)))
+        got = doses.get(Role(role))
+        return (np.zeros(1, np.float32), np.zeros(1, bool)) if got is None else (got.dose, got.mask)
 
     @functools.cache
     def paddick() -> float:
