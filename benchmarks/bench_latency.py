@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.scu import free_port, wait_for_port
+from appliance.scu import free_port
+from benchmarks.bench_node import start_node, start_receiver
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "config" / "airt.toml"
@@ -116,25 +117,22 @@ def node_runs(root: Path, cases: list[tuple[Path, str]]) -> list[dict[str, float
     port, rport = free_port(), free_port()
     received = root / "received"
     received.mkdir()
-    receiver = subprocess.Popen(["storescp", "-aet", "TPS", "-od", str(received), "-uf", str(rport)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = root / "airt.toml"
     shipped_config(cfg, data=root / "data", port=port, receiver_port=rport)
-    log = (root / "node.log").open("ab")
-    node = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)], stdout=log,
-                            stderr=log)
     rows = []
+    receiver = start_receiver(received, rport, "TPS")  # the reference file's destination
     try:
-        wait_for_port(rport, 10.0, receiver)
-        wait_for_port(port, 120.0, node)
-        for k, (case, study_uid) in enumerate(cases):
-            rows.append(push_and_wait(case, study_uid, port=port, received=received, db=root / "data" / "airt.sqlite3",
-                                      node=node))
-            print(f"study {k}: {rows[-1]['total']:.1f} s (planning process {rows[-1]['plan_process']:.1f} s)",
-                  file=sys.stderr)
+        node = start_node(cfg, port, root / "node.log")
+        try:
+            for k, (case, study_uid) in enumerate(cases):
+                rows.append(push_and_wait(case, study_uid, port=port, received=received,
+                                          db=root / "data" / "airt.sqlite3", node=node))
+                print(f"study {k}: {rows[-1]['total']:.1f} s (planning process {rows[-1]['plan_process']:.1f} s)",
+                      file=sys.stderr)
+        finally:
+            node.terminate()
+            node.wait(120)
     finally:
-        node.terminate()
-        node.wait(120)
         receiver.terminate()
         receiver.wait(30)
     return rows

@@ -67,11 +67,20 @@ dose_grid_mm = {dose_grid_mm}
 """)
 
 
-def _start_node(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_node(cfg: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    """``airt serve --config cfg`` in its own process, logging to ``log``; returns once it listens on ``port``."""
     fh = log.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)],
                             stdout=fh, stderr=fh)
-    wait_for_port(port, 120.0)
+    wait_for_port(port, 120.0, proc)
+    return proc
+
+
+def start_receiver(out: Path, port: int, aet: str) -> subprocess.Popen[bytes]:
+    """dcmtk ``storescp`` as ``aet`` on ``port`` writing what it receives into ``out``; returns once it listens."""
+    proc = subprocess.Popen(["storescp", "-aet", aet, "-od", str(out), "-uf", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, 10.0, proc)
     return proc
 
 
@@ -86,12 +95,11 @@ def end_to_end(work: Path, case: Path, *, stable_age_s: float, iterations: int, 
     port, rport = free_port(), free_port()
     out = work / "received"
     out.mkdir(parents=True)
-    receiver = subprocess.Popen(["storescp", "-aet", RECEIVER_AET, "-od", str(out), "-uf", str(rport)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    receiver = start_receiver(out, rport, RECEIVER_AET)
     cfg = work / "airt.toml"
     _config(cfg, data=work / "data", port=port, receiver_port=rport, worker=True, stable_age_s=stable_age_s,
             iterations=iterations, dose_grid_mm=dose_grid_mm, method=method)
-    node = _start_node(cfg, port, work / "node.log")
+    node = start_node(cfg, port, work / "node.log")
     try:
         push = _push(case, port)
         _, err = push.communicate(timeout=600)
@@ -121,7 +129,7 @@ def throughput(work: Path, cases: list[Path], n_senders: int, n_instances: int) 
     cfg = work / "airt.toml"
     _config(cfg, data=work / "data", port=port, receiver_port=None, worker=False, stable_age_s=3600.0,
             iterations=1, dose_grid_mm=8.0)
-    node = _start_node(cfg, port, work / "node.log")
+    node = start_node(cfg, port, work / "node.log")
     try:
         t0 = time.perf_counter()
         pushes = [_push(c, port) for c in cases[:n_senders]]
