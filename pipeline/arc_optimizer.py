@@ -53,14 +53,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numba
 import numpy as np
 import torch
+from numba import njit, prange
 from numpy.typing import NDArray
 
 from core.case import Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
 from pipeline.dose_engine import DoseEngine
+from pipeline.map_sampling import numba_threads
 from sequencing.sequencer import ArcSequence, fit_jaws, limit_leaf_travel
 
 log = logging.getLogger(__name__)
@@ -238,6 +241,45 @@ def open_area(lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor, col:
     return (row_weight[..., None] * ox).sum(dim=1)
 
 
+@njit(cache=True, parallel=True, boundscheck=False)
+def _open_area_kernel(lo: NDArray[Any], hi: NDArray[Any], row_weight: NDArray[Any],
+                      col: NDArray[Any]) -> NDArray[Any]:  # pragma: no cover - compiled
+    """:func:`open_area` without the ``(n, S, R, C)`` temporaries: only the columns an interval
+    touches are visited (the same overlaps, summed over ``s`` in the same order)."""
+    n, n_sub, n_rows = lo.shape
+    n_cols = col.shape[0] - 1
+    width = col[1] - col[0]
+    out = np.zeros((n, n_rows, n_cols), dtype=lo.dtype)
+    for k in prange(n):
+        for r in range(n_rows):
+            for s in range(n_sub):
+                a = lo[k, s, r]
+                b = hi[k, s, r]
+                if b <= a:
+                    continue
+                # one column of slack each side against rounding; columns outside get 0 overlap
+                c_lo = max(int(np.floor((a - col[0]) / width)) - 1, 0)
+                c_hi = min(int(np.floor((b - col[0]) / width)) + 1, n_cols - 1)
+                rw = row_weight[k, s, r]
+                for c in range(c_lo, c_hi + 1):
+                    ov = min(b, col[c + 1]) - max(a, col[c])
+                    if ov > 0.0:
+                        out[k, r, c] += rw * ov
+    return out
+
+
+def _open_area_numba(lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """:func:`open_area` by :func:`_open_area_kernel` (CPU): a fraction of a millisecond for a
+    180-sector arc where the torch form makes four 18 MB temporaries a step."""
+    arrays = [np.ascontiguousarray(x.detach().numpy()) for x in (lo, hi, row_weight, col)]
+    previous = numba.get_num_threads()
+    numba.set_num_threads(numba_threads())
+    try:
+        return torch.from_numpy(_open_area_kernel(*arrays))
+    finally:
+        numba.set_num_threads(previous)
+
+
 class _OpenArea(torch.autograd.Function):
     """:func:`open_area` with its gradient by hand: ``d area[n, r, c] / d lo[n, s, r]`` is
     ``-row_weight`` for the one pixel ``c`` that contains ``lo`` (when the interval is open) and 0
@@ -250,6 +292,9 @@ class _OpenArea(torch.autograd.Function):
                 col: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(lo, hi, row_weight, col)
         with torch.no_grad():
+            if lo.device.type == "cpu" and lo.dtype in (torch.float32, torch.float64):
+                dtype = lo.dtype
+                return _open_area_numba(lo, hi.to(dtype), row_weight.to(dtype), col.to(dtype))
             return open_area(lo, hi, row_weight, col)
 
     @staticmethod

@@ -261,13 +261,21 @@ def depth_range_mm(grid: Grid, rotations: NDArray[np.float64], isocenter_mm: Seq
     return np.stack([t.min(axis=1) - pad_mm, t.max(axis=1) + pad_mm], axis=1)
 
 
+#: Entries of the convolution matrices below this (a pixel's share of a node's Gaussian) are set to 0.
+BOX_GAUSS_FLOOR = 1e-12
+
+
 def _box_gauss_matrix(nodes_mm: NDArray[np.float64], edges_mm: NDArray[np.float64], sigma_mm: float) -> NDArray:
     """Matrix (n_nodes, n_pixels): pixel-box functions convolved with a Gaussian, sampled at the nodes."""
     from scipy.special import ndtr
 
     s = max(sigma_mm, 1e-6)
     cdf = ndtr((edges_mm[None, :] - nodes_mm[:, None]) / s)
-    return np.asarray(cdf[:, 1:] - cdf[:, :-1])
+    m = np.asarray(cdf[:, 1:] - cdf[:, :-1])
+    # Far tails are zero: in float32 they would be denormal numbers, which the CPU multiplies tens of
+    # times slower (the convolutions took 20 ms instead of 2.4 ms per arc pass), for a share < 1e-12.
+    m[m < BOX_GAUSS_FLOOR] = 0.0
+    return m
 
 
 def trilinear_plan(idx: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, float]:

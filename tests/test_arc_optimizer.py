@@ -284,3 +284,24 @@ def test_planning_core_exports_a_better_arc_than_the_sequencer(problem: dict[str
     start_ptv = evaluate_structures(d_start * fx, prob.grid, case)["ptv"]  # type: ignore[attr-defined,arg-type]
     start_hi = start_ptv["HI"]
     assert exported["ptv"]["HI"] < start_hi - 0.01, (exported["ptv"]["HI"], start_hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_open_area_kernel_equals_the_torch_form(dtype: torch.dtype) -> None:
+    # intervals open, closed, reversed, outside the columns and ending exactly on pixel edges
+    from pipeline.arc_optimizer import _open_area_numba
+
+    gen = torch.Generator().manual_seed(2)
+    col = torch.as_tensor(MACHINE.bev.col_edges_mm(), dtype=dtype)
+    lo = torch.rand(30, 8, 40, generator=gen, dtype=torch.float64) * 300.0 - 150.0
+    hi = lo + torch.rand(30, 8, 40, generator=gen, dtype=torch.float64) * 120.0 - 20.0
+    lo[0, :, :20] = torch.as_tensor(MACHINE.bev.col_edges_mm()[5])
+    hi[0, :, :20] = torch.as_tensor(MACHINE.bev.col_edges_mm()[11])
+    lo, hi = lo.to(dtype), hi.to(dtype)
+    row_weight = torch.rand(30, 8, 40, generator=gen, dtype=dtype)
+    got = _open_area_numba(lo, hi, row_weight, col)
+    expected = open_area(lo, hi, row_weight, col)
+    assert got.dtype == dtype and got.shape == (30, 40, col.numel() - 1)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    assert float(expected.max()) > 1.0
