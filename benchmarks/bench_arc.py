@@ -329,6 +329,8 @@ def main() -> None:
                          "e.g. oar_mean=5,ring_floor_fraction=0.1")
     ap.add_argument("--arc-iterations", type=int, default=0,
                     help="planning.arc_optimizer_iterations for this run (default: the shipped value)")
+    ap.add_argument("--sectors-per-beam", type=int, default=0,
+                    help="planning.arc_sectors_per_beam for this run (default: the shipped value)")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     ap.add_argument("--compare", default="", metavar="BEFORE.json",
@@ -346,6 +348,9 @@ def main() -> None:
     if args.arc_iterations:
         SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
             SETTINGS.planning, arc_optimizer_iterations=args.arc_iterations))
+    if args.sectors_per_beam:
+        SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
+            SETTINGS.planning, arc_sectors_per_beam=args.sectors_per_beam))
     PROFILE = SETTINGS.profile(args.profile or None)
     if args.optimizer_weights:
         pairs = [p.split("=", 1) for p in args.optimizer_weights.split(",")]

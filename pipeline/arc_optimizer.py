@@ -139,6 +139,9 @@ class ArcOptimizerSettings:
         fraction dose in cGy in the planning core (:func:`optimize_arc`), so ``mu_limit`` is a
         modulation factor in MU per cGy above which MU cost as much as dose terms (a soft maximum,
         as clinical planners' MU constraints); ``mu_weight = 0`` leaves the MU free.
+    sectors_per_beam
+        Adjacent sectors the planning core's restricted engine doses together at their mean angle
+        (:meth:`pipeline.dose_engine.ReferenceDoseEngine.restricted`); 1 = every sector apart.
     """
 
     iterations: int = 60
@@ -148,6 +151,7 @@ class ArcOptimizerSettings:
     mu_headroom: float = 0.02
     mu_weight: float = 0.0
     mu_limit: float = 0.0
+    sectors_per_beam: int = 1
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -158,6 +162,8 @@ class ArcOptimizerSettings:
             raise PlanningError(f"substeps must be >= 1, got {self.substeps}")
         if not 0.0 <= self.mu_headroom < 0.5:
             raise PlanningError(f"mu_headroom must be in [0, 0.5), got {self.mu_headroom}")
+        if self.sectors_per_beam < 1:
+            raise PlanningError(f"sectors_per_beam must be >= 1, got {self.sectors_per_beam}")
         if not (self.mu_weight >= 0.0 and self.mu_limit >= 0.0):
             raise PlanningError(f"mu_weight and mu_limit must be >= 0, got {self.mu_weight}, {self.mu_limit}")
 

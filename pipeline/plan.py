@@ -203,12 +203,13 @@ class PlanResult:
 CT_POINT_ROLES = (Role.PTV, Role.RECTUM, Role.BLADDER)
 
 
-def near_target_engine(problem: PlanningProblem, case: Case | None = None) -> tuple[RegionDose, NDArray[np.bool_],
-                                                                                     dict[str, CtPoints]]:
+def near_target_engine(problem: PlanningProblem, case: Case | None = None, *, sectors_per_beam: int = 1
+                       ) -> tuple[RegionDose, NDArray[np.bool_], dict[str, CtPoints]]:
     """The reference engine restricted to the voxels the arc optimisation reads (see ``arc_optimizer``),
-    giving the dose as a vector over them; that region (bool on the dose grid); and, with ``case``, the
-    CT voxels of :data:`CT_POINT_ROLES` it reads (the PTV's all, an organ's those interpolating from the
-    region), the region then holding every voxel they interpolate from."""
+    giving the dose as a vector over them (every ``sectors_per_beam`` adjacent sectors dosed together);
+    that region (bool on the dose grid); and, with ``case``, the CT voxels of :data:`CT_POINT_ROLES` it
+    reads (the PTV's all, an organ's those interpolating from the region), the region then holding every
+    voxel they interpolate from."""
     from pipeline.evaluation import ct_voxel_stencil
     from pipeline.refine import refinement_region
 
@@ -234,7 +235,8 @@ def near_target_engine(problem: PlanningProblem, case: Case | None = None) -> tu
                           in_ptv=torch.as_tensor(in_ptv, device=dev))
             region |= pt.support(problem.grid.shape)
             points[role.value] = pt
-    return RegionDose(problem.engine.restricted(region), region), region, points
+    engine = problem.engine.restricted(region, sectors_per_beam=sectors_per_beam)
+    return RegionDose(engine, region, sectors_per_beam=sectors_per_beam), region, points
 
 
 def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
@@ -368,7 +370,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
     far: LinearDoseTerms | None = None
     if options.arc.iterations > 0:
         with timings.stage("arc_optimize"):
-            near, region, points = near_target_engine(problem, case)
+            near, region, points = near_target_engine(problem, case, sectors_per_beam=options.arc.sectors_per_beam)
             region_t = torch.as_tensor(region, device=options.device)
 
             def objective(boost: dict[int, float]) -> Any:
@@ -383,6 +385,7 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
                                   device=options.device, mu_reference=100.0 * rx_fx, fluence_terms=far)
         seq = result.sequence
         record["arc_optimizer"] = {**result.record(), "voxels": int(region.sum()),
+                                   "sectors_per_beam": options.arc.sectors_per_beam,
                                    "ct_points": {k: int(p.index.shape[0]) for k, p in points.items()}}
 
     with timings.stage("final_dose"):

@@ -347,3 +347,43 @@ def test_convolution_matrices_hold_no_denormal_numbers(water: ReferenceDoseEngin
     for name in ("mat_u_fine", "mat_v_fine", "mat_u_coarse", "mat_v_coarse"):
         mat = getattr(water, name)
         assert not bool(((mat != 0) & (mat.abs() < tiny)).any()), name
+
+
+def test_restricted_engine_doses_adjacent_sectors_together() -> None:
+    # the arc stage's engine with sectors_per_beam = 2: one beam at the mean angle of every two sectors,
+    # dosing their summed fluence; close to the sector-by-sector dose, not equal to it
+    from core.case import DEFAULT_HU_TO_DENSITY
+
+    synth = pytest.importorskip("pipeline.synth")
+    case = synth.synth_case(1)
+    geo = ArcGeometry(arc=ArcSpec(), isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
+                      machine=MachineModel())
+    eng = ReferenceDoseEngine.for_case(case, geo, load_beam_model(), hu_curve=DEFAULT_HU_TO_DENSITY)
+    ptv = resample_to_grid(case.masks[Role.PTV].astype(np.float32), case.grid, eng.grid) >= 0.5
+    every = eng.restricted(ptv)
+    pairs = eng.restricted(ptv, sectors_per_beam=2)
+    assert pairs.fluence_shape == (90, 40, 40) and every.fluence_shape == (180, 40, 40)
+    a = eng.geometry.gantry_angles_deg()
+    mean_angle = (a[0::2] + ((a[1::2] - a[0::2] + 180.0) % 360.0 - 180.0) / 2.0) % 360.0
+    np.testing.assert_allclose(pairs.geometry.gantry_angles_deg(), mean_angle, atol=1e-9)
+    gen = torch.Generator().manual_seed(4)
+    fl = torch.zeros(180, 40, 40)
+    fl[:, 14:26, 13:27] = 1.0 + torch.rand(180, 12, 14, generator=gen)  # modulated, different in every sector
+    with torch.no_grad():
+        exact = RegionDose(every, ptv)(fl)
+        merged = RegionDose(pairs, ptv, sectors_per_beam=2)(fl)
+        summed = pairs.voxel_dose(fl.reshape(90, 2, 40, 40).sum(dim=1))
+    torch.testing.assert_close(merged, summed)
+    diff = float((merged - exact).abs().max())
+    assert 0.0 < diff <= 0.01 * float(exact.max())
+    # the gradient reaches both sectors of a beam equally (the adjoint of the sum)
+    f = fl.clone().requires_grad_(True)
+    RegionDose(pairs, ptv, sectors_per_beam=2)(f).sum().backward()
+    assert f.grad is not None
+    torch.testing.assert_close(f.grad[0::2], f.grad[1::2])
+    with pytest.raises(PlanningError, match="divide"):
+        eng.restricted(ptv, sectors_per_beam=7)
+    with pytest.raises(PlanningError, match="beams"):
+        RegionDose(pairs, ptv, sectors_per_beam=2)(fl[:90])
+    with pytest.raises(PlanningError, match="sectors_per_beam"):
+        RegionDose(pairs, ptv, sectors_per_beam=0)
