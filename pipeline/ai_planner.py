@@ -167,7 +167,7 @@ def prepare_case(case: Case, geometry: ArcGeometry, spec: ModelSpec, fast_config
     if Role.PTV not in case.masks:
         raise InputError(f"case {case.case_id} has no PTV; the AI planner needs one")
     grid, hu, density, body = case_density(case, spec.net_grid_mm, spec.hu_to_density)
-    masks_np = {role: resample_to_grid(m.astype(np.float32), case.grid, grid, order=1) >= 0.5
+    masks_np = {role: resample_to_grid(m, case.grid, grid, order=1) >= 0.5
                 for role, m in case.masks.items()}
     if not masks_np[Role.PTV].any():
         raise PlanningError(f"case {case.case_id}: the PTV vanished on the {spec.net_grid_mm} mm network grid")

@@ -48,6 +48,10 @@ DEFAULT_BEAM_PATH = Path(__file__).resolve().parent / "data" / "beam_6mv.json"
 
 # Order of the lateral channels the dose engine convolves the fluence with.
 CHANNELS = ("primary", "primary_low_density", "scatter_1", "scatter_2")
+#: The build-up exponentials ``exp(-d / length)`` are taken at ``d / length <= EXP_ARG_MAX``: beyond it
+#: the term (< 2e-35) no longer changes a float32 or float64 weight, but its float32 denormal values
+#: made the depth weights of a pelvis arc about 40 times slower to compute (a third of the engine set-up).
+EXP_ARG_MAX = 80.0
 
 
 @dataclass(frozen=True)
@@ -179,9 +183,13 @@ class BeamModel:
         """
         d = d_mm.clamp_min(0.0)
         a = self.attenuation(d)
-        p = (1.0 - (1.0 - self.surface_fraction) * torch.exp(-d / self.buildup_mm)) * a
-        s1 = self.scatter_weights[0] * (-torch.expm1(-d / self.scatter_buildup_mm[0])) * a
-        s2 = self.scatter_weights[1] * (-torch.expm1(-d / self.scatter_buildup_mm[1])) * a
+
+        def arg(length_mm: float) -> torch.Tensor:  # -d / length, capped (see EXP_ARG_MAX)
+            return -(d / length_mm).clamp_max(EXP_ARG_MAX)
+
+        p = (1.0 - (1.0 - self.surface_fraction) * torch.exp(arg(self.buildup_mm))) * a
+        s1 = self.scatter_weights[0] * (-torch.expm1(arg(self.scatter_buildup_mm[0]))) * a
+        s2 = self.scatter_weights[1] * (-torch.expm1(arg(self.scatter_buildup_mm[1]))) * a
         return p, s1, s2
 
     # -- lateral dependence -------------------------------------------------------------------------

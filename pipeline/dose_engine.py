@@ -166,7 +166,7 @@ def resample_to_grid(volume: NDArray, src: Grid, dst: Grid, *, order: int = 1, f
     Parameters
     ----------
     volume
-        Array of shape ``src.shape`` indexed [z, y, x].
+        Array of shape ``src.shape`` indexed [z, y, x] (a bool mask is resampled as its 0/1 fraction).
     src, dst
         Source and destination grids.
     order
@@ -189,8 +189,18 @@ def resample_to_grid(volume: NDArray, src: Grid, dst: Grid, *, order: int = 1, f
     # index-space affine map per array axis (z, y, x)
     scale = [dst.spacing_mm[a] / src.spacing_mm[a] for a in (2, 1, 0)]
     offset = [(dst.origin_mm[a] - src.origin_mm[a]) / src.spacing_mm[a] for a in (2, 1, 0)]
-    out = ndimage.affine_transform(vol.astype(np.float32, copy=False), np.asarray(scale), offset=offset,
-                                   output_shape=dst.shape, order=order, mode="nearest")
+    # only the source slab the destination reads is converted and handed over (a 4 mm dose grid reads
+    # a third of a 120-slice CT): the interpolation reads at most the two neighbours of each position,
+    # and the edge values ("nearest") are kept in the slab, so the result is the same
+    crop, crop_offset = [], []
+    for ax in range(3):
+        pos = offset[ax] + scale[ax] * np.array([0.0, dst.shape[ax] - 1.0])
+        lo = int(np.clip(np.floor(pos.min()) - 1, 0, src.shape[ax] - 1))
+        hi = int(np.clip(np.ceil(pos.max()) + 2, lo + 1, src.shape[ax]))
+        crop.append(slice(lo, hi))
+        crop_offset.append(offset[ax] - lo)
+    out = ndimage.affine_transform(vol[tuple(crop)].astype(np.float32, copy=False), np.asarray(scale),
+                                   offset=crop_offset, output_shape=dst.shape, order=order, mode="nearest")
     inside = np.ones(dst.shape, dtype=bool)
     for ax in range(3):
         idx = offset[ax] + scale[ax] * np.arange(dst.shape[ax])
@@ -361,7 +371,7 @@ def case_density(case: Case, spacing_mm: float, hu_curve: Sequence[tuple[float, 
     density = hu_to_density(hu, hu_curve)
     body = case.masks.get(Role.BODY)
     if body is not None:
-        inside = np.asarray(resample_to_grid(body.astype(np.float32), case.grid, grid, order=1) >= 0.5)
+        inside = np.asarray(resample_to_grid(body, case.grid, grid, order=1) >= 0.5)
         density = np.where(inside, density, hu_to_density(np.array(-1000.0), hu_curve))
     else:
         inside = np.asarray(hu > BODY_HU_THRESHOLD)

@@ -78,7 +78,7 @@ def dose_grid_masks(case: Case, grid: Grid, ptv_fraction: float = PTV_FRACTION) 
     PlanningError
         When no dose-grid voxel is in the PTV.
     """
-    masks = {role: np.asarray(resample_to_grid(m.astype(np.float32), case.grid, grid, order=1)
+    masks = {role: np.asarray(resample_to_grid(m, case.grid, grid, order=1)
                               >= (ptv_fraction if role is Role.PTV else 0.5))
              for role, m in case.masks.items()}
     if not masks[Role.PTV].any():

@@ -387,3 +387,49 @@ def test_restricted_engine_doses_adjacent_sectors_together() -> None:
         RegionDose(pairs, ptv, sectors_per_beam=2)(fl[:90])
     with pytest.raises(PlanningError, match="sectors_per_beam"):
         RegionDose(pairs, ptv, sectors_per_beam=0)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_resample_reads_only_the_slab_it_needs(order: int) -> None:
+    # the source is cut to the slab the destination reads before the interpolation: the same values as
+    # interpolating the whole volume, for grids inside, across the edges and partly outside the source
+    from scipy import ndimage
+
+    gen = np.random.default_rng(5)
+    src = Grid(origin_mm=(-40.0, -30.0, -60.0), spacing_mm=(0.9, 1.1, 2.5), shape=(50, 60, 70))
+    vol = gen.normal(size=src.shape).astype(np.float32)
+    for dst in (Grid(origin_mm=(-20.0, -10.0, -30.0), spacing_mm=(4.0, 4.0, 4.0), shape=(6, 7, 8)),
+                Grid(origin_mm=(-45.0, -33.0, -70.0), spacing_mm=(4.0, 4.0, 4.0), shape=(40, 20, 20)),
+                Grid(origin_mm=(20.0, 20.0, 50.0), spacing_mm=(3.0, 2.0, 2.5), shape=(9, 9, 9))):
+        scale = [dst.spacing_mm[a] / src.spacing_mm[a] for a in (2, 1, 0)]
+        offset = [(dst.origin_mm[a] - src.origin_mm[a]) / src.spacing_mm[a] for a in (2, 1, 0)]
+        whole = ndimage.affine_transform(vol, np.asarray(scale), offset=offset, output_shape=dst.shape, order=order,
+                                         mode="nearest")
+        out = resample_to_grid(vol, src, dst, order=order, fill=7.0)
+        kept = out != 7.0
+        inside = np.ones(dst.shape, dtype=bool)  # centres within half a source voxel of the source
+        for ax in range(3):
+            idx = offset[ax] + scale[ax] * np.arange(dst.shape[ax])
+            ok = (idx >= -0.5 - 1e-6) & (idx <= src.shape[ax] - 0.5 + 1e-6)
+            inside &= ok.reshape([-1 if a == ax else 1 for a in range(3)])
+        np.testing.assert_array_equal(kept, inside)
+        assert kept.any()
+        np.testing.assert_allclose(out[kept], whole[kept], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_depth_weights_cap_changes_no_value_and_leaves_no_denormal(dtype: torch.dtype) -> None:
+    # the build-up exponentials are capped at exp(-EXP_ARG_MAX): the same weights as the plain formula
+    # to the last bit at every depth, without the float32 denormal values that made them slow
+    beam = load_beam_model()
+    d = torch.linspace(0.0, 800.0, 20001, dtype=dtype)
+    got = beam.depth_weights(d)
+    a = beam.attenuation(d)
+    plain = ((1.0 - (1.0 - beam.surface_fraction) * torch.exp(-d / beam.buildup_mm)) * a,
+             beam.scatter_weights[0] * (-torch.expm1(-d / beam.scatter_buildup_mm[0])) * a,
+             beam.scatter_weights[1] * (-torch.expm1(-d / beam.scatter_buildup_mm[1])) * a)
+    tiny = torch.finfo(dtype).tiny
+    for g, p in zip(got, plain, strict=True):
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+        assert not bool(((g != 0) & (g.abs() < tiny)).any())
+    assert float(d.max()) / beam.buildup_mm > 80.0  # the cap is reached in this range
