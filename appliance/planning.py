@@ -21,6 +21,7 @@ import numpy as np
 from appliance.config import PlanningMethod, Profile, Settings
 from appliance.plan_summary import PlanSummary
 from appliance.profiles import ProfileChoice, choose_profile
+from appliance.web_pages import fmt
 from core.case import Case, Role
 from core.errors import PlanningError
 from core.request import CaseRequest
@@ -283,7 +284,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
         write_report(out_dir, metrics=metrics, dose=dose_plan, grid=grid, case=case)
     summary = finish(summary)
     log.info("case %s: planned in %.1f s, %.0f MU, PTV D98 %s Gy, HI %s", case.case_id,
-             metrics["timings_s"]["total"], seq.total_mu, summary.ptv_d98_gy, summary.ptv_hi)
+             metrics["timings_s"]["total"], seq.total_mu, fmt(summary.ptv_d98_gy, 2), fmt(summary.ptv_hi, 3))
     return summary, metrics
 
 

@@ -37,6 +37,7 @@ from appliance.config import Destination, P1Policy, Settings, WorkerSettings
 from appliance.job_inputs import ClaimedJob, job_request
 from appliance.plan_process import PlanFunction, PlannerProcess
 from appliance.plan_summary import PLAN_FILES, PlanSummary
+from appliance.web_pages import fmt
 from core.errors import PlanningError
 from core.request import CaseRequest
 from storage.db import Database, claim_next_job
@@ -356,7 +357,7 @@ class Worker:
         log.log(logging.WARNING if summary.p1_failed else logging.INFO,
                 "job %d SUCCEEDED: queue %.1f s, inputs %.2f s, planning %.1f s; profile %s; PTV D98 %s Gy, HI %s; "
                 "goals: %s; %s", job_id, timings["queue_wait_s"], timings["inputs_s"], timings["plan_process_s"],
-                summary.profile, summary.ptv_d98_gy, summary.ptv_hi, summary.verdict,
+                summary.profile, fmt(summary.ptv_d98_gy, 2), fmt(summary.ptv_hi, 3), summary.verdict,
                 f"deliveries HELD until airt jobs release {job_id}" if held
                 else f"{len(self.destinations)} delivery(ies) queued")
 
