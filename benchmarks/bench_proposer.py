@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_arc import ARC, CASE_SETS, MACHINE, SETTINGS, case_spec
 from appliance.dicom.case_loader import load_folder
 from appliance.synth_dicom import write_synth_case
+from benchmarks.bench_arc import ARC, CASE_SETS, MACHINE, SETTINGS, case_spec
 from pipeline.ai_planner import load_pipeline, prepare_case
 from pipeline.geometry import ArcGeometry
 
@@ -46,7 +46,7 @@ def predicted(case_set: str, index: int, profile_name: str) -> tuple[int, dict[s
                            machine=MACHINE)
     with torch.inference_mode():
         pipe = load_pipeline(SETTINGS.planning.model_dir, "cpu")
-        prep = prepare_case(case, geometry, pipe.spec, pipe.fast_dose.config, "cpu")
+        prep = prepare_case(case, geometry, pipe.spec, pipe.fast_dose.config, "cpu")  # type: ignore[arg-type]
         dose = pipe(prep, {}, feedback=False).dose_proposed[0, 0].numpy()
     ptv = prep.masks["ptv"].numpy() > 0.5
     dose = dose * (profile.dose_gy / float(np.percentile(dose[ptv], 5.0)))  # PTV D95 = Rx, as the plans

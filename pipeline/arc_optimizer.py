@@ -25,8 +25,9 @@ same terms the fluence optimizer minimises) plus, with ``mu_weight``, a hinge on
 MU over a reference above ``mu_limit`` (the modulation factor, MU per cGy), evaluated through a
 dose engine: the reference engine or a copy restricted to the voxels near the target where the
 terms change (``SHELL_MM``, ``OAR_REACH_MM``), so a step costs tens of milliseconds instead of the
-full engine's 0.7 s; the femoral heads' mean dose comes exactly from the fluence (``FAR_OARS``,
-:class:`LinearDoseTerms`). In the planning core (``pipeline.plan``) the restricted engine gives the
+full engine's 0.7 s; the femoral heads' mean dose, and their dose-volume goals through the mean of
+a part, come exactly from the fluence (``FAR_OARS``, :class:`LinearDoseTerms`,
+:class:`LinearGoalTerms`). In the planning core (``pipeline.plan``) the restricted engine gives the
 dose as a vector over its region only (:class:`pipeline.dose_engine.RegionDose`) and the objective
 reads the PTV, and the rectum and bladder near it, at their CT voxels by the evaluation's own
 trilinear interpolation (:meth:`pipeline.optimizer.DoseObjective.on_voxels`): the goals are
@@ -115,6 +116,32 @@ class LinearDoseTerms:
         for g in self.maps:
             total = total + torch.relu((g.to(fluence.dtype) * fluence).sum() / self.rx_gy - self.level)
         return self.weight * total
+
+
+@dataclass(frozen=True, eq=False)
+class LinearGoalTerms:
+    """Dose-volume goals of structures outside the restricted engine, through mean doses that are
+    linear in the fluence (as :class:`LinearDoseTerms`): an "at most ``f`` of the structure above
+    ``x``" goal (``V14.5Gy% <= 5`` on a femoral head) is held by the mean dose of a part of the
+    structure (in the planning core its hottest ``f`` in the start arc's dose, the part a planner
+    draws as a helper structure), kept at or below ``x``. Squared hinges, weighted by the goal's
+    priority as the goal terms of :mod:`pipeline.goal_objective`.
+
+    ``maps`` are the parts' ``A^T m / |m|`` (dose per MU); ``limits_fx`` their levels (Gy per
+    fraction) and ``weights`` their weights; ``rx_fx`` the prescription per fraction (the scale).
+    """
+
+    maps: tuple[torch.Tensor, ...]
+    limits_fx: tuple[float, ...]
+    weights: tuple[float, ...]
+    rx_fx: float
+
+    def __call__(self, fluence: torch.Tensor) -> torch.Tensor:
+        total = fluence.new_zeros(())
+        for g, limit, weight in zip(self.maps, self.limits_fx, self.weights, strict=True):
+            excess = torch.relu((g.to(fluence.dtype) * fluence).sum() - limit) / self.rx_fx
+            total = total + weight * excess**2
+        return total
 
 
 @dataclass(frozen=True)

@@ -305,3 +305,38 @@ def test_open_area_kernel_equals_the_torch_form(dtype: torch.dtype) -> None:
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     assert float(expected.max()) > 1.0
+
+
+def test_far_goals_hold_the_hottest_part_of_the_femoral_heads(problem: dict[str, object]) -> None:
+    # an "at most V14.5Gy% <= 5" goal on a femoral head (outside the restricted engine) is held by the mean
+    # dose of its 5 % hottest voxels in the start arc's dose, exactly through the fluence
+    from pipeline.goals import GoalSpec, GoalStages
+    from pipeline.plan import far_goal_terms, hottest_part
+
+    prob = problem["problem"]
+    case = problem["case"]
+    fx = case.prescription.fractions  # type: ignore[attr-defined]
+    rx = case.prescription.dose_gy / fx  # type: ignore[attr-defined]
+    goals = (GoalSpec("femur_head_l", "V14.5Gy%", "<=", 5.0, 2), GoalSpec("femur_head_r", "V14.5Gy%", "<=", 5.0, 2),
+             GoalSpec("rectum", "V36Gy%", "<=", 5.0, 1))
+    options = PlanningOptions(source=FluenceSource.OPTIMIZE, dose_grid_mm=5.0, goals=goals)
+    start = _sequence(seed=5, threshold=0.02)
+    terms, held = far_goal_terms(prob, options, case, rx, start, MACHINE)  # type: ignore[arg-type]
+    assert terms is not None and len(terms.maps) == 2 and len(held) == 2
+    assert held[0].startswith("femur_head_l V14.5Gy% <= 5: mean of the 5 % hottest in the start arc")
+    flu = torch.as_tensor(fluence_from_sequence(start, MACHINE), dtype=torch.float32)
+    with torch.no_grad():
+        dose = prob.engine(flu).numpy()  # type: ignore[attr-defined]
+    expected = 0.0
+    for role in (Role.FEMUR_HEAD_L, Role.FEMUR_HEAD_R):
+        mask = prob.masks[role].numpy()  # type: ignore[attr-defined]
+        part = hottest_part(mask, dose, 0.05)
+        assert part.sum() == int(np.ceil(0.05 * mask.sum())) and not (part & ~mask).any()
+        assert dose[part].min() >= dose[mask & ~part].max()  # the hottest, in the start arc's dose
+        excess = max(0.0, float(dose[part].mean()) - 14.5 * 0.98 / fx) / rx
+        expected += 200.0 * excess**2  # the P2 weight, the goals' 2 % margin
+    assert expected > 0  # this start arc breaks the goal's level in the parts
+    assert float(terms(flu)) == pytest.approx(expected, rel=1e-3)
+    # goals evaluated only: no term
+    off = dataclasses.replace(options, goal_stages=GoalStages.OFF)
+    assert far_goal_terms(prob, off, case, rx, start, MACHINE) == (None, [])  # type: ignore[arg-type]
