@@ -555,7 +555,7 @@ class ReferenceDoseEngine(torch.nn.Module):
         ``n_sectors / k`` beams, one at the mean angle of every k adjacent sectors: it takes their
         summed fluence (:class:`RegionDose` sums it) and costs about 1/k as much a pass. The dose is
         then no longer this engine's: the midpoint rule over 2 k degrees instead of 2 (on a pelvis
-        arc, k = 2 moved no voxel by more than 0.35 % of the maximum dose).
+        arc, k = 2 moved no voxel by more than 0.4 % of the maximum dose: ``benchmarks/bench_dose.py``).
         """
         k = int(sectors_per_beam)
         if k < 1 or self.geometry.n_sectors % k:
