@@ -139,7 +139,7 @@ def main() -> int:
     sub_uncut = ReferenceDoseEngine(engine.density, engine.grid, geo, beam, device=args.device,
                                     active=region & body.reshape(engine.grid.shape))  # same voxels, full lattices
 
-    def fwd_bwd_of(e: ReferenceDoseEngine) -> Callable[[], None]:
+    def fwd_bwd_of(e: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
             f = fluence.clone().requires_grad_(True)
             e(f).square().sum().backward()
@@ -154,16 +154,8 @@ def main() -> int:
     with torch.no_grad():
         d_every, d_pairs = every(fluence), pairs(fluence)
     pair_diff = (d_pairs - d_every).abs() / d_every.max()
-
-    def fwd_bwd_region(r: RegionDose) -> Callable[[], None]:
-        def run() -> None:
-            f = fluence.clone().requires_grad_(True)
-            r(f).square().sum().backward()
-            sync()
-        return run
-
-    every_fb = _median(fwd_bwd_region(every), args.repeats)
-    pairs_fb = _median(fwd_bwd_region(pairs), args.repeats)
+    every_fb = _median(fwd_bwd_of(every), args.repeats)
+    pairs_fb = _median(fwd_bwd_of(pairs), args.repeats)
     bev_t = _median(proj, args.repeats)
     bev_torch_t = _median(proj_torch, args.repeats)
 
