@@ -404,8 +404,8 @@ def plan_arc(case: Case, machine: MachineModel, arc: ArcSpec, options: PlanningO
 def _far_terms(problem: PlanningProblem, options: PlanningOptions, case: Case, rx_fx: float,
                start: ArcSequence, machine: MachineModel) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, list[str]]:
     """The terms of the arc optimisation on the structures outside its restricted engine (the femoral
-    heads): their mean-dose hinges, and their dose-volume goals through the part nearest the PTV
-    (:class:`LinearGoalTerms`) when the arc stage holds the goals; and the goals so held, as text."""
+    heads): their mean-dose hinges, and their dose-volume goals through their hottest part
+    (:func:`far_goal_terms`) when the arc stage holds the goals; and the goals so held, as text."""
     from pipeline.optimizer import OptimizerWeights
 
     w = options.optimizer_weights or OptimizerWeights()
@@ -450,32 +450,29 @@ def far_goal_terms(problem: PlanningProblem, options: PlanningOptions, case: Cas
     size did not move them: the hot voxels lie along the lateral beams' paths)."""
     from pipeline.dvh import V_METRIC_RE
     from pipeline.goals import AT_MOST
-    from sequencing.fluence import fluence_from_sequence
 
     setup = _goal_setup(options, problem, case, {})
     if setup is None:
         return None, []
     far = {r.value: r for r in FAR_OARS if r in problem.masks}
-    wanted = [g for g in setup.goals if g.structure in far and g.comparison == AT_MOST and 0.0 < g.limit < 50.0
+    wanted = [(g, float(m.group("x"))) for g in setup.goals
+              if g.structure in far and g.comparison == AT_MOST and 0.0 < g.limit < 50.0
               and (m := V_METRIC_RE.match(g.metric)) is not None and m.group("unit") == "%"]
     if not wanted:
         return None, []
-    with torch.no_grad():
-        start_fluence = torch.as_tensor(fluence_from_sequence(start, machine), dtype=problem.engine.dtype)
-        start_dose = problem.engine(start_fluence).cpu().numpy()
+    start_dose = _reference_dose(problem, start, machine, str(problem.engine.device))
     maps, limits, weights, held = [], [], [], []
-    for goal in wanted:
-        m = V_METRIC_RE.match(goal.metric)
-        assert m is not None
+    for goal, level_gy in wanted:
         mask = problem.masks[far[goal.structure]].detach().cpu().numpy().astype(bool)
         if not mask.any():
             continue
         part = hottest_part(mask, start_dose, PART_FACTOR * goal.limit / 100.0)
+        level_gy *= 1.0 - setup.weights.margin
         maps.append(problem.engine.adjoint(torch.as_tensor(part, device=problem.engine.device)) / float(part.sum()))
-        limits.append(float(m.group("x")) * (1.0 - setup.weights.margin) / setup.fractions)
+        limits.append(level_gy / setup.fractions)
         weights.append(setup.weights.of(goal.priority))
         held.append(f"{goal.structure} {goal.metric} {goal.comparison} {goal.limit:g}: mean of the "
-                    f"{PART_FACTOR * goal.limit:g} % hottest in the start arc <= {float(m.group('x')) * (1.0 - setup.weights.margin):.2f} Gy")
+                    f"{PART_FACTOR * goal.limit:g} % hottest in the start arc <= {level_gy:.2f} Gy")
     if not maps:
         return None, held
     return LinearGoalTerms(maps=tuple(maps), limits_fx=tuple(limits), weights=tuple(weights), rx_fx=rx_fx), held
