@@ -59,7 +59,8 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
     if chosen is PlanningMethod.AUTO:
         if folder is None:
             return PlanningMethod.OPTIMIZE
-        ok, why = model_is_qualified(folder, settings.planning.ai_refine_iterations)
+        ok, why = model_is_qualified(folder, settings.planning.ai_refine_iterations,
+                                     settings.planning.arc_optimizer_iterations)
         if not ok:
             log.info("method auto: using the optimizer; the installed model is not qualified for unattended use (%s)", why)
             return PlanningMethod.OPTIMIZE

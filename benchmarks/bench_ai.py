@@ -26,6 +26,9 @@ bladder/rectum Dmean and D2, the one-sided 95 % upper confidence bound of the me
 difference (AI - optimizer) must stay below the margin (HI 0.01, OAR 1.5 Gy), and every AI plan
 must reach PTV D98 >= 97 % of Rx.
 
+The quality gate that lets ``planning.method = auto`` use a model is not this benchmark's: it is
+``benchmarks.gate_ai``, on both case sets against the full planner.
+
     .venv/bin/python -m benchmarks.bench_ai [--seeds 2000:2020] [--model DIR] [--variant LABEL=DIR ...]
                                             [--refine N] [--arc N] [--threads 2] [--json OUT.json]
 """
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 from dataclasses import replace
@@ -42,10 +44,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 from appliance.config import PlanningMethod, Settings
 from appliance.planning import planning_options
+from benchmarks.gate_ai import D98_MIN_REL, MARGINS, paired_bound
 from core.case import Role
 from pipeline.ai_planner import load_pipeline, predict_fluence, prepare_case
 from pipeline.beam_model import load_beam_model
@@ -66,10 +68,6 @@ ARC = SETTINGS.machine.arc()
 #: The appliance's planning options (the rows change the iterations, model, sparing, feedback and refinement).
 AI_OPTIONS = planning_options(SETTINGS, PlanningMethod.AI, "cpu")
 OPTIMIZER_OPTIONS = planning_options(SETTINGS, PlanningMethod.OPTIMIZE, "cpu")
-#: Non-inferiority margins of the paper: metric -> margin (AI - optimizer must stay below it).
-MARGINS: dict[str, float] = {"HI": 0.01, "bladder_Dmean_Gy": 1.5, "bladder_D2_Gy": 1.5, "rectum_Dmean_Gy": 1.5,
-                             "rectum_D2_Gy": 1.5}
-D98_MIN_REL = 0.97
 #: Row label of the paper's pipeline without the appliance's refinement.
 NETWORKS_ONLY = "AI networks only"
 
@@ -158,31 +156,9 @@ def run_case(seed: int, model_dir: str, variants: dict[str, str], optimizer_iter
 
 def non_inferiority(rows: list[dict[str, Any]], label: str = "AI") -> list[dict[str, Any]]:
     """Paired AI - optimizer differences per metric: mean, one-sided 95 % upper bound, verdict."""
-    res = []
-    for metric, margin in MARGINS.items():
-        d = np.array([r["quality"][label][metric] - r["quality"]["optimizer"][metric] for r in rows])
-        d = d[np.isfinite(d)]
-        mean = float(d.mean()) if d.size else float("nan")
-        if d.size >= 2:
-            upper = mean + float(stats.t.ppf(0.95, d.size - 1)) * float(d.std(ddof=1)) / math.sqrt(d.size)
-        else:
-            upper = float("nan")
-        res.append({"metric": metric, "margin": margin, "mean_diff": mean, "upper95": upper,
-                    "cases_within_margin": int((d <= margin).sum()), "n": int(d.size),
-                    "non_inferior": bool(np.isfinite(upper) and upper < margin)})
-    return res
-
-
-def record_quality_gate(model_dir: str, gate: dict[str, Any]) -> str:
-    """Write ``gate`` into the model's ``model.json`` (``meta.quality_gate``) and set
-    ``meta.qualified_for_auto`` to its verdict; returns the file's path."""
-    from pipeline.ai_model import installed_model_dir
-    from pipeline.model_io import update_model_meta
-
-    folder = installed_model_dir(model_dir)
-    if folder is None:
-        raise SystemExit(f"no model.json in {model_dir or 'the shipped model folder'}")
-    return str(update_model_meta(folder, {"quality_gate": gate, "qualified_for_auto": bool(gate["passed"])}))
+    return [{"metric": metric, **paired_bound([r["quality"][label][metric] - r["quality"]["optimizer"][metric]
+                                               for r in rows], margin)}
+            for metric, margin in MARGINS.items()]
 
 
 def _med(vals: list[float]) -> float:
@@ -207,9 +183,6 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write every case's measurements to this JSON file")
     ap.add_argument("--from-json", default="", metavar="FILE",
                     help="print the tables of a run saved with --json instead of planning again")
-    ap.add_argument("--record-gate", action="store_true",
-                    help="record the verdict of the 'AI' row in the model's model.json (meta.quality_gate; "
-                         "meta.qualified_for_auto is true only when every criterion is met)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = dict(v.split("=", 1) for v in args.variant)
@@ -288,17 +261,6 @@ def main() -> None:
         lowered = [sum(r["sparing"][organ][s] < r["sparing"][organ][0.0] for r in rows) for s in (0.2, 0.4)]
         print(f"| {organ} | " + " | ".join(f"{_med([r['sparing'][organ][s] for r in rows]):.2f}"
                                             for s in (0.0, 0.2, 0.4)) + f" | {lowered[0]}/{n} / {lowered[1]}/{n} |")
-    if args.record_gate:
-        gate = {"cases": n, "seeds": [r["seed"] for r in rows], "ai_refine_iterations": args.refine,
-                "optimizer_iterations": args.iterations, "median_s": {"optimizer": round(t_opt, 3), "ai": round(t_ai, 3)},
-                "criteria": [{k: x[k] for k in ("metric", "margin", "mean_diff", "upper95", "non_inferior")}
-                             for x in verdicts["AI"]["non_inferiority"]]
-                + [{"metric": f"PTV D98 >= {100 * D98_MIN_REL:.0f} % Rx", "cases": verdicts["AI"]["d98_ok"],
-                    "non_inferior": verdicts["AI"]["d98_ok"] == n}],
-                "passed": verdicts["AI"]["overall_non_inferior"],
-                "measured_by": "python -m benchmarks.bench_ai (held-out synthetic cases; see benchmarks/RESULTS.md)"}
-        path = record_quality_gate(args.model, gate)
-        print(f"\nquality gate {'passed' if gate['passed'] else 'NOT passed'}; recorded in {path}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "refine_iterations": args.refine, **verdicts["AI"],

@@ -55,12 +55,13 @@ from appliance.dicom.case_loader import load_folder
 from appliance.planning import planning_options
 from appliance.synth_dicom import write_synth_case
 from core.case import Case
+from pipeline.ai_model import installed_model_dir, model_weights_id
 from pipeline.arc_optimizer import delivered_fluence
 from pipeline.evaluation import evaluate_structures
 from pipeline.gamma import gamma_pass_rate
 from pipeline.goals import evaluate_goals
 from pipeline.optimizer import OptimizerWeights
-from pipeline.plan import PlanningOptions, PlanResult, Timings, mu_normalisation_factor, plan_arc
+from pipeline.plan import FluenceSource, PlanningOptions, PlanResult, Timings, mu_normalisation_factor, plan_arc
 from sequencing.deliverability import check_deliverable, delivery_time_s
 from sequencing.fluence import fluence_from_sequence
 from sequencing.sequencer import ArcSequence
@@ -173,7 +174,20 @@ def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
         "timings_s": dict(timings.stages),
         "record": {k: v for k, v in result.record.items()
                    if k in ("arc_optimizer", "arc_start", "sequencer_aperture_threshold", "rescue")},
+        "planner": planner_settings(options),
     }
+
+
+def planner_settings(options: PlanningOptions) -> dict[str, Any]:
+    """What a quality gate must know of the planner that made a row (``benchmarks.gate_ai``): the
+    refinement and arc-stage evaluations and, for the AI method, the weights id of its model."""
+    out: dict[str, Any] = {"source": options.source.value, "ai_refine_iterations": options.ai_refine_iterations,
+                           "arc_iterations": options.arc.iterations, "sectors_per_beam": options.arc.sectors_per_beam,
+                           "rescue_rounds": options.rescue_rounds}
+    folder = installed_model_dir(options.model_dir)
+    if options.source is FluenceSource.AI and folder is not None:
+        out["model_weights_id"] = model_weights_id(folder)
+    return out
 
 
 def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[str, Any]:

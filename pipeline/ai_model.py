@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "airt_small"
+#: Case sets a quality gate must have passed on (``benchmarks.bench_arc``): synthetic seeds no training
+#: used, and anatomy and CT geometries no training or tuning used.
+GATE_CASE_SETS = ("synth", "heldout")
+#: Paired cases per set a quality gate needs.
+MIN_GATE_CASES = 20
 
 
 def installed_model_dir(configured: str = "") -> Path | None:
@@ -14,15 +19,41 @@ def installed_model_dir(configured: str = "") -> Path | None:
     return folder if (folder / "model.json").is_file() else None
 
 
-def model_is_qualified(folder: Path, refine_iterations: int | None = None) -> tuple[bool, str]:
+def model_weights_id(folder: Path) -> str:
+    """One digest naming a model's weights: the SHA-256 of its networks' recorded SHA-256 digests
+    (``model.json`` ``networks.<key>.sha256``, by key). A quality gate records the id of the model
+    it measured, so a model retrained into the same folder does not inherit its verdict.
+
+    Raises
+    ------
+    ValueError
+        ``model.json`` unreadable or without network digests.
+    """
+    import hashlib
+    import json
+
+    try:
+        networks = json.loads((folder / "model.json").read_text(encoding="utf-8"))["networks"]
+        parts = [f"{key}={networks[key]['sha256']}" for key in sorted(networks)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder / 'model.json'}: no network digests ({exc})") from None
+    if not parts:
+        raise ValueError(f"{folder / 'model.json'}: no networks")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def model_is_qualified(folder: Path, refine_iterations: int | None = None,
+                       arc_iterations: int | None = None) -> tuple[bool, str]:
     """Whether ``planning.method = auto`` may use this model, and why (not).
 
-    A model qualifies only when its ``model.json`` records ``meta.qualified_for_auto = true``,
-    which the held-out benchmark sets when the model's plans met the quality gate
-    (``python -m benchmarks.bench_ai --record-gate``). A model without it is used only when asked
-    for explicitly (``--method ai``). The gate's plans were refined by
-    ``meta.quality_gate.ai_refine_iterations`` optimizer evaluations (``pipeline.refine``); with
-    fewer (``refine_iterations``, the configured number) the verdict does not hold and the model
+    A model qualifies only when its ``model.json`` records ``meta.qualified_for_auto = true`` and a
+    passed quality gate (``python -m benchmarks.gate_ai --record-gate``) that compared its plans with
+    the full planner's on both case sets (:data:`GATE_CASE_SETS`: synthetic seeds never trained on,
+    and anatomy and CT geometries no training or tuning used), at least :data:`MIN_GATE_CASES`
+    paired cases each, for this model's weights (:func:`model_weights_id`). A model without it is
+    used only when asked for explicitly (``--method ai``). The gate's plans were made with
+    ``ai_refine_iterations`` refinement and ``arc_iterations`` arc-stage evaluations; with fewer
+    configured (``refine_iterations``, ``arc_iterations``) the verdict does not hold and the model
     does not qualify.
     """
     import json
@@ -34,8 +65,23 @@ def model_is_qualified(folder: Path, refine_iterations: int | None = None) -> tu
     if meta.get("qualified_for_auto") is not True:
         return False, str(meta.get("note") or "the model has not passed the held-out quality gate")
     gate = meta.get("quality_gate") or {}
-    needed = int(gate.get("ai_refine_iterations", 0))
-    if refine_iterations is not None and refine_iterations < needed:
-        return False, (f"its quality gate was passed with {needed} refinement evaluations and "
-                       f"planning.ai_refine_iterations is {refine_iterations}")
-    return True, "qualified on held-out cases"
+    if gate.get("passed") is not True:
+        return False, "model.json records no passed quality gate"
+    sets = gate.get("case_sets") or {}
+    for name in GATE_CASE_SETS:
+        got = sets.get(name) or {}
+        if not (got.get("passed") is True and int(got.get("cases", 0)) >= MIN_GATE_CASES):
+            return False, (f"its quality gate did not pass on {MIN_GATE_CASES} or more paired cases of the "
+                           f"{name} set (run python -m benchmarks.gate_ai)")
+    try:
+        current = model_weights_id(folder)
+    except ValueError as exc:
+        return False, str(exc)
+    if gate.get("model_weights_id") != current:
+        return False, "its quality gate was measured on other weights than the model's"
+    for key, configured, setting in (("ai_refine_iterations", refine_iterations, "planning.ai_refine_iterations"),
+                                     ("arc_iterations", arc_iterations, "planning.arc_optimizer_iterations")):
+        needed = int(gate.get(key, 0))
+        if configured is not None and configured < needed:
+            return False, f"its quality gate was passed with {key} = {needed} and {setting} is {configured}"
+    return True, "qualified on held-out cases of both case sets"
