@@ -1,8 +1,9 @@
 """``airt train``: make training data and train the AIRT networks.
 
-Make (or extend, resumably) a cache of planned synthetic cases::
+Make (or extend, resumably) a cache of teacher plans: synthetic cases of drawn CT geometries and
+anatomy variety planned by the configured full planner (method optimize) with a profile::
 
-    airt train --make-data --seeds 1000:1300 --out CACHE [--iterations 60] [--plan-grid-mm 8]
+    airt train --make-data --seeds 10000:10300 --out CACHE [--profile NAME] [--isotropic-mm 8]
 
 Train on cached synthetic plans and/or clinical exports, write a model folder::
 
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from appliance.config import Settings, load_settings
+from core.case import Prescription
 from core.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
@@ -41,11 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     data = parser.add_argument_group("training data")
-    data.add_argument("--make-data", action="store_true", help="plan synthetic cases into the cache --out")
-    data.add_argument("--seeds", default="1000:1100", help="synthetic seeds A:B (B exclusive), A-B or N")
+    data.add_argument("--make-data", action="store_true",
+                      help="plan teacher cases into the cache --out with the configured planner (method optimize)")
+    data.add_argument("--seeds", default="10000:10100",
+                      help="teacher case seeds A:B (B exclusive), A-B or N; 2000-2999 and 5000-5999 are reserved "
+                           "for the benchmarks and the quality gate")
     data.add_argument("--out", type=Path, default=None, help="cache folder written by --make-data")
-    data.add_argument("--iterations", type=int, default=30, help="optimizer evaluations per synthetic case")
-    data.add_argument("--plan-grid-mm", type=float, default=4.0, help="dose grid of the teacher optimizer, mm")
+    data.add_argument("--profile", default="", help="protocol profile of the teacher plans (default: planning.profile)")
+    data.add_argument("--isotropic-mm", type=float, default=None,
+                      help="teacher cases on an isotropic grid of this spacing instead of drawn CT geometries "
+                           "(quicker; no CT variety)")
     train = parser.add_argument_group("training")
     train.add_argument("--cache", type=Path, action="append", default=[], help="cache folder (repeatable)")
     train.add_argument("--clinical", type=Path, action="append", default=[],
@@ -140,22 +147,24 @@ def load_clinical_record(folder: Path, settings: Settings) -> Any:
 def _make_data(args: argparse.Namespace, settings: Settings, device: str) -> int:
     from tqdm import tqdm
 
-    from pipeline.training.data import PlanningRecipe, generate_cache, parse_seed_range
+    from appliance.config import PlanningMethod
+    from appliance.planning import planning_options
+    from pipeline.training.data import generate_cache, parse_seed_range
 
     if args.out is None:
         raise ConfigError("--make-data needs --out CACHE_FOLDER")
     seeds = parse_seed_range(args.seeds)
-    recipe = PlanningRecipe(spacing_mm=args.plan_grid_mm, iterations=args.iterations,
-                            aperture_threshold=settings.planning.aperture_threshold,
-                            arc_iterations=settings.planning.arc_optimizer_iterations)
-    bar = tqdm(total=len(seeds), desc="planning synthetic cases", unit="case")
+    profile = settings.profile(args.profile or None)
+    options = planning_options(settings, PlanningMethod.OPTIMIZE, device, profile)
+    bar = tqdm(total=len(seeds), desc="planning teacher cases", unit="case")
 
     def progress(seed: int, done: int, total: int) -> None:
         bar.update(1)
         bar.set_postfix(seed=seed)
 
-    paths = generate_cache(args.out, seeds, machine=settings.machine.model(), arc=settings.machine.arc(),
-                           hu_curve=settings.planning.hu_to_density, recipe=recipe, device=device, progress=progress)
+    paths = generate_cache(args.out, seeds, options=options, prescription=profile.to_prescription(),
+                           machine=settings.machine.model(), arc=settings.machine.arc(), profile=profile.name,
+                           isotropic_mm=args.isotropic_mm, progress=progress)
     bar.close()
     print(f"{len(paths)} cases in {args.out}")
     return 0
@@ -182,12 +191,17 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
         desc = read_cache_description(cache)
         plans = [load_cached_plan(p) for p in list_cache(cache)]
         spacing = float(desc.get("case_spacing_mm", 4.0))
-        records += [PlanRecord(f"synth{p.seed}", p.sequence, seed=p.seed, case_spacing_mm=spacing) for p in plans]
-        teacher = {k: float(np.median([p.info[k] for p in plans if k in p.info])) if plans else None
-                   for k in ("optimizer_s", "ptv_HI", "ptv_D98_rel")}
+        rx = desc.get("prescription")
+        prescription = (Prescription(dose_gy=float(rx["dose_gy"]), fractions=int(rx["fractions"])) if rx
+                        else Prescription())
+        records += [PlanRecord(f"synth{p.seed}", p.sequence, teacher=p.case, prescription=prescription)
+                    if p.case is not None else
+                    PlanRecord(f"synth{p.seed}", p.sequence, seed=p.seed, case_spacing_mm=spacing) for p in plans]
+        keys = {k for p in plans for k in p.info}
+        teacher = {k: float(np.nanmedian([p.info[k] for p in plans if k in p.info])) for k in sorted(keys)}
         description["synthetic"].append({"cache": Path(cache).name, "n_cases": len(plans),
                                          "seeds": [p.seed for p in plans], "recipe": desc,
-                                         "teacher_plans_median_after_sequencing": teacher})
+                                         "teacher_plans_median": teacher})
     for root in args.clinical:
         for sub in sorted(p for p in Path(root).iterdir() if p.is_dir()):
             try:

@@ -38,6 +38,7 @@ from appliance.dicom.rtstruct import RoiContours, RoiInterpretedType, structure_
 from core.case import Grid, PatientPosition
 from core.errors import InputError
 from pipeline import synth
+from pipeline.synth import ct_grid
 
 log = logging.getLogger(__name__)
 
@@ -113,32 +114,6 @@ class SynthWritten:
     patient_position: PatientPosition
     anatomy: synth.SynthAnatomy
     roi_names: tuple[str, ...]
-
-
-def ct_grid(n_slices: int, pixel_mm: float, slice_mm: float, matrix: int = 512) -> Grid:
-    """The CT grid of a written case (Case convention), centred on the origin.
-
-    Parameters
-    ----------
-    n_slices
-        Number of axial slices (>= 2).
-    pixel_mm
-        In-plane pixel size, mm (> 0).
-    slice_mm
-        Slice spacing and thickness, mm (> 0).
-    matrix
-        Rows and columns of every slice (>= 16).
-    """
-    if n_slices < 2:
-        raise InputError(f"a synthetic CT needs at least 2 slices, got {n_slices}")
-    if matrix < 16:
-        raise InputError(f"a synthetic CT needs at least 16 x 16 pixels, got {matrix}")
-    if not (pixel_mm > 0 and slice_mm > 0):
-        raise InputError(f"pixel and slice sizes must be > 0 mm, got {pixel_mm} and {slice_mm}")
-    o_xy = -(matrix - 1) / 2.0 * pixel_mm
-    o_z = -(n_slices - 1) / 2.0 * slice_mm
-    return Grid(origin_mm=(o_xy, o_xy, o_z), spacing_mm=(pixel_mm, pixel_mm, slice_mm),
-                shape=(n_slices, matrix, matrix))
 
 
 def mask_contours(mask2d: NDArray[np.bool_]) -> list[NDArray[np.float64]]:

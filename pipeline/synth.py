@@ -313,6 +313,42 @@ def draw_heldout_params(seed: int) -> SynthParams:
     )
 
 
+def draw_variety_params(seed: int) -> SynthParams:
+    """Parameters of a teacher case of wide anatomy variety: :func:`draw_params`'s anatomy and
+    augmentation, with each of the following redrawn, with probability 0.5 each, over the union of the
+    training and the held-out ranges (:func:`draw_heldout_params`): body semi-axes 140-225 x 95-150
+    mm (shape exponent 1.9-3.3, subcutaneous fat 6-50 mm), bladder filling 35-550 cm3, rectum radius
+    9.5-19 mm, 1-6 rectal gas pockets of 2.5-12 mm, femoral heads 76-104 mm off the midline. The
+    anatomy of the held-out benchmark set is then no longer outside the training ranges; its seeds
+    and CT geometries are (``pipeline.training.data``).
+    """
+    base = draw_params(seed)
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(5,)))
+    flags = rng.random(6) < 0.5
+
+    def u(lo: float, hi: float) -> float:
+        return float(rng.uniform(lo, hi))
+
+    body = ((u(140, 225), u(95, 150)), u(1.9, 3.3), u(6.0, 50.0))
+    bladder = u(35.0, 550.0)
+    rectum = u(9.5, 19.0)
+    n_gas = int(rng.integers(1, 7))
+    gas = tuple((u(0.1, 0.95), u(0, 2 * math.pi), u(2.5, 12.0), u(0.0, 0.6)) for _ in range(n_gas))
+    femur_x = u(76.0, 104.0)
+    names = ("body", "bladder", "rectum", "gas", "femoral_heads")
+    return replace(
+        base,
+        body_ab_mm=body[0] if flags[0] else base.body_ab_mm,
+        body_exponent=body[1] if flags[0] else base.body_exponent,
+        fat_mm=body[2] if flags[0] else base.fat_mm,
+        bladder_volume_cc=bladder if flags[1] else base.bladder_volume_cc,
+        rectum_radius_mm=rectum if flags[2] else base.rectum_radius_mm,
+        gas_pockets=gas if flags[3] else base.gas_pockets,
+        femur_head_x_mm=femur_x if flags[4] else base.femur_head_x_mm,
+        augmented=base.augmented + tuple(f"wide_{n}" for f, n in zip(flags[:5], names, strict=True) if f),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The reference anatomy
 # --------------------------------------------------------------------------------------------
@@ -650,7 +686,8 @@ class SynthAnatomy:
 
 
 def synth_anatomy(seed: int, grid: Grid, *, noise: bool = True, blur_mm: float = 0.6,
-                  chunk_voxels: int = 4_000_000, heldout: bool = False) -> SynthAnatomy:
+                  chunk_voxels: int = 4_000_000, heldout: bool = False,
+                  params: SynthParams | None = None) -> SynthAnatomy:
     """Generate the synthetic pelvis of ``seed`` on ``grid``.
 
     Parameters
@@ -671,13 +708,17 @@ def synth_anatomy(seed: int, grid: Grid, *, noise: bool = True, blur_mm: float =
     heldout
         Draw the anatomy with :func:`draw_heldout_params` (ranges no training case has) instead of
         :func:`draw_params`.
+    params
+        The parameters to build (e.g. :func:`draw_variety_params`); drawn as ``heldout`` says when None.
 
     Returns
     -------
     SynthAnatomy
         CT in HU and the masks.
     """
-    p = draw_heldout_params(seed) if heldout else draw_params(seed)
+    if params is not None and params.seed != seed:
+        raise InputError(f"synthetic parameters of seed {params.seed} given for seed {seed}")
+    p = params if params is not None else draw_heldout_params(seed) if heldout else draw_params(seed)
     anat = _build_anatomy(p)
     tf = _Transform(p)
     td = _target_distances(anat, tf, p)
@@ -765,6 +806,32 @@ def _paint_chunk(ch: _Chunk, anat: _Anatomy, td: _TargetDistances, p: SynthParam
     masks[PTV][...] = ptv
 
 
+def ct_grid(n_slices: int, pixel_mm: float, slice_mm: float, matrix: int = 512) -> Grid:
+    """A CT grid (Case convention) centred on the origin (the reference prostate level).
+
+    Parameters
+    ----------
+    n_slices
+        Number of axial slices (>= 2).
+    pixel_mm
+        In-plane pixel size, mm (> 0).
+    slice_mm
+        Slice spacing and thickness, mm (> 0).
+    matrix
+        Rows and columns of every slice (>= 16).
+    """
+    if n_slices < 2:
+        raise InputError(f"a synthetic CT needs at least 2 slices, got {n_slices}")
+    if matrix < 16:
+        raise InputError(f"a synthetic CT needs at least 16 x 16 pixels, got {matrix}")
+    if not (pixel_mm > 0 and slice_mm > 0):
+        raise InputError(f"pixel and slice sizes must be > 0 mm, got {pixel_mm} and {slice_mm}")
+    o_xy = -(matrix - 1) / 2.0 * pixel_mm
+    o_z = -(n_slices - 1) / 2.0 * slice_mm
+    return Grid(origin_mm=(o_xy, o_xy, o_z), spacing_mm=(pixel_mm, pixel_mm, slice_mm),
+                shape=(n_slices, matrix, matrix))
+
+
 def default_grid(spacing_mm: Sequence[float] = (4.0, 4.0, 4.0),
                  fov_mm: Sequence[float] = DEFAULT_FOV_MM) -> Grid:
     """A grid of the given spacing (dx, dy, dz, mm) covering ``fov_mm`` centred on the origin."""
@@ -778,7 +845,9 @@ def default_grid(spacing_mm: Sequence[float] = (4.0, 4.0, 4.0),
 
 
 def synth_case(seed: int, *, spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0),
-               prescription: Prescription = Prescription()) -> Case:  # noqa: B008
+               prescription: Prescription = Prescription(),  # noqa: B008
+               grid: Grid | None = None, patient_position: PatientPosition = PatientPosition.HFS,
+               params: SynthParams | None = None) -> Case:
     """A synthetic planning case built directly (no DICOM), for training data and tests.
 
     Parameters
@@ -789,17 +858,23 @@ def synth_case(seed: int, *, spacing_mm: tuple[float, float, float] = (4.0, 4.0,
         (dx, dy, dz) of the case grid, mm; the field of view is :data:`DEFAULT_FOV_MM`.
     prescription
         Dose to the PTV.
+    grid
+        The case grid instead (e.g. :func:`ct_grid`, a CT's geometry); ``spacing_mm`` is then unused.
+    patient_position
+        The patient's position on the couch (the anatomy is in patient coordinates either way; the
+        position turns the arc's gantry angles relative to it, as for a loaded CT).
+    params
+        The anatomy's parameters (:func:`synth_anatomy`); :func:`draw_params` when None.
 
     Returns
     -------
     Case
-        ``case_id`` is ``synth<seed>``, HFS, masks by role with TG-263 structure names.
+        ``case_id`` is ``synth<seed>``, masks by role with TG-263 structure names.
     """
-    grid = default_grid(spacing_mm)
-    anat = synth_anatomy(seed, grid)
+    grid = grid if grid is not None else default_grid(spacing_mm)
+    anat = synth_anatomy(seed, grid, params=params)
     return Case(
         case_id=f"synth{seed}", ct_hu=anat.ct_hu, grid=grid, masks=anat.role_masks(),
-        structure_names=dict(ROLE_NAMES), patient_position=PatientPosition.HFS,
+        structure_names=dict(ROLE_NAMES), patient_position=patient_position,
         prescription=prescription, dicom=None,
     )
-

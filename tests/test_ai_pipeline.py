@@ -13,19 +13,24 @@ import pytest
 import torch
 
 from appliance.config import Settings
-from core.case import Role
+from core.case import PatientPosition, Prescription, Role
 from core.errors import ConfigError, InputError
 from core.machine import ArcSpec, MachineModel
 from pipeline.ai_model import SHIPPED_MODEL_DIR
 from pipeline.ai_planner import MODULE_KEYS, ModelSpec, predict_candidates, predict_fluence
 from pipeline.geometry import ArcGeometry
-from pipeline.synth import synth_case
+from pipeline.synth import draw_params, draw_variety_params, synth_case
 from pipeline.training.data import (
+    RESERVED_SEEDS,
+    TEACHER_CTS,
     CachedPlan,
+    TeacherCase,
+    TeacherCt,
     load_cached_plan,
     parse_seed_range,
     quantise_sequence,
     save_cached_plan,
+    teacher_case,
 )
 from pipeline.training.train import PlanRecord, TrainConfig, Trainer, build_sample, size_configs
 from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
@@ -121,28 +126,75 @@ def test_cache_round_trip_regenerates_the_same_target_fluence(tmp_path: Path) ->
         parse_seed_range("x:y")
 
 
-def test_make_data_is_resumable(tmp_path: Path) -> None:
+def test_make_data_is_resumable_and_plans_with_the_configured_planner(tmp_path: Path) -> None:
     from appliance import cmd_train
 
+    config = tmp_path / "airt.toml"
+    config.write_text("[planning]\noptimizer_iterations = 2\narc_optimizer_iterations = 2\nrescue_rounds = 0\n")
     parser = argparse.ArgumentParser()
     cmd_train.add_arguments(parser)
-    args = parser.parse_args(["--make-data", "--seeds", "6:7", "--out", str(tmp_path / "cache"),
-                              "--iterations", "2", "--device", "cpu"])
+    args = parser.parse_args(["--make-data", "--seeds", "10006:10007", "--out", str(tmp_path / "cache"),
+                              "--isotropic-mm", "8", "--device", "cpu", "--config", str(config)])
     assert cmd_train.run(args) == 0
-    path = tmp_path / "cache" / "case_000006.npz"
+    path = tmp_path / "cache" / "case_010006.npz"
     plan = load_cached_plan(path)
-    assert plan.seed == 6 and plan.sequence.total_mu > 0 and plan.info["evaluations"] >= 1
+    assert plan.seed == 10006 and plan.sequence.total_mu > 0
+    assert plan.case == teacher_case(10006, isotropic_mm=8.0) and plan.case.ct.pixel_mm == 8.0
+    assert {"planning_s", "ptv_HI", "ptv_D98_rel", "all_p1_met", "p2_met", "rectum_Dmean_Gy"} <= set(plan.info)
     stamp = path.stat().st_mtime_ns
     assert cmd_train.run(args) == 0  # resumed: nothing re-planned
     assert path.stat().st_mtime_ns == stamp
     desc = json.loads((tmp_path / "cache" / "cache.json").read_text())
-    assert desc["optimizer_iterations"] == 2 and desc["optimizer_dose_grid_mm"] == 4.0
-    assert desc["sequencer_aperture_threshold"] == 0.02  # the appliance's planning.aperture_threshold
-    # teacher plans are the arcs the appliance would export: machine-parameter optimisation included
-    assert desc["arc_optimizer_iterations"] == Settings().planning.arc_optimizer_iterations > 0
-    other = parser.parse_args(["--make-data", "--seeds", "6:7", "--out", str(tmp_path / "cache"), "--iterations", "5"])
-    with pytest.raises(ConfigError, match="other settings"):
-        cmd_train.run(other)
+    assert desc["format"] == 2 and desc["profile"] == Settings().planning.profile
+    planner = desc["planner_settings"]
+    # the teacher is the configured full planner: goals, arc optimisation, the appliance's threshold
+    assert planner["source"] == "optimize" and planner["optimizer_iterations"] == 2
+    assert planner["arc"]["iterations"] == 2 and planner["goals"] and planner["rescue_rounds"] == 0
+    assert planner["sequencer_threshold"] == Settings().planning.aperture_threshold
+    other = tmp_path / "other.toml"
+    other.write_text("[planning]\noptimizer_iterations = 5\n")
+    changed = parser.parse_args(["--make-data", "--seeds", "10006:10007", "--out", str(tmp_path / "cache"),
+                                 "--isotropic-mm", "8", "--config", str(other)])
+    with pytest.raises(ConfigError, match="planner_settings differ"):
+        cmd_train.run(changed)
+    reserved = parser.parse_args(["--make-data", "--seeds", "2000:2001", "--out", str(tmp_path / "c2")])
+    with pytest.raises(ConfigError, match="reserved for the benchmark case sets"):
+        cmd_train.run(reserved)
+    assert not (tmp_path / "c2").exists()
+
+
+def test_teacher_cases_vary_ct_and_anatomy_and_keep_the_gate_cases_out() -> None:
+    from benchmarks.bench_arc import CASE_SETS, HELDOUT_CTS
+
+    specs = [teacher_case(s) for s in range(10000, 10060)]
+    assert specs == [teacher_case(s) for s in range(10000, 10060)]  # drawn from the seed alone
+    assert {c.ct for c in specs} == set(TEACHER_CTS)
+    assert 15 < sum(c.wide for c in specs) < 45
+    assert {c.ct.position for c in specs} == {PatientPosition.HFS, PatientPosition.FFS}
+    heldout = {(g.matrix, g.pixel_mm, g.slice_mm, g.position) for g in HELDOUT_CTS}
+    assert not heldout & {(c.matrix, c.pixel_mm, c.slice_mm, c.position.value) for c in TEACHER_CTS}
+    assert all(any(first in r for r in RESERVED_SEEDS) for first in CASE_SETS.values())
+    for seed in (2000, 2019, 5000, 5019):
+        with pytest.raises(ConfigError, match="reserved"):
+            teacher_case(seed)
+    wide = next(c for c in specs if c.wide)
+    assert draw_variety_params(wide.seed) != draw_params(wide.seed)
+    assert any(a.startswith("wide_") for a in draw_variety_params(wide.seed).augmented)
+
+
+def test_a_teacher_case_is_built_on_its_ct_geometry_and_position() -> None:
+    spec = TeacherCase(seed=10001, ct=TeacherCt(64, 7.5, 6.0, 50, PatientPosition.FFS), wide=True)
+    case = spec.case(Prescription(dose_gy=60.0, fractions=20))
+    assert case.grid.shape == (50, 64, 64) and case.grid.spacing_mm == (7.5, 7.5, 6.0)
+    assert case.patient_position is PatientPosition.FFS and case.prescription.dose_gy == 60.0
+    assert case.masks[Role.PTV].any() and case.masks[Role.RECTUM].any()
+    # the same anatomy as the generator's on that grid
+    from pipeline.synth import synth_anatomy
+
+    anat = synth_anatomy(10001, spec.ct.grid(), params=draw_variety_params(10001))
+    assert np.array_equal(case.masks[Role.BLADDER], anat.role_masks()[Role.BLADDER])
+    with pytest.raises(InputError, match="parameters of seed"):
+        synth_anatomy(10002, spec.ct.grid(), params=draw_variety_params(10001))
 
 
 @pytest.mark.slow

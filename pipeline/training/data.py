@@ -1,13 +1,19 @@
-"""Training data of the AIRT networks: planned cases, a compact cache of their leaf sequences, and samples.
+"""Training data of the AIRT networks: teacher plans, a compact cache of their arcs, and samples.
 
 What a training case is
 -----------------------
 A planning case (CT + masks) and a *sequenced* single-arc VMAT plan for it. The paper's targets
 come from Eclipse-optimised plans; ours come from
 
-* synthetic cases: ``pipeline.synth.synth_case(seed)`` planned by ``pipeline.optimizer.optimize_fluence``
-  through the reference dose engine, sequenced by ``sequencing.sequencer.sequence_arc`` and
-  MU-normalised so that PTV D95 equals the prescription (the appliance's default normalisation);
+* teacher cases (:func:`teacher_case`): ``pipeline.synth``'s anatomy of a seed with the paper's
+  augmentations (scaling, rotation, non-rigid deformation, PTV and rectum margins), wide anatomy
+  variety on half of them (bladder filling, rectal gas and calibre, body size, femoral heads:
+  :func:`pipeline.synth.draw_variety_params`), on a CT geometry drawn from :data:`TEACHER_CTS`
+  (matrix, pixel, slice, head- or feet-first), planned by the appliance's full planner
+  (:func:`pipeline.plan.plan_arc`, method optimize, with the profile's goals, the machine-parameter
+  optimisation and the rescue: the plans the appliance would send). The seeds and CT geometries
+  of the benchmark case sets and the quality gate (:data:`RESERVED_SEEDS`,
+  ``benchmarks.bench_arc.HELDOUT_CTS``) are never teacher cases;
 * clinical exports (CT + RTSTRUCT + RT Plan), read in ``appliance.cmd_train`` (DICOM lives there).
 
 The *target fluence* is re-derived from the sequenced apertures by
@@ -16,12 +22,14 @@ The *target fluence* is re-derived from the sequenced apertures by
 
 The cache
 ---------
-Only what is expensive (the optimizer, tens of seconds a case) is cached: one compressed
-``case_<seed>.npz`` per synthetic case holding the seed and the sequence: leaf positions of every
-pair quantised to 0.1 mm as int16, jaws likewise, cumulative MU as float32 and the gantry angles as
-float32 (about 10-20 kB a case). Anatomy, target fluence and target dose are regenerated from seed
-and sequence. ``cache.json`` beside them records how the plans were made. Generation is resumable:
-a case whose file exists is skipped; files are written atomically.
+Only what is expensive (the planner, tens of seconds a case) is cached: one compressed
+``case_<seed>.npz`` per case holding the seed, the teacher case's CT geometry and anatomy variety,
+and the arc: leaf positions of every pair quantised to 0.1 mm as int16, jaws likewise, cumulative
+MU as float32 and the gantry angles as float32 (about 10-20 kB a case). Anatomy, target fluence and
+target dose are regenerated from these. ``cache.json`` beside them records the planner, the profile
+and how the cases were drawn. Generation is resumable: a case whose file exists is skipped; files
+are written atomically. Caches of the first format (4 mm cases of ``draw_params``, the first
+fluence optimizer; ``pipeline/data/teacher_plans``) are still read for training.
 """
 
 from __future__ import annotations
@@ -32,23 +40,27 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
-from core.case import DEFAULT_HU_TO_DENSITY
+from core.case import Case, Grid, PatientPosition, Prescription
 from core.errors import ConfigError, InputError
-from core.machine import ArcSpec, ArcStart, MachineModel, RotationDirection
+from core.machine import ArcSpec, MachineModel, RotationDirection
 from sequencing.sequencer import ArcSequence
+
+if TYPE_CHECKING:
+    from pipeline.plan import PlanningOptions
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+#: Format 2: teacher cases of drawn CT geometries and anatomy variety planned by the full planner
+#: (format 1, still read for training: 4 mm cases of ``draw_params`` from the first fluence optimizer).
+CACHE_FORMAT = 2
 CACHE_JSON = "cache.json"
 #: Quantum of the cached leaf and jaw positions, mm.
 POSITION_QUANTUM_MM = 0.1
@@ -111,12 +123,16 @@ class CachedPlan:
     sequence
         The MU-normalised sequenced arc (positions as quantised in the cache).
     info
-        What the generator recorded (optimizer seconds, evaluations, PTV HI/D98 of the plan).
+        What the generator recorded (planning seconds, PTV HI/D98 and goals of the plan).
+    case
+        The teacher case (CT geometry, anatomy variety); None for the first cache format's 4 mm
+        cases of :func:`pipeline.synth.draw_params`.
     """
 
     seed: int
     sequence: ArcSequence
     info: dict[str, float] = field(default_factory=dict)
+    case: TeacherCase | None = None
 
 
 def cache_path(cache_dir: str | Path, seed: int) -> Path:
@@ -130,7 +146,8 @@ def save_cached_plan(cache_dir: str | Path, plan: CachedPlan) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     info = {f"info_{k}": np.float64(v) for k, v in plan.info.items()}
-    np.savez_compressed(buf, seed=np.int64(plan.seed), **sequence_to_arrays(plan.sequence), **info)  # type: ignore[arg-type]
+    spec = plan.case.arrays() if plan.case is not None else {}
+    np.savez_compressed(buf, seed=np.int64(plan.seed), **sequence_to_arrays(plan.sequence), **spec, **info)  # type: ignore[arg-type]
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -154,7 +171,8 @@ def load_cached_plan(path: str | Path) -> CachedPlan:
         with np.load(Path(path), allow_pickle=False) as z:
             seq = sequence_from_arrays(z)
             info = {k[5:]: float(z[k]) for k in z.files if k.startswith("info_")}
-            return CachedPlan(int(z["seed"]), seq, info)
+            seed = int(z["seed"])
+            return CachedPlan(seed, seq, info, TeacherCase.from_arrays(seed, z))
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot read cached plan {path}: {exc}; delete it and run the generator again") from exc
 
@@ -176,115 +194,187 @@ def read_cache_description(cache_dir: str | Path) -> dict[str, Any]:
     return dict(data) if isinstance(data, dict) else {}
 
 
-# --------------------------------------------------------------------------- planning synthetic cases
+# --------------------------------------------------------------------------- teacher cases
 
 
 @dataclass(frozen=True)
-class PlanningRecipe:
-    """How synthetic training plans are made (recorded in ``cache.json`` and in ``model.json``).
+class TeacherCt:
+    """The CT geometry a teacher case is generated on (centred on the reference prostate level)."""
 
-    Parameters
+    matrix: int
+    pixel_mm: float
+    slice_mm: float
+    slices: int
+    position: PatientPosition
+
+    @classmethod
+    def isotropic(cls, mm: float, position: PatientPosition = PatientPosition.HFS) -> TeacherCt:
+        """An isotropic ``mm`` grid over a 500 x 500 x 300 mm field of view (quick teacher data)."""
+        return cls(matrix=max(16, round(500.0 / mm)), pixel_mm=float(mm), slice_mm=float(mm),
+                   slices=max(2, round(300.0 / mm)), position=position)
+
+    def grid(self) -> Grid:
+        """The case grid."""
+        from pipeline.synth import ct_grid
+
+        return ct_grid(self.slices, self.pixel_mm, self.slice_mm, self.matrix)
+
+    def label(self) -> str:
+        return f"{self.matrix}/{self.pixel_mm:g}mm/{self.slice_mm:g}mm/{self.position.value}"
+
+
+#: CT geometries of teacher cases, one drawn per seed: clinical planning CT matrices, pixels and
+#: slices, head- and feet-first, 300 mm long. None is a geometry of the held-out benchmark set
+#: (``benchmarks.bench_arc.HELDOUT_CTS``), which stays out of training and tuning (a test checks it).
+TEACHER_CTS = (
+    TeacherCt(512, 0.977, 2.5, 120, PatientPosition.HFS),  # airt synth's CT
+    TeacherCt(512, 0.977, 2.5, 120, PatientPosition.FFS),
+    TeacherCt(512, 0.88, 2.0, 150, PatientPosition.HFS),
+    TeacherCt(440, 1.15, 2.5, 120, PatientPosition.FFS),
+    TeacherCt(480, 1.05, 3.0, 100, PatientPosition.HFS),
+    TeacherCt(400, 1.3, 2.0, 150, PatientPosition.HFS),
+)
+#: Seeds kept out of training: the benchmark case sets and the quality gate plan them
+#: (``benchmarks.bench_arc``: ``airt synth`` seeds from 2000, held-out seeds from 5000).
+RESERVED_SEEDS = (range(2000, 3000), range(5000, 6000))
+
+
+@dataclass(frozen=True)
+class TeacherCase:
+    """What a teacher case is made from, drawn from its seed by :func:`teacher_case`.
+
+    Attributes
     ----------
-    spacing_mm
-        Dose grid of the optimizer's reference engine, mm (4, as the appliance plans: a fluence
-        optimised on a coarser grid leaves hot spots between its voxels, PTV HI 0.4 at 6 mm when
-        recomputed at 4 mm).
-    iterations
-        Optimizer objective evaluations per case (30: PTV HI about 0.08 before and 0.09 after
-        sequencing, about 25 s a case on 2 cores).
-    case_spacing_mm
-        Voxel size of the synthetic case (CT and masks), mm.
-    normalisation_volume_percent
-        MU are scaled so that the PTV dose covering this volume (D95) equals the prescription.
-    aperture_threshold
-        The leaf sequencer's aperture threshold (fraction of a row's maximum), as
-        ``planning.aperture_threshold`` of the appliance.
-    arc_iterations
-        Machine-parameter optimisation evaluations of the sequenced arc (0: the sequencer's arc).
+    seed
+        The anatomy's seed (``pipeline.synth``).
+    ct
+        Its CT geometry and patient position.
+    wide
+        Anatomy from :func:`pipeline.synth.draw_variety_params` (wide variety: bladder filling, rectal
+        gas and calibre, body size, femoral heads) instead of :func:`pipeline.synth.draw_params`.
     """
 
-    spacing_mm: float = 4.0
-    iterations: int = 30
-    case_spacing_mm: float = 4.0
-    normalisation_volume_percent: float = 95.0
-    aperture_threshold: float = 0.02
-    arc_iterations: int = 0
+    seed: int
+    ct: TeacherCt
+    wide: bool
 
-    def describe(self) -> dict[str, Any]:
-        """Plain-data description."""
-        return {
-            "planner": "pipeline.plan.plan_arc, method optimize: pipeline.optimizer.optimize_fluence (Adam) "
-                       "through the reference dose engine, sequencing.sequencer.sequence_arc, machine-parameter "
-                       "optimisation of the arc (pipeline.arc_optimizer), MU normalised to PTV "
-                       f"D{self.normalisation_volume_percent:g} = Rx on the case grid",
-            "optimizer_dose_grid_mm": self.spacing_mm,
-            "optimizer_iterations": self.iterations,
-            "case_spacing_mm": self.case_spacing_mm,
-            "sequencer_aperture_threshold": self.aperture_threshold,
-            "arc_optimizer_iterations": self.arc_iterations,
-        }
+    def case(self, prescription: Prescription) -> Case:
+        """The planning case: CT in HU and masks on the CT geometry."""
+        from pipeline.synth import draw_params, draw_variety_params, synth_case
+
+        params = draw_variety_params(self.seed) if self.wide else draw_params(self.seed)
+        return synth_case(self.seed, grid=self.ct.grid(), patient_position=self.ct.position, params=params,
+                          prescription=prescription)
+
+    def arrays(self) -> dict[str, NDArray[Any]]:
+        """The fields as cache arrays."""
+        return {"ct_matrix": np.array(self.ct.matrix, dtype=np.int64),
+                "ct_pixel_mm": np.array(self.ct.pixel_mm, dtype=np.float64),
+                "ct_slice_mm": np.array(self.ct.slice_mm, dtype=np.float64),
+                "ct_slices": np.array(self.ct.slices, dtype=np.int64),
+                "ct_position": np.array(self.ct.position.value), "wide_anatomy": np.array(self.wide, dtype=np.bool_)}
+
+    @classmethod
+    def from_arrays(cls, seed: int, z: Any) -> TeacherCase | None:
+        """The case of a cache entry; None for an entry of the first format (4 mm cases of
+        :func:`pipeline.synth.draw_params`)."""
+        if "ct_matrix" not in z:
+            return None
+        ct = TeacherCt(int(z["ct_matrix"]), float(z["ct_pixel_mm"]), float(z["ct_slice_mm"]), int(z["ct_slices"]),
+                       PatientPosition(str(z["ct_position"])))
+        return cls(seed=seed, ct=ct, wide=bool(z["wide_anatomy"]))
 
 
-def plan_synthetic_case(
-    seed: int,
-    *,
-    machine: MachineModel,
-    arc: ArcSpec,
-    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_TO_DENSITY,
-    recipe: PlanningRecipe = PlanningRecipe(),
-    device: torch.device | str = "cpu",
-) -> CachedPlan:
-    """Plan, sequence and MU-normalise synthetic case ``seed`` (the teacher plan of a training case).
+def teacher_case(seed: int, *, isotropic_mm: float | None = None) -> TeacherCase:
+    """The teacher case of ``seed``: a CT geometry of :data:`TEACHER_CTS` and wide anatomy variety with
+    probability 0.5, drawn from the seed (deterministic); with ``isotropic_mm`` an isotropic grid of
+    that spacing instead (head- or feet-first as drawn).
+
+    Raises
+    ------
+    ConfigError
+        A seed of :data:`RESERVED_SEEDS` (benchmark and quality-gate cases never train).
+    """
+    if any(seed in r for r in RESERVED_SEEDS):
+        raise ConfigError(f"seed {seed} is reserved for the benchmark case sets and the quality gate "
+                          f"({', '.join(f'{r.start}-{r.stop - 1}' for r in RESERVED_SEEDS)}); train on other seeds")
+    if seed < 0:
+        raise ConfigError(f"teacher case seeds must be >= 0, got {seed}")
+    rng = np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(7,)))
+    ct = TEACHER_CTS[int(rng.integers(len(TEACHER_CTS)))]
+    wide = bool(rng.random() < 0.5)
+    if isotropic_mm is not None:
+        ct = TeacherCt.isotropic(isotropic_mm, ct.position)
+    return TeacherCase(seed=seed, ct=ct, wide=wide)
+
+
+def describe_planner(options: PlanningOptions) -> dict[str, Any]:
+    """The planner settings of teacher plans as plain data (``cache.json``; the device is left out)."""
+    from dataclasses import asdict
+
+    d = asdict(replace(options, device="cpu", model_dir=""))
+    d["goals"] = [f"P{g.priority} {g.structure} {g.metric} {g.comparison} {g.limit:g}" for g in options.goals]
+    return dict(json.loads(json.dumps(d, default=str)))
+
+
+def plan_teacher_case(spec: TeacherCase, *, options: PlanningOptions, machine: MachineModel, arc: ArcSpec,
+                      prescription: Prescription) -> CachedPlan:
+    """Plan one teacher case with the planner of ``options`` (the appliance's full planner: goal-driven
+    fluence optimisation, sequencing, machine-parameter optimisation, rescue, final dose, MU
+    normalisation).
 
     Returns
     -------
     CachedPlan
-        With the sequence as the cache stores it (quantised) and ``info``: ``optimizer_s``,
-        ``evaluations``, ``ptv_HI``, ``ptv_D98_rel`` (D98 / Rx of the exported arc's reference dose on
-        the case grid).
+        The exported arc as the cache stores it (quantised), the case spec and ``info``: ``planning_s``,
+        ``ptv_HI``, ``ptv_D98_rel`` (D98 / Rx on the CT grid), ``all_p1_met`` (1 or 0), ``p2_met`` and
+        ``p2_total``, ``bladder_Dmean_Gy``, ``rectum_Dmean_Gy``.
     """
-    from pipeline.arc_optimizer import ArcOptimizerSettings
     from pipeline.evaluation import evaluate_structures
-    from pipeline.plan import FluenceSource, PlanningOptions, Timings, plan_arc
-    from pipeline.synth import synth_case
+    from pipeline.plan import FluenceSource, Timings, plan_arc
 
-    s = recipe.case_spacing_mm
-    case = synth_case(seed, spacing_mm=(s, s, s))
-    options = PlanningOptions(
-        source=FluenceSource.OPTIMIZE, dose_grid_mm=recipe.spacing_mm, hu_curve=tuple(hu_curve),
-        optimizer_iterations=recipe.iterations, sequencer_threshold=recipe.aperture_threshold,
-        arc=ArcOptimizerSettings(iterations=recipe.arc_iterations), arc_start=ArcStart.RULE,
-        normalisation_volume_percent=recipe.normalisation_volume_percent, device=str(device))
-    timings = Timings()
-    result = plan_arc(case, machine, arc, options, timings=timings)
-    seq = result.sequence
-    m = evaluate_structures(result.dose_fx * case.prescription.fractions, result.problem.grid, case)["ptv"]
-    info = {"optimizer_s": float(timings.stages.get("optimize", float("nan"))),
-            "evaluations": float(recipe.iterations), "ptv_HI": float(m["HI"]),
-            "ptv_D98_rel": float(m["D98_Gy"]) / case.prescription.dose_gy}
-    return CachedPlan(seed, quantise_sequence(seq), info)
+    t0 = time.perf_counter()
+    case = spec.case(prescription)
+    result = plan_arc(case, machine, arc, replace(options, source=FluenceSource.OPTIMIZE), timings=Timings())
+    m = evaluate_structures(result.dose_fx * case.prescription.fractions, result.problem.grid, case)
+    goals = result.goals or []
+    p2 = [g for g in goals if g["priority"] == 2 and g["passed"] is not None]
+    info = {"planning_s": time.perf_counter() - t0, "ptv_HI": float(m["ptv"]["HI"]),
+            "ptv_D98_rel": float(m["ptv"]["D98_Gy"]) / case.prescription.dose_gy,
+            "all_p1_met": float(all(g["passed"] is not False for g in goals if g["priority"] == 1)),
+            "p2_met": float(sum(bool(g["passed"]) for g in p2)), "p2_total": float(len(p2)),
+            **{f"{organ}_Dmean_Gy": float(m.get(organ, {}).get("Dmean_Gy", float("nan")))
+               for organ in ("bladder", "rectum")}}
+    return CachedPlan(spec.seed, quantise_sequence(result.sequence), info, spec)
 
 
 def generate_cache(
     cache_dir: str | Path,
     seeds: Iterable[int],
     *,
+    options: PlanningOptions,
+    prescription: Prescription,
     machine: MachineModel,
     arc: ArcSpec,
-    hu_curve: Sequence[tuple[float, float]] = DEFAULT_HU_TO_DENSITY,
-    recipe: PlanningRecipe = PlanningRecipe(),
-    device: torch.device | str = "cpu",
+    profile: str,
+    isotropic_mm: float | None = None,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> list[Path]:
-    """Plan every seed not yet in the cache and store it (resumable).
+    """Plan every seed's teacher case (:func:`teacher_case`) not yet in the cache and store it (resumable).
 
     Parameters
     ----------
     cache_dir
-        Cache folder (created). Its ``cache.json`` must agree with ``recipe`` when it exists:
-        mixing recipes in one cache is refused.
+        Cache folder (created). Its ``cache.json`` must agree with these settings when it exists:
+        mixing planners, profiles or case geometries in one cache is refused.
     seeds
-        Synthetic case seeds (>= 0).
+        Seeds (>= 0, none of :data:`RESERVED_SEEDS`).
+    options
+        The planner (method optimize is used whatever ``options.source`` says).
+    prescription, profile
+        The profile's prescription and its name (recorded).
+    isotropic_mm
+        Cases on an isotropic grid of this spacing instead of the drawn CT geometries.
     progress
         Called as ``progress(seed, done, total)`` after every case.
 
@@ -293,34 +383,47 @@ def generate_cache(
     list of Path
         The case files of the requested seeds (existing and new).
     """
+    todo = [int(s) for s in seeds]
+    specs = [teacher_case(s, isotropic_mm=isotropic_mm) for s in todo]  # refuses reserved seeds first
     out = Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     desc = {"format": CACHE_FORMAT, "machine": machine.name, "arc_sectors": arc.n_sectors,
-            "collimator_deg": arc.collimator_deg, **recipe.describe()}
+            "collimator_deg": arc.collimator_deg, "profile": profile,
+            "prescription": {"dose_gy": prescription.dose_gy, "fractions": prescription.fractions},
+            "cases": ("pipeline.training.data.teacher_case: CT geometries of TEACHER_CTS, wide anatomy variety "
+                      "with probability 0.5" if isotropic_mm is None else
+                      f"pipeline.training.data.teacher_case on an isotropic {isotropic_mm:g} mm grid"),
+            "planner": "pipeline.plan.plan_arc, method optimize: " + PLANNER_TEXT,
+            "planner_settings": describe_planner(options)}
     existing = read_cache_description(out)
     if existing and {k: existing.get(k) for k in desc} != desc:
-        raise ConfigError(
-            f"cache {out} was made with other settings ({existing}); use another --out folder for {desc}"
-        )
+        changed = sorted(k for k in desc if existing.get(k) != desc[k])
+        raise ConfigError(f"cache {out} was made with other settings ({', '.join(changed)} differ); "
+                          "use another --out folder")
     if not existing:
         (out / CACHE_JSON).write_text(json.dumps(desc, indent=2) + "\n", encoding="utf-8")
-    todo = [int(s) for s in seeds]
     paths: list[Path] = []
-    for i, seed in enumerate(todo):
+    for i, (seed, spec) in enumerate(zip(todo, specs, strict=True)):
         path = cache_path(out, seed)
         if path.is_file():
             log.debug("cache: seed %d already cached", seed)
         else:
-            t0 = time.perf_counter()
-            plan = plan_synthetic_case(seed, machine=machine, arc=arc, hu_curve=hu_curve, recipe=recipe,
-                                       device=device)
+            plan = plan_teacher_case(spec, options=options, machine=machine, arc=arc, prescription=prescription)
             save_cached_plan(out, plan)
-            log.info("cache: seed %d planned in %.1f s (PTV HI %.3f, D98 %.3f Rx), %d/%d", seed,
-                     time.perf_counter() - t0, plan.info["ptv_HI"], plan.info["ptv_D98_rel"], i + 1, len(todo))
+            log.info("cache: seed %d (%s%s) planned in %.1f s (PTV HI %.3f, D98 %.3f Rx, P1 %s), %d/%d", seed,
+                     spec.ct.label(), ", wide anatomy" if spec.wide else "", plan.info["planning_s"],
+                     plan.info["ptv_HI"], plan.info["ptv_D98_rel"],
+                     "met" if plan.info["all_p1_met"] else "failed", i + 1, len(todo))
         paths.append(path)
         if progress is not None:
             progress(seed, i + 1, len(todo))
     return paths
+
+
+#: What the teacher planner does (``cache.json``).
+PLANNER_TEXT = ("the profile's goal-driven fluence optimisation through the reference dose engine, the "
+                "sequencer's start arc, machine-parameter optimisation of the arc with the goal terms, "
+                "rescue of failed P1 goals, the reference engine's dose of the exported arc, MU normalisation")
 
 
 def parse_seed_range(text: str) -> list[int]:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from core.case import Case
+from core.case import Case, Prescription
 from core.errors import ConfigError, InputError
 from core.machine import ArcSpec, MachineModel
 from pipeline.ai_planner import AirtPipeline, ModelSpec, PreparedCase, prepare_case
@@ -52,6 +52,7 @@ from pipeline.nets.discriminator import (
 )
 from pipeline.nets.dose_proposer import DoseProposerConfig
 from pipeline.nets.fast_dose import FastDoseConfig, PrimaryGeometry
+from pipeline.training.data import TeacherCase
 from sequencing.sequencer import ArcSequence
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ R1_GAMMA = 0.0025
 class PlanRecord:
     """A training case: a sequenced plan and where its case comes from.
 
-    Exactly one of ``seed`` (synthetic: ``synth_case(seed, spacing_mm=case_spacing_mm)``) and
-    ``case`` (a loaded clinical case) is set.
+    Exactly one of ``teacher`` (a teacher case, :class:`pipeline.training.data.TeacherCase`), ``seed``
+    (a first-format cache's case: ``synth_case(seed, spacing_mm=case_spacing_mm)``) and ``case`` (a
+    loaded clinical case) is set.
     """
 
     name: str
@@ -80,11 +82,15 @@ class PlanRecord:
     seed: int | None = None
     case: Case | None = None
     case_spacing_mm: float = 4.0
+    teacher: TeacherCase | None = None
+    prescription: Prescription = field(default_factory=Prescription)
 
     def load_case(self) -> Case:
         """The planning case of the record."""
         if self.case is not None:
             return self.case
+        if self.teacher is not None:
+            return self.teacher.case(self.prescription)
         if self.seed is None:
             raise InputError(f"training record {self.name} has neither a seed nor a case")
         from pipeline.synth import synth_case
