@@ -27,7 +27,11 @@ grid (as ``metrics.json``):
 - the clinical goals of the profile's goal list on the exported arc (all P1 met, P2 met);
 - times (2 threads): the arc optimisation, and case to exported arc excluding the final dose.
 
-    .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai]
+Methods: ``optimize`` and ``ai`` as the appliance plans them, and ``ai_networks``: the AI method without
+its refinement (the networks' fluence, the paper's pipeline, then the same arc stage). The rows are what
+``benchmarks.gate_ai`` computes the AI model's quality gate from.
+
+    .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai,ai_networks]
                                              [--threads 2] [--profile NAME] [--optimizer-weights K=V,...]
                                              [--json OUT.json] [--from-json OUT.json [--compare BEFORE.json]]
 
@@ -140,10 +144,19 @@ def _model_fluence(seq: ArcSequence) -> np.ndarray:
                                  MACHINE).numpy()
 
 
-def run_method(case: Case, method: PlanningMethod) -> dict[str, Any]:
-    """Plan one case with one method and measure it."""
+#: Methods a run may plan: the appliance's two, and the AI method without its refinement (the
+#: networks' fluence straight to the sequencer and the arc stage: the paper's pipeline).
+METHODS = {"optimize": (PlanningMethod.OPTIMIZE, 0), "ai": (PlanningMethod.AI, -1),
+           "ai_networks": (PlanningMethod.AI, 0)}
+
+
+def run_method(case: Case, method: str) -> dict[str, Any]:
+    """Plan one case with one method of :data:`METHODS` and measure it."""
     timings = Timings()
-    options = planning_options(SETTINGS, method, "cpu", PROFILE)
+    kind, refine = METHODS[method]
+    options = planning_options(SETTINGS, kind, "cpu", PROFILE)
+    if refine >= 0 and kind is PlanningMethod.AI:
+        options = replace(options, ai_refine_iterations=refine)
     if WEIGHTS is not None:
         options = replace(options, optimizer_weights=WEIGHTS)
     result = plan_arc(case, MACHINE, ARC, options, timings=timings)
@@ -190,7 +203,7 @@ def planner_settings(options: PlanningOptions) -> dict[str, Any]:
     return out
 
 
-def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[str, Any]:
+def run_case(case_set: str, index: int, methods: list[str]) -> dict[str, Any]:
     """Write one case as DICOM, load it as ``airt plan`` does, plan it with every method."""
     seed, ct, heldout = case_spec(case_set, index)
     with tempfile.TemporaryDirectory(prefix="bench_arc_") as tmp:
@@ -202,9 +215,9 @@ def run_case(case_set: str, index: int, methods: list[PlanningMethod]) -> dict[s
                            "rx_gy": PROFILE.dose_gy, "methods": {}}
     for method in methods:
         t0 = time.perf_counter()
-        out["methods"][method.value] = run_method(case, method)
-        print(f"  {case_set} seed {seed} ({ct.label()}) {method.value}: HI "
-              f"{out['methods'][method.value]['exported']['HI']:.3f} in {time.perf_counter() - t0:.1f} s", flush=True)
+        out["methods"][method] = run_method(case, method)
+        print(f"  {case_set} seed {seed} ({ct.label()}) {method}: HI "
+              f"{out['methods'][method]['exported']['HI']:.3f} in {time.perf_counter() - t0:.1f} s", flush=True)
     return out
 
 
@@ -335,7 +348,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="synth,heldout", help="case sets, comma-separated (synth, heldout)")
     ap.add_argument("--cases", type=int, default=10, help="cases per set (default 10)")
-    ap.add_argument("--methods", default="optimize,ai", help="planning methods, comma-separated")
+    ap.add_argument("--methods", default="optimize,ai",
+                    help="planning methods, comma-separated: optimize, ai, ai_networks (ai without refinement)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", default="", help="protocol profile planned (default: planning.profile)")
     ap.add_argument("--optimizer-weights", default="", metavar="NAME=VALUE,...",
@@ -370,7 +384,9 @@ def main() -> None:
         pairs = [p.split("=", 1) for p in args.optimizer_weights.split(",")]
         base = planning_options(SETTINGS, PlanningMethod.OPTIMIZE, "cpu", PROFILE).optimizer_weights or OptimizerWeights()
         WEIGHTS = replace(base, **{k.strip(): type(getattr(base, k.strip()))(v) for k, v in pairs})
-    methods = [PlanningMethod(m) for m in args.methods.split(",")]
+    methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in METHODS]:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; use {', '.join(METHODS)}")
     path = Path(args.json) if args.json else None
     rows = run_sets(args.sets, args.cases, path,
                     done=lambda r, case_set, seed: (r["set"] == case_set and r["seed"] == seed

@@ -123,13 +123,13 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     SystemExit
         AI rows made with another model, or rows of different profiles or planner settings.
     """
-    rows = [r for r in ai_rows if "ai" in r["methods"]]
-    ids = {r["methods"]["ai"].get("planner", {}).get("model_weights_id") for r in rows} - {None}
+    used = ([r["methods"]["ai"] for r in ai_rows if "ai" in r["methods"]]
+            + [r["methods"]["optimize"] for r in opt_rows if "optimize" in r["methods"]])
+    ids = {m.get("planner", {}).get("model_weights_id") for m in used} - {None}
     if ids and ids != {weights_id}:
         raise SystemExit(f"the AI rows were planned with model(s) {sorted(ids)}, not the model gated ({weights_id})")
     profile = _one({r.get("profile") for r in ai_rows + opt_rows}, "the profile")
-    recorded = [r["methods"][m]["planner"] for r in ai_rows + opt_rows for m in r["methods"]
-                if "planner" in r["methods"][m]]
+    recorded = [m["planner"] for m in used if "planner" in m]
     settings = {k: _one({p[k] for p in recorded}, k) for k in ("ai_refine_iterations", "arc_iterations",
                                                               "sectors_per_beam", "rescue_rounds")} if recorded else {}
     per_set = {s: set_verdict(_paired(ai_rows, opt_rows, s), min_cases) for s in sets}
@@ -137,8 +137,7 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
             "against": "the full planner (method optimize: goal-driven fluence optimisation, sequencing, "
                        "machine-parameter optimisation, rescue) of the same planning core",
             "case_sets": per_set, **settings,
-            "rows_without_planner_record": sum("planner" not in r["methods"][m] for r in ai_rows + opt_rows
-                                               for m in r["methods"]),
+            "rows_without_planner_record": sum("planner" not in m for m in used),
             "passed": all(v["passed"] for v in per_set.values())}
 
 
