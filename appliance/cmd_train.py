@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--clinical", type=Path, action="append", default=[],
                        help="folder of clinical exports, one sub-folder per patient (repeatable)")
     train.add_argument("--max-cases", type=int, default=0, help="use at most this many cases (0: all)")
+    train.add_argument("--sample-store", type=Path, default=None,
+                       help="folder of the stored training samples (default RUN/samples; built once, resumable, "
+                            "shareable between runs of the same network grid and seed)")
+    train.add_argument("--samples-in-memory", type=int, default=200,
+                       help="training samples kept in memory (about 30 MB each); the others are read from the store "
+                            "when needed")
     train.add_argument("--run", type=Path, default=Path("airt-train-run"), help="run folder (checkpoints, logs)")
     train.add_argument("--model-out", type=Path, default=None, help="model folder to write (default RUN/model)")
     train.add_argument("--size", choices=["small", "paper", "tiny"], default="small",
@@ -174,11 +180,11 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
     from tqdm import tqdm
 
     from pipeline.training.data import list_cache, load_cached_plan, read_cache_description
+    from pipeline.training.samples import build_store
     from pipeline.training.train import (
         PlanRecord,
         TrainConfig,
         Trainer,
-        build_sample,
         default_spec,
         describe_start_model,
         size_configs,
@@ -233,11 +239,14 @@ def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
         spec = default_spec(records, machine, hu_to_density=tuple(settings.planning.hu_to_density))
     fast_cfg = size_configs(args.size)["fast_dose"][1]
     train_r, val_r = split_records(records, config.val_fraction)
-    rng = np.random.default_rng(config.seed)
-    samples = [build_sample(r, machine=machine, arc=arc, spec=spec, fast_config=fast_cfg, n_perturbed=config.n_perturbed,
-                            rng=rng, device=device)
-               for r in tqdm(records, desc="building samples", unit="case")]
-    train_s, val_s = samples[: len(train_r)], samples[len(train_r):]
+    bar = tqdm(total=len(records), desc="building samples", unit="case")
+    store = build_store(args.sample_store or args.run / "samples", records, machine=machine, arc=arc, spec=spec,
+                        fast_config=fast_cfg, n_perturbed=config.n_perturbed, seed=config.seed, device=device,
+                        progress=lambda name, done, total: bar.update(1))
+    bar.close()
+    share = max(0, args.samples_in_memory)
+    train_s = store.subset([r.name for r in train_r], in_memory=share)
+    val_s = store.subset([r.name for r in val_r], in_memory=max(0, share - len(train_r)))
     description["train_cases"] = [r.name for r in train_r]
     description["val_cases"] = [r.name for r in val_r]
     trainer = Trainer(args.run, train_s, val_s, spec, config, device, data_description=description)

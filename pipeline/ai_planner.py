@@ -157,10 +157,32 @@ class PreparedCase:
     primary: PrimaryGeometry
 
 
-def prepare_case(case: Case, geometry: ArcGeometry, spec: ModelSpec, fast_config: FastDoseConfig,
-                 device: torch.device | str = "cpu") -> PreparedCase:
-    """Resample a case to the network grid and set up its BEV projector and fast-dose geometry."""
-    from pipeline.bev import BevProjector
+@dataclass(frozen=True, eq=False)
+class NetworkCase:
+    """A case resampled to the networks' grid: the part of :class:`PreparedCase` that needs the CT
+    (and is small: tenths of a megabyte on the 8 mm grid).
+
+    Attributes
+    ----------
+    grid
+        The network grid (isotropic ``net_grid_mm``).
+    inputs
+        DoseProposer inputs ``(4, nz, ny, nx)``, float32.
+    masks
+        Masks ``(nz, ny, nx)`` (bool) by role value: ``ptv`` always, ``bladder``/``rectum`` when the
+        case has them (non-empty).
+    density
+        Relative electron density ``(nz, ny, nx)``, float32 (the fast dose network's geometry).
+    """
+
+    grid: Grid
+    inputs: NDArray[np.float32]
+    masks: dict[str, NDArray[np.bool_]]
+    density: NDArray[np.float32]
+
+
+def network_case(case: Case, spec: ModelSpec) -> NetworkCase:
+    """Resample a case to the network grid (CT, density, masks)."""
     from pipeline.dose_engine import case_density, resample_to_grid
     from pipeline.nets.dose_proposer import proposer_inputs
 
@@ -172,13 +194,29 @@ def prepare_case(case: Case, geometry: ArcGeometry, spec: ModelSpec, fast_config
     if not masks_np[Role.PTV].any():
         raise PlanningError(f"case {case.case_id}: the PTV vanished on the {spec.net_grid_mm} mm network grid")
     inputs = proposer_inputs(hu, body, masks_np[Role.PTV], masks_np.get(Role.BLADDER), masks_np.get(Role.RECTUM))
-    dev = torch.device(device)
-    masks = {role.value: torch.as_tensor(masks_np[role], dtype=torch.float32, device=dev)
+    masks = {role.value: np.asarray(masks_np[role], dtype=np.bool_)
              for role in (Role.PTV, *SPARING_ROLES) if role in masks_np and masks_np[role].any()}
-    projector = BevProjector(grid, geometry, depth_samples=spec.bev_depth_samples, device=dev)
-    primary = primary_geometry_for_arc(density, grid, geometry.arc, geometry.machine, geometry.isocenter_mm,
+    return NetworkCase(grid=grid, inputs=np.asarray(inputs, dtype=np.float32), masks=masks,
+                       density=np.ascontiguousarray(density, dtype=np.float32))
+
+
+def prepare_network_case(net: NetworkCase, geometry: ArcGeometry, spec: ModelSpec, fast_config: FastDoseConfig,
+                         device: torch.device | str = "cpu") -> PreparedCase:
+    """Set up the BEV projector and the fast-dose geometry of a case on the network grid."""
+    from pipeline.bev import BevProjector
+
+    dev = torch.device(device)
+    masks = {k: torch.as_tensor(m, dtype=torch.float32, device=dev) for k, m in net.masks.items()}
+    projector = BevProjector(net.grid, geometry, depth_samples=spec.bev_depth_samples, device=dev)
+    primary = primary_geometry_for_arc(net.density, net.grid, geometry.arc, geometry.machine, geometry.isocenter_mm,
                                        geometry.position, fast_config).to(dev)
-    return PreparedCase(grid, inputs[None].to(dev), masks, projector, primary)
+    return PreparedCase(net.grid, torch.as_tensor(net.inputs)[None].to(dev), masks, projector, primary)
+
+
+def prepare_case(case: Case, geometry: ArcGeometry, spec: ModelSpec, fast_config: FastDoseConfig,
+                 device: torch.device | str = "cpu") -> PreparedCase:
+    """Resample a case to the network grid and set up its BEV projector and fast-dose geometry."""
+    return prepare_network_case(network_case(case, spec), geometry, spec, fast_config, device)
 
 
 @dataclass

@@ -32,7 +32,8 @@ from pipeline.training.data import (
     save_cached_plan,
     teacher_case,
 )
-from pipeline.training.train import PlanRecord, TrainConfig, Trainer, build_sample, size_configs
+from pipeline.training.samples import build_sample
+from pipeline.training.train import PlanRecord, TrainConfig, Trainer, size_configs
 from sequencing.fluence import fluence_from_sequence, synthetic_arc_fluence
 from sequencing.sequencer import ArcSequence, sequence_arc
 
@@ -56,9 +57,7 @@ def geometry_of(case: object) -> ArcGeometry:
 def tiny_samples() -> list:
     recs = [PlanRecord(f"synth{s}", quantise_sequence(teacher_sequence(s)), seed=s, case_spacing_mm=8.0) for s in (3, 4)]
     fast = size_configs("tiny")["fast_dose"][1]
-    rng = np.random.default_rng(0)
-    return [build_sample(r, machine=MACHINE, arc=ARC, spec=SPEC, fast_config=fast, n_perturbed=1, rng=rng)
-            for r in recs]
+    return [build_sample(r, machine=MACHINE, arc=ARC, spec=SPEC, fast_config=fast, n_perturbed=1) for r in recs]
 
 
 def _check_fluence(fluence: np.ndarray, module_ms: dict[str, float]) -> None:

@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
 import torch
@@ -179,7 +178,8 @@ def test_init_from_model_copies_the_weights_and_refuses_another_size(tmp_path: P
 
 def _tiny(tmp_path: Path) -> list[Any]:
     from pipeline.training.data import quantise_sequence
-    from pipeline.training.train import PlanRecord, build_sample, size_configs
+    from pipeline.training.samples import build_sample
+    from pipeline.training.train import PlanRecord, size_configs
     rec = PlanRecord("synth3", quantise_sequence(teacher_sequence(3)), seed=3, case_spacing_mm=8.0)
     return [build_sample(rec, machine=MACHINE, arc=ARC, spec=SPEC, fast_config=size_configs("tiny")["fast_dose"][1],
-                         n_perturbed=0, rng=np.random.default_rng(0))]
+                         n_perturbed=0)]

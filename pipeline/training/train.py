@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from core.case import Case, Prescription
 from core.errors import ConfigError, InputError
-from core.machine import ArcSpec, MachineModel
-from pipeline.ai_planner import AirtPipeline, ModelSpec, PreparedCase, prepare_case
+from core.machine import MachineModel
+from pipeline.ai_planner import AirtPipeline, ModelSpec, PreparedCase
 from pipeline.model_io import save_model_folder
 from pipeline.nets.bev2fluence import Bev2FluenceConfig
 from pipeline.nets.discriminator import (
@@ -124,7 +124,7 @@ class Sample:
     extra: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
-def _half_geometry(g: PrimaryGeometry) -> PrimaryGeometry:
+def half_geometry(g: PrimaryGeometry) -> PrimaryGeometry:
     """The fast dose geometry with its big tensors in float16 (half the memory; used as float32)."""
     return PrimaryGeometry(g.sample_grid.half(), g.weight.half(), g.sh, g.density, g.shape, g.bev)
 
@@ -141,48 +141,6 @@ def perturb_fluence(fluence: np.ndarray, rng: np.random.Generator) -> np.ndarray
     scale = np.exp(np.convolve(raw, kernel, mode="same")[10:10 + n] * 2.0)
     noise = 1.0 + 0.3 * rng.uniform(-1.0, 1.0, size=fluence.shape)
     return np.clip(fluence * scale[:, None, None] * noise, 0.0, None)
-
-
-def build_sample(
-    record: PlanRecord,
-    *,
-    machine: MachineModel,
-    arc: ArcSpec,
-    spec: ModelSpec,
-    fast_config: FastDoseConfig,
-    n_perturbed: int = 2,
-    rng: np.random.Generator | None = None,
-    device: torch.device | str = "cpu",
-) -> Sample:
-    """Regenerate a training case: anatomy, target fluence (from the sequence), reference target dose."""
-    from pipeline.beam_model import load_beam_model
-    from pipeline.dose_engine import ReferenceDoseEngine
-    from pipeline.geometry import ArcGeometry
-    from sequencing.fluence import fluence_from_sequence
-
-    rng = rng or np.random.default_rng(0)
-    case = record.load_case()
-    rx = case.prescription.dose_gy / case.prescription.fractions
-    geometry = ArcGeometry(arc=arc, isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
-                           machine=machine)
-    prep = prepare_case(case, geometry, spec, fast_config, device)
-    engine = ReferenceDoseEngine.for_case(case, geometry, load_beam_model(), hu_curve=spec.hu_to_density,
-                                          spacing_mm=spec.net_grid_mm, device=device)
-    if engine.grid.shape != prep.grid.shape:
-        raise InputError(f"{record.name}: engine grid {engine.grid.shape} differs from network grid {prep.grid.shape}")
-    fl = fluence_from_sequence(record.sequence, machine)
-    f_unit = spec.fluence_mu_per_rx_gy * rx
-
-    def pair(f_mu: np.ndarray) -> tuple[Tensor, Tensor]:
-        ft = torch.as_tensor(f_mu, dtype=torch.float32, device=device)
-        with torch.inference_mode():
-            d = engine(ft) / rx
-        return (ft / f_unit)[None].clone(), d[None, None].float().clone()
-
-    target_f, target_d = pair(fl)
-    extra = [pair(perturb_fluence(fl, rng)) for _ in range(n_perturbed)]
-    prep.primary = _half_geometry(prep.primary)
-    return Sample(case.case_id, prep, target_f, target_d, extra)
 
 
 def fluence_unit_from_sequences(sequences: Sequence[ArcSequence], machine: MachineModel, rx_gy: float) -> float:
@@ -337,7 +295,7 @@ class Trainer:
             raise InputError("training needs at least one training case")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.train_set, self.val_set = list(train), list(val)
+        self.train_set, self.val_set = train, val  # lazy sequences (a SampleStore) are kept lazy
         self.spec, self.config, self.device = spec, config, torch.device(device)
         self.data_description = dict(data_description or {})
         self.progress = progress
@@ -654,10 +612,8 @@ def default_spec(records: Sequence[PlanRecord], machine: MachineModel, **kwargs:
     """A :class:`ModelSpec` whose fluence unit is derived from the records' plans."""
     if not records:
         raise InputError("no training records")
-    from core.case import Prescription
-
     case = records[0].case
-    prescription = case.prescription if case is not None else Prescription()
+    prescription = case.prescription if case is not None else records[0].prescription
     rx = prescription.dose_gy / prescription.fractions
     unit = fluence_unit_from_sequences([r.sequence for r in records], machine, rx)
     return replace(ModelSpec(**kwargs), fluence_mu_per_rx_gy=round(unit, 6))
