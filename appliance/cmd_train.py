@@ -5,6 +5,10 @@ anatomy variety planned by the configured full planner (method optimize) with a 
 
     airt train --make-data --seeds 10000:10300 --out CACHE [--profile NAME] [--isotropic-mm 8]
 
+Summarise a cache (cases, CT geometries, goals met, PTV HI, organ doses, planning time)::
+
+    airt train --summary --cache CACHE
+
 Train on cached synthetic plans and/or clinical exports, write a model folder::
 
     airt train --cache CACHE [--clinical EXPORTS] --run RUN_DIR --model-out MODEL_DIR
@@ -49,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="teacher case seeds A:B (B exclusive), A-B or N; 2000-2999 and 5000-5999 are reserved "
                            "for the benchmarks and the quality gate")
     data.add_argument("--out", type=Path, default=None, help="cache folder written by --make-data")
+    data.add_argument("--summary", action="store_true",
+                      help="print what the --cache folders hold (cases, CT geometries, goals met, PTV HI, organ "
+                           "doses, planning time) and stop")
     data.add_argument("--profile", default="", help="protocol profile of the teacher plans (default: planning.profile)")
     data.add_argument("--isotropic-mm", type=float, default=None,
                       help="teacher cases on an isotropic grid of this spacing instead of drawn CT geometries "
@@ -176,6 +183,18 @@ def _make_data(args: argparse.Namespace, settings: Settings, device: str) -> int
     return 0
 
 
+def _summary(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.training.data import summarise_cache
+
+    if not args.cache:
+        raise ConfigError("--summary needs --cache CACHE_FOLDER (repeatable)")
+    for cache in args.cache:
+        print(f"{cache}: " + json.dumps(summarise_cache(cache), indent=1))
+    return 0
+
+
 def _train(args: argparse.Namespace, settings: Settings, device: str) -> int:
     from tqdm import tqdm
 
@@ -278,4 +297,6 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.make_data:
         return _make_data(args, settings, device)
+    if args.summary:
+        return _summary(args)
     return _train(args, settings, device)

@@ -12,7 +12,7 @@ import torch
 from core.case import PatientPosition, Prescription
 from core.errors import ConfigError, InputError
 from pipeline.ai_planner import ModelSpec
-from pipeline.training.data import TeacherCase, TeacherCt, quantise_sequence
+from pipeline.training.data import TeacherCase, TeacherCt, quantise_sequence, summarise_cache
 from pipeline.training.samples import SampleStore, build_sample, build_store, sample_path
 from pipeline.training.train import PlanRecord, TrainConfig, Trainer, size_configs
 from tests.test_ai_pipeline import ARC, MACHINE, SPEC, teacher_sequence
@@ -89,6 +89,11 @@ def test_airt_train_makes_a_model_from_a_teacher_cache(tmp_path: Path) -> None:
     common = ["--config", str(config), "--device", "cpu"]
     assert cmd_train.run(parser.parse_args(["--make-data", "--seeds", "10010:10012", "--out", str(tmp_path / "cache"),
                                             "--isotropic-mm", "8", *common])) == 0
+    summary = summarise_cache(tmp_path / "cache")
+    assert summary["cases"] == 2 and summary["seeds"] == [10010, 10011] and summary["p1_recorded"] == 2
+    assert sum(summary["ct_geometries"].values()) == 2 and all("/8mm/8mm/" in k for k in summary["ct_geometries"])
+    assert 0 < summary["ptv_HI_median"] < 1 and summary["planning_s_median"] > 0
+    assert cmd_train.run(parser.parse_args(["--summary", "--cache", str(tmp_path / "cache"), *common])) == 0
     args = parser.parse_args(["--cache", str(tmp_path / "cache"), "--run", str(tmp_path / "run"), "--size", "tiny",
                               "--epochs", "1", "1", "1", "--samples-in-memory", "0", *common])
     assert cmd_train.run(args) == 0

@@ -420,6 +420,37 @@ def generate_cache(
     return paths
 
 
+def summarise_cache(cache_dir: str | Path) -> dict[str, Any]:
+    """What a teacher cache holds, for the physicist who trains on it: case count, CT geometries and
+    anatomy variety, how many plans met every P1 goal, the P2 goals met, PTV HI and D98 (median and
+    worst), the rectum and bladder mean dose and the planning time (medians)."""
+    plans = [load_cached_plan(p) for p in list_cache(cache_dir)]
+    info = [p.info for p in plans]
+
+    def values(key: str) -> NDArray[np.float64]:
+        v = np.array([i[key] for i in info if key in i], dtype=np.float64)
+        return v[np.isfinite(v)]
+
+    def med(key: str) -> float:
+        v = values(key)
+        return round(float(np.median(v)), 3) if v.size else float("nan")
+
+    cts: dict[str, int] = {}
+    for p in plans:
+        label = p.case.ct.label() if p.case is not None else "4 mm synthetic (first format)"
+        cts[label] = cts.get(label, 0) + 1
+    hi, d98 = values("ptv_HI"), values("ptv_D98_rel")
+    return {"cases": len(plans), "seeds": [min((p.seed for p in plans), default=0), max((p.seed for p in plans), default=0)],
+            "ct_geometries": dict(sorted(cts.items())), "wide_anatomy": sum(bool(p.case and p.case.wide) for p in plans),
+            "all_p1_met": int(values("all_p1_met").sum()), "p1_recorded": int(values("all_p1_met").size),
+            "p2_met": int(values("p2_met").sum()), "p2_total": int(values("p2_total").sum()),
+            "ptv_HI_median": med("ptv_HI"), "ptv_HI_worst": round(float(hi.max()), 3) if hi.size else float("nan"),
+            "ptv_D98_rel_median": med("ptv_D98_rel"),
+            "ptv_D98_rel_min": round(float(d98.min()), 4) if d98.size else float("nan"),
+            "rectum_Dmean_Gy_median": med("rectum_Dmean_Gy"), "bladder_Dmean_Gy_median": med("bladder_Dmean_Gy"),
+            "planning_s_median": med("planning_s")}
+
+
 #: What the teacher planner does (``cache.json``).
 PLANNER_TEXT = ("the profile's goal-driven fluence optimisation through the reference dose engine, the "
                 "sequencer's start arc, machine-parameter optimisation of the arc with the goal terms, "
