@@ -48,10 +48,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
+def resolve_method(settings: Settings, method: str | None, profile: str | None = None) -> PlanningMethod:
     """The planning method to use: explicit argument, else the configuration. ``auto`` means ai
-    when an installed model is qualified for unattended use (its held-out plans passed the quality
-    gate recorded in model.json), else optimize."""
+    when an installed model is qualified for unattended use for the plan's protocol profile
+    (``profile``, default ``planning.profile``: its plans passed the quality gate recorded in
+    model.json for that profile), else optimize."""
     from pipeline.ai_model import installed_model_dir, model_is_qualified
 
     chosen = PlanningMethod(method) if method else settings.planning.method
@@ -59,8 +60,9 @@ def resolve_method(settings: Settings, method: str | None) -> PlanningMethod:
     if chosen is PlanningMethod.AUTO:
         if folder is None:
             return PlanningMethod.OPTIMIZE
-        ok, why = model_is_qualified(folder, settings.planning.ai_refine_iterations,
-                                     settings.planning.arc_optimizer_iterations)
+        ok, why = model_is_qualified(folder, profile=profile or settings.planning.profile,
+                                     refine_iterations=settings.planning.ai_refine_iterations,
+                                     arc_iterations=settings.planning.arc_optimizer_iterations)
         if not ok:
             log.info("method auto: using the optimizer; the installed model is not qualified for unattended use (%s)", why)
             return PlanningMethod.OPTIMIZE
@@ -193,7 +195,7 @@ def plan_case(case: Case, out_dir: Path, settings: Settings, *, method: str | No
     out_dir.mkdir(parents=True, exist_ok=True)
     profile = profile or ProfileChoice(settings.profile(), "the default profile (planning.profile)")
     case = replace(case, prescription=profile.profile.to_prescription())
-    chosen = resolve_method(settings, method)
+    chosen = resolve_method(settings, method, profile.profile.name)
     device = resolve_device(settings.planning.device)
     machine = settings.machine.model()
     arc = settings.machine.arc()

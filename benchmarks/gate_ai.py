@@ -22,9 +22,11 @@ Plan, MU-normalised as the appliance does, metrics on the CT grid):
   planner's;
 - PTV D98 >= 97 % of Rx on at least as many cases as the planner's.
 
-The gate passes when every criterion holds on both sets. ``--record-gate`` writes it into the model's
-``model.json`` (``meta.quality_gate``, ``meta.qualified_for_auto``) with the model's weights id, the
-planner settings the rows were made with and the files they came from. Rows made with another
+The gate passes when every criterion holds on both sets. A gate holds for the protocol profile its
+rows were planned with. ``--record-gate`` writes it into the model's ``model.json``
+(``meta.quality_gates.<profile>``; ``meta.qualified_for_auto`` when any profile's passed) with the
+model's weights id, the planner settings the rows were made with and the files they came from; ``auto``
+then plans that profile's studies with the AI method. Rows made with another
 model (their recorded weights id) are refused.
 
     .venv/bin/python -m benchmarks.gate_ai --ai AI.json --optimize OPTIMIZE.json [--cases 20]
@@ -183,7 +185,11 @@ def main() -> None:
     if args.record_gate:
         from pipeline.model_io import update_model_meta
 
-        path = update_model_meta(folder, {"quality_gate": gate, "qualified_for_auto": bool(gate["passed"])})
+        meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))["meta"]
+        gates = {**(meta.get("quality_gates") or {}), gate["profile"]: gate}
+        path = update_model_meta(folder, {"quality_gates": gates,
+                                          "qualified_for_auto": any(g["passed"] for g in gates.values())},
+                                 remove=("quality_gate",))
         print(f"recorded in {path}")
 
 

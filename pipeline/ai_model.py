@@ -42,19 +42,20 @@ def model_weights_id(folder: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def model_is_qualified(folder: Path, refine_iterations: int | None = None,
+def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | None = None,
                        arc_iterations: int | None = None) -> tuple[bool, str]:
-    """Whether ``planning.method = auto`` may use this model, and why (not).
+    """Whether ``planning.method = auto`` may use this model for a plan of protocol profile ``profile``,
+    and why (not).
 
-    A model qualifies only when its ``model.json`` records ``meta.qualified_for_auto = true`` and a
-    passed quality gate (``python -m benchmarks.gate_ai --record-gate``) that compared its plans with
-    the full planner's on both case sets (:data:`GATE_CASE_SETS`: synthetic seeds never trained on,
-    and anatomy and CT geometries no training or tuning used), at least :data:`MIN_GATE_CASES`
-    paired cases each, for this model's weights (:func:`model_weights_id`). A model without it is
-    used only when asked for explicitly (``--method ai``). The gate's plans were made with
-    ``ai_refine_iterations`` refinement and ``arc_iterations`` arc-stage evaluations; with fewer
-    configured (``refine_iterations``, ``arc_iterations``) the verdict does not hold and the model
-    does not qualify.
+    A model qualifies only when its ``model.json`` records ``meta.qualified_for_auto = true`` and, for
+    this profile, a passed quality gate (``meta.quality_gates.<profile>``, written by ``python -m
+    benchmarks.gate_ai --record-gate``) that compared its plans with the full planner's on both case
+    sets (:data:`GATE_CASE_SETS`: synthetic seeds never trained on, and anatomy and CT geometries no
+    training or tuning used), at least :data:`MIN_GATE_CASES` paired cases each, for this model's
+    weights (:func:`model_weights_id`). A model without it is used only when asked for explicitly
+    (``--method ai``). The gate's plans were made with ``ai_refine_iterations`` refinement and
+    ``arc_iterations`` arc-stage evaluations; with fewer configured (``refine_iterations``,
+    ``arc_iterations``) the verdict does not hold and the model does not qualify.
     """
     import json
 
@@ -64,9 +65,13 @@ def model_is_qualified(folder: Path, refine_iterations: int | None = None,
         return False, f"model.json unreadable: {exc}"
     if meta.get("qualified_for_auto") is not True:
         return False, str(meta.get("note") or "the model has not passed the held-out quality gate")
-    gate = meta.get("quality_gate") or {}
+    gates = meta.get("quality_gates") or {}
+    if profile not in gates:
+        return False, (f"its quality gates cover profile(s) {', '.join(sorted(gates))}, not {profile}" if gates
+                       else "model.json records no quality gate of the current kind (run python -m benchmarks.gate_ai)")
+    gate = gates[profile] or {}
     if gate.get("passed") is not True:
-        return False, "model.json records no passed quality gate"
+        return False, f"its quality gate for profile {profile} did not pass"
     sets = gate.get("case_sets") or {}
     for name in GATE_CASE_SETS:
         got = sets.get(name) or {}
@@ -84,4 +89,4 @@ def model_is_qualified(folder: Path, refine_iterations: int | None = None,
         needed = int(gate.get(key, 0))
         if configured is not None and configured < needed:
             return False, f"its quality gate was passed with {key} = {needed} and {setting} is {configured}"
-    return True, "qualified on held-out cases of both case sets"
+    return True, f"qualified for profile {profile} on held-out cases of both case sets"

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,8 +139,9 @@ def save_model_folder(
     return path
 
 
-def update_model_meta(folder: str | Path, updates: Mapping[str, Any]) -> Path:
-    """Merge ``updates`` into the ``meta`` of a model folder's ``model.json`` (top-level keys replaced).
+def update_model_meta(folder: str | Path, updates: Mapping[str, Any], *, remove: Sequence[str] = ()) -> Path:
+    """Merge ``updates`` into the ``meta`` of a model folder's ``model.json`` (top-level keys replaced,
+    the keys in ``remove`` dropped).
 
     For what is learned about a model after training (its held-out quality gate); the weights and
     their hashes are untouched. The file is replaced atomically, written as :func:`save_model_folder`
@@ -155,6 +156,8 @@ def update_model_meta(folder: str | Path, updates: Mapping[str, Any]) -> Path:
         raise ConfigError(f"{path} is not a model folder description (no meta object)")
     try:
         doc["meta"].update(json.loads(json.dumps(dict(updates))))
+        for key in remove:
+            doc["meta"].pop(key, None)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model meta must be JSON-serialisable plain data: {exc}") from exc
     _atomic_write(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
