@@ -73,16 +73,17 @@ def p1_met(method_row: dict[str, Any]) -> bool:
     return all(g["passed"] is not False for g in method_row["goals"] if g["priority"] == 1)
 
 
-def _paired(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]],
-            case_set: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+def _paired(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], case_set: str,
+            method: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     opt = {r["seed"]: r for r in opt_rows if r["set"] == case_set and "optimize" in r["methods"]}
     return [(r, opt[r["seed"]]) for r in sorted(ai_rows, key=lambda r: r["seed"])
-            if r["set"] == case_set and "ai" in r["methods"] and r["seed"] in opt]
+            if r["set"] == case_set and method in r["methods"] and r["seed"] in opt]
 
 
-def set_verdict(pairs: list[tuple[dict[str, Any], dict[str, Any]]], min_cases: int) -> dict[str, Any]:
-    """The criteria of one case set from its (AI row, planner row) pairs."""
-    ai = [a["methods"]["ai"] for a, _ in pairs]
+def set_verdict(pairs: list[tuple[dict[str, Any], dict[str, Any]]], min_cases: int,
+                method: str = "ai") -> dict[str, Any]:
+    """The criteria of one case set from its (AI row, planner row) pairs (the AI row's ``method``)."""
+    ai = [a["methods"][method] for a, _ in pairs]
     opt = [o["methods"]["optimize"] for _, o in pairs]
     criteria = [{"metric": metric, **paired_bound([x["exported"][metric] - y["exported"][metric]
                                                    for x, y in zip(ai, opt, strict=True)], margin)}
@@ -115,17 +116,19 @@ def _one(values: set[Any], what: str) -> Any:
 
 
 def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], *, weights_id: str,
-                 min_cases: int = MIN_GATE_CASES, sets: Sequence[str] = GATE_CASE_SETS) -> dict[str, Any]:
+                 min_cases: int = MIN_GATE_CASES, sets: Sequence[str] = GATE_CASE_SETS,
+                 method: str = "ai") -> dict[str, Any]:
     """The gate of the model with weights id ``weights_id`` from ``benchmarks.bench_arc`` rows of the AI
-    method (``ai_rows``) and of the planner (``opt_rows``): per-set criteria, the overall verdict and
-    the planner settings the rows record.
+    method (``ai_rows``; their ``method``: ``ai``, or ``ai_networks`` for the networks alone) and of the
+    planner (``opt_rows``): per-set criteria, the overall verdict and the planner settings the rows
+    record.
 
     Raises
     ------
     SystemExit
         AI rows made with another model, or rows of different profiles or planner settings.
     """
-    used = ([r["methods"]["ai"] for r in ai_rows if "ai" in r["methods"]]
+    used = ([r["methods"][method] for r in ai_rows if method in r["methods"]]
             + [r["methods"]["optimize"] for r in opt_rows if "optimize" in r["methods"]])
     ids = {m.get("planner", {}).get("model_weights_id") for m in used} - {None}
     if ids and ids != {weights_id}:
@@ -134,8 +137,8 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     recorded = [m["planner"] for m in used if "planner" in m]
     settings = {k: _one({p[k] for p in recorded}, k) for k in ("ai_refine_iterations", "arc_iterations",
                                                               "sectors_per_beam", "rescue_rounds")} if recorded else {}
-    per_set = {s: set_verdict(_paired(ai_rows, opt_rows, s), min_cases) for s in sets}
-    return {"format": 2, "profile": profile, "min_cases": min_cases, "model_weights_id": weights_id,
+    per_set = {s: set_verdict(_paired(ai_rows, opt_rows, s, method), min_cases, method) for s in sets}
+    return {"format": 2, "method": method, "profile": profile, "min_cases": min_cases, "model_weights_id": weights_id,
             "against": "the full planner (method optimize: goal-driven fluence optimisation, sequencing, "
                        "machine-parameter optimisation, rescue) of the same planning core",
             "case_sets": per_set, **settings,
@@ -145,7 +148,8 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
 
 def print_gate(gate: dict[str, Any]) -> None:
     """The gate as the tables of ``benchmarks/RESULTS.md``."""
-    print(f"\n### AI quality gate, profile {gate['profile']}: AI method against the full planner (exported arcs)\n")
+    what = "AI method" if gate.get("method", "ai") == "ai" else "the networks alone (AI method without refinement)"
+    print(f"\n### AI quality gate, profile {gate['profile']}: {what} against the full planner (exported arcs)\n")
     for name, v in gate["case_sets"].items():
         print(f"#### {name} set: {v['cases']} paired cases (at least {gate['min_cases']} needed)\n")
         print("| criterion | margin | mean AI - planner | one-sided 95 % upper bound | cases within margin | verdict |")
@@ -169,6 +173,9 @@ def main() -> None:
     ap.add_argument("--ai", required=True, help="bench_arc JSON with the AI method's rows")
     ap.add_argument("--optimize", required=True, help="bench_arc JSON with the planner's (optimize) rows")
     ap.add_argument("--cases", type=int, default=MIN_GATE_CASES, help="paired cases needed per set")
+    ap.add_argument("--ai-method", default="ai", choices=["ai", "ai_networks"],
+                    help="the AI rows' method: ai (as the appliance plans) or ai_networks (the networks alone, "
+                         "reported only: a gate of it cannot be recorded)")
     ap.add_argument("--model", default="", help="model folder the AI rows were planned with (default: the shipped one)")
     ap.add_argument("--record-gate", action="store_true", help="write the gate into the model's model.json")
     args = ap.parse_args()
@@ -177,7 +184,8 @@ def main() -> None:
         raise SystemExit(f"no model.json in {args.model or 'the shipped model folder'}")
     ai_rows = json.loads(Path(args.ai).read_text())["rows"]
     opt_rows = json.loads(Path(args.optimize).read_text())["rows"]
-    gate = quality_gate(ai_rows, opt_rows, weights_id=model_weights_id(folder), min_cases=args.cases)
+    gate = quality_gate(ai_rows, opt_rows, weights_id=model_weights_id(folder), min_cases=args.cases,
+                        method=args.ai_method)
     gate["measured_by"] = (f"python -m benchmarks.gate_ai --ai {args.ai} --optimize {args.optimize} "
                            f"(rows of python -m benchmarks.bench_arc; see benchmarks/RESULTS.md)")
     gate["files"] = {"ai": Path(args.ai).name, "optimize": Path(args.optimize).name}
@@ -185,6 +193,8 @@ def main() -> None:
     if args.record_gate:
         from pipeline.model_io import update_model_meta
 
+        if args.ai_method != "ai":
+            raise SystemExit("only the AI method as the appliance plans it (--ai-method ai) can be recorded as a gate")
         meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))["meta"]
         gates = {**(meta.get("quality_gates") or {}), gate["profile"]: gate}
         path = update_model_meta(folder, {"quality_gates": gates,

@@ -100,3 +100,13 @@ def test_rows_of_another_model_profile_or_planner_are_refused() -> None:
     opt[5]["methods"]["optimize"]["planner"]["arc_iterations"] = 60
     with pytest.raises(SystemExit, match="arc_iterations"):
         quality_gate(ai, opt, weights_id=WEIGHTS)
+
+
+def test_the_networks_alone_are_compared_the_same_way() -> None:
+    ai, opt = _rows()
+    for r in ai:
+        r["methods"] = {"ai_networks": r["methods"]["ai"]}
+    assert quality_gate(ai, opt, weights_id=WEIGHTS)["case_sets"]["synth"]["cases"] == 0  # not the ai rows
+    gate = quality_gate(ai, opt, weights_id=WEIGHTS, method="ai_networks")
+    assert gate["method"] == "ai_networks" and gate["passed"] is True
+    assert all(v["cases"] == 20 for v in gate["case_sets"].values())
