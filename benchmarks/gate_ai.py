@@ -128,15 +128,19 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     SystemExit
         AI rows made with another model, or rows of different profiles or planner settings.
     """
-    used = ([r["methods"][method] for r in ai_rows if method in r["methods"]]
-            + [r["methods"]["optimize"] for r in opt_rows if "optimize" in r["methods"]])
+    ai_used = [r["methods"][method] for r in ai_rows if method in r["methods"]]
+    n_ai = len(ai_used)
+    used = ai_used + [r["methods"]["optimize"] for r in opt_rows if "optimize" in r["methods"]]
     ids = {m.get("planner", {}).get("model_weights_id") for m in used} - {None}
     if ids and ids != {weights_id}:
         raise SystemExit(f"the AI rows were planned with model(s) {sorted(ids)}, not the model gated ({weights_id})")
     profile = _one({r.get("profile") for r in ai_rows + opt_rows}, "the profile")
     recorded = [m["planner"] for m in used if "planner" in m]
-    settings = {k: _one({p[k] for p in recorded}, k) for k in ("ai_refine_iterations", "arc_iterations",
-                                                              "sectors_per_beam", "rescue_rounds")} if recorded else {}
+    settings = {k: _one({p[k] for p in recorded}, k)
+                for k in ("arc_iterations", "sectors_per_beam", "rescue_rounds")} if recorded else {}
+    refine = {m["planner"]["ai_refine_iterations"] for m in used[:n_ai] if "planner" in m}
+    if refine:  # the planner's rows do not refine: only the AI rows must agree
+        settings["ai_refine_iterations"] = _one(refine, "ai_refine_iterations")
     per_set = {s: set_verdict(_paired(ai_rows, opt_rows, s, method), min_cases, method) for s in sets}
     return {"format": 2, "method": method, "profile": profile, "min_cases": min_cases, "model_weights_id": weights_id,
             "against": "the full planner (method optimize: goal-driven fluence optimisation, sequencing, "
