@@ -138,9 +138,15 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     recorded = [m["planner"] for m in used if "planner" in m]
     settings = {k: _one({p[k] for p in recorded}, k)
                 for k in ("arc_iterations", "sectors_per_beam", "rescue_rounds")} if recorded else {}
+    # The planner's rows do not refine: only the AI rows must agree. AI rows made before rows recorded their
+    # planner take the configured count the planner's rows of the same run record (the appliance's method ai).
     refine = {m["planner"]["ai_refine_iterations"] for m in used[:n_ai] if "planner" in m}
-    if refine:  # the planner's rows do not refine: only the AI rows must agree
+    if not refine and method == "ai":
+        refine = {m["planner"]["ai_refine_iterations"] for m in used[n_ai:] if "planner" in m}
+    if refine:
         settings["ai_refine_iterations"] = _one(refine, "ai_refine_iterations")
+    elif recorded:
+        raise SystemExit("no row records the AI method's refinement evaluations; plan the AI rows again")
     per_set = {s: set_verdict(_paired(ai_rows, opt_rows, s, method), min_cases, method) for s in sets}
     return {"format": 2, "method": method, "profile": profile, "min_cases": min_cases, "model_weights_id": weights_id,
             "against": "the full planner (method optimize: goal-driven fluence optimisation, sequencing, "

@@ -86,7 +86,9 @@ def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | N
         return False, "its quality gate was measured on other weights than the model's"
     for key, configured, setting in (("ai_refine_iterations", refine_iterations, "planning.ai_refine_iterations"),
                                      ("arc_iterations", arc_iterations, "planning.arc_optimizer_iterations")):
-        needed = int(gate.get(key, 0))
+        if not isinstance(gate.get(key), int):
+            return False, f"its quality gate does not record {key}"
+        needed = int(gate[key])
         if configured is not None and configured < needed:
             return False, f"its quality gate was passed with {key} = {needed} and {setting} is {configured}"
     return True, f"qualified for profile {profile} on held-out cases of both case sets"

@@ -71,6 +71,9 @@ def test_only_a_gate_on_both_case_sets_for_these_weights_qualifies(tmp_path: Pat
                                                     "heldout": {"cases": 20, "passed": True}})
     ok, why = _ok(failed)
     assert not ok and "synth set" in why
+    unrecorded = _gated(tmp_path / "unrecorded", ai_refine_iterations=None)
+    ok, why = _ok(unrecorded)
+    assert not ok and "does not record ai_refine_iterations" in why
     other = _gated(tmp_path / "other", model_weights_id="0" * 64)
     ok, why = _ok(other)
     assert not ok and "other weights" in why
