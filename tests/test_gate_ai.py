@@ -111,3 +111,15 @@ def test_the_networks_alone_are_compared_the_same_way() -> None:
     gate = quality_gate(ai, opt, weights_id=WEIGHTS, method="ai_networks")
     assert gate["method"] == "ai_networks" and gate["passed"] is True and gate["ai_refine_iterations"] == 0
     assert all(v["cases"] == 20 for v in gate["case_sets"].values())
+
+
+def test_the_refinement_count_is_always_recorded() -> None:
+    ai, opt = _rows()
+    for r in ai:  # AI rows planned before rows recorded their planner
+        del r["methods"]["ai"]["planner"]
+    gate = quality_gate(ai, opt, weights_id=WEIGHTS)
+    assert gate["ai_refine_iterations"] == 20 and gate["rows_without_planner_record"] == 40
+    for r in ai:
+        r["methods"] = {"ai_networks": r["methods"]["ai"]}
+    with pytest.raises(SystemExit, match="refinement evaluations"):
+        quality_gate(ai, opt, weights_id=WEIGHTS, method="ai_networks")
