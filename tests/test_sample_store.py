@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from core.case import PatientPosition, Prescription
 from core.errors import ConfigError, InputError
 from pipeline.ai_planner import ModelSpec
 from pipeline.training.data import TeacherCase, TeacherCt, quantise_sequence, summarise_cache
-from pipeline.training.samples import SampleStore, build_sample, build_store, sample_path
+from pipeline.training.samples import SampleStore, build_sample, build_store, record_digest, sample_path
 from pipeline.training.train import PlanRecord, TrainConfig, Trainer, size_configs
 from tests.test_ai_pipeline import ARC, MACHINE, SPEC, teacher_sequence
 
@@ -53,18 +54,25 @@ def test_a_stored_sample_reads_back_as_the_sample_built_in_memory(tmp_path: Path
     _ = store[0]
     assert store[1] is not kept and store[1].name == kept.name
     # resumed: nothing rebuilt
-    stamps = {r.name: sample_path(tmp_path / "s", r.name).stat().st_mtime_ns for r in records}
+    files = {r.name: sample_path(tmp_path / "s", r.name, record_digest(r)) for r in records}
+    stamps = {n: f.stat().st_mtime_ns for n, f in files.items()}
     again = build_store(tmp_path / "s", records, **kw)  # type: ignore[arg-type]
-    assert {r.name: sample_path(tmp_path / "s", r.name).stat().st_mtime_ns for r in records} == stamps
+    assert {n: f.stat().st_mtime_ns for n, f in files.items()} == stamps
     assert again.subset(["teacher10003"], in_memory=0)[0].name == "teacher10003"
     # other settings are refused, a missing case is named
     with pytest.raises(ConfigError, match="seed differ"):
         build_store(tmp_path / "s", records, **{**kw, "seed": 8})  # type: ignore[arg-type]
+    # a record whose plan changed is another sample, not the stale one
+    changed = dataclasses.replace(records[0], sequence=quantise_sequence(teacher_sequence(5)))
+    assert record_digest(changed) != record_digest(records[0])
+    assert not sample_path(tmp_path / "s", "synth3", record_digest(changed)).exists()
+    entries = [(r.name, record_digest(r)) for r in records]
     with pytest.raises(InputError, match="lacks 1 case"):
-        SampleStore(tmp_path / "s", ["synth3", "synth99"], machine=MACHINE, arc=ARC, spec=SPEC, fast_config=FAST)
-    sample_path(tmp_path / "s", "synth3").write_bytes(b"truncated")
+        SampleStore(tmp_path / "s", [*entries, ("synth99", "0" * 16)], machine=MACHINE, arc=ARC, spec=SPEC,
+                    fast_config=FAST)
+    files["synth3"].write_bytes(b"truncated")
     with pytest.raises(InputError, match="cannot read stored sample"):
-        _ = SampleStore(tmp_path / "s", ["synth3"], machine=MACHINE, arc=ARC, spec=SPEC, fast_config=FAST)[0]
+        _ = SampleStore(tmp_path / "s", entries[:1], machine=MACHINE, arc=ARC, spec=SPEC, fast_config=FAST)[0]
 
 
 def test_the_trainer_runs_on_a_store_read_on_demand(tmp_path: Path) -> None:
@@ -106,5 +114,5 @@ def test_airt_train_makes_a_model_from_a_teacher_cache(tmp_path: Path) -> None:
     assert {"ptv_HI", "all_p1_met", "planning_s"} <= set(cache["teacher_plans_median"])
     store = tmp_path / "run" / "samples"
     assert json.loads((store / "store.json").read_text())["spec"] == ModelSpec.from_meta(meta).to_meta()
-    assert sorted(p.name for p in store.glob("*.pt")) == ["synth10010.pt", "synth10011.pt"]
+    assert sorted(p.name.split("-")[0] for p in store.glob("*.pt")) == ["synth10010", "synth10011"]
     assert "qualified_for_auto" not in meta  # a new model is not gated

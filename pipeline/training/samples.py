@@ -11,12 +11,14 @@ them (a few tenths of a second) and keeps the last ``in_memory`` samples read.
 
 A store folder holds ``store.json`` (the network grid and normalisation, the fast dose geometry,
 the arc and machine, the perturbation count and seed: a store made with others is refused) and one
-``<case name>.pt`` per case, written atomically, so building resumes where it stopped. Files are read
+``<case name>-<digest>.pt`` per case (the digest of its arc and case, :func:`record_digest`: a case
+whose plan changed is built again), written atomically, so building resumes where it stopped. Files are read
 with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +46,25 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 STORE_JSON = "store.json"
+
+
+def record_digest(record: PlanRecord) -> str:
+    """What a stored sample was made from, as 16 hex digits: the arc (as the cache quantises it) and the
+    case (teacher case and prescription, first-format seed and spacing, or a clinical case's id). A
+    record whose plan or case changed gets another file, never a stale sample."""
+    from pipeline.training.data import sequence_to_arrays
+
+    h = hashlib.sha256()
+    for key, a in sorted(sequence_to_arrays(record.sequence).items()):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    if record.teacher is not None:
+        h.update(repr((record.teacher, record.prescription)).encode())
+    elif record.case is not None:
+        h.update(f"case:{record.case.case_id}".encode())
+    else:
+        h.update(f"synth:{record.seed}@{record.case_spacing_mm}".encode())
+    return h.hexdigest()[:16]
 
 
 def record_rng(seed: int, name: str) -> np.random.Generator:
@@ -140,18 +161,18 @@ class SampleStore(Sequence[Sample]):
     ----------
     folder
         The store.
-    names
-        The cases, in order (each must have its file).
+    entries
+        The cases, in order: (name, :func:`record_digest`); each must have its file.
     in_memory
         Samples kept after reading (least recently read dropped first); 0 keeps none.
     """
 
-    def __init__(self, folder: str | Path, names: Sequence[str], *, machine: MachineModel, arc: ArcSpec,
-                 spec: ModelSpec, fast_config: FastDoseConfig, device: torch.device | str = "cpu",
+    def __init__(self, folder: str | Path, entries: Sequence[tuple[str, str]], *, machine: MachineModel,
+                 arc: ArcSpec, spec: ModelSpec, fast_config: FastDoseConfig, device: torch.device | str = "cpu",
                  in_memory: int = 0) -> None:
         self.folder = Path(folder)
-        self.names = list(names)
-        missing = [n for n in self.names if not sample_path(self.folder, n).is_file()]
+        self.entries = list(entries)
+        missing = [n for n, d in self.entries if not sample_path(self.folder, n, d).is_file()]
         if missing:
             raise InputError(f"sample store {self.folder} lacks {len(missing)} case(s), e.g. {missing[0]}; "
                              "build it again (it resumes)")
@@ -159,12 +180,19 @@ class SampleStore(Sequence[Sample]):
         self.in_memory = max(0, int(in_memory))
         self._kept: OrderedDict[str, Sample] = OrderedDict()
 
+    @property
+    def names(self) -> list[str]:
+        """The cases' names, in order."""
+        return [n for n, _ in self.entries]
+
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.entries)
 
     def subset(self, names: Sequence[str], *, in_memory: int) -> SampleStore:
         """The store of some of these cases, in the order given."""
-        return SampleStore(self.folder, names, in_memory=in_memory, **self._kw)  # type: ignore[arg-type]
+        digest = dict(self.entries)
+        return SampleStore(self.folder, [(n, digest[n]) for n in names], in_memory=in_memory,
+                           **self._kw)  # type: ignore[arg-type]
 
     @overload
     def __getitem__(self, i: int) -> Sample: ...
@@ -175,11 +203,12 @@ class SampleStore(Sequence[Sample]):
     def __getitem__(self, i: int | slice) -> Sample | Sequence[Sample]:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        name = self.names[i]
+        name, digest = self.entries[i]
         if name in self._kept:
             self._kept.move_to_end(name)
             return self._kept[name]
-        sample = sample_from_compact(load_compact(sample_path(self.folder, name)), **self._kw)  # type: ignore[arg-type]
+        data = load_compact(sample_path(self.folder, name, digest))
+        sample = sample_from_compact(data, **self._kw)  # type: ignore[arg-type]
         if self.in_memory:
             self._kept[name] = sample
             while len(self._kept) > self.in_memory:
@@ -190,10 +219,11 @@ class SampleStore(Sequence[Sample]):
         return (self[k] for k in range(len(self)))
 
 
-def sample_path(folder: str | Path, name: str) -> Path:
-    """The file of case ``name`` in a store (the name sanitised to letters, digits, ``-`` and ``_``)."""
+def sample_path(folder: str | Path, name: str, digest: str) -> Path:
+    """The file of case ``name`` made from ``digest`` (:func:`record_digest`) in a store (the name
+    sanitised to letters, digits, ``-`` and ``_``)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    return Path(folder) / f"{safe}.pt"
+    return Path(folder) / f"{safe}-{digest}.pt"
 
 
 def load_compact(path: Path) -> dict[str, Any]:
@@ -247,8 +277,9 @@ def build_store(folder: str | Path, records: Sequence[PlanRecord], *, machine: M
     names = [r.name for r in records]
     if len(set(names)) != len(names):
         raise InputError("training cases must have distinct names")
-    for i, record in enumerate(records):
-        path = sample_path(out, record.name)
+    entries = [(r.name, record_digest(r)) for r in records]
+    for i, (record, (_, digest)) in enumerate(zip(records, entries, strict=True)):
+        path = sample_path(out, record.name, digest)
         if not path.is_file():
             data = compact_sample(record, machine=machine, arc=arc, spec=spec, n_perturbed=n_perturbed, seed=seed,
                                   device=device)
@@ -262,5 +293,5 @@ def build_store(folder: str | Path, records: Sequence[PlanRecord], *, machine: M
                 raise
         if progress is not None:
             progress(record.name, i + 1, len(records))
-    return SampleStore(out, names, machine=machine, arc=arc, spec=spec, fast_config=fast_config, device=device,
+    return SampleStore(out, entries, machine=machine, arc=arc, spec=spec, fast_config=fast_config, device=device,
                        in_memory=in_memory)
