@@ -42,7 +42,7 @@ def _rows(n: int = 20, *, shift: dict[str, float] | None = None, ai_p1_fail: int
 
 def test_the_bound_is_the_one_sided_student_t_bound() -> None:
     d = [0.1, -0.2, 0.3, 0.05, 0.0]
-    b = paired_bound(d + [float("nan")], 0.2)
+    b = paired_bound([*d, float("nan")], 0.2)
     mean, sd = float(np.mean(d)), float(np.std(d, ddof=1))
     assert b["n"] == 5 and b["mean_diff"] == pytest.approx(mean)
     assert b["upper95"] == pytest.approx(mean + stats.t.ppf(0.95, 4) * sd / math.sqrt(5))
