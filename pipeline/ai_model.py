@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "airt_small"
 #: Case sets a quality gate must have passed on (``benchmarks.bench_arc``): synthetic seeds no training
@@ -29,14 +30,24 @@ def model_weights_id(folder: Path) -> str:
     ValueError
         ``model.json`` unreadable or without network digests.
     """
-    import hashlib
     import json
 
     try:
-        networks = json.loads((folder / "model.json").read_text(encoding="utf-8"))["networks"]
-        parts = [f"{key}={networks[key]['sha256']}" for key in sorted(networks)]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        doc = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise ValueError(f"{folder / 'model.json'}: no network digests ({exc})") from None
+    return _weights_id(doc, folder)
+
+
+def _weights_id(doc: Any, folder: Path) -> str:
+    """:func:`model_weights_id` of a ``model.json`` already read."""
+    import hashlib
+
+    try:
+        networks = doc["networks"]
+        parts = [f"{key}={networks[key]['sha256']}" for key in sorted(networks)]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{folder / 'model.json'}: no network digests ({exc!r})") from None
     if not parts:
         raise ValueError(f"{folder / 'model.json'}: no networks")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -60,9 +71,10 @@ def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | N
     import json
 
     try:
-        meta = json.loads((folder / "model.json").read_text()).get("meta", {})
+        doc = json.loads((folder / "model.json").read_text())
     except (OSError, ValueError) as exc:
         return False, f"model.json unreadable: {exc}"
+    meta = doc.get("meta", {})
     if meta.get("qualified_for_auto") is not True:
         return False, str(meta.get("note") or "the model has not passed the held-out quality gate")
     gates = meta.get("quality_gates") or {}
@@ -79,7 +91,7 @@ def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | N
             return False, (f"its quality gate did not pass on {MIN_GATE_CASES} or more paired cases of the "
                            f"{name} set (run python -m benchmarks.gate_ai)")
     try:
-        current = model_weights_id(folder)
+        current = _weights_id(doc, folder)
     except ValueError as exc:
         return False, str(exc)
     if gate.get("model_weights_id") != current:
