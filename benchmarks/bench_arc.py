@@ -63,7 +63,7 @@ from pipeline.ai_model import installed_model_dir, model_weights_id
 from pipeline.arc_optimizer import delivered_fluence
 from pipeline.evaluation import evaluate_structures
 from pipeline.gamma import gamma_pass_rate
-from pipeline.goals import evaluate_goals
+from pipeline.goals import evaluate_goals, plan_verdict
 from pipeline.optimizer import OptimizerWeights
 from pipeline.plan import FluenceSource, PlanningOptions, PlanResult, Timings, mu_normalisation_factor, plan_arc
 from sequencing.deliverability import check_deliverable, delivery_time_s
@@ -302,8 +302,8 @@ def print_goal_table(rows: list[dict[str, Any]]) -> None:
             goals = [r["methods"][m].get("goals", []) for r in sub]
             if not any(goals):
                 continue
-            p1_ok = sum(all(g["passed"] is not False for g in gl if g["priority"] == 1) for gl in goals)
-            p2 = [g for gl in goals for g in gl if g["priority"] == 2 and g["passed"] is not None]
+            verdicts = [plan_verdict(gl) for gl in goals]
+            p1_ok = sum(v.p1_met for v in verdicts)
             fails: dict[str, int] = {}
             for gl in goals:
                 for g in gl:
@@ -311,7 +311,8 @@ def print_goal_table(rows: list[dict[str, Any]]) -> None:
                         key = f"{g['structure']} {g['metric']} {g['comparison']} {g['limit']:g}"
                         fails[key] = fails.get(key, 0) + 1
             rescued = sum(len(r["methods"][m].get("record", {}).get("rescue", {}).get("tries", [])) > 1 for r in sub)
-            print(f"| {case_set} | {m} | {p1_ok}/{len(sub)} | {sum(g['passed'] for g in p2)}/{len(p2)} | "
+            print(f"| {case_set} | {m} | {p1_ok}/{len(sub)} | {sum(v.p2_met for v in verdicts)}/"
+                  f"{sum(v.p2_total for v in verdicts)} | "
                   + (", ".join(f"{k}: {v}" for k, v in fails.items()) or "none") + f" | {rescued}/{len(sub)} |")
 
 
@@ -333,13 +334,14 @@ def print_comparison(before: list[dict[str, Any]], after: list[dict[str, Any]]) 
             for runs in (old, new):
                 x = [runs[s]["methods"][m] for s in seeds]
                 rx = runs[seeds[0]].get("rx_gy", 40.0)
-                p1 = sum(all(g["passed"] is not False for g in v["goals"] if g["priority"] == 1) for v in x)
-                p2 = [g for v in x for g in v["goals"] if g["priority"] == 2 and g["passed"] is not None]
+                verdicts = [plan_verdict(v["goals"]) for v in x]
+                p1 = sum(v.p1_met for v in verdicts)
                 cols.append((f"{_med([v['exported']['HI'] for v in x]):.3f}", f"{min(v['exported']['D98_Gy'] for v in x):.2f}",
                              f"{sum(v['exported']['D98_Gy'] >= 0.97 * rx for v in x)}/{len(x)}",
                              f"{_med([v['exported']['rectum_Dmean_Gy'] for v in x]):.2f}",
                              f"{_med([v['exported']['bladder_Dmean_Gy'] for v in x]):.2f}", f"{p1}/{len(x)}",
-                             f"{sum(g['passed'] for g in p2)}/{len(p2)}", f"{_med([v['arc_optimize_s'] for v in x]):.1f}"))
+                             f"{sum(v.p2_met for v in verdicts)}/{sum(v.p2_total for v in verdicts)}",
+                             f"{_med([v['arc_optimize_s'] for v in x]):.1f}"))
             print(f"| {case_set} | {m} | {len(seeds)} | " + " | ".join(f"{a} -> {b}" for a, b in zip(*cols, strict=True))
                   + " |")
 

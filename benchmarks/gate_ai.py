@@ -47,6 +47,7 @@ import numpy as np
 from scipy import stats
 
 from pipeline.ai_model import GATE_CASE_SETS, MIN_GATE_CASES, installed_model_dir, model_weights_id
+from pipeline.goals import plan_verdict
 
 #: Non-inferiority margins of the AIRT paper: metric -> margin (AI - planner must stay below it).
 MARGINS: dict[str, float] = {"HI": 0.01, "bladder_Dmean_Gy": 1.5, "bladder_D2_Gy": 1.5, "rectum_Dmean_Gy": 1.5,
@@ -68,9 +69,9 @@ def paired_bound(diffs: Sequence[float], margin: float) -> dict[str, Any]:
 
 
 def p1_met(method_row: dict[str, Any]) -> bool:
-    """Whether a plan met every priority-1 goal (a goal that could not be evaluated is not a failure,
-    as in the plan's verdict)."""
-    return all(g["passed"] is not False for g in method_row["goals"] if g["priority"] == 1)
+    """Whether a plan met every priority-1 goal, as its verdict says (a goal that could not be evaluated
+    is not a failure)."""
+    return plan_verdict(method_row["goals"]).p1_met
 
 
 def _paired(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], case_set: str,

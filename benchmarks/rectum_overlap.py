@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_arc import case_spec
+from pipeline.goals import plan_verdict
 from pipeline.synth import PTV, RECTUM, ct_grid, synth_anatomy
 
 
@@ -54,7 +55,7 @@ def main() -> None:
         for name, m in methods.items():
             value = next((g["value"] for g in m["goals"] if g["structure"] == "rectum" and g["priority"] == 1
                           and g["metric"].endswith("cc")), float("nan"))
-            p1 = all(g["passed"] is not False for g in m["goals"] if g["priority"] == 1)
+            p1 = plan_verdict(m["goals"]).p1_met
             cells.append(f"{name} {m['exported']['D98_Gy']:.2f}, {value:.2f} cc, {'yes' if p1 else 'no'}")
         print(f"| {case_set} {seed} | {vol:.1f} | {ov:.2f} | {least:.2f} | {'yes' if least <= args.goal_cc else 'NO'} | "
               + "; ".join(cells) + f" (Rx {rx:g} Gy) |")

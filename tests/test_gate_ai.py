@@ -20,7 +20,9 @@ def _method(rng: np.random.Generator, *, shift: dict[str, float] | None = None, 
                 "rectum_Dmean_Gy": 4.0, "rectum_D2_Gy": 36.0}
     exported = {k: v + rng.normal(0.0, 0.002 if k == "HI" else 0.05) + (shift or {}).get(k, 0.0)
                 for k, v in exported.items()}
-    goals = [{"priority": 1, "passed": p1_ok}, {"priority": 2, "passed": False}, {"priority": 1, "passed": None}]
+    goal = {"structure": "rectum", "metric": "V36Gycc", "comparison": "<=", "limit": 2.0, "value": 1.0}
+    goals = [{**goal, "priority": 1, "passed": p1_ok}, {**goal, "priority": 2, "passed": False},
+             {**goal, "priority": 1, "passed": None}]
     row: dict[str, Any] = {"exported": exported, "goals": goals, "to_exported_arc_s": 9.0 if source == "ai" else 40.0}
     if planner:
         row["planner"] = {"source": source, "ai_refine_iterations": 20, "arc_iterations": 150, "sectors_per_beam": 2,

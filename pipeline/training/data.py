@@ -41,7 +41,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -310,8 +310,6 @@ def teacher_case(seed: int, *, isotropic_mm: float | None = None) -> TeacherCase
 
 def describe_planner(options: PlanningOptions) -> dict[str, Any]:
     """The planner settings of teacher plans as plain data (``cache.json``; the device is left out)."""
-    from dataclasses import asdict
-
     d = asdict(replace(options, device="cpu", model_dir=""))
     d["goals"] = [f"P{g.priority} {g.structure} {g.metric} {g.comparison} {g.limit:g}" for g in options.goals]
     return dict(json.loads(json.dumps(d, default=str)))
@@ -331,18 +329,17 @@ def plan_teacher_case(spec: TeacherCase, *, options: PlanningOptions, machine: M
         ``p2_total``, ``bladder_Dmean_Gy``, ``rectum_Dmean_Gy``.
     """
     from pipeline.evaluation import evaluate_structures
+    from pipeline.goals import plan_verdict
     from pipeline.plan import FluenceSource, Timings, plan_arc
 
     t0 = time.perf_counter()
     case = spec.case(prescription)
     result = plan_arc(case, machine, arc, replace(options, source=FluenceSource.OPTIMIZE), timings=Timings())
     m = evaluate_structures(result.dose_fx * case.prescription.fractions, result.problem.grid, case)
-    goals = result.goals or []
-    p2 = [g for g in goals if g["priority"] == 2 and g["passed"] is not None]
+    verdict = plan_verdict(result.goals or [])
     info = {"planning_s": time.perf_counter() - t0, "ptv_HI": float(m["ptv"]["HI"]),
             "ptv_D98_rel": float(m["ptv"]["D98_Gy"]) / case.prescription.dose_gy,
-            "all_p1_met": float(all(g["passed"] is not False for g in goals if g["priority"] == 1)),
-            "p2_met": float(sum(bool(g["passed"]) for g in p2)), "p2_total": float(len(p2)),
+            "all_p1_met": float(verdict.p1_met), "p2_met": float(verdict.p2_met), "p2_total": float(verdict.p2_total),
             **{f"{organ}_Dmean_Gy": float(m.get(organ, {}).get("Dmean_Gy", float("nan")))
                for organ in ("bladder", "rectum")}}
     return CachedPlan(spec.seed, quantise_sequence(result.sequence), info, spec)
