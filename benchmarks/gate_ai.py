@@ -130,8 +130,8 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
         AI rows made with another model, or rows of different profiles or planner settings.
     """
     ai_used = [r["methods"][method] for r in ai_rows if method in r["methods"]]
-    n_ai = len(ai_used)
-    used = ai_used + [r["methods"]["optimize"] for r in opt_rows if "optimize" in r["methods"]]
+    opt_used = [r["methods"]["optimize"] for r in opt_rows if "optimize" in r["methods"]]
+    used = ai_used + opt_used
     ids = {m.get("planner", {}).get("model_weights_id") for m in used} - {None}
     if ids and ids != {weights_id}:
         raise SystemExit(f"the AI rows were planned with model(s) {sorted(ids)}, not the model gated ({weights_id})")
@@ -141,9 +141,9 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
                 for k in ("arc_iterations", "sectors_per_beam", "rescue_rounds")} if recorded else {}
     # The planner's rows do not refine: only the AI rows must agree. AI rows made before rows recorded their
     # planner take the configured count the planner's rows of the same run record (the appliance's method ai).
-    refine = {m["planner"]["ai_refine_iterations"] for m in used[:n_ai] if "planner" in m}
+    refine = {m["planner"]["ai_refine_iterations"] for m in ai_used if "planner" in m}
     if not refine and method == "ai":
-        refine = {m["planner"]["ai_refine_iterations"] for m in used[n_ai:] if "planner" in m}
+        refine = {m["planner"]["ai_refine_iterations"] for m in opt_used if "planner" in m}
     if refine:
         settings["ai_refine_iterations"] = _one(refine, "ai_refine_iterations")
     elif recorded:
