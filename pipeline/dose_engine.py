@@ -55,7 +55,7 @@ from core.errors import InputError, PlanningError
 from pipeline import trace_kernels
 from pipeline.beam_model import BeamModel
 from pipeline.geometry import ArcGeometry
-from pipeline.map_sampling import SamplePlan, sample_adjoint
+from pipeline.map_sampling import SamplePlan, sample_adjoint, sample_adjoint_pair
 
 log = logging.getLogger(__name__)
 
@@ -806,10 +806,11 @@ class ReferenceDoseEngine(torch.nn.Module):
         """Gradients of the fine and coarse channel maps from the gradient of the active voxels' dose
         (before ``cal``): the numba scatter adjoints of :mod:`pipeline.map_sampling`."""
         g_fine = torch.zeros(fine_shape, dtype=self.dtype)
-        g_fine[:, :1] = sample_adjoint(grad, self._plan_prim)
+        g_prim, g_coarse = sample_adjoint_pair(grad, self._plan_prim, self._plan_smooth)
+        g_fine[:, :1] = g_prim
         if self.ld_idx.numel() > 0:
             g_fine[:, 1:] = sample_adjoint(grad[self.ld_idx], self._plan_ld)
-        return g_fine, sample_adjoint(grad, self._plan_smooth)
+        return g_fine, g_coarse
 
     def _active_dose_torch(self, fl: torch.Tensor) -> torch.Tensor:
         """Dose at the active voxels (without ``cal``): chunks under checkpointing, autograd backward."""

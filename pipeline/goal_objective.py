@@ -68,31 +68,32 @@ class PriorityWeights:
         return {1: self.p1, 2: self.p2, 3: self.p3}[priority]
 
 
-def _tail_mask(values: torch.Tensor, fraction: float, hottest: bool) -> torch.Tensor:
-    """Boolean mask of the hottest (or coldest) ``fraction`` of ``values`` (at least 0, at most all)."""
-    n = values.numel()
-    k = min(n, max(0, math.floor(fraction * n + 1e-9)))
-    keep = torch.zeros(n, dtype=torch.bool, device=values.device)
-    if k > 0:
-        idx = torch.topk(values.detach(), k, largest=hottest, sorted=False).indices
-        keep[idx] = True
-    return keep
+def _tail_size(n: int, fraction: float) -> int:
+    """How many of ``n`` voxels the hottest ``fraction`` holds (at least 0, at most all)."""
+    return min(n, max(0, math.floor(fraction * n + 1e-9)))
 
 
 def at_most_fraction_above(values: torch.Tensor, limit: float, fraction: float, scale: float) -> torch.Tensor:
     """Penalty of "at most ``fraction`` of the voxels above ``limit``": mean over the structure of
-    ``relu(d - limit)^2 / scale^2`` on the voxels not among the hottest ``fraction``."""
-    free = _tail_mask(values, fraction, hottest=True)
-    excess = torch.relu(values - limit) * (~free)
-    return (excess**2).mean() / (scale * scale)
+    ``relu(d - limit)^2 / scale^2`` on the voxels not among the hottest ``fraction`` (its coldest rest,
+    by one ``topk``: no mask over the structure)."""
+    n = values.numel()
+    k = _tail_size(n, fraction)
+    if k >= n:
+        return values.new_zeros(())
+    rest = values if k == 0 else torch.topk(values, n - k, largest=False, sorted=False).values
+    return (torch.relu(rest - limit) ** 2).sum() / (n * scale * scale)
 
 
 def at_least_fraction_above(values: torch.Tensor, limit: float, fraction: float, scale: float) -> torch.Tensor:
     """Penalty of "at least ``fraction`` of the voxels at or above ``limit``": mean over the structure
     of ``relu(limit - d)^2 / scale^2`` on the voxels among the hottest ``fraction``."""
-    held = _tail_mask(values, fraction, hottest=True)
-    short = torch.relu(limit - values) * held
-    return (short**2).mean() / (scale * scale)
+    n = values.numel()
+    k = _tail_size(n, fraction)
+    if k == 0:
+        return values.new_zeros(())
+    held = torch.topk(values, k, sorted=False).values
+    return (torch.relu(limit - held) ** 2).sum() / (n * scale * scale)
 
 
 def _tail_mean(values: torch.Tensor, fraction: float, hottest: bool) -> torch.Tensor:
@@ -150,12 +151,16 @@ class GoalTerm:
 
     def value(self, dose: torch.Tensor, scale: float) -> torch.Tensor:
         """The term (dimensionless, 0 when met) of a dose per fraction; ``scale`` is Rx per fraction."""
-        g = self.goal
         d = (dose.reshape(-1)[self.mask.reshape(-1)] if self.index is None
              else dose.reshape(-1).index_select(0, self.index))
+        return self.value_of(d, scale)
+
+    def value_of(self, d: torch.Tensor, scale: float) -> torch.Tensor:
+        """:meth:`value` of the doses at the term's voxels (``mask``'s, in flat order) themselves."""
+        g = self.goal
         n = self.total_voxels
         if d.numel() == 0:
-            return dose.new_zeros(())
+            return d.new_zeros(())
         at_least = g.comparison == AT_LEAST
         share = d.numel() / n  # fractions of the whole structure -> of the voxels computed
         if g.metric == "Dmean":
@@ -183,7 +188,7 @@ class GoalTerm:
             if at_least:
                 return at_least_fraction_above(d, self.limit_fx, f, scale)
             return at_most_fraction_above(d, self.limit_fx, f, scale)
-        return dose.new_zeros(())  # CI: evaluated only
+        return d.new_zeros(())  # CI: evaluated only
 
 
 def goal_terms(goals: Sequence[GoalSpec], masks: Mapping[str, torch.Tensor], *, fractions: int, voxel_cc: float,
@@ -230,13 +235,10 @@ def goal_terms(goals: Sequence[GoalSpec], masks: Mapping[str, torch.Tensor], *, 
     return tuple(out)
 
 
-def normalised(dose: torch.Tensor, ptv: torch.Tensor, rx_fx: float, volume_percent: float, *,
-               index: torch.Tensor | None = None) -> torch.Tensor:
-    """``dose`` scaled so that the PTV's D<volume_percent> equals ``rx_fx`` (as the MU normalisation
-    will scale the exported plan); differentiable through the order statistic. ``index``: the PTV
-    voxels' flat indices, when precomputed."""
-    d = (dose.reshape(-1)[ptv.reshape(-1).to(torch.bool)] if index is None
-         else dose.reshape(-1).index_select(0, index))
+def normalisation_scale(ptv_values: torch.Tensor, rx_fx: float, volume_percent: float) -> torch.Tensor:
+    """The factor by which a dose is scaled so that the PTV's D<volume_percent> equals ``rx_fx`` (as the MU
+    normalisation will scale the exported plan), from the PTV voxels' doses ``ptv_values`` (1D);
+    differentiable through the order statistic."""
+    d = ptv_values
     k = max(1, min(d.numel(), math.ceil((1.0 - volume_percent / 100.0) * d.numel())))
-    dv = torch.kthvalue(d, k).values.clamp_min(1e-9)
-    return dose * (rx_fx / dv)
+    return rx_fx / torch.kthvalue(d, k).values.clamp_min(1e-9)

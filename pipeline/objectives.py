@@ -159,63 +159,47 @@ def err_map(
 # --------------------------------------------------------------------------- optimizer-only terms
 
 
-def _masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (values * weight).sum() / weight.sum().clamp_min(1e-12)
-
-
-def ptv_homogeneity_term(
-    dose: torch.Tensor, ptv_weight: torch.Tensor, rx: float, lambda_plus: float, lambda_minus: float
-) -> torch.Tensor:
-    """Scale-free eq. 7: mean over the PTV of l+/2 ReLU(d - 1)^2 + l-/2 ReLU(1 - d)^2 with d = D / Rx."""
+def _homogeneity(dose: torch.Tensor, rx: float, lambda_plus: float, lambda_minus: float) -> torch.Tensor:
     x = dose / rx - 1.0
-    per_voxel = 0.5 * lambda_plus * torch.relu(x) ** 2 + 0.5 * lambda_minus * torch.relu(-x) ** 2
-    return _masked_mean(per_voxel, ptv_weight)
+    return 0.5 * lambda_plus * torch.relu(x) ** 2 + 0.5 * lambda_minus * torch.relu(-x) ** 2
 
 
-def hinge_mean_term(dose: torch.Tensor, weight: torch.Tensor, reference: torch.Tensor | float, rx: float) -> torch.Tensor:
-    """Mean over ``weight`` of ReLU(D - reference)^2 / Rx^2 (a squared hinge; reference in Gy)."""
-    return _masked_mean(torch.relu(dose - reference) ** 2, weight) / (rx * rx)
+def homogeneity_of(values: torch.Tensor, rx: float, lambda_plus: float, lambda_minus: float) -> torch.Tensor:
+    """Scale-free eq. 7 of the PTV voxels' doses ``values`` (1D): the mean of l+/2 ReLU(d - 1)^2 +
+    l-/2 ReLU(1 - d)^2 with d = D / Rx."""
+    return mean_of(_homogeneity(values, rx, lambda_plus, lambda_minus))
 
 
-def mean_dose_term(dose: torch.Tensor, weight: torch.Tensor, rx: float) -> torch.Tensor:
-    """Mean dose of a structure divided by Rx (linear: a constant push towards lower dose)."""
-    return _masked_mean(dose, weight) / rx
+def mean_of(values: torch.Tensor) -> torch.Tensor:
+    """Mean of a structure's voxel values (1D); 0 for none."""
+    return values.mean() if values.numel() else values.new_zeros(())
 
 
-def upper_dvh_term(
-    dose: torch.Tensor, weight: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float, *,
-    index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Dose-volume objective: mean ReLU(D - limit)^2 / Rx^2 over the hottest ``volume_fraction`` of a structure.
+def hinge_mean_of(values: torch.Tensor, reference: torch.Tensor | float, rx: float) -> torch.Tensor:
+    """Mean of ReLU(D - reference)^2 / Rx^2 over a structure's voxel doses ``values`` (1D; a squared hinge;
+    ``reference`` in Gy, a number or the values at those voxels)."""
+    return mean_of(torch.relu(values - reference) ** 2) / (rx * rx)
 
-    Penalises the dose above ``limit_gy`` (Gy) in the highest-dose part of the organ only, so that a
-    constraint like "V36Gy < 5 %" does not push on the whole organ. ``volume_fraction`` in (0, 1].
-    Voxels are counted where ``weight > 0.5``; ``index``, when given, are those voxels' flat indices
-    (the same term without a boolean selection each call).
-    """
+
+def upper_tail_of(values: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float) -> torch.Tensor:
+    """Dose-volume objective: mean ReLU(D - limit)^2 / Rx^2 over the hottest ``volume_fraction`` (in (0, 1]) of
+    a structure's voxel doses ``values`` (1D), so that a constraint like "V36Gy < 5 %" does not push on
+    the whole organ."""
     if not 0 < volume_fraction <= 1:
         raise InputError(f"dose-volume objective needs a volume fraction in (0, 1], got {volume_fraction}")
-    if index is None:
-        index = torch.nonzero((weight > 0.5).reshape(-1)).reshape(-1)
-    n = int(index.numel())
+    n = int(values.numel())
     if n == 0:
-        return dose.new_zeros(())
-    vals = dose.reshape(-1).index_select(0, index)
+        return values.new_zeros(())
     k = max(1, math.ceil(volume_fraction * n))
-    top = torch.topk(vals, k, sorted=False).values
+    top = torch.topk(values, k, sorted=False).values
     return (torch.relu(top - limit_gy) ** 2).mean() / (rx * rx)
 
 
-def lower_dvh_term(
-    dose: torch.Tensor, weight: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float, *,
-    index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Coverage objective: mean ReLU(limit - D)^2 / Rx^2 over the coldest ``volume_fraction`` of a structure.
-
-    The mirror of :func:`upper_dvh_term` for targets: it lifts the cold tail of the DVH (e.g. D98)
-    without pushing on the rest of the target. Voxels are counted where ``weight > 0.5``.
-    """
-    return upper_dvh_term(-dose, weight, -limit_gy, volume_fraction, rx, index=index)
+def lower_tail_of(values: torch.Tensor, limit_gy: float, volume_fraction: float, rx: float) -> torch.Tensor:
+    """Coverage objective: mean ReLU(limit - D)^2 / Rx^2 over the coldest ``volume_fraction`` of a structure's
+    voxel doses ``values`` (1D). The mirror of :func:`upper_tail_of` for targets: it lifts the cold tail of
+    the DVH (e.g. D98) without pushing on the rest of the target."""
+    return upper_tail_of(-values, -limit_gy, volume_fraction, rx)
 
 
 def falloff_reference(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,7 +45,7 @@ from numpy.typing import NDArray
 from core.errors import PlanningError
 from pipeline import objectives as obj
 from pipeline.dose_engine import DoseEngine, positions_in
-from pipeline.goal_objective import GoalSetup, GoalTerm, goal_terms, normalised
+from pipeline.goal_objective import GoalSetup, GoalTerm, goal_terms, normalisation_scale
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,53 @@ class CtPoints:
         return flat.reshape(shape)
 
 
+class PointInterpolation:
+    """The dose at interpolated points of a dose vector (:meth:`DoseObjective.on_voxels`) as a sparse matrix
+    ``S`` (points x vector entries, 8 entries a row: the trilinear neighbours and their weights), applied
+    with its precomputed transpose as the gradient: a step then multiplies two CSR matrices by vectors
+    (under a millisecond for 80,000 CT voxels on 2 cores) instead of gathering ``(P, 8)`` neighbours and
+    scattering their gradients back, which took several.
+
+    Parameters
+    ----------
+    positions
+        ``(P, 8)`` positions in the dose vector of each point's neighbours (int64).
+    weights
+        ``(P, 8)`` their weights.
+    n
+        Length of the dose vector.
+    """
+
+    def __init__(self, positions: torch.Tensor, weights: torch.Tensor, n: int) -> None:
+        p = positions.shape[0]
+        rows = torch.arange(p, device=positions.device).repeat_interleave(positions.shape[1])
+        cols, values = positions.reshape(-1), weights.reshape(-1)
+        with warnings.catch_warnings():  # torch calls its CSR layout beta; matrix-vector products are all we use
+            warnings.simplefilter("ignore", UserWarning)
+            self.matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (p, n)).coalesce().to_sparse_csr()
+            self.transpose = torch.sparse_coo_tensor(torch.stack([cols, rows]), values,
+                                                     (n, p)).coalesce().to_sparse_csr()
+        self.n_points = int(p)
+
+    def __call__(self, vector: torch.Tensor) -> torch.Tensor:
+        """``S @ vector``: the ``(P,)`` point values; differentiable in ``vector``."""
+        out: torch.Tensor = _SparseApply.apply(vector, self)
+        return out
+
+
+class _SparseApply(torch.autograd.Function):
+    """``S @ v`` with the gradient ``S^T @ g`` from the precomputed transpose."""
+
+    @staticmethod
+    def forward(ctx: Any, vector: torch.Tensor, interp: PointInterpolation) -> torch.Tensor:  # type: ignore[override]
+        ctx.interp = interp
+        return torch.mv(interp.matrix, vector.detach())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return torch.mv(ctx.interp.transpose, grad.contiguous()), None
+
+
 @dataclass(frozen=True, eq=False)
 class DoseObjective:
     """The dose terms of the planning objective for one case (see the module docstring, step 3).
@@ -211,53 +259,74 @@ class DoseObjective:
     femurs: tuple[torch.Tensor, ...]
     goals: tuple[GoalTerm, ...] = ()
     normalisation_percent: float | None = None
-    #: Extra dose entries the terms read: the positions in the dose vector of each one's 8 trilinear
-    #: neighbours and their weights (``(P, 8)`` each); see :meth:`on_voxels`.
-    points: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: Extra dose entries the terms read, interpolated from the dose vector; see :meth:`on_voxels`.
+    points: PointInterpolation | None = None
     #: Flat indices of the voxels of the PTV and of each organ (``"ptv"``, role values), precomputed by
     #: :meth:`on_voxels` so a step selects them without boolean masks.
     indices: dict[str, torch.Tensor] | None = None
 
     def terms(self, dose: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Each dose term of ``dose`` (engine units) and its weight."""
+        """Each dose term of ``dose`` (engine units) and its weight.
+
+        Every structure's doses are gathered once by its precomputed flat indices (:meth:`_with_indices`)
+        and each term reads only those: the masks are binary, so this is the masked mean of every term
+        without a pass over the whole dose vector per term."""
+        if self.indices is None:
+            return self._with_indices().terms(dose)
         if self.points is not None:
-            pos, pw = self.points
-            dose = torch.cat([dose, (dose[pos] * pw).sum(dim=1)])
+            dose = torch.cat([dose, self.points(dose)])
+        flat = dose.reshape(-1)
+        gathered: dict[int, torch.Tensor] = {}
+
+        def at(index: torch.Tensor) -> torch.Tensor:  # one gather per index tensor, shared by its terms
+            if id(index) not in gathered:
+                gathered[id(index)] = flat.index_select(0, index)
+            return gathered[id(index)]
+
+        idx = self.indices
         w, rx = self.weights, self.rx_gy
+        ptv = at(idx["ptv"])
         t = {
-            "ptv": obj.ptv_homogeneity_term(dose, self.ptv, rx, w.lambda_plus, w.lambda_minus),
-            "cold_tail": obj.lower_dvh_term(dose, self.ptv, w.cold_tail_level * rx, w.cold_tail_fraction, rx,
-                                            index=self._index("ptv")),
-            "hot_tail": obj.upper_dvh_term(dose, self.ptv, w.hot_tail_level * rx, w.hot_tail_fraction, rx,
-                                           index=self._index("ptv")),
-            "ring": obj.hinge_mean_term(dose, self.region, self.ceiling, rx),
+            "ptv": obj.homogeneity_of(ptv, rx, w.lambda_plus, w.lambda_minus),
+            "cold_tail": obj.lower_tail_of(ptv, w.cold_tail_level * rx, w.cold_tail_fraction, rx),
+            "hot_tail": obj.upper_tail_of(ptv, w.hot_tail_level * rx, w.hot_tail_fraction, rx),
+            "ring": obj.hinge_mean_of(at(idx["region"]), self.ceiling.reshape(-1).index_select(0, idx["region"]), rx),
         }
         k = {"ptv": w.ptv, "cold_tail": w.cold_tail, "hot_tail": w.hot_tail, "ring": w.ring}
-        for r, m in self.oars.items():
-            t[f"{r}_mean"], k[f"{r}_mean"] = obj.mean_dose_term(dose, m, rx), w.oar_mean
-            t[f"{r}_high"] = obj.upper_dvh_term(dose, m, w.oar_high_level * rx, w.oar_high_fraction, rx,
-                                                index=self._index(r))
+        for r in self.oars:
+            values = at(idx[r])
+            t[f"{r}_mean"], k[f"{r}_mean"] = obj.mean_of(values) / rx, w.oar_mean
+            t[f"{r}_high"] = obj.upper_tail_of(values, w.oar_high_level * rx, w.oar_high_fraction, rx)
             k[f"{r}_high"] = w.oar_high
-        for i, m in enumerate(self.femurs):
-            t[f"femur_{i}"], k[f"femur_{i}"] = obj.hinge_mean_term(dose, m, w.femur_level * rx, rx), w.femur
+        for i in range(len(self.femurs)):
+            t[f"femur_{i}"] = obj.hinge_mean_of(at(idx[f"femur_{i}"]), w.femur_level * rx, rx)
+            k[f"femur_{i}"] = w.femur
         if self.goals:
             # the goals hold for the exported plan, i.e. after the MU normalisation
-            seen = dose if self.normalisation_percent is None else normalised(
-                dose, self.ptv, rx, self.normalisation_percent, index=self._index("ptv"))
+            scale = (None if self.normalisation_percent is None
+                     else normalisation_scale(ptv, rx, self.normalisation_percent))
             for g in self.goals:
-                t[g.name], k[g.name] = g.value(seen, rx), g.weight
+                assert g.index is not None
+                values = at(g.index)
+                t[g.name], k[g.name] = g.value_of(values if scale is None else values * scale, rx), g.weight
         return t, k
 
-    def _index(self, name: str) -> torch.Tensor | None:
-        return None if self.indices is None else self.indices.get(name)
-
     def _with_indices(self) -> DoseObjective:
-        """This objective with the voxel indices of its structures and goals precomputed."""
+        """This objective with the flat voxel indices of its structures (``ptv``, ``region``, organs by role
+        value, ``femur_<i>``) and goals precomputed; a goal on a structure's voxels shares its index
+        tensor, so :meth:`terms` gathers those doses once."""
         def where(m: torch.Tensor) -> torch.Tensor:
             return torch.nonzero((m > 0.5).reshape(-1)).reshape(-1)
 
-        return replace(self, indices={"ptv": where(self.ptv), **{r: where(m) for r, m in self.oars.items()}},
-                       goals=tuple(g.with_index() for g in self.goals))
+        indices = {"ptv": where(self.ptv), "region": where(self.region), **{r: where(m) for r, m in self.oars.items()},
+                   **{f"femur_{i}": where(m) for i, m in enumerate(self.femurs)}}
+        goals = []
+        for g in self.goals:
+            own = g.with_index()
+            assert own.index is not None
+            same = next((i for i in indices.values() if torch.equal(i, own.index)), None)
+            goals.append(own if same is None else replace(own, index=same))
+        return replace(self, indices=indices, goals=tuple(goals))
 
     def on_voxels(self, index: torch.Tensor, points: Mapping[str, CtPoints] | None = None) -> DoseObjective:
         """This objective of a dose given as a vector over the voxels ``index`` (flat indices on the dose
@@ -311,7 +380,8 @@ class DoseObjective:
         return replace(self, ptv=own("ptv") if "ptv" in points else grid_part(self.ptv), region=grid_part(self.region),
                        ceiling=grid_part(self.ceiling), oars={r: m for r, m in oars.items() if float(m.sum()) > 0},
                        femurs=tuple(grid_part(m) for m in self.femurs), goals=goals,
-                       points=(torch.cat(pos), torch.cat(weights)) if points else None)._with_indices()
+                       points=PointInterpolation(torch.cat(pos), torch.cat(weights), n) if points else None
+                       )._with_indices()
 
     def __call__(self, dose: torch.Tensor) -> torch.Tensor:
         """The weighted sum of the dose terms (dimensionless)."""
@@ -363,7 +433,7 @@ def build_dose_objective(masks_on_dose_grid: Mapping[Any, torch.Tensor], *, rx_g
             goals.goals, {str(r): m for r, m in whole.items()}, fractions=goals.fractions,
             voxel_cc=goals.voxel_cc, weights=goals.weights, boost=goals.boost, region=region),
         normalisation_percent=None if goals is None else goals.normalisation_percent,
-    )
+    )._with_indices()
 
 
 def _dilate(mask: torch.Tensor, px: int) -> torch.Tensor:

@@ -216,8 +216,7 @@ def test_arc_objective_reads_the_ptv_and_the_organs_near_it_at_their_ct_voxels(p
         vec = near(flu)
         full = prob.engine(flu).numpy()  # type: ignore[attr-defined]
     assert objective.points is not None
-    pos, w = objective.points
-    at_points = (vec[pos] * w).sum(dim=1).numpy()
+    at_points = objective.points(vec).numpy()
     n_ptv = points["ptv"].index.shape[0]
     # the PTV the objective reads is the dose at all the PTV's CT voxels, as the plan's evaluation reads it
     expected = evaluation.structure_dvh_inputs(full, prob.grid, case, Role.PTV)  # type: ignore[attr-defined,arg-type]

@@ -17,7 +17,7 @@ from pipeline.goal_objective import (
     at_least_fraction_above,
     at_most_fraction_above,
     goal_terms,
-    normalised,
+    normalisation_scale,
 )
 from pipeline.goals import GoalSpec, GoalStages, evaluate_goals, plan_verdict
 from pipeline.plan import FluenceSource, PlanningOptions, goal_rank, plan_arc
@@ -42,6 +42,38 @@ def test_dose_volume_penalties_are_zero_exactly_when_the_dvh_goal_holds() -> Non
     # coldest of them -> met; at 1.15 it is not
     assert float(at_least_fraction_above(d, 1.05, 0.90, 1.0)) == 0.0
     assert float(at_least_fraction_above(d, 1.15, 0.90, 1.0)) > 0
+
+
+def _by_mask(values: torch.Tensor, limit: float, fraction: float, at_least: bool) -> torch.Tensor:
+    """The penalties by their definition: a mask of the hottest ``fraction`` over the whole structure."""
+    n = values.numel()
+    k = min(n, max(0, int(fraction * n + 1e-9)))
+    hottest = torch.zeros(n, dtype=torch.bool)
+    hottest[torch.topk(values.detach(), k).indices] = True
+    if at_least:
+        return (torch.relu(limit - values) ** 2 * hottest).mean()
+    return (torch.relu(values - limit) ** 2 * ~hottest).mean()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.02, 0.1, 0.5, 0.95, 0.98, 1.0])
+@pytest.mark.parametrize("at_least", [False, True])
+def test_dose_volume_penalties_equal_their_definition_with_their_gradients(fraction: float, at_least: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat([torch.rand(997, generator=gen, dtype=torch.float64) * 10, torch.full((3,), 9.5,
+                                                                                             dtype=torch.float64)])
+    for limit in (2.0, 7.5, 9.5, 11.0):
+        x, y = values.clone().requires_grad_(True), values.clone().requires_grad_(True)
+        penalty = (at_least_fraction_above if at_least else at_most_fraction_above)(x, limit, fraction, 1.0)
+        reference = _by_mask(y, limit, fraction, at_least)
+        reference.backward()
+        assert float(penalty) == pytest.approx(float(reference), rel=1e-12, abs=1e-15)
+        assert y.grad is not None
+        if penalty.requires_grad:
+            penalty.backward()
+            assert x.grad is not None
+            torch.testing.assert_close(x.grad, y.grad, rtol=1e-12, atol=1e-15)
+        else:  # nothing can be penalised (no voxel outside the hottest, or none among them)
+            assert float(penalty) == 0.0 and not bool(y.grad.any())
 
 
 @pytest.mark.parametrize(("metric", "comparison", "limit"), [
@@ -92,11 +124,11 @@ def test_restricted_region_counts_the_whole_structure() -> None:
     assert float(ok.value(dose, 8.0)) == 0.0 and float(bad.value(dose, 8.0)) > 0.0
 
 
-def test_normalised_dose_has_its_dv_at_the_prescription() -> None:
+def test_normalisation_scale_puts_the_dv_at_the_prescription() -> None:
     dose = torch.rand(20, 20, 20, generator=torch.Generator().manual_seed(1)) * 3 + 6
     ptv = torch.zeros_like(dose, dtype=torch.bool)
     ptv[5:15, 5:15, 5:15] = True
-    n = normalised(dose, ptv, 8.0, 95.0)
+    n = dose * normalisation_scale(dose[ptv], 8.0, 95.0)
     assert np.percentile(n[ptv].numpy(), 5, method="higher") == pytest.approx(8.0, rel=1e-3)
 
 

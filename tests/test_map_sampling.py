@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import PlanningError
-from pipeline.map_sampling import SamplePlan, sample_adjoint
+from pipeline.map_sampling import SamplePlan, sample_adjoint, sample_adjoint_pair
 
 
 def _forward(maps: torch.Tensor, xy: torch.Tensor, w: torch.Tensor, scale: tuple[float, float],
@@ -53,6 +53,27 @@ def test_dot_product_identity() -> None:
     rhs = float((maps * sample_adjoint(v, plan)).sum())
     assert lhs == pytest.approx(rhs, rel=1e-12, abs=1e-12)
     assert abs(lhs) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pair_adjoint_is_the_two_adjoints(dtype: torch.dtype) -> None:
+    """One pass for the primary (1 channel, fine lattice) and scatter (3 channels, coarse) plans of the same
+    positions and weights gives what two passes give; plans that share nothing are refused."""
+    _, xy, w = _problem(dtype, 3, 0, seed=5)
+    fine = SamplePlan(xy, w, (21, 17), (1.6, 1.4), n_channels=1)
+    coarse = SamplePlan(xy, w, (7, 6), n_channels=3)
+    upstream = torch.rand(xy.shape[1], generator=torch.Generator().manual_seed(2), dtype=dtype)
+    upstream[::7] = 0.0  # points without a gradient are skipped
+    got_fine, got_coarse = sample_adjoint_pair(upstream, fine, coarse)
+    assert float(got_fine.abs().sum()) > 0 and float(got_coarse.abs().sum()) > 0
+    tol = 1e-6 if dtype == torch.float32 else 1e-14  # the same sums; the compiler may fuse them differently
+    torch.testing.assert_close(got_fine, sample_adjoint(upstream, fine), rtol=tol, atol=tol)
+    torch.testing.assert_close(got_coarse, sample_adjoint(upstream, coarse), rtol=tol, atol=tol)
+    other = SamplePlan(xy.clone(), w, (7, 6), n_channels=3)
+    with pytest.raises(PlanningError, match="share"):
+        sample_adjoint_pair(upstream, fine, other)
+    with pytest.raises(PlanningError, match="1 and 3"):
+        sample_adjoint_pair(upstream, coarse, fine)
 
 
 def test_bad_plans_and_inputs() -> None:
