@@ -98,7 +98,7 @@ class Worker:
         self.on_queued: Callable[[], None] | None = None
         """Called after a job's deliveries were queued (the node sends them at once instead of at the next poll)."""
         self.planner = PlannerProcess(plan, warm_up=settings.warm_up, max_jobs=settings.planner_jobs,
-                                      max_rss_mb=settings.planner_max_rss_mb)
+                                      max_rss_mb=settings.planner_max_rss_mb, reserve_mb=settings.planner_reserve_mb)
         weakref.finalize(self, self.planner.kill)  # a dropped worker leaves no planning process behind
         self._stop = threading.Event()
         self.current_job: int | None = None

@@ -61,8 +61,9 @@ def node_table(tmp: Path, **over: Any) -> dict[str, Any]:
         "storage": {"data_dir": str(tmp / "data"), "min_free_disk_mb": 1},
         "scheduler": {"stable_age_s": 0.0, "poll_interval_s": 0.2},
         "planning": dict(TINY_PLANNING),
-        # No warm-up case per worker (seconds each); the warm-up has its own tests (test_case_request.py).
-        "worker": {"warm_up": False},
+        # No warm-up case and no memory reserve per planning process (seconds each); both have their own
+        # tests (test_case_request.py).
+        "worker": {"warm_up": False, "planner_reserve_mb": 0.0},
     }
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(table.get(k), dict):

@@ -202,7 +202,7 @@ def test_plan_summary_round_trips_and_refuses_another_shape() -> None:
 
 
 def test_planning_process_warms_up_when_idle_is_reused_and_replaced_after_its_jobs(tmp_path: Path) -> None:
-    settings = node_settings(tmp_path, worker={"planner_jobs": 2, "warm_up": True})
+    settings = node_settings(tmp_path, worker={"planner_jobs": 2, "warm_up": True, "planner_reserve_mb": 256.0})
     cases = [write_case(tmp_path / f"case{k}", n_slices=2) for k in range(3)]
     with running_scp(settings) as scp:
         for case in cases:
@@ -322,13 +322,17 @@ def test_a_complete_study_reaches_the_destination_without_waiting_for_a_poll(tmp
 
 _FAULTS = """
 import resource, sys, numpy as np
-from appliance.plan_process import keep_freed_memory
-if sys.argv[1] == "keep":
+from appliance.plan_process import keep_freed_memory, reserve_memory
+if sys.argv[1] != "default":
     assert keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-a = np.ones(200 * 2**20 // 8)
-del a
+if sys.argv[1] == "reserve":  # written once before the first job, not by a job
+    assert reserve_memory(256.0)[0] == 256.0
+    assert reserve_memory(256.0, stop=lambda: True)[0] == 0.0
+else:
+    a = np.ones(200 * 2**20 // 8)
+    del a
 f0 = faults()
 b = np.ones(200 * 2**20 // 8)
 print(faults() - f0)
@@ -338,12 +342,13 @@ print(faults() - f0)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the setting is glibc's")
 def test_the_planning_process_reuses_the_memory_a_job_freed() -> None:
     """200 MB freed and allocated again: fresh pages (page faults) in a default process, the same pages
-    in one set as the planning process sets itself."""
+    in one set as the planning process sets itself, and in one that reserved memory before its first job
+    (a reserve told to stop writes nothing)."""
     def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parents[1], timeout=120)
         return int(out.stdout.strip().splitlines()[-1])
 
-    fresh, kept = faults("default"), faults("keep")
+    fresh, kept, reserved = faults("default"), faults("keep"), faults("reserve")
     assert fresh > 50  # 200 MB of 4 kB or 2 MB pages
-    assert kept < fresh / 10
+    assert kept < fresh / 10 and reserved < fresh / 10
