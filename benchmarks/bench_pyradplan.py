@@ -2,7 +2,7 @@
 the benchmark cases of ``benchmarks/bench_arc.py`` and its DVH metrics are printed beside ours.
 
     .venv/bin/python -m benchmarks.bench_pyradplan [--sets synth,heldout] [--cases 10] [--json OUT.json]
-        [--ours benchmarks/bench_arc_latest.json] [--venv /tmp/xcheck-venv] [--solver ipopt|scipy]
+        [--ours benchmarks/bench_arc_latest.json ...] [--venv /tmp/xcheck-venv] [--solver ipopt|scipy]
         [--profile NAME] [--dose-grid-mm 4] [--bixel-mm 5] [--max-iter 500] [--forward-cutoff-mm 150]
         [--threads 1] [--from-json OUT.json]
 
@@ -262,21 +262,23 @@ def run_case(case_set: str, index: int, python: Path, protocol: Protocol, settin
 PRE_PROFILE_RX = (40.0, 5)
 
 
-def ours_by_case(path: Path, protocol: Protocol) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
+def ours_by_case(paths: list[Path], protocol: Protocol) -> dict[tuple[str, int], dict[str, dict[str, Any]]]:
     """Our exported-arc rows of the protocol's profile by (set, seed) and method, with ``p1_met`` from their goals
     (as ``--ours`` recorded them) and ``same_goals``: whether those goals are the protocol's goal list. A row
-    without a profile (saved before profiles) counts when the protocol prescribes 40 Gy in 5 fractions."""
+    without a profile (saved before profiles) counts when the protocol prescribes 40 Gy in 5 fractions. The
+    files' methods are merged per case (e.g. the gate's AI and planner files); a later file's method wins."""
     rx = protocol.prescription
     mine = {(g.structure, g.metric, g.comparison, float(g.limit), g.priority) for g in protocol.goals}
     out: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    for r in json.loads(path.read_text())["rows"]:
+    rows = [r for path in paths for r in json.loads(path.read_text())["rows"]]
+    for r in rows:
         if r.get("profile", protocol.name if (rx.dose_gy, rx.fractions) == PRE_PROFILE_RX else None) != protocol.name:
             continue
-        out[(r["set"], int(r["seed"]))] = {
+        out.setdefault((r["set"], int(r["seed"])), {}).update({
             m: {"exported": v["exported"], "p1_met": p1_met(v["goals"]) if v.get("goals") else None,
                 "same_goals": {(g["structure"], g["metric"], g["comparison"], float(g["limit"]), g["priority"])
                                for g in v.get("goals", [])} == mine}
-            for m, v in r["methods"].items()}
+            for m, v in r["methods"].items()})
     return out
 
 
@@ -379,8 +381,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="synth,heldout", help="case sets, comma-separated (synth, heldout)")
     ap.add_argument("--cases", type=int, default=10, help="cases per set (default 10)")
-    ap.add_argument("--ours", type=Path, default=Path(__file__).resolve().parent / "bench_arc_latest.json",
-                    help="bench_arc's saved rows (our plans)")
+    ap.add_argument("--ours", type=Path, nargs="+", default=[Path(__file__).resolve().parent / "bench_arc_latest.json"],
+                    help="bench_arc's saved rows (our plans; several files: their methods merged per case)")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     ap.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="pyRadPlan virtual environment (created)")
@@ -400,7 +402,7 @@ def main() -> int:
     args = ap.parse_args()
     settings = Settings()
     protocol = protocol_from_settings(settings, args.profile or None)
-    ours = ours_by_case(args.ours, protocol) if args.ours.exists() else {}
+    ours = ours_by_case([p for p in args.ours if p.exists()], protocol)
     if args.from_json:
         saved = [r for r in json.loads(Path(args.from_json).read_text())["rows"] if r.get("protocol") == protocol.name]
         report(saved, ours, protocol)
