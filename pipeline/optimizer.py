@@ -261,8 +261,9 @@ class DoseObjective:
     normalisation_percent: float | None = None
     #: Extra dose entries the terms read, interpolated from the dose vector; see :meth:`on_voxels`.
     points: PointInterpolation | None = None
-    #: Flat indices of the voxels of the PTV and of each organ (``"ptv"``, role values), precomputed by
-    #: :meth:`on_voxels` so a step selects them without boolean masks.
+    #: Flat indices of the voxels of each structure the terms read (``"ptv"``, ``"region"``, organs by role
+    #: value, ``"femur_<i>"``), precomputed by :meth:`_with_indices` (:func:`build_dose_objective` and
+    #: :meth:`on_voxels` return objectives with them) so a step gathers them without boolean masks.
     indices: dict[str, torch.Tensor] | None = None
 
     def terms(self, dose: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
