@@ -169,8 +169,8 @@ class BeamModel:
         """Primary attenuation ``A(d)`` at radiological depth ``d_mm`` (mm, >= 0), dimensionless."""
         d = d_mm.clamp_min(0.0)
         if self.hardening_per_mm == 0.0:
-            return torch.exp(-self.mu0_per_mm * d)
-        return torch.exp(-(self.mu0_per_mm / self.hardening_per_mm) * torch.log1p(self.hardening_per_mm * d))
+            return torch.mul(d, -self.mu0_per_mm).exp_()
+        return torch.mul(d, self.hardening_per_mm).log1p_().mul_(-(self.mu0_per_mm / self.hardening_per_mm)).exp_()
 
     def depth_weights(self, d_mm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Weights of the primary and the two scatter components at radiological depth ``d_mm`` (mm).
@@ -184,12 +184,14 @@ class BeamModel:
         d = d_mm.clamp_min(0.0)
         a = self.attenuation(d)
 
-        def arg(length_mm: float) -> torch.Tensor:  # -d / length, capped (see EXP_ARG_MAX)
-            return -(d / length_mm).clamp_max(EXP_ARG_MAX)
+        def arg(length_mm: float) -> torch.Tensor:  # -d / length, capped (see EXP_ARG_MAX), a fresh tensor
+            return torch.div(d, length_mm).clamp_max_(EXP_ARG_MAX).neg_()
 
-        p = (1.0 - (1.0 - self.surface_fraction) * torch.exp(arg(self.buildup_mm))) * a
-        s1 = self.scatter_weights[0] * (-torch.expm1(arg(self.scatter_buildup_mm[0]))) * a
-        s2 = self.scatter_weights[1] * (-torch.expm1(arg(self.scatter_buildup_mm[1]))) * a
+        # in place on fresh tensors: the same operations in the same order as the expressions
+        # (1 - (1 - f) e^x) a and w (-(e^x - 1)) a, without a temporary per operation
+        p = arg(self.buildup_mm).exp_().mul_(1.0 - self.surface_fraction).neg_().add_(1.0).mul_(a)
+        s1 = arg(self.scatter_buildup_mm[0]).expm1_().neg_().mul_(self.scatter_weights[0]).mul_(a)
+        s2 = arg(self.scatter_buildup_mm[1]).expm1_().neg_().mul_(self.scatter_weights[1]).mul_(a)
         return p, s1, s2
 
     # -- lateral dependence -------------------------------------------------------------------------
