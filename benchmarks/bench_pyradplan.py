@@ -83,7 +83,7 @@ from core.case import Case, Grid, Prescription, Role
 from core.errors import AirtError, ConfigError, PlanningError
 from pipeline.dose_engine import case_density
 from pipeline.evaluation import evaluate_structures, structure_dvh_inputs
-from pipeline.goals import GoalSpec, Normalisation, evaluate_goals, normalisation_factor
+from pipeline.goals import GoalSpec, Normalisation, evaluate_goals, normalisation_factor, plan_verdict
 from pipeline.problem import dose_grid_masks
 
 WORKER = Path(__file__).resolve().parent / "_plan_pyradplan.py"
@@ -218,14 +218,9 @@ def measure(dose_fx: NDArray[np.float64], grid: Grid, case: Case, protocol: Prot
         "exported": _row(evaluate_structures(total, grid, case)),
         "goals": [{k: g[k] for k in ("structure", "metric", "comparison", "limit", "priority", "value", "passed")}
                   for g in goals],
-        "p1_met": p1_met(goals),
+        "p1_met": plan_verdict(goals).p1_met,
         "factor": float(factor),
     }
-
-
-def p1_met(goals: list[dict[str, Any]]) -> bool:
-    """Every priority-1 goal that could be evaluated passed."""
-    return all(g["passed"] is not False for g in goals if g["priority"] == 1)
 
 
 def run_case(case_set: str, index: int, python: Path, protocol: Protocol, settings: Settings,
@@ -275,7 +270,7 @@ def ours_by_case(paths: list[Path], protocol: Protocol) -> dict[tuple[str, int],
         if r.get("profile", protocol.name if (rx.dose_gy, rx.fractions) == PRE_PROFILE_RX else None) != protocol.name:
             continue
         out.setdefault((r["set"], int(r["seed"])), {}).update({
-            m: {"exported": v["exported"], "p1_met": p1_met(v["goals"]) if v.get("goals") else None,
+            m: {"exported": v["exported"], "p1_met": plan_verdict(v["goals"]).p1_met if v.get("goals") else None,
                 "same_goals": {(g["structure"], g["metric"], g["comparison"], float(g["limit"]), g["priority"])
                                for g in v.get("goals", [])} == mine}
             for m, v in r["methods"].items()})

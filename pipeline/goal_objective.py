@@ -149,14 +149,9 @@ class GoalTerm:
     def name(self) -> str:
         return f"goal {self.goal.structure} {self.goal.metric} {self.goal.comparison} {self.goal.limit:g}"
 
-    def value(self, dose: torch.Tensor, scale: float) -> torch.Tensor:
-        """The term (dimensionless, 0 when met) of a dose per fraction; ``scale`` is Rx per fraction."""
-        d = (dose.reshape(-1)[self.mask.reshape(-1)] if self.index is None
-             else dose.reshape(-1).index_select(0, self.index))
-        return self.value_of(d, scale)
-
     def value_of(self, d: torch.Tensor, scale: float) -> torch.Tensor:
-        """:meth:`value` of the doses at the term's voxels (``mask``'s, in flat order) themselves."""
+        """The term (dimensionless, 0 when met) of the doses per fraction ``d`` at the term's voxels (``mask``'s,
+        in flat order); ``scale`` is Rx per fraction."""
         g = self.goal
         n = self.total_voxels
         if d.numel() == 0:

@@ -159,15 +159,11 @@ def err_map(
 # --------------------------------------------------------------------------- optimizer-only terms
 
 
-def _homogeneity(dose: torch.Tensor, rx: float, lambda_plus: float, lambda_minus: float) -> torch.Tensor:
-    x = dose / rx - 1.0
-    return 0.5 * lambda_plus * torch.relu(x) ** 2 + 0.5 * lambda_minus * torch.relu(-x) ** 2
-
-
 def homogeneity_of(values: torch.Tensor, rx: float, lambda_plus: float, lambda_minus: float) -> torch.Tensor:
     """Scale-free eq. 7 of the PTV voxels' doses ``values`` (1D): the mean of l+/2 ReLU(d - 1)^2 +
     l-/2 ReLU(1 - d)^2 with d = D / Rx."""
-    return mean_of(_homogeneity(values, rx, lambda_plus, lambda_minus))
+    x = values / rx - 1.0
+    return mean_of(0.5 * lambda_plus * torch.relu(x) ** 2 + 0.5 * lambda_minus * torch.relu(-x) ** 2)
 
 
 def mean_of(values: torch.Tensor) -> torch.Tensor:

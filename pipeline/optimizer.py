@@ -220,7 +220,6 @@ class PointInterpolation:
             self.matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (p, n)).coalesce().to_sparse_csr()
             self.transpose = torch.sparse_coo_tensor(torch.stack([cols, rows]), values,
                                                      (n, p)).coalesce().to_sparse_csr()
-        self.n_points = int(p)
 
     def __call__(self, vector: torch.Tensor) -> torch.Tensor:
         """``S @ vector``: the ``(P,)`` point values; differentiable in ``vector``."""
