@@ -75,6 +75,8 @@ SETTINGS = Settings()
 PROFILE = SETTINGS.profile()
 #: The optimizer's dose-term weights (``--optimizer-weights`` over the configured ones; None: as configured).
 WEIGHTS: OptimizerWeights | None = None
+#: Adam steps of the arc stage (leaf mm, relative sector MU) for this run; ``None``: the shipped ones.
+ARC_STEPS: tuple[float, float] | None = None
 MACHINE = SETTINGS.machine.model()
 ARC = SETTINGS.machine.arc()
 
@@ -159,6 +161,8 @@ def run_method(case: Case, method: str) -> dict[str, Any]:
         options = replace(options, ai_refine_iterations=refine)
     if WEIGHTS is not None:
         options = replace(options, optimizer_weights=WEIGHTS)
+    if ARC_STEPS is not None:
+        options = replace(options, arc=replace(options.arc, leaf_step_mm=ARC_STEPS[0], mu_step=ARC_STEPS[1]))
     result = plan_arc(case, MACHINE, ARC, options, timings=timings)
     fx = case.prescription.fractions
     exported = evaluate_structures(result.dose_fx * fx, result.problem.grid, case)
@@ -361,6 +365,9 @@ def main() -> None:
                     help="planning.arc_optimizer_iterations for this run (default: the shipped value)")
     ap.add_argument("--sectors-per-beam", type=int, default=0,
                     help="planning.arc_sectors_per_beam for this run (default: the shipped value)")
+    ap.add_argument("--arc-steps", default="", metavar="LEAF_MM,MU",
+                    help="the arc stage's Adam steps for this run: leaf positions in mm, sector MU relative to "
+                         "the start's mean (default: pipeline.arc_optimizer.ArcOptimizerSettings)")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     ap.add_argument("--compare", default="", metavar="BEFORE.json",
@@ -374,7 +381,10 @@ def main() -> None:
             print_comparison(json.loads(Path(args.compare).read_text())["rows"], saved)
         return
     torch.set_num_threads(args.threads)
-    global PROFILE, WEIGHTS, SETTINGS
+    global PROFILE, WEIGHTS, SETTINGS, ARC_STEPS
+    if args.arc_steps:
+        leaf_mm, mu_step = (float(v) for v in args.arc_steps.split(","))
+        ARC_STEPS = (leaf_mm, mu_step)
     if args.arc_iterations:
         SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
             SETTINGS.planning, arc_optimizer_iterations=args.arc_iterations))
