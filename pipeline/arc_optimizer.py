@@ -16,8 +16,8 @@ torch: sector ``k`` delivers its MU while leaves and jaws move linearly from con
 inside ``[a - DLG/2, b + DLG/2] ∩ [X1, X2]`` in x and ``[Y1, Y2]`` in y (partial pixel edges, the
 dosimetric leaf gap, the jaws). It gives the same fluence as the numba kernel to rounding, and
 is differentiable in the leaf positions (almost everywhere) and linear in the MU; the gradient of the
-open areas is written by hand (:class:`_OpenArea`: one pixel per leaf edge), a fifth of the step
-before. The jaws are fitted to the leaves (``sequencing``'s rule) after every step and held fixed
+open areas is written by hand (one pixel per leaf edge). On the CPU the fluence and its gradient
+are two numba kernels (:class:`_DeliveredFluence`, about 1 ms a step where the torch form took 4). The jaws are fitted to the leaves (``sequencing``'s rule) after every step and held fixed
 within a step.
 
 Objective. The planning objective's dose terms (:class:`pipeline.optimizer.DoseObjective`, the
@@ -50,8 +50,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numba
@@ -102,6 +103,10 @@ class LinearDoseTerms:
     rx_gy: float
     level: float
     weight: float
+    _stack: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_stack", stacked(self.maps))
 
     @classmethod
     def of(cls, engine: DoseEngine, masks: list[torch.Tensor], *, rx_gy: float, level: float,
@@ -112,10 +117,10 @@ class LinearDoseTerms:
         return cls(maps=maps, rx_gy=float(rx_gy), level=float(level), weight=float(weight))
 
     def __call__(self, fluence: torch.Tensor) -> torch.Tensor:
-        total = fluence.new_zeros(())
-        for g in self.maps:
-            total = total + torch.relu((g.to(fluence.dtype) * fluence).sum() / self.rx_gy - self.level)
-        return self.weight * total
+        if not self.maps:
+            return fluence.new_zeros(())
+        means = linear_doses(self._stack, fluence)
+        return self.weight * torch.relu(means / self.rx_gy - self.level).sum()
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,13 +140,34 @@ class LinearGoalTerms:
     limits_fx: tuple[float, ...]
     weights: tuple[float, ...]
     rx_fx: float
+    _stack: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_stack", stacked(self.maps))
+        if not len(self.maps) == len(self.limits_fx) == len(self.weights):
+            raise PlanningError(f"{len(self.maps)} maps, {len(self.limits_fx)} limits and {len(self.weights)} weights "
+                                "of linear goal terms differ in number")
 
     def __call__(self, fluence: torch.Tensor) -> torch.Tensor:
-        total = fluence.new_zeros(())
-        for g, limit, weight in zip(self.maps, self.limits_fx, self.weights, strict=True):
-            excess = torch.relu((g.to(fluence.dtype) * fluence).sum() - limit) / self.rx_fx
-            total = total + weight * excess**2
-        return total
+        if not self.maps:
+            return fluence.new_zeros(())
+        means = linear_doses(self._stack, fluence)
+        limits = torch.as_tensor(self.limits_fx, dtype=fluence.dtype, device=fluence.device)
+        weights = torch.as_tensor(self.weights, dtype=fluence.dtype, device=fluence.device)
+        return (weights * (torch.relu(means - limits) / self.rx_fx) ** 2).sum()
+
+
+def stacked(maps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The maps flattened into the rows of one matrix (``(len(maps), n)``), for :func:`linear_doses`."""
+    if not maps:
+        return torch.zeros((0, 0))
+    return torch.stack([g.reshape(-1) for g in maps])
+
+
+def linear_doses(stack: torch.Tensor, fluence: torch.Tensor) -> torch.Tensor:
+    """``<g, fluence>`` for every map ``g`` stacked in ``stack`` (:func:`stacked`), ``(len(maps),)``: one
+    matrix-vector product forward and one backward, instead of a product and a sum per map."""
+    return torch.mv(stack.to(device=fluence.device, dtype=fluence.dtype), fluence.reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -240,6 +266,26 @@ def delivered_fluence(leaves: torch.Tensor, jaws: torch.Tensor, segment_mu: torc
     substeps
         Sub-positions per sector (midpoint rule, as ``fluence_from_sequence``).
 
+    On the CPU (float32 or float64) one numba kernel computes the fluence and one its gradient
+    (:class:`_DeliveredFluence`); elsewhere :func:`delivered_fluence_torch`, whose operations they
+    reproduce (the fluence to the bit, the gradients to rounding: summed in another order).
+    """
+    if leaves.device.type == "cpu" and leaves.dtype in (torch.float32, torch.float64):
+        bev = machine.bev
+        dtype = leaves.dtype
+        return _DeliveredFluence.apply(  # type: ignore[no-any-return]
+            leaves, jaws.to(dtype), segment_mu.to(dtype), _Beamlets(
+                row_lo=np.ascontiguousarray(bev.row_edges_mm()[:-1], dtype=_NP_DTYPES[dtype]),
+                col=np.ascontiguousarray(bev.col_edges_mm(), dtype=_NP_DTYPES[dtype]),
+                half_dlg=0.5 * float(machine.dosimetric_leaf_gap_mm), pixel_mm=float(bev.pixel_mm),
+                substeps=int(substeps)))
+    return delivered_fluence_torch(leaves, jaws, segment_mu, machine, substeps=substeps)
+
+
+def delivered_fluence_torch(leaves: torch.Tensor, jaws: torch.Tensor, segment_mu: torch.Tensor, machine: MachineModel,
+                            *, substeps: int = 8) -> torch.Tensor:
+    """:func:`delivered_fluence` in torch operations (any device).
+
     The open area of every pixel, the ``(sectors, substeps, rows, cols)`` part, has a hand-written
     gradient (:class:`_OpenArea`); the rest (interpolation, dosimetric leaf gap and jaws, MU) is torch's.
     """
@@ -265,6 +311,149 @@ def delivered_fluence(leaves: torch.Tensor, jaws: torch.Tensor, segment_mu: torc
     return open_area * segment_mu[:, None, None]
 
 
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+@dataclass(frozen=True)
+class _Beamlets:
+    """The BEV grid and leaf model constants of :class:`_DeliveredFluence`'s kernels."""
+
+    row_lo: NDArray[Any]
+    col: NDArray[Any]
+    half_dlg: float
+    pixel_mm: float
+    substeps: int
+
+
+@njit(inline="always")
+def _sub_position(leaves: NDArray[Any], jaws: NDArray[Any], k: int, r: int, t: Any, u: Any, hd: Any) -> tuple[
+        Any, Any, Any, Any, Any, Any, Any, Any]:  # pragma: no cover - compiled
+    """Sector ``k``'s sub-position at ``t`` (``u = 1 - t``), row ``r``: the leaf edges widened by the
+    dosimetric leaf gap (``a - DLG/2``, ``b + DLG/2``) and the jaws X1, X2, Y1, Y2, interpolated as
+    :func:`delivered_fluence_torch` does (the same float operations in the same order)."""
+    a = leaves[k, r, 0] * u + leaves[k + 1, r, 0] * t - hd
+    b = leaves[k, r, 1] * u + leaves[k + 1, r, 1] * t + hd
+    x1 = jaws[k, 0] * u + jaws[k + 1, 0] * t
+    x2 = jaws[k, 1] * u + jaws[k + 1, 1] * t
+    y1 = jaws[k, 2] * u + jaws[k + 1, 2] * t
+    y2 = jaws[k, 3] * u + jaws[k + 1, 3] * t
+    return a, b, x1, x2, y1, y2, max(a, x1), min(b, x2)
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _delivered_kernel(leaves: NDArray[Any], jaws: NDArray[Any], mu: NDArray[Any], row_lo: NDArray[Any],
+                      col: NDArray[Any], half_dlg: float, pixel: float, substeps: int, area: NDArray[Any],
+                      fluence: NDArray[Any]) -> None:  # pragma: no cover - compiled
+    """Open area ``area`` (n, R, C; zeros in) and fluence ``area x mu`` of every sector: only the columns an
+    open interval touches are visited."""
+    n, n_rows, n_cols = area.shape
+    real = leaves.dtype.type
+    width = col[1] - col[0]
+    hd, w, norm = real(half_dlg), real(pixel), real(substeps * pixel * pixel)
+    for k in prange(n):
+        for r in range(n_rows):
+            for s in range(substeps):
+                t = (real(s) + real(0.5)) / real(substeps)
+                _, _, _, _, y1, y2, lo, hi = _sub_position(leaves, jaws, k, r, t, real(1.0) - t, hd)
+                oy = min(y2, row_lo[r] + w) - max(y1, row_lo[r])
+                if oy <= 0.0 or hi <= lo:
+                    continue
+                rw = oy / norm
+                # one column of slack each side against rounding; columns outside get 0 overlap
+                c_lo = max(int(np.floor((lo - col[0]) / width)) - 1, 0)
+                c_hi = min(int(np.floor((hi - col[0]) / width)) + 1, n_cols - 1)
+                for c in range(c_lo, c_hi + 1):
+                    ov = min(hi, col[c + 1]) - max(lo, col[c])
+                    if ov > 0.0:
+                        area[k, r, c] += rw * ov
+            for c in range(n_cols):
+                fluence[k, r, c] = area[k, r, c] * mu[k]
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def _delivered_grad_kernel(grad: NDArray[Any], area: NDArray[Any], leaves: NDArray[Any], jaws: NDArray[Any],
+                           mu: NDArray[Any], row_lo: NDArray[Any], col: NDArray[Any], half_dlg: float, pixel: float,
+                           substeps: int, g_this: NDArray[Any], g_next: NDArray[Any],
+                           g_mu: NDArray[Any]) -> None:  # pragma: no cover - compiled
+    """Gradient of ``sum(grad x fluence)``: per sector, the part of its leaves' gradient at control point
+    ``k`` (``g_this``) and ``k + 1`` (``g_next``), and its MU's (``g_mu``). A leaf edge moves the area of
+    the one pixel that holds it (from above at a pixel edge); where the widened leaf edge and the jaw
+    coincide, the leaf gets half (torch's rule for ``maximum`` and ``minimum``)."""
+    n, n_rows, n_cols = area.shape
+    real = leaves.dtype.type
+    width = col[1] - col[0]
+    hd, w, norm = real(half_dlg), real(pixel), real(substeps * pixel * pixel)
+    half, one = real(0.5), real(1.0)
+    for k in prange(n):
+        acc = 0.0
+        for r in range(n_rows):
+            for c in range(n_cols):
+                acc += grad[k, r, c] * area[k, r, c]
+            for s in range(substeps):
+                t = (real(s) + half) / real(substeps)
+                u = one - t
+                a, b, x1, x2, y1, y2, lo, hi = _sub_position(leaves, jaws, k, r, t, u, hd)
+                if not hi > lo:
+                    continue
+                rw = max(min(y2, row_lo[r] + w) - max(y1, row_lo[r]), real(0.0)) / norm * mu[k]
+                j = int(np.floor((lo - col[0]) / width))
+                if 0 <= j < n_cols and a >= x1:
+                    g = -grad[k, r, j] * rw * (half if a == x1 else one)
+                    g_this[k, r, 0] += g * u
+                    g_next[k, r, 0] += g * t
+                j = int(np.floor((hi - col[0]) / width))
+                if 0 <= j < n_cols and b <= x2:
+                    g = grad[k, r, j] * rw * (half if b == x2 else one)
+                    g_this[k, r, 1] += g * u
+                    g_next[k, r, 1] += g * t
+        g_mu[k] = acc
+
+
+class _DeliveredFluence(torch.autograd.Function):
+    """:func:`delivered_fluence_torch` on the CPU: the fluence and its gradient by numba kernels,
+    without the ``(sectors, substeps, rows)`` temporaries of the torch form (a few milliseconds a step)."""
+
+    @staticmethod
+    def forward(ctx: Any, leaves: torch.Tensor, jaws: torch.Tensor, mu: torch.Tensor,  # type: ignore[override]
+                beamlets: _Beamlets) -> torch.Tensor:
+        lv, jw, sector_mu = (np.ascontiguousarray(x.detach().numpy()) for x in (leaves, jaws, mu))
+        area = np.zeros((lv.shape[0] - 1, lv.shape[1], beamlets.col.shape[0] - 1), dtype=lv.dtype)
+        fluence = np.empty_like(area)
+        with _kernel_threads():
+            _delivered_kernel(lv, jw, sector_mu, beamlets.row_lo, beamlets.col, beamlets.half_dlg, beamlets.pixel_mm,
+                              beamlets.substeps, area, fluence)
+        ctx.arrays = (area, lv, jw, sector_mu)
+        ctx.beamlets = beamlets
+        return torch.from_numpy(fluence)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        area, leaves, jaws, mu = ctx.arrays
+        b: _Beamlets = ctx.beamlets
+        g = np.ascontiguousarray(grad.detach().numpy().astype(area.dtype, copy=False))
+        g_this = np.zeros((area.shape[0], leaves.shape[1], 2), dtype=area.dtype)
+        g_next = np.zeros_like(g_this)
+        g_mu = np.zeros(area.shape[0], dtype=area.dtype)
+        with _kernel_threads():
+            _delivered_grad_kernel(g, area, leaves, jaws, mu, b.row_lo, b.col, b.half_dlg, b.pixel_mm, b.substeps,
+                                   g_this, g_next, g_mu)
+        g_leaves = np.zeros_like(leaves)
+        g_leaves[:-1] += g_this
+        g_leaves[1:] += g_next
+        return torch.from_numpy(g_leaves), None, torch.from_numpy(g_mu), None
+
+
+@contextmanager
+def _kernel_threads() -> Iterator[None]:
+    """numba's thread count set to :func:`pipeline.map_sampling.numba_threads`, and restored after."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(numba_threads())
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def open_area(lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """``sum_s row_weight[n, s, r] x |[lo, hi] ∩ [col_c, col_c+1]|``: the ``(n, R, C)`` open area of
     sub-positions ``s`` whose open interval along x is ``[lo, hi]`` (``(n, S, R)``, mm) and whose row
@@ -274,60 +463,18 @@ def open_area(lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor, col:
     return (row_weight[..., None] * ox).sum(dim=1)
 
 
-@njit(cache=True, parallel=True, boundscheck=False)
-def _open_area_kernel(lo: NDArray[Any], hi: NDArray[Any], row_weight: NDArray[Any],
-                      col: NDArray[Any]) -> NDArray[Any]:  # pragma: no cover - compiled
-    """:func:`open_area` without the ``(n, S, R, C)`` temporaries: only the columns an interval
-    touches are visited (the same overlaps, summed over ``s`` in the same order)."""
-    n, n_sub, n_rows = lo.shape
-    n_cols = col.shape[0] - 1
-    width = col[1] - col[0]
-    out = np.zeros((n, n_rows, n_cols), dtype=lo.dtype)
-    for k in prange(n):
-        for r in range(n_rows):
-            for s in range(n_sub):
-                a = lo[k, s, r]
-                b = hi[k, s, r]
-                if b <= a:
-                    continue
-                # one column of slack each side against rounding; columns outside get 0 overlap
-                c_lo = max(int(np.floor((a - col[0]) / width)) - 1, 0)
-                c_hi = min(int(np.floor((b - col[0]) / width)) + 1, n_cols - 1)
-                rw = row_weight[k, s, r]
-                for c in range(c_lo, c_hi + 1):
-                    ov = min(b, col[c + 1]) - max(a, col[c])
-                    if ov > 0.0:
-                        out[k, r, c] += rw * ov
-    return out
-
-
-def _open_area_numba(lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """:func:`open_area` by :func:`_open_area_kernel` (CPU): a fraction of a millisecond for a
-    180-sector arc where the torch form makes four 18 MB temporaries a step."""
-    arrays = [np.ascontiguousarray(x.detach().numpy()) for x in (lo, hi, row_weight, col)]
-    previous = numba.get_num_threads()
-    numba.set_num_threads(numba_threads())
-    try:
-        return torch.from_numpy(_open_area_kernel(*arrays))
-    finally:
-        numba.set_num_threads(previous)
-
-
 class _OpenArea(torch.autograd.Function):
     """:func:`open_area` with its gradient by hand: ``d area[n, r, c] / d lo[n, s, r]`` is
     ``-row_weight`` for the one pixel ``c`` that contains ``lo`` (when the interval is open) and 0
     elsewhere, and likewise ``+row_weight`` for ``hi``; so the backward pass gathers one value per
-    sub-position and row instead of differentiating the ``(n, S, R, C)`` overlaps (a fifth of an
-    arc optimisation step). At a pixel edge it takes the derivative from above."""
+    sub-position and row instead of differentiating the ``(n, S, R, C)`` overlaps. At a pixel edge it
+    takes the derivative from above."""
 
     @staticmethod
     def forward(ctx: Any, lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor,  # type: ignore[override]
                 col: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(lo, hi, row_weight, col)
         with torch.no_grad():
-            if lo.device.type == "cpu" and lo.dtype in (torch.float32, torch.float64):
-                dtype = lo.dtype
-                return _open_area_numba(lo, hi.to(dtype), row_weight.to(dtype), col.to(dtype))
             return open_area(lo, hi, row_weight, col)
 
     @staticmethod

@@ -19,6 +19,7 @@ from pipeline.arc_optimizer import (
     LinearDoseTerms,
     _OpenArea,
     delivered_fluence,
+    delivered_fluence_torch,
     open_area,
     optimize_arc,
     rescale_mu,
@@ -286,24 +287,39 @@ def test_planning_core_exports_a_better_arc_than_the_sequencer(problem: dict[str
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_open_area_kernel_equals_the_torch_form(dtype: torch.dtype) -> None:
-    # intervals open, closed, reversed, outside the columns and ending exactly on pixel edges
-    from pipeline.arc_optimizer import _open_area_numba
-
-    gen = torch.Generator().manual_seed(2)
-    col = torch.as_tensor(MACHINE.bev.col_edges_mm(), dtype=dtype)
-    lo = torch.rand(30, 8, 40, generator=gen, dtype=torch.float64) * 300.0 - 150.0
-    hi = lo + torch.rand(30, 8, 40, generator=gen, dtype=torch.float64) * 120.0 - 20.0
-    lo[0, :, :20] = torch.as_tensor(MACHINE.bev.col_edges_mm()[5])
-    hi[0, :, :20] = torch.as_tensor(MACHINE.bev.col_edges_mm()[11])
-    lo, hi = lo.to(dtype), hi.to(dtype)
-    row_weight = torch.rand(30, 8, 40, generator=gen, dtype=dtype)
-    got = _open_area_numba(lo, hi, row_weight, col)
-    expected = open_area(lo, hi, row_weight, col)
-    assert got.dtype == dtype and got.shape == (30, 40, col.numel() - 1)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
-    assert float(expected.max()) > 1.0
+def test_fluence_kernels_equal_the_torch_form(dtype: torch.dtype) -> None:
+    # a sequenced arc, with leaf edges on pixel edges, widened edges exactly on the jaws (the tie
+    # torch's maximum and minimum split), leaves beyond the field and closed pairs
+    seq = _sequence()
+    leaves64 = torch.tensor(seq.leaves_mm[:, FIRST:FIRST + ROWS], dtype=torch.float64)
+    jaws64 = torch.tensor(seq.jaws_mm, dtype=torch.float64)
+    edges = MACHINE.bev.col_edges_mm()
+    half_dlg = 0.5 * MACHINE.dosimetric_leaf_gap_mm
+    leaves64[10:12, :, 0] = float(edges[12])
+    leaves64[10:12, :, 1] = float(edges[20])
+    leaves64[30:32, :, 0] = jaws64[30:32, 0, None] + half_dlg  # on X1 at both ends of the sector
+    leaves64[30:32, :, 1] = jaws64[30:32, 1, None] - half_dlg
+    leaves64[50, :8, :] = torch.tensor([-300.0, 300.0], dtype=torch.float64)
+    leaves64[70, :, 1] = leaves64[70, :, 0]
+    gen = torch.Generator().manual_seed(3)
+    weights = torch.rand((ARC.n_sectors, ROWS, MACHINE.bev.n_cols), dtype=dtype, generator=gen)
+    results = []
+    for fn in (delivered_fluence, delivered_fluence_torch):
+        leaves = leaves64.to(dtype).clone().requires_grad_(True)
+        mu = torch.tensor(seq.segment_mu(), dtype=dtype, requires_grad=True)
+        fluence = fn(leaves, jaws64.to(dtype), mu, MACHINE)
+        (fluence * weights).sum().backward()
+        assert leaves.grad is not None and mu.grad is not None
+        results.append((fluence.detach(), leaves.grad, mu.grad))
+    (got, g_leaves, g_mu), (expected, e_leaves, e_mu) = results
+    assert got.dtype == dtype and got.shape == expected.shape
+    # the same operations in the same order: the fluence to the bit; the gradients summed in another order
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(g_leaves, e_leaves, rtol=tol, atol=tol * float(e_leaves.abs().max()))
+    torch.testing.assert_close(g_mu, e_mu, rtol=tol, atol=0)
+    assert float(expected.max()) > 1.0 and float(e_leaves[30:32].abs().max()) > 0.0
+    assert float(e_leaves.abs().max()) > 0.1 and float(e_mu.abs().max()) > 0.1
 
 
 def test_far_goals_hold_the_hottest_part_of_the_femoral_heads(problem: dict[str, object]) -> None:
