@@ -18,6 +18,15 @@ from core.errors import AirtError
 
 log = logging.getLogger(__name__)
 
+#: ``GOMP_SPINCOUNT`` of every ``airt`` process unless its environment sets one. libgomp, the OpenMP
+#: runtime of torch's and numba's CPU threads, lets an idle thread spin 300 000 times after each parallel
+#: region before it sleeps; an arc evaluation has about a hundred such regions, and on a host where
+#: another process wants a core the spinning takes it from the threads that compute (an arc stage of 30
+#: evaluations took 14 s instead of 4.5 s beside two busy processes). 10 000 costs nothing measurable on
+#: an idle machine (``benchmarks/bench_contention.py``). Read by libgomp when torch loads it, so set
+#: before any subcommand imports torch; the planning processes inherit it.
+OPENMP_SPIN_COUNT = "10000"
+
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("appliance.cmd_serve", "run the DICOM node in the foreground (systemd runs this)"),
@@ -62,6 +71,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``airt``; returns the process exit status."""
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     configure_logging(-1 if args.quiet else args.verbose)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import tomllib
@@ -324,3 +325,27 @@ def test_sections_built_in_code_are_validated_too() -> None:
         Goal("ptv", "D98", Comparison.AT_MOST, 1.0)
     changed = dataclasses.replace(s, machine=dataclasses.replace(s.machine, collimator_deg=10))
     assert changed.machine.collimator_deg == 10.0 and changed.node is s.node
+
+
+def test_airt_sets_a_short_openmp_spin_unless_the_environment_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the value libgomp reads when torch loads it: set by airt's entry point before any subcommand runs,
+    # inherited by the planning processes; an administrator's own value is kept
+    from appliance import cli
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["GOMP_SPINCOUNT"] == cli.OPENMP_SPIN_COUNT == "10000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "500")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert os.environ["GOMP_SPINCOUNT"] == "500"
+    # a planning process started from airt sees it
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    script = ("import os, subprocess, sys; from appliance import cli\n"
+              "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "print(subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"GOMP_SPINCOUNT\"))'],"
+              " capture_output=True, text=True).stdout.strip())")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"})
+    assert r.stdout.strip().splitlines()[-1] == "10000", r.stdout + r.stderr
