@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 #: ``GOMP_SPINCOUNT`` of every ``airt`` process unless its environment sets one. libgomp, the OpenMP
 #: runtime of torch's and numba's CPU threads, lets an idle thread spin 300 000 times after each parallel
-#: region before it sleeps; an arc evaluation has about a hundred such regions, and on a host where
-#: another process wants a core the spinning takes it from the threads that compute (an arc stage of 30
-#: evaluations took 14 s instead of 4.5 s beside two busy processes). 10 000 costs nothing measurable on
+#: region before it sleeps; an arc evaluation runs dozens of them (torch operations, numba kernels), and
+#: on a host where another process wants a core the spinning takes it from the threads that compute (30
+#: arc evaluations took 14 s instead of 4.5 s beside two busy processes). 10 000 costs nothing measurable on
 #: an idle machine (``benchmarks/bench_contention.py``). Read by libgomp when torch loads it, so set
 #: before any subcommand imports torch; the planning processes inherit it.
 OPENMP_SPIN_COUNT = "10000"

@@ -3,9 +3,9 @@
 ``python -m benchmarks.bench_contention [--runs 3] [--slices 120]``
 
 torch's and numba's CPU threads run on libgomp, whose idle threads spin ``GOMP_SPINCOUNT`` times
-(300 000 by default) after every parallel region before they sleep. An arc evaluation has about a
-hundred parallel regions; when another process wants a core, the spinning threads take it from the
-threads that compute. ``airt`` sets ``GOMP_SPINCOUNT`` to
+(300 000 by default) after every parallel region before they sleep, and an arc evaluation runs dozens
+of parallel regions (torch operations, numba kernels); when another process wants a core, the spinning
+threads take it from the threads that compute. ``airt`` sets ``GOMP_SPINCOUNT`` to
 :data:`appliance.cli.OPENMP_SPIN_COUNT` unless the environment already has it.
 
 The benchmark times ``airt plan --method ai`` as a whole process on one synthetic 512 x 512 study
