@@ -17,8 +17,9 @@ inside ``[a - DLG/2, b + DLG/2] ∩ [X1, X2]`` in x and ``[Y1, Y2]`` in y (parti
 dosimetric leaf gap, the jaws). It gives the same fluence as the numba kernel to rounding, and
 is differentiable in the leaf positions (almost everywhere) and linear in the MU; the gradient of the
 open areas is written by hand (one pixel per leaf edge). On the CPU the fluence and its gradient
-are two numba kernels (:class:`_DeliveredFluence`, about 1 ms a step where the torch form took 4). The jaws are fitted to the leaves (``sequencing``'s rule) after every step and held fixed
-within a step.
+are two numba kernels (:class:`_DeliveredFluence`, about 1 ms a step where the torch form took 4).
+The jaws are fitted to the leaves (``sequencing``'s rule) after every step and held fixed within a
+step.
 
 Objective. The planning objective's dose terms (:class:`pipeline.optimizer.DoseObjective`, the
 same terms the fluence optimizer minimises) plus, with ``mu_weight``, a hinge on the arc's total
@@ -50,12 +51,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -65,7 +64,7 @@ from core.case import Role
 from core.errors import PlanningError
 from core.machine import ArcSpec, MachineModel
 from pipeline.dose_engine import DoseEngine
-from pipeline.map_sampling import numba_threads
+from pipeline.map_sampling import kernel_threads
 from sequencing.sequencer import ArcSequence, fit_jaws, limit_leaf_travel
 
 log = logging.getLogger(__name__)
@@ -419,7 +418,7 @@ class _DeliveredFluence(torch.autograd.Function):
         lv, jw, sector_mu = (np.ascontiguousarray(x.detach().numpy()) for x in (leaves, jaws, mu))
         area = np.zeros((lv.shape[0] - 1, lv.shape[1], beamlets.col.shape[0] - 1), dtype=lv.dtype)
         fluence = np.empty_like(area)
-        with _kernel_threads():
+        with kernel_threads():
             _delivered_kernel(lv, jw, sector_mu, beamlets.row_lo, beamlets.col, beamlets.half_dlg, beamlets.pixel_mm,
                               beamlets.substeps, area, fluence)
         ctx.arrays = (area, lv, jw, sector_mu)
@@ -434,24 +433,13 @@ class _DeliveredFluence(torch.autograd.Function):
         g_this = np.zeros((area.shape[0], leaves.shape[1], 2), dtype=area.dtype)
         g_next = np.zeros_like(g_this)
         g_mu = np.zeros(area.shape[0], dtype=area.dtype)
-        with _kernel_threads():
+        with kernel_threads():
             _delivered_grad_kernel(g, area, leaves, jaws, mu, b.row_lo, b.col, b.half_dlg, b.pixel_mm, b.substeps,
                                    g_this, g_next, g_mu)
         g_leaves = np.zeros_like(leaves)
         g_leaves[:-1] += g_this
         g_leaves[1:] += g_next
         return torch.from_numpy(g_leaves), None, torch.from_numpy(g_mu), None
-
-
-@contextmanager
-def _kernel_threads() -> Iterator[None]:
-    """numba's thread count set to :func:`pipeline.map_sampling.numba_threads`, and restored after."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(numba_threads())
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
 
 
 def open_area(lo: torch.Tensor, hi: torch.Tensor, row_weight: torch.Tensor, col: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from core.case import Grid
 from core.errors import PlanningError
 from pipeline.dose_engine import depth_range_mm, sample_planned, trilinear_plan
 from pipeline.geometry import ArcGeometry
-from pipeline.map_sampling import numba_threads
+from pipeline.map_sampling import kernel_threads, numba_threads
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +188,8 @@ class _RayMean(torch.autograd.Function):
     def forward(ctx: Any, vol: torch.Tensor, plan: _RayPlan) -> torch.Tensor:  # type: ignore[override]
         padded = F.pad(vol.detach(), (1, 1, 1, 1, 1, 1)).contiguous().numpy()
         out = np.empty((vol.shape[0], plan.start.shape[0]), dtype=padded.dtype)
-        previous = numba.get_num_threads()
-        numba.set_num_threads(numba_threads())
-        try:
+        with kernel_threads():
             _ray_mean_kernel(padded, plan.start, plan.step, plan.s_lo, plan.s_hi, 1.0 / plan.n_samples, out)
-        finally:
-            numba.set_num_threads(previous)
         ctx.plan = plan
         ctx.vol_shape = tuple(vol.shape)
         ctx.dtype = vol.dtype
@@ -207,12 +202,8 @@ class _RayMean(torch.autograd.Function):
         g = grad_out.detach().to(ctx.dtype).contiguous().numpy()
         n_threads = numba_threads()
         buf = np.zeros((n_threads, b, d + 2, h + 2, w + 2), dtype=g.dtype)
-        previous = numba.get_num_threads()
-        numba.set_num_threads(n_threads)
-        try:
+        with kernel_threads(n_threads):
             _ray_mean_adjoint_kernel(g, plan.start, plan.step, plan.s_lo, plan.s_hi, 1.0 / plan.n_samples, buf)
-        finally:
-            numba.set_num_threads(previous)
         grad = buf.sum(axis=0)[:, 1:-1, 1:-1, 1:-1]
         return torch.from_numpy(np.ascontiguousarray(grad)), None
 

@@ -17,6 +17,8 @@ contribute 0, as with ``grid_sample``'s zero padding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numba
@@ -31,6 +33,18 @@ from core.errors import PlanningError
 def numba_threads() -> int:
     """Threads for a numba kernel: torch's intra-op thread count, capped by numba's pool."""
     return max(1, min(torch.get_num_threads(), int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+
+
+@contextmanager
+def kernel_threads(n: int | None = None) -> Iterator[None]:
+    """numba's thread count set to ``n`` (default :func:`numba_threads`) for the kernels called inside,
+    and restored after."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(numba_threads() if n is None else n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 # Coordinates: ``xy[b, n]`` in [-1, 1] normalised units (align_corners=True) are mapped to padded
@@ -179,13 +193,9 @@ def sample_adjoint_pair(grad: torch.Tensor, first: SamplePlan, second: SamplePla
                             f"channels (got {first.n_channels} and {second.n_channels})")
     g = _gradient_input(grad, first)
     ga, gb = _padded_zeros(first, g.dtype), _padded_zeros(second, g.dtype)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(numba_threads())
-    try:
+    with kernel_threads():
         _scatter_1_3_kernel(g, first.xy, first.weights, first.c0, first.sx, first.ox, first.sy, first.oy, ga,
                              second.c0, second.sx, second.ox, second.sy, second.oy, gb)
-    finally:
-        numba.set_num_threads(previous)
     return _unpadded(ga), _unpadded(gb)
 
 
@@ -198,10 +208,6 @@ def sample_adjoint(grad: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
     """
     g = _gradient_input(grad, plan)
     gmaps = _padded_zeros(plan, g.dtype)
-    previous = numba.get_num_threads()
-    numba.set_num_threads(numba_threads())
-    try:
+    with kernel_threads():
         _scatter_kernel(g, plan.xy, plan.weights, plan.c0, plan.sx, plan.ox, plan.sy, plan.oy, gmaps)
-    finally:
-        numba.set_num_threads(previous)
     return _unpadded(gmaps)

@@ -23,12 +23,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numba
 import numpy as np
 from numba import njit, prange
 from numpy.typing import NDArray
 
-from pipeline.map_sampling import numba_threads
+from pipeline.map_sampling import kernel_threads
 
 
 @njit(inline="always", fastmath=True)
@@ -216,13 +215,9 @@ def trace(density: NDArray[Any], rot: NDArray[np.float64], t0: NDArray[np.float6
     n_cp, n_vox = rot.shape[0], pts.shape[1]
     grid_xy = np.empty((n_cp, n_vox, 2), dtype=dens.dtype)
     rad, inv_sq, alpha = (np.empty((n_cp, n_vox), dtype=dens.dtype) for _ in range(3))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(numba_threads())
-    try:
+    with kernel_threads():
         _trace_kernel(dens, np.ascontiguousarray(rot, dtype=np.float64), np.ascontiguousarray(t0, dtype=np.float64),
                       int(nt), float(dt), pts, np.asarray(origin, dtype=np.float64),
                       np.asarray(spacing, dtype=np.float64), float(sad), float(ray_mm), float(half_u), float(half_v),
                       float(decay), 1.0 / low_density_onset, 1.0 / low_density_reference, grid_xy, rad, inv_sq, alpha)
-    finally:
-        numba.set_num_threads(previous)
     return grid_xy, rad, inv_sq, alpha
