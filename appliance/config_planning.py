@@ -61,7 +61,9 @@ class PlanningSettings:
     model_dir: str = setting("Trained model folder; empty uses the shipped model", "path", default="")
     dose_grid_mm: Float = setting("Dose grid spacing", "mm", default=4.0, ge=1.0, le=10.0)
     optimizer_iterations: Int = setting(
-        "Iterations of the fluence optimizer (one dose forward + backward each)", "count", default=50, gt=0)
+        "Evaluations of the optimize method's fluence optimizer (one dose forward + backward each, on the voxels "
+        "near the target: the PTV, an 8 mm shell and bladder/rectum within 15 mm)", "count 1-2000", default=150,
+        gt=0, le=2000)
     aperture_threshold: Fraction = setting(
         "Leaf sequencer: a pixel belongs to a row's aperture at this fraction of the map maximum (PTV HI after "
         "sequencing 0.07 at 0.02, 0.28 at 0.15 on a synthetic case)", "fraction 0-1", default=0.02)
@@ -79,9 +81,13 @@ class PlanningSettings:
         "bladder/rectum within 15 mm; not in the paper: the small CPU networks leave the OAR walls next to the PTV "
         "hotter than the optimizer does); 0 = the networks' fluence as it is", "count 0-200", default=20, ge=0, le=200)
     arc_optimizer_iterations: Int = setting(
-        "Machine-parameter optimisation of the sequenced arc: evaluations optimising the leaf positions and MU of "
-        "every control point through the dose (machine limits kept at every step); 0 = the sequencer's arc as it is",
-        "count 0-500", default=150, ge=0, le=500)
+        "Machine-parameter optimisation of the sequenced arc, AI method: evaluations optimising the leaf positions "
+        "and MU of every control point through the dose (machine limits kept at every step); 0 = the sequencer's "
+        "arc as it is", "count 0-2000", default=150, ge=0, le=2000)
+    optimizer_arc_iterations: Int = setting(
+        "The same for the optimize method (the full planner: studies the AI method is not qualified for, teacher "
+        "plans, the AI model's quality gate), which is not on the latency path: more evaluations spare the "
+        "rectum and bladder better (benchmarks/RESULTS.md), about 0.03 s each on 2 cores", "count 0-2000", default=500, ge=0, le=2000)
     oar_mean_weight: Float = setting(
         "Weight of the bladder's and rectum's mean dose (outside the PTV, in units of Rx) in the fluence optimizer, "
         "the AI refinement and the arc optimisation: higher spares the low-dose bath at some cost in PTV homogeneity "

@@ -91,7 +91,8 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str,
         ai_thresholds=tuple(p.ai_aperture_thresholds), ai_min_ptv_d98_rel=p.ai_min_ptv_d98_percent / 100.0,
         ai_max_ptv_hi=p.ai_max_ptv_hi, ai_refine_iterations=p.ai_refine_iterations, model_dir=p.model_dir,
         sparing={Role.BLADDER: p.sparing_bladder, Role.RECTUM: p.sparing_rectum},
-        arc=ArcOptimizerSettings(iterations=p.arc_optimizer_iterations, mu_weight=p.arc_mu_weight,
+        arc=ArcOptimizerSettings(iterations=(p.optimizer_arc_iterations if method is PlanningMethod.OPTIMIZE
+                                             else p.arc_optimizer_iterations), mu_weight=p.arc_mu_weight,
                                  mu_limit=p.arc_max_mu_per_cgy, sectors_per_beam=p.arc_sectors_per_beam),
         arc_start=p.arc_start, optimizer_weights=OptimizerWeights(oar_mean=p.oar_mean_weight),
         normalisation=profile.normalisation,
@@ -337,7 +338,8 @@ class Planner:
         p = self.settings.planning
         quick = replace(self.settings, planning=replace(
             p, optimizer_iterations=2, ai_refine_iterations=min(p.ai_refine_iterations, 1),
-            arc_optimizer_iterations=min(p.arc_optimizer_iterations, 2), rescue_rounds=0, candidate_sparings=()))
+            arc_optimizer_iterations=min(p.arc_optimizer_iterations, 2),
+            optimizer_arc_iterations=min(p.optimizer_arc_iterations, 2), rescue_rounds=0, candidate_sparings=()))
         logging.disable(logging.WARNING)  # the warm-up case's verdict and stages are not a job's: keep the log clean
         try:
             with tempfile.TemporaryDirectory(prefix="airt-warm-up-") as tmp:

@@ -199,6 +199,7 @@ def planner_settings(options: PlanningOptions) -> dict[str, Any]:
     """What a quality gate must know of the planner that made a row (``benchmarks.gate_ai``): the
     refinement and arc-stage evaluations and, for the AI method, the weights id of its model."""
     out: dict[str, Any] = {"source": options.source.value, "ai_refine_iterations": options.ai_refine_iterations,
+                           "optimizer_iterations": options.optimizer_iterations,
                            "arc_iterations": options.arc.iterations, "sectors_per_beam": options.arc.sectors_per_beam,
                            "rescue_rounds": options.rescue_rounds}
     folder = installed_model_dir(options.model_dir)
@@ -362,7 +363,8 @@ def main() -> None:
                     help="override the optimizer's dose-term weights (pipeline.optimizer.OptimizerWeights), "
                          "e.g. oar_mean=5,ring_floor_fraction=0.1")
     ap.add_argument("--arc-iterations", type=int, default=0,
-                    help="planning.arc_optimizer_iterations for this run (default: the shipped value)")
+                    help="planning.arc_optimizer_iterations and optimizer_arc_iterations (both methods) for this "
+                         "run (default: the shipped values)")
     ap.add_argument("--sectors-per-beam", type=int, default=0,
                     help="planning.arc_sectors_per_beam for this run (default: the shipped value)")
     ap.add_argument("--arc-steps", default="", metavar="LEAF_MM,MU",
@@ -387,7 +389,8 @@ def main() -> None:
         ARC_STEPS = (leaf_mm, mu_step)
     if args.arc_iterations:
         SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
-            SETTINGS.planning, arc_optimizer_iterations=args.arc_iterations))
+            SETTINGS.planning, arc_optimizer_iterations=args.arc_iterations,
+            optimizer_arc_iterations=args.arc_iterations))
     if args.sectors_per_beam:
         SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
             SETTINGS.planning, arc_sectors_per_beam=args.sectors_per_beam))

@@ -137,8 +137,13 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
         raise SystemExit(f"the AI rows were planned with model(s) {sorted(ids)}, not the model gated ({weights_id})")
     profile = _one({r.get("profile") for r in ai_rows + opt_rows}, "the profile")
     recorded = [m["planner"] for m in used if "planner" in m]
-    settings = {k: _one({p[k] for p in recorded}, k)
-                for k in ("arc_iterations", "sectors_per_beam", "rescue_rounds")} if recorded else {}
+    settings = {k: _one({p[k] for p in recorded}, k) for k in ("sectors_per_beam", "rescue_rounds")} if recorded else {}
+    # the arc evaluations the AI method was gated with (what ``auto`` compares with its configuration); the
+    # full planner may run more of them (planning.optimizer_arc_iterations), recorded beside
+    for key, rows_of in (("arc_iterations", ai_used), ("planner_arc_iterations", opt_used)):
+        counts = {m["planner"]["arc_iterations"] for m in rows_of if "planner" in m}
+        if counts:
+            settings[key] = _one(counts, key)
     # The planner's rows do not refine: only the AI rows must agree. AI rows made before rows recorded their
     # planner take the configured count the planner's rows of the same run record (the appliance's method ai).
     refine = {m["planner"]["ai_refine_iterations"] for m in ai_used if "planner" in m}

@@ -6,7 +6,7 @@ writes the RT Plan and RT Dose and evaluates the goals.
 
 Steps::
 
-    fluence      optimizer (method optimize) | networks + refinement (method ai)
+    fluence      optimizer near the target (method optimize) | networks + refinement (method ai)
     sequence     leaf sweeps over groups of adjacent sectors (sequencing.sweep), or the rule-based
                  sequencer (AI: the threshold whose plan covers the PTV); a start point only
     arc          machine-parameter optimisation of leaves and MU through the dose (pipeline.arc_optimizer)
@@ -98,7 +98,8 @@ class PlanningOptions:
     hu_curve
         (HU, relative electron density) calibration pairs.
     optimizer_iterations
-        Fluence optimizer evaluations (method optimize).
+        Fluence optimizer evaluations (method optimize), from a flat start on the voxels near the target
+        (:func:`pipeline.refine.refine_fluence`).
     sequencer_threshold
         The leaf sequencer's aperture threshold for an optimizer's fluence (fraction of a map's maximum).
     ai_thresholds, ai_min_ptv_d98_rel, ai_max_ptv_hi
@@ -140,7 +141,7 @@ class PlanningOptions:
     source: FluenceSource = FluenceSource.OPTIMIZE
     dose_grid_mm: float = 4.0
     hu_curve: tuple[tuple[float, float], ...] = DEFAULT_HU_TO_DENSITY
-    optimizer_iterations: int = 50
+    optimizer_iterations: int = 150
     sequencer_threshold: float = 0.02
     ai_thresholds: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1, 0.05, 0.02)
     ai_min_ptv_d98_rel: float = 0.97
@@ -243,14 +244,15 @@ def near_target_engine(problem: PlanningProblem, case: Case | None = None, *, se
 def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_fx: float,
              timings: Timings, record: dict[str, Any]) -> tuple[NDArray[np.float32], DoseEngine | None]:
     """The fluence to sequence, and the refinement's restricted engine (AI) when there is one."""
-    if options.source is FluenceSource.OPTIMIZE:
-        from pipeline.optimizer import optimize_fluence
+    from pipeline.refine import refine_fluence
 
+    if options.source is FluenceSource.OPTIMIZE:  # from a flat start, on the voxels near the target
         with timings.stage("optimize"):
-            result = optimize_fluence(problem.engine, problem.masks, rx_gy=rx_fx,
-                                      iterations=options.optimizer_iterations, weights=options.optimizer_weights,
-                                      goals=_goal_setup(options, problem, case, {}, fluence_stage=True))
-        return np.asarray(result.fluence, dtype=np.float32), None
+            result = refine_fluence(None, problem.engine, problem.masks, rx_gy=rx_fx,
+                                    iterations=options.optimizer_iterations, weights=options.optimizer_weights,
+                                    goals=_goal_setup(options, problem, case, {}, fluence_stage=True))
+        record["optimizer"] = result.record()
+        return result.fluence, None
     from pipeline.ai_planner import predict_fluence
 
     fluence, module_ms = predict_fluence(case, options.model_dir, geometry=problem.geometry, rx_gy=rx_fx,
@@ -259,8 +261,6 @@ def _fluence(case: Case, problem: PlanningProblem, options: PlanningOptions, rx_
     record["ai_module_ms"] = module_ms
     if options.ai_refine_iterations <= 0:
         return fluence, None
-    from pipeline.refine import refine_fluence
-
     with timings.stage("ai_refine"):
         refined = refine_fluence(fluence, problem.engine, problem.masks, rx_gy=rx_fx,
                                  iterations=options.ai_refine_iterations, weights=options.optimizer_weights,

@@ -271,6 +271,10 @@ def test_planning_core_exports_a_better_arc_than_the_sequencer(problem: dict[str
     assert check_deliverable(result.sequence, MACHINE) == []
     assert result.record["arc_optimizer"]["iterations"] == 20
     assert result.record["arc_start"]["kind"] == "sweep"  # the default start: leaf sweeps of the fluence
+    # the fluence optimizer ran from its flat start on the voxels near the target, not on the whole body
+    opt = result.record["optimizer"]
+    body_voxels = int(prob.engine.points.shape[1])  # type: ignore[attr-defined]
+    assert opt["iterations"] == 20 and 0 < opt["voxels"] < body_voxels and opt["loss_end"] < opt["loss_start"]
     fx = case.prescription.fractions  # type: ignore[attr-defined]
     exported = evaluate_structures(result.dose_fx * fx, prob.grid, case)  # type: ignore[attr-defined,arg-type]
     # the dose returned is the full reference engine's dose of the returned arc

@@ -100,8 +100,22 @@ def test_rows_of_another_model_profile_or_planner_are_refused() -> None:
         quality_gate(ai, opt, weights_id=WEIGHTS)
     ai, opt = _rows()
     opt[5]["methods"]["optimize"]["planner"]["arc_iterations"] = 60
-    with pytest.raises(SystemExit, match="arc_iterations"):
+    with pytest.raises(SystemExit, match="planner_arc_iterations"):
         quality_gate(ai, opt, weights_id=WEIGHTS)
+    ai, opt = _rows()
+    ai[2]["methods"]["ai"]["planner"]["arc_iterations"] = 60
+    with pytest.raises(SystemExit, match="disagree on arc_iterations"):
+        quality_gate(ai, opt, weights_id=WEIGHTS)
+
+
+def test_the_full_planner_may_run_more_arc_evaluations_than_the_ai_method() -> None:
+    """planning.optimizer_arc_iterations: the gate records the AI method's count (what ``auto`` checks) and the
+    planner's beside it."""
+    ai, opt = _rows()
+    for r in opt:
+        r["methods"]["optimize"]["planner"]["arc_iterations"] = 500
+    gate = quality_gate(ai, opt, weights_id=WEIGHTS)
+    assert gate["arc_iterations"] == 150 and gate["planner_arc_iterations"] == 500
 
 
 def test_the_networks_alone_are_compared_the_same_way() -> None:
