@@ -26,6 +26,7 @@ CONFIG = """
 [planning]
 method = "optimize"
 optimizer_iterations = 30
+optimizer_arc_iterations = 120
 dose_grid_mm = 5.0
 """
 
@@ -53,7 +54,9 @@ def test_outputs_and_metrics(planned: dict[str, Any]) -> None:
     assert ptv["D95_Gy"] == pytest.approx(40.0, rel=0.02)
     assert m["plan"]["total_MU"] > 100
     assert {"load", "optimize", "sequence", "arc_optimize", "final_dose", "export", "total"} <= set(m["timings_s"])
-    assert m["arc_optimizer"]["iterations"] == Settings().planning.arc_optimizer_iterations
+    # the optimize method runs the full planner's arc evaluations, not the AI method's
+    assert m["arc_optimizer"]["iterations"] == planned["settings"].planning.optimizer_arc_iterations == 120
+    assert Settings().planning.arc_optimizer_iterations != 120
     assert m["arc_optimizer"]["loss_end"] < m["arc_optimizer"]["loss_start"]
     assert all(g["passed"] in (True, False) for g in m["goals"])
     # the verdict against the goals: in metrics.json, the report and the RT Plan a TPS shows
