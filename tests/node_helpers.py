@@ -38,7 +38,7 @@ PEER = "PUSHER"
 """Calling AE title of the test peers (on the node's allow-list)."""
 
 TINY_PLANNING: dict[str, Any] = {"method": "optimize", "optimizer_iterations": 3, "dose_grid_mm": 8.0,
-                                 "arc_optimizer_iterations": 20}
+                                 "arc_optimizer_iterations": 20, "optimizer_arc_iterations": 20}
 """Planning settings that make a tiny synthetic case plan in seconds (quality irrelevant)."""
 
 

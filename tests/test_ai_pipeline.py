@@ -129,7 +129,8 @@ def test_make_data_is_resumable_and_plans_with_the_configured_planner(tmp_path: 
     from appliance import cmd_train
 
     config = tmp_path / "airt.toml"
-    config.write_text("[planning]\noptimizer_iterations = 2\narc_optimizer_iterations = 2\nrescue_rounds = 0\n")
+    config.write_text("[planning]\noptimizer_iterations = 2\narc_optimizer_iterations = 2\noptimizer_arc_iterations = 2\n"
+                      "rescue_rounds = 0\n")
     parser = argparse.ArgumentParser()
     cmd_train.add_arguments(parser)
     args = parser.parse_args(["--make-data", "--seeds", "10006:10007", "--out", str(tmp_path / "cache"),

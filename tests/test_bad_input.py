@@ -58,7 +58,8 @@ from tests.node_helpers import (
 from tests.test_scp import make_ct_slice
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = settings_from_dict({"planning": {"method": "optimize", "optimizer_iterations": 2, "dose_grid_mm": 8.0}})
+SETTINGS = settings_from_dict({"planning": {"method": "optimize", "optimizer_iterations": 2, "dose_grid_mm": 8.0,
+                                            "optimizer_arc_iterations": 150}})
 
 
 @pytest.fixture(scope="module")

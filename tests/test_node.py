@@ -49,6 +49,7 @@ PLANNING_TOML = """
 [planning]
 method = "optimize"
 optimizer_iterations = 5
+optimizer_arc_iterations = 150
 dose_grid_mm = 8.0
 """
 
@@ -87,7 +88,8 @@ def _ingest_tiny_case(tmp_path: Path, plannable: bool = False, **settings_over: 
     table: dict[str, Any] = {"node": {"port": free_port()}, "peers": [{"ae_title": PEER}],
                              "storage": {"data_dir": str(tmp_path / "data"), "min_free_disk_mb": 1},
                              "scheduler": {"stable_age_s": 0.0},
-                             "planning": {"method": "optimize", "optimizer_iterations": 2, "dose_grid_mm": 8.0}}
+                             "planning": {"method": "optimize", "optimizer_iterations": 2, "dose_grid_mm": 8.0,
+                                          "optimizer_arc_iterations": 150}}
     table.update(settings_over)
     settings = settings_from_dict(table)
     db = Database(settings.database_url)

@@ -91,7 +91,8 @@ def test_airt_train_makes_a_model_from_a_teacher_cache(tmp_path: Path) -> None:
     from appliance import cmd_train
 
     config = tmp_path / "airt.toml"
-    config.write_text("[planning]\noptimizer_iterations = 2\narc_optimizer_iterations = 2\nrescue_rounds = 0\n")
+    config.write_text("[planning]\noptimizer_iterations = 2\narc_optimizer_iterations = 2\noptimizer_arc_iterations = 2\n"
+                      "rescue_rounds = 0\n")
     parser = argparse.ArgumentParser()
     cmd_train.add_arguments(parser)
     common = ["--config", str(config), "--device", "cpu"]
