@@ -79,10 +79,15 @@ WARMED: list[int] = []
 
 @dataclasses.dataclass(frozen=True)
 class WarmRecordingPlan:
-    """:func:`recording_plan` with a warm-up, as the node's planner has."""
+    """:func:`recording_plan` with a warm-up, as the node's planner has; a warm-up touches ``mark`` (when given)
+    so that a test can wait for it instead of guessing how long a process takes to start."""
+
+    mark: Path | None = None
 
     def warm_up(self) -> None:
         WARMED.append(os.getpid())
+        if self.mark is not None:
+            self.mark.touch()
 
     def __call__(self, request: CaseRequest, out_dir: Path, method: str | None,
                  on_deliverable: Callable[[PlanSummary], None] | None = None) -> PlanSummary:
@@ -209,9 +214,15 @@ def test_planning_process_warms_up_when_idle_is_reused_and_replaced_after_its_jo
             assert set(store_paths(scp.port, case["paths"]).statuses) == {0}  # type: ignore[arg-type]
     db = Database(settings.database_url)
     jobs = sorted(StudyScheduler.for_node(settings, db).tick())
-    worker = Worker.for_node(settings, db, plan=WarmRecordingPlan())
+    mark = tmp_path / "warmed"
+    worker = Worker.for_node(settings, db, plan=WarmRecordingPlan(mark=mark))
     worker.planner.start()
-    time.sleep(WARM_UP_AFTER_IDLE_S + 1.0)  # idle: the process warms up
+    # idle: the process warms up WARM_UP_AFTER_IDLE_S after it started (its start-up, imports and memory reserve
+    # take longer on a cold machine, so wait for the warm-up itself)
+    deadline = time.monotonic() + WARM_UP_AFTER_IDLE_S + 60.0
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mark.exists(), "the idle planning process did not warm up"
     assert [worker.run_once() for _ in jobs] == jobs and worker.run_once() is None
     with db.session() as s:
         seen = [s.get(Job, j).metrics for j in jobs]  # type: ignore[union-attr]
