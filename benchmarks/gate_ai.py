@@ -184,6 +184,23 @@ def print_gate(gate: dict[str, Any]) -> None:
     print(f"Gate: {'passed' if gate['passed'] else 'NOT passed'} (model {gate['model_weights_id'][:12]})")
 
 
+def with_run_planner(ai_rows: list[dict[str, Any]], run_rows: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """The AI rows, each without a planner record taking the planner record of the ``bench_arc`` run that planned
+    them (``run_rows``: rows of that run, or of its resumptions, with the other method; rows made before rows
+    recorded their planner, when the run's refinement and arc settings were one for both methods). The run's
+    recorded planner settings must be one; a run with none or several is refused."""
+    keep = ("ai_refine_iterations", "arc_iterations", "sectors_per_beam", "rescue_rounds")
+    records = {tuple((k, m["planner"][k]) for k in keep if k in m["planner"])
+               for r in run_rows for m in r["methods"].values() if "planner" in m}
+    if len(records) != 1:
+        raise SystemExit(f"the run's rows record {len(records)} planner settings, not one: "
+                         f"{sorted(map(dict, records), key=str)}")
+    planner = {**dict(next(iter(records))), "source": "ai"}
+    return [row if method not in row["methods"] or "planner" in row["methods"][method]
+            else {**row, "methods": {**row["methods"], method: {**row["methods"][method], "planner": dict(planner)}}}
+            for row in ai_rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ai", required=True, help="bench_arc JSON with the AI method's rows")
@@ -193,6 +210,9 @@ def main() -> None:
                     help="the AI rows' method: ai (as the appliance plans) or ai_networks (the networks alone, "
                          "reported only: a gate of it cannot be recorded)")
     ap.add_argument("--model", default="", help="model folder the AI rows were planned with (default: the shipped one)")
+    ap.add_argument("--ai-run-planner", default="", metavar="RUN.json",
+                    help="bench_arc JSON of the run that planned the AI rows: its planner records stand for AI rows "
+                         "made before rows recorded their own (see with_run_planner)")
     ap.add_argument("--record-gate", action="store_true", help="write the gate into the model's model.json")
     args = ap.parse_args()
     folder = installed_model_dir(args.model)
@@ -200,11 +220,15 @@ def main() -> None:
         raise SystemExit(f"no model.json in {args.model or 'the shipped model folder'}")
     ai_rows = json.loads(Path(args.ai).read_text())["rows"]
     opt_rows = json.loads(Path(args.optimize).read_text())["rows"]
+    if args.ai_run_planner:
+        ai_rows = with_run_planner(ai_rows, json.loads(Path(args.ai_run_planner).read_text())["rows"], args.ai_method)
     gate = quality_gate(ai_rows, opt_rows, weights_id=model_weights_id(folder), min_cases=args.cases,
                         method=args.ai_method)
-    gate["measured_by"] = (f"python -m benchmarks.gate_ai --ai {args.ai} --optimize {args.optimize} "
+    run = f" --ai-run-planner {args.ai_run_planner}" if args.ai_run_planner else ""
+    gate["measured_by"] = (f"python -m benchmarks.gate_ai --ai {args.ai} --optimize {args.optimize}{run} "
                            f"(rows of python -m benchmarks.bench_arc; see benchmarks/RESULTS.md)")
-    gate["files"] = {"ai": Path(args.ai).name, "optimize": Path(args.optimize).name}
+    gate["files"] = {"ai": Path(args.ai).name, "optimize": Path(args.optimize).name,
+                     **({"ai_run_planner": Path(args.ai_run_planner).name} if args.ai_run_planner else {})}
     print_gate(gate)
     if args.record_gate:
         from pipeline.model_io import update_model_meta

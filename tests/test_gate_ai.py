@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from benchmarks.gate_ai import MARGINS, paired_bound, quality_gate
+from benchmarks.gate_ai import MARGINS, paired_bound, quality_gate, with_run_planner
 
 WEIGHTS = "f" * 64
 
@@ -139,3 +139,22 @@ def test_the_refinement_count_is_always_recorded() -> None:
         r["methods"] = {"ai_networks": r["methods"]["ai"]}
     with pytest.raises(SystemExit, match="refinement evaluations"):
         quality_gate(ai, opt, weights_id=WEIGHTS, method="ai_networks")
+
+
+def test_ai_rows_without_a_planner_record_take_their_runs() -> None:
+    """AI rows made before rows recorded their planner: without a record the gate cannot say which arc
+    evaluations the AI method was gated with (and ``auto`` then refuses the model); the rows of the run
+    that planned them supply it, while the full planner's rows may come from a later planner."""
+    ai, run = _rows()
+    for r in ai:
+        del r["methods"]["ai"]["planner"]
+    _, later = _rows(seed=1)
+    for r in later:
+        r["methods"]["optimize"]["planner"]["arc_iterations"] = 500
+    assert "arc_iterations" not in quality_gate(ai, later, weights_id=WEIGHTS)
+    gate = quality_gate(with_run_planner(ai, run, "ai"), later, weights_id=WEIGHTS)
+    assert gate["passed"] and gate["arc_iterations"] == 150 and gate["planner_arc_iterations"] == 500
+    assert gate["ai_refine_iterations"] == 20
+    run[3]["methods"]["optimize"]["planner"]["arc_iterations"] = 60  # a run of two planners says nothing
+    with pytest.raises(SystemExit, match="record 2 planner settings"):
+        with_run_planner(ai, run, "ai")
