@@ -87,7 +87,8 @@ class PlanningSettings:
     optimizer_arc_iterations: Int = setting(
         "The same for the optimize method (the full planner: studies the AI method is not qualified for, teacher "
         "plans, the AI model's quality gate), which is not on the latency path: more evaluations spare the "
-        "rectum and bladder better (benchmarks/RESULTS.md), about 0.03 s each on 2 cores", "count 0-2000", default=500, ge=0, le=2000)
+        "rectum and bladder better (benchmarks/RESULTS.md), about 0.03 s each on 2 cores", "count 0-2000",
+        default=500, ge=0, le=2000)
     oar_mean_weight: Float = setting(
         "Weight of the bladder's and rectum's mean dose (outside the PTV, in units of Rx) in the fluence optimizer, "
         "the AI refinement and the arc optimisation: higher spares the low-dose bath at some cost in PTV homogeneity "

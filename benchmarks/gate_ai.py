@@ -145,7 +145,9 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
         if counts:
             settings[key] = _one(counts, key)
     # The planner's rows do not refine: only the AI rows must agree. AI rows made before rows recorded their
-    # planner take the configured count the planner's rows of the same run record (the appliance's method ai).
+    # planner take the configured count the planner's rows record (every bench_arc row records the appliance's
+    # ai_refine_iterations); their arc evaluations are not inferred from those rows, which may come from a
+    # later planner: ``with_run_planner`` supplies them from the AI rows' own run.
     refine = {m["planner"]["ai_refine_iterations"] for m in ai_used if "planner" in m}
     if not refine and method == "ai":
         refine = {m["planner"]["ai_refine_iterations"] for m in opt_used if "planner" in m}
@@ -184,7 +186,8 @@ def print_gate(gate: dict[str, Any]) -> None:
     print(f"Gate: {'passed' if gate['passed'] else 'NOT passed'} (model {gate['model_weights_id'][:12]})")
 
 
-def with_run_planner(ai_rows: list[dict[str, Any]], run_rows: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+def with_run_planner(ai_rows: list[dict[str, Any]], run_rows: list[dict[str, Any]],
+                     method: str) -> list[dict[str, Any]]:
     """The AI rows, each without a planner record taking the planner record of the ``bench_arc`` run that planned
     them (``run_rows``: rows of that run, or of its resumptions, with the other method; rows made before rows
     recorded their planner, when the run's refinement and arc settings were one for both methods). The run's

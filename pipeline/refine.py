@@ -13,8 +13,8 @@ reference engine restricted to the voxels that decide that fall-off:
 That engine computes a few thousand voxels instead of about 2e5 on a pelvis at 4 mm, and its
 convolution lattices are cut to their reach: a forward and backward pass costs about 25 ms
 instead of 0.7 s on two CPU cores. A refinement of 20 evaluations, the engine's set-up included,
-takes about 0.7 s where the optimizer from a flat start takes about 40 s for 50 evaluations on
-the full grid. The plan's dose is then computed, as always, by the full reference engine after
+takes about 0.7 s where the optimizer from a flat start on the full grid took about 40 s for 50
+evaluations. The plan's dose is then computed, as always, by the full reference engine after
 sequencing; refinement only changes the fluence handed to the sequencer.
 
 The optimize method (the full planner) runs the same function from the optimizer's flat start
