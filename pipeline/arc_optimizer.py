@@ -127,8 +127,9 @@ class LinearGoalTerms:
     """Dose-volume goals of structures outside the restricted engine, through mean doses that are
     linear in the fluence (as :class:`LinearDoseTerms`): an "at most ``f`` of the structure above
     ``x``" goal (``V14.5Gy% <= 5`` on a femoral head) is held by the mean dose of a part of the
-    structure (in the planning core its hottest ``f`` in the start arc's dose, the part a planner
-    draws as a helper structure), kept at or below ``x``. Squared hinges, weighted by the goal's
+    structure (in the planning core its hottest ``f`` in the arc's dose, the part a planner draws as
+    a helper structure, redrawn as the dose moves: ``pipeline.plan.HotPartGoalTerms``), kept at or
+    below ``x``. Squared hinges, weighted by the goal's
     priority as the goal terms of :mod:`pipeline.goal_objective`.
 
     ``maps`` are the parts' ``A^T m / |m|`` (dose per MU); ``limits_fx`` their levels (Gy per

@@ -328,7 +328,8 @@ def test_fluence_kernels_equal_the_torch_form(dtype: torch.dtype) -> None:
 
 def test_far_goals_hold_the_hottest_part_of_the_femoral_heads(problem: dict[str, object]) -> None:
     # an "at most V14.5Gy% <= 5" goal on a femoral head (outside the restricted engine) is held by the mean
-    # dose of its 5 % hottest voxels in the start arc's dose, exactly through the fluence
+    # dose of its 5 % hottest voxels in the arc's dose, exactly through the fluence: drawn from the start
+    # arc's dose, drawn again from the current fluence's dose every redraw_every evaluations
     from pipeline.goals import GoalSpec, GoalStages
     from pipeline.plan import far_goal_terms, hottest_part
 
@@ -341,8 +342,8 @@ def test_far_goals_hold_the_hottest_part_of_the_femoral_heads(problem: dict[str,
     options = PlanningOptions(source=FluenceSource.OPTIMIZE, dose_grid_mm=5.0, goals=goals)
     start = _sequence(seed=5, threshold=0.02)
     terms, held = far_goal_terms(prob, options, case, rx, start, MACHINE)  # type: ignore[arg-type]
-    assert terms is not None and len(terms.maps) == 2 and len(held) == 2
-    assert held[0].startswith("femur_head_l V14.5Gy% <= 5: mean of the 5 % hottest in the start arc")
+    assert terms is not None and terms.terms is not None and len(terms.terms.maps) == 2 and len(held) == 2
+    assert held[0].startswith("femur_head_l V14.5Gy% <= 5: mean of the 5 % hottest in the arc's dose (redrawn")
     flu = torch.as_tensor(fluence_from_sequence(start, MACHINE), dtype=torch.float32)
     with torch.no_grad():
         dose = prob.engine(flu).numpy()  # type: ignore[attr-defined]
@@ -356,6 +357,25 @@ def test_far_goals_hold_the_hottest_part_of_the_femoral_heads(problem: dict[str,
         expected += 200.0 * excess**2  # the P2 weight, the goals' 2 % margin
     assert expected > 0  # this start arc breaks the goal's level in the parts
     assert float(terms(flu)) == pytest.approx(expected, rel=1e-3)
+    assert terms.redraws == 1  # drawn once, from the start arc
+    # the parts are drawn again from the dose of the fluence of every redraw_every-th evaluation: here
+    # a fluence that only the other half of the sectors deliver, whose hot voxels lie elsewhere
+    other = flu.clone()
+    other[: other.shape[0] // 2] = 0.0
+    with torch.no_grad():
+        other_dose = prob.engine(other).numpy()  # type: ignore[attr-defined]
+    mask_l = prob.masks[Role.FEMUR_HEAD_L].numpy()  # type: ignore[attr-defined]
+    assert (hottest_part(mask_l, other_dose, 0.05) != hottest_part(mask_l, dose, 0.05)).any()
+    for _ in range(terms.redraw_every - 2):
+        terms(other)  # the parts of the start arc's dose still
+    assert terms.redraws == 1
+    terms(other)
+    assert terms.redraws == 2
+    redrawn = 0.0
+    for role in (Role.FEMUR_HEAD_L, Role.FEMUR_HEAD_R):
+        part = hottest_part(prob.masks[role].numpy(), other_dose, 0.05)  # type: ignore[attr-defined]
+        redrawn += 200.0 * (max(0.0, float(other_dose[part].mean()) - 14.5 * 0.98 / fx) / rx) ** 2
+    assert float(terms(other)) == pytest.approx(redrawn, rel=1e-3)
     # goals evaluated only: no term
     off = dataclasses.replace(options, goal_stages=GoalStages.OFF)
     assert far_goal_terms(prob, off, case, rx, start, MACHINE) == (None, [])  # type: ignore[arg-type]
