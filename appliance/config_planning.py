@@ -89,6 +89,12 @@ class PlanningSettings:
         "plans, the AI model's quality gate), which is not on the latency path: more evaluations spare the "
         "rectum and bladder better (benchmarks/RESULTS.md), about 0.03 s each on 2 cores", "count 0-2000",
         default=500, ge=0, le=2000)
+    arc_optimizer_rounds: Int = setting(
+        "Rounds the AI method's arc evaluations are split into: each round restarts the optimiser (Adam, fresh "
+        "moments) at its full step from the arc the last round ended with, which spares the rectum and bladder "
+        "better at the same count (benchmarks/RESULTS.md); 1 = one run", "count 1-10", default=3, ge=1, le=10)
+    optimizer_arc_rounds: Int = setting(
+        "The same for the optimize method", "count 1-10", default=4, ge=1, le=10)
     oar_mean_weight: Float = setting(
         "Weight of the bladder's and rectum's mean dose (outside the PTV, in units of Rx) in the fluence optimizer, "
         "the AI refinement and the arc optimisation: higher spares the low-dose bath at some cost in PTV homogeneity "

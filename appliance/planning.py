@@ -85,15 +85,18 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str,
 
     p = settings.planning
     profile = profile or settings.profile()
+    full = method is PlanningMethod.OPTIMIZE
+    arc_iterations = p.optimizer_arc_iterations if full else p.arc_optimizer_iterations
+    arc_rounds = p.optimizer_arc_rounds if full else p.arc_optimizer_rounds
     return PlanningOptions(
         source=FluenceSource(method.value), dose_grid_mm=p.dose_grid_mm, hu_curve=tuple(p.hu_to_density),
         optimizer_iterations=p.optimizer_iterations, sequencer_threshold=p.aperture_threshold,
         ai_thresholds=tuple(p.ai_aperture_thresholds), ai_min_ptv_d98_rel=p.ai_min_ptv_d98_percent / 100.0,
         ai_max_ptv_hi=p.ai_max_ptv_hi, ai_refine_iterations=p.ai_refine_iterations, model_dir=p.model_dir,
         sparing={Role.BLADDER: p.sparing_bladder, Role.RECTUM: p.sparing_rectum},
-        arc=ArcOptimizerSettings(iterations=(p.optimizer_arc_iterations if method is PlanningMethod.OPTIMIZE
-                                             else p.arc_optimizer_iterations), mu_weight=p.arc_mu_weight,
-                                 mu_limit=p.arc_max_mu_per_cgy, sectors_per_beam=p.arc_sectors_per_beam),
+        arc=ArcOptimizerSettings(iterations=arc_iterations, rounds=arc_rounds,
+                                 mu_weight=p.arc_mu_weight, mu_limit=p.arc_max_mu_per_cgy,
+                                 sectors_per_beam=p.arc_sectors_per_beam),
         arc_start=p.arc_start, optimizer_weights=OptimizerWeights(oar_mean=p.oar_mean_weight),
         normalisation=profile.normalisation,
         normalisation_volume_percent=profile.normalisation_volume_percent,

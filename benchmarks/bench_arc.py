@@ -200,7 +200,8 @@ def planner_settings(options: PlanningOptions) -> dict[str, Any]:
     refinement and arc-stage evaluations and, for the AI method, the weights id of its model."""
     out: dict[str, Any] = {"source": options.source.value, "ai_refine_iterations": options.ai_refine_iterations,
                            "optimizer_iterations": options.optimizer_iterations,
-                           "arc_iterations": options.arc.iterations, "sectors_per_beam": options.arc.sectors_per_beam,
+                           "arc_iterations": options.arc.iterations, "arc_rounds": options.arc.rounds,
+                           "sectors_per_beam": options.arc.sectors_per_beam,
                            "rescue_rounds": options.rescue_rounds}
     folder = installed_model_dir(options.model_dir)
     if options.source is FluenceSource.AI and folder is not None:

@@ -138,6 +138,8 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     profile = _one({r.get("profile") for r in ai_rows + opt_rows}, "the profile")
     recorded = [m["planner"] for m in used if "planner" in m]
     settings = {k: _one({p[k] for p in recorded}, k) for k in ("sectors_per_beam", "rescue_rounds")} if recorded else {}
+    if recorded:  # rows made before the arc stage had rounds ran one
+        settings["arc_rounds"] = _one({p.get("arc_rounds", 1) for p in recorded}, "arc_rounds")
     # the arc evaluations the AI method was gated with (what ``auto`` compares with its configuration); the
     # full planner may run more of them (planning.optimizer_arc_iterations), recorded beside
     for key, rows_of in (("arc_iterations", ai_used), ("planner_arc_iterations", opt_used)):

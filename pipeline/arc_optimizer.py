@@ -178,8 +178,13 @@ class ArcOptimizerSettings:
     ----------
     iterations
         Objective evaluations (>= 0; 0 returns the start projected onto the limits).
+    rounds
+        Rounds the evaluations are split into (>= 1; more than ``iterations`` run one each): each
+        round starts Adam afresh (no moments) at the full step from where the last ended, a warm
+        restart. On 3 + 3 cases four rounds of 125 evaluations left the rectum a 6-40 % lower mean
+        dose than one run of 500, at the same PTV coverage (``benchmarks/RESULTS.md``).
     leaf_step_mm
-        Adam step of the leaf positions, mm (decays linearly to a tenth over the run).
+        Adam step of the leaf positions, mm (decays linearly to a tenth over each round).
     mu_step
         Adam step of the sector MU, relative to the start's mean sector MU.
     substeps
@@ -198,6 +203,7 @@ class ArcOptimizerSettings:
     """
 
     iterations: int = 60
+    rounds: int = 1
     leaf_step_mm: float = 1.0
     mu_step: float = 0.03
     substeps: int = 8
@@ -209,6 +215,8 @@ class ArcOptimizerSettings:
     def __post_init__(self) -> None:
         if self.iterations < 0:
             raise PlanningError(f"machine-parameter optimisation needs iterations >= 0, got {self.iterations}")
+        if self.rounds < 1:
+            raise PlanningError(f"machine-parameter optimisation rounds must be >= 1, got {self.rounds}")
         if not (self.leaf_step_mm > 0 and self.mu_step > 0):
             raise PlanningError("machine-parameter optimisation steps must be > 0")
         if self.substeps < 1:
@@ -580,8 +588,10 @@ def optimize_arc(
     leaves = torch.tensor(leaves_np, dtype=dtype, device=device, requires_grad=True)
     mu_rel = torch.tensor(mu_np / mu_scale, dtype=dtype, device=device, requires_grad=True)
     jaws_np = fit_jaws(limits.full(leaves_np), machine)
-    opt = torch.optim.Adam([{"params": [leaves], "lr": s.leaf_step_mm}, {"params": [mu_rel], "lr": s.mu_step}])
     base_lr = (s.leaf_step_mm, s.mu_step)
+    # round r holds the evaluations [starts[r], starts[r + 1]): as even as the count allows
+    rounds = min(s.rounds, max(1, s.iterations))
+    starts = [round(r * s.iterations / rounds) for r in range(rounds + 1)]
 
     def loss_of() -> torch.Tensor:
         jaws = torch.as_tensor(jaws_np, dtype=dtype, device=device)
@@ -595,7 +605,10 @@ def optimize_arc(
 
     history: list[float] = []
     for it in range(s.iterations):
-        decay = 1.0 - 0.9 * it / max(1, s.iterations - 1)
+        r = next(r for r in range(rounds) if it < starts[r + 1])
+        if it == starts[r]:  # a warm restart: fresh moments, the full step
+            opt = torch.optim.Adam([{"params": [leaves], "lr": s.leaf_step_mm}, {"params": [mu_rel], "lr": s.mu_step}])
+        decay = 1.0 - 0.9 * (it - starts[r]) / max(1, starts[r + 1] - starts[r] - 1)
         for group, lr in zip(opt.param_groups, base_lr, strict=True):
             group["lr"] = lr * decay
         opt.zero_grad(set_to_none=True)

@@ -201,6 +201,43 @@ def test_arc_optimisation_lowers_the_objective_within_every_limit(problem: dict[
     assert frugal.sequence.segment_mu().max() <= cap + 1e-9
 
 
+def test_arc_rounds_restart_the_optimiser_at_its_full_step(problem: dict[str, object],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # rounds = 2: the evaluations in two halves, each with a fresh Adam (no moments) whose step starts at
+    # the full step and decays linearly to a tenth over its own half
+    import pipeline.arc_optimizer as arc_module
+
+    prob = problem["problem"]
+    case = problem["case"]
+    rx = case.prescription.dose_gy / case.prescription.fractions  # type: ignore[attr-defined]
+    near, region, _ = near_target_engine(prob)  # type: ignore[arg-type]
+    masks = {r.value: torch.as_tensor(m.numpy() & region) for r, m in prob.masks.items()}  # type: ignore[attr-defined]
+    objective = build_dose_objective(masks, rx_gy=rx, spacing_mm=prob.grid.spacing_mm).on_voxels(near.index)  # type: ignore[attr-defined]
+    start = _sequence(seed=5, threshold=0.02)
+    made: list[list[float]] = []  # per optimiser: the leaf step of each of its steps
+
+    class Recorded(torch.optim.Adam):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            made.append([])
+
+        def step(self, closure: object = None) -> None:  # type: ignore[override]
+            assert all(len(self.state[p]) == 0 for p in self.param_groups[0]["params"]) == (not made[-1])
+            made[-1].append(float(self.param_groups[0]["lr"]))
+            super().step()
+
+    monkeypatch.setattr(arc_module.torch.optim, "Adam", Recorded)
+    settings = ArcOptimizerSettings(iterations=7, rounds=2, leaf_step_mm=1.0, mu_headroom=0.02)
+    result = optimize_arc(start, near, objective, MACHINE, ARC, settings=settings)
+    assert result.iterations == 7
+    assert [len(steps) for steps in made] == [4, 3]  # as even as 7 allows
+    for steps in made:
+        assert steps[0] == pytest.approx(1.0) and steps[-1] == pytest.approx(0.1)
+    assert check_deliverable(result.sequence, MACHINE) == []
+    with pytest.raises(PlanningError, match="rounds"):
+        ArcOptimizerSettings(iterations=3, rounds=0)
+
+
 def test_arc_objective_reads_the_ptv_and_the_organs_near_it_at_their_ct_voxels(problem: dict[str, object]) -> None:
     prob = problem["problem"]
     case = problem["case"]
