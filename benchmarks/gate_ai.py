@@ -138,14 +138,15 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     profile = _one({r.get("profile") for r in ai_rows + opt_rows}, "the profile")
     recorded = [m["planner"] for m in used if "planner" in m]
     settings = {k: _one({p[k] for p in recorded}, k) for k in ("sectors_per_beam", "rescue_rounds")} if recorded else {}
-    if recorded:  # rows made before the arc stage had rounds ran one
-        settings["arc_rounds"] = _one({p.get("arc_rounds", 1) for p in recorded}, "arc_rounds")
     # the arc evaluations the AI method was gated with (what ``auto`` compares with its configuration); the
     # full planner may run more of them (planning.optimizer_arc_iterations), recorded beside
+    # and the rounds they ran in (rows made before the arc stage had rounds ran one)
     for key, rows_of in (("arc_iterations", ai_used), ("planner_arc_iterations", opt_used)):
         counts = {m["planner"]["arc_iterations"] for m in rows_of if "planner" in m}
         if counts:
             settings[key] = _one(counts, key)
+            rounds = key.replace("iterations", "rounds")
+            settings[rounds] = _one({m["planner"].get("arc_rounds", 1) for m in rows_of if "planner" in m}, rounds)
     # The planner's rows do not refine: only the AI rows must agree. AI rows made before rows recorded their
     # planner take the configured count the planner's rows record (every bench_arc row records the appliance's
     # ai_refine_iterations); their arc evaluations are not inferred from those rows, which may come from a

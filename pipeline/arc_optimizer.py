@@ -244,16 +244,19 @@ class ArcOptimization:
         Objective evaluations run.
     seconds
         Wall time, s.
+    rounds
+        Rounds the evaluations ran in (warm restarts, :class:`ArcOptimizerSettings`).
     """
 
     sequence: ArcSequence
     loss: tuple[float, float]
     iterations: int
     seconds: float
+    rounds: int = 1
 
     def record(self) -> dict[str, Any]:
         """What ``metrics.json`` records."""
-        return {"iterations": self.iterations, "loss_start": round(self.loss[0], 6),
+        return {"iterations": self.iterations, "rounds": self.rounds, "loss_start": round(self.loss[0], 6),
                 "loss_end": round(self.loss[1], 6), "seconds": round(self.seconds, 3)}
 
 
@@ -630,9 +633,10 @@ def optimize_arc(
     first_loss = history[0] if history else final
     seq = limits.sequence(start, leaves_np, mu_np)
     seconds = time.perf_counter() - t0
-    log.info("arc optimisation: %d evaluations, loss %.4g -> %.4g, %.0f -> %.0f MU in %.2f s", len(history),
-             first_loss, final, start.total_mu, seq.total_mu, seconds)
-    return ArcOptimization(sequence=seq, loss=(first_loss, final), iterations=len(history), seconds=seconds)
+    log.info("arc optimisation: %d evaluations in %d round(s), loss %.4g -> %.4g, %.0f -> %.0f MU in %.2f s",
+             len(history), rounds, first_loss, final, start.total_mu, seq.total_mu, seconds)
+    return ArcOptimization(sequence=seq, loss=(first_loss, final), iterations=len(history), seconds=seconds,
+                           rounds=rounds)
 
 
 def rescale_mu(seq: ArcSequence, factor: float, machine: MachineModel, arc: ArcSpec, *,

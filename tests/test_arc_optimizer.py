@@ -229,7 +229,7 @@ def test_arc_rounds_restart_the_optimiser_at_its_full_step(problem: dict[str, ob
     monkeypatch.setattr(arc_module.torch.optim, "Adam", Recorded)
     settings = ArcOptimizerSettings(iterations=7, rounds=2, leaf_step_mm=1.0, mu_headroom=0.02)
     result = optimize_arc(start, near, objective, MACHINE, ARC, settings=settings)
-    assert result.iterations == 7
+    assert result.iterations == 7 and result.record()["rounds"] == 2
     assert [len(steps) for steps in made] == [4, 3]  # as even as 7 allows
     for steps in made:
         assert steps[0] == pytest.approx(1.0) and steps[-1] == pytest.approx(0.1)

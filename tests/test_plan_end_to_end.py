@@ -56,6 +56,7 @@ def test_outputs_and_metrics(planned: dict[str, Any]) -> None:
     assert {"load", "optimize", "sequence", "arc_optimize", "final_dose", "export", "total"} <= set(m["timings_s"])
     # the optimize method runs the full planner's arc evaluations, not the AI method's
     assert m["arc_optimizer"]["iterations"] == planned["settings"].planning.optimizer_arc_iterations == 120
+    assert m["arc_optimizer"]["rounds"] == planned["settings"].planning.optimizer_arc_rounds == 4
     assert Settings().planning.arc_optimizer_iterations != 120
     assert m["arc_optimizer"]["loss_end"] < m["arc_optimizer"]["loss_start"]
     assert all(g["passed"] in (True, False) for g in m["goals"])

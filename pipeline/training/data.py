@@ -450,7 +450,8 @@ def summarise_cache(cache_dir: str | Path) -> dict[str, Any]:
 
 #: What the teacher planner does (``cache.json``).
 PLANNER_TEXT = ("the profile's goal-driven fluence optimisation through the reference dose engine, the "
-                "sequencer's start arc, machine-parameter optimisation of the arc with the goal terms, "
+                "sequencer's start arc, machine-parameter optimisation of the arc with the goal terms (in "
+                "rounds; the femoral heads' dose-volume goals through helper parts redrawn as the dose moves), "
                 "rescue of failed P1 goals, the reference engine's dose of the exported arc, MU normalisation")
 
 
