@@ -117,6 +117,28 @@ def _job_metrics(data_dir: Path) -> dict[str, Any] | None:
     return json.loads(files[-1].read_text()) if files else None
 
 
+#: How long the demo waits, after the plan arrived, for the planning process to finish what it does
+#: after sending (the fidelity check and the report) before it stops the node.
+REPORT_WAIT_S = 120.0
+
+
+def _await_report(data_dir: Path, node: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait until the job's metrics.json records the report stage (the planning process completes it after
+    the plan was sent), so that stopping the node does not cut its last job short; at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and node.poll() is None:
+        try:
+            metrics = _job_metrics(data_dir)
+        except (OSError, ValueError):  # being rewritten
+            metrics = None
+        if metrics is not None and "report" in metrics.get("timings_s", {}):
+            print(f"[demo] report written: {data_dir / 'jobs'}/*/output (removed with the demo's folder unless "
+                  "--workdir is given)")
+            return
+        time.sleep(0.2)
+    print(f"[demo] the job's report was not written within {timeout_s:.0f} s; stopping the node", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit status 0 when plan and dose arrived and link correctly."""
     from appliance.report import format_summary
@@ -194,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if metrics is not None:
             print()
             print(format_summary(metrics), end="")
+        _await_report(data_dir, node, REPORT_WAIT_S)
         return 0 if linked else 1
     finally:
         for proc in (node, receiver):
