@@ -62,7 +62,8 @@ def resolve_method(settings: Settings, method: str | None, profile: str | None =
             return PlanningMethod.OPTIMIZE
         ok, why = model_is_qualified(folder, profile=profile or settings.planning.profile,
                                      refine_iterations=settings.planning.ai_refine_iterations,
-                                     arc_iterations=settings.planning.arc_optimizer_iterations)
+                                     arc_iterations=settings.planning.arc_optimizer_iterations,
+                                     arc_rounds=settings.planning.arc_optimizer_rounds)
         if not ok:
             log.info("method auto: using the optimizer; the installed model is not qualified for unattended use (%s)", why)
             return PlanningMethod.OPTIMIZE

@@ -139,8 +139,8 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     recorded = [m["planner"] for m in used if "planner" in m]
     settings = {k: _one({p[k] for p in recorded}, k) for k in ("sectors_per_beam", "rescue_rounds")} if recorded else {}
     # the arc evaluations the AI method was gated with (what ``auto`` compares with its configuration); the
-    # full planner may run more of them (planning.optimizer_arc_iterations), recorded beside
-    # and the rounds they ran in (rows made before the arc stage had rounds ran one)
+    # full planner may run more of them (planning.optimizer_arc_iterations), recorded beside; with the rounds
+    # each ran in (rows made before the arc stage had rounds ran one)
     for key, rows_of in (("arc_iterations", ai_used), ("planner_arc_iterations", opt_used)):
         counts = {m["planner"]["arc_iterations"] for m in rows_of if "planner" in m}
         if counts:

@@ -54,7 +54,7 @@ def _weights_id(doc: Any, folder: Path) -> str:
 
 
 def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | None = None,
-                       arc_iterations: int | None = None) -> tuple[bool, str]:
+                       arc_iterations: int | None = None, arc_rounds: int | None = None) -> tuple[bool, str]:
     """Whether ``planning.method = auto`` may use this model for a plan of protocol profile ``profile``,
     and why (not).
 
@@ -66,7 +66,8 @@ def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | N
     weights (:func:`model_weights_id`). A model without it is used only when asked for explicitly
     (``--method ai``). The gate's plans were made with ``ai_refine_iterations`` refinement and
     ``arc_iterations`` arc-stage evaluations; with fewer configured (``refine_iterations``,
-    ``arc_iterations``) the verdict does not hold and the model does not qualify.
+    ``arc_iterations``) the verdict does not hold and the model does not qualify; nor with the arc stage in
+    another number of rounds (``arc_rounds``; a gate that records none ran one).
     """
     import json
 
@@ -103,4 +104,8 @@ def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | N
         needed = int(gate[key])
         if configured is not None and configured < needed:
             return False, f"its quality gate was passed with {key} = {needed} and {setting} is {configured}"
+    gated_rounds = int(gate.get("arc_rounds", 1))
+    if arc_rounds is not None and arc_rounds != gated_rounds:
+        return False, (f"its quality gate was passed with the arc stage in {gated_rounds} round(s) and "
+                       f"planning.arc_optimizer_rounds is {arc_rounds}")
     return True, f"qualified for profile {profile} on held-out cases of both case sets"

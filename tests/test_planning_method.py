@@ -27,7 +27,7 @@ def _gated(folder: Path, **gate: object) -> Path:
     """A model whose model.json records a passed gate of the current format (fields overridden by ``gate``)."""
     folder.mkdir()
     (folder / "model.json").write_text(json.dumps({"format_version": 1, "meta": {}, "networks": NETWORKS}))
-    full = {"format": 2, "passed": True, "ai_refine_iterations": 20, "arc_iterations": 150,
+    full = {"format": 2, "passed": True, "ai_refine_iterations": 20, "arc_iterations": 150, "arc_rounds": 3,
             "model_weights_id": model_weights_id(folder), "profile": PROFILE,
             "case_sets": {"synth": {"cases": 20, "passed": True}, "heldout": {"cases": 20, "passed": True}}, **gate}
     (folder / "model.json").write_text(json.dumps({"format_version": 1, "networks": NETWORKS, "meta": {
@@ -121,6 +121,17 @@ def test_a_gate_passed_with_refinement_and_arc_evaluations_does_not_hold_with_fe
     assert resolve_method(shorter_arc, None) is PlanningMethod.OPTIMIZE
     ok, why = _ok(gated, refine_iterations=20, arc_iterations=60)
     assert not ok and "arc_iterations = 150" in why and "planning.arc_optimizer_iterations is 60" in why
+    # the arc stage in other rounds is another planner than the one gated
+    one_round = settings_from_dict({"planning": {"model_dir": str(gated), "arc_optimizer_rounds": 1}})
+    assert resolve_method(one_round, None) is PlanningMethod.OPTIMIZE
+    ok, why = _ok(gated, arc_rounds=1)
+    assert not ok and "in 3 round(s)" in why and "planning.arc_optimizer_rounds is 1" in why
+    assert _ok(gated, refine_iterations=20, arc_iterations=150, arc_rounds=3)[0]
+    unrecorded = _gated(tmp_path / "unrecorded")  # a gate of before the rounds: one round
+    doc = json.loads((unrecorded / "model.json").read_text())
+    del doc["meta"]["quality_gates"][PROFILE]["arc_rounds"]
+    (unrecorded / "model.json").write_text(json.dumps(doc))
+    assert not _ok(unrecorded, arc_rounds=3)[0] and _ok(unrecorded, arc_rounds=1)[0]
 
 
 def test_shipped_model_is_used_unattended_only_as_its_recorded_gates_say() -> None:
@@ -132,7 +143,8 @@ def test_shipped_model_is_used_unattended_only_as_its_recorded_gates_say() -> No
     for profile in (p.name for p in settings.profiles):
         ok, why = model_is_qualified(SHIPPED_MODEL_DIR, profile=profile,
                                      refine_iterations=settings.planning.ai_refine_iterations,
-                                     arc_iterations=settings.planning.arc_optimizer_iterations)
+                                     arc_iterations=settings.planning.arc_optimizer_iterations,
+                                     arc_rounds=settings.planning.arc_optimizer_rounds)
         gate = gates.get(profile)
         if gate is None:
             assert not ok and why
