@@ -141,12 +141,13 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
     # the arc evaluations the AI method was gated with (what ``auto`` compares with its configuration); the
     # full planner may run more of them (planning.optimizer_arc_iterations), recorded beside; with the rounds
     # each ran in (rows made before the arc stage had rounds ran one)
-    for key, rows_of in (("arc_iterations", ai_used), ("planner_arc_iterations", opt_used)):
+    for key, rounds_key, rows_of in (("arc_iterations", "arc_rounds", ai_used),
+                                     ("planner_arc_iterations", "planner_arc_rounds", opt_used)):
         counts = {m["planner"]["arc_iterations"] for m in rows_of if "planner" in m}
         if counts:
             settings[key] = _one(counts, key)
-            rounds = key.replace("iterations", "rounds")
-            settings[rounds] = _one({m["planner"].get("arc_rounds", 1) for m in rows_of if "planner" in m}, rounds)
+            settings[rounds_key] = _one({m["planner"].get("arc_rounds", 1) for m in rows_of if "planner" in m},
+                                        rounds_key)
     # The planner's rows do not refine: only the AI rows must agree. AI rows made before rows recorded their
     # planner take the configured count the planner's rows record (every bench_arc row records the appliance's
     # ai_refine_iterations); their arc evaluations are not inferred from those rows, which may come from a
@@ -195,7 +196,7 @@ def with_run_planner(ai_rows: list[dict[str, Any]], run_rows: list[dict[str, Any
     them (``run_rows``: rows of that run, or of its resumptions, with the other method; rows made before rows
     recorded their planner, when the run's refinement and arc settings were one for both methods). The run's
     recorded planner settings must be one; a run with none or several is refused."""
-    keep = ("ai_refine_iterations", "arc_iterations", "sectors_per_beam", "rescue_rounds")
+    keep = ("ai_refine_iterations", "arc_iterations", "arc_rounds", "sectors_per_beam", "rescue_rounds")
     records = {tuple((k, m["planner"][k]) for k in keep if k in m["planner"])
                for r in run_rows for m in r["methods"].values() if "planner" in m}
     if len(records) != 1:

@@ -607,27 +607,28 @@ def optimize_arc(
         return loss
 
     history: list[float] = []
-    for it in range(s.iterations):
-        r = next(r for r in range(rounds) if it < starts[r + 1])
-        if it == starts[r]:  # a warm restart: fresh moments, the full step
-            opt = torch.optim.Adam([{"params": [leaves], "lr": s.leaf_step_mm}, {"params": [mu_rel], "lr": s.mu_step}])
-        decay = 1.0 - 0.9 * (it - starts[r]) / max(1, starts[r + 1] - starts[r] - 1)
-        for group, lr in zip(opt.param_groups, base_lr, strict=True):
-            group["lr"] = lr * decay
-        opt.zero_grad(set_to_none=True)
-        loss = loss_of()
-        loss.backward()  # type: ignore[no-untyped-call]
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            raise PlanningError(f"the arc optimisation diverged at evaluation {it + 1} (loss {value})")
-        history.append(value)
-        opt.step()
-        with torch.no_grad():
-            leaves_np, mu_np = limits.project(leaves.detach().cpu().numpy().astype(np.float64),
-                                              mu_rel.detach().cpu().numpy().astype(np.float64) * mu_scale)
-            leaves.copy_(torch.as_tensor(leaves_np, dtype=dtype))
-            mu_rel.copy_(torch.as_tensor(mu_np / mu_scale, dtype=dtype))
-        jaws_np = fit_jaws(limits.full(leaves_np), machine)
+    for r in range(rounds):
+        # a warm restart: fresh moments, the full step decaying to a tenth over the round's evaluations
+        opt = torch.optim.Adam([{"params": [leaves], "lr": s.leaf_step_mm}, {"params": [mu_rel], "lr": s.mu_step}])
+        length = starts[r + 1] - starts[r]
+        for step in range(length):
+            decay = 1.0 - 0.9 * step / max(1, length - 1)
+            for group, lr in zip(opt.param_groups, base_lr, strict=True):
+                group["lr"] = lr * decay
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of()
+            loss.backward()  # type: ignore[no-untyped-call]
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise PlanningError(f"the arc optimisation diverged at evaluation {len(history) + 1} (loss {value})")
+            history.append(value)
+            opt.step()
+            with torch.no_grad():
+                leaves_np, mu_np = limits.project(leaves.detach().cpu().numpy().astype(np.float64),
+                                                  mu_rel.detach().cpu().numpy().astype(np.float64) * mu_scale)
+                leaves.copy_(torch.as_tensor(leaves_np, dtype=dtype))
+                mu_rel.copy_(torch.as_tensor(mu_np / mu_scale, dtype=dtype))
+            jaws_np = fit_jaws(limits.full(leaves_np), machine)
     with torch.no_grad():
         final = float(loss_of())
     first_loss = history[0] if history else final
