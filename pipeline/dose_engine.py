@@ -642,19 +642,21 @@ class ReferenceDoseEngine(torch.nn.Module):
 
     def _trace_numba(self, rot: NDArray[np.float64], t0: NDArray[np.float64], nt: int, ray_mm: float, dt: float,
                      weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CPU trace (:func:`pipeline.trace_kernels.trace`); fills ``weights``, returns ``grid_xy`` and the
-        low-density fractions (n_cp, N)."""
+        """The CPU trace (:func:`pipeline.trace_kernels.trace`, chunks of control points whose depth weights
+        are stored as each is traced); fills ``weights``, returns ``grid_xy`` and the low-density fractions
+        (n_cp, N)."""
         beam = self.beam
-        grid_xy, rad, inv_sq, alpha = trace_kernels.trace(
+
+        def store(first: int, rad: NDArray[np.floating], inv_sq: NDArray[np.floating]) -> None:
+            self._store_depth_weights(weights[first:first + rad.shape[0]], torch.from_numpy(rad),
+                                      torch.from_numpy(inv_sq))
+
+        grid_xy, alpha = trace_kernels.trace(
             self.density.numpy(), rot, t0, nt, dt, self.points.numpy(),
             np.subtract(self.grid.origin_mm, self.geometry.isocenter_mm), np.asarray(self.grid.spacing_mm),
             sad=self.sad, ray_mm=ray_mm, half_u=self.half_u, half_v=self.half_v,
             decay=math.exp(-dt / beam.disequilibrium_length_mm), low_density_onset=beam.low_density_onset,
-            low_density_reference=beam.low_density_reference)
-        rad_t, inv_sq_t = torch.from_numpy(rad), torch.from_numpy(inv_sq)
-        for s in range(0, rot.shape[0], self.chunk):  # chunks bound the depth weights' temporaries
-            e = min(rot.shape[0], s + self.chunk)
-            self._store_depth_weights(weights[s:e], rad_t[s:e], inv_sq_t[s:e])
+            low_density_reference=beam.low_density_reference, sink=store)
         return torch.from_numpy(grid_xy), torch.from_numpy(alpha)
 
     def _trace_torch(self, rot: NDArray[np.float64], t_start: NDArray[np.float64], nt: int, ray_mm: float, dt: float,

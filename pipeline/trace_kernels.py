@@ -21,8 +21,10 @@ float64 (reads without conversions); the outputs keep the volume's precision (fl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numpy.typing import NDArray
@@ -177,11 +179,21 @@ def _trace_kernel(dens: NDArray[Any], rot: NDArray[np.float64], t0: NDArray[np.f
                     alpha[k, n] = val
 
 
+#: Control points per kernel call of :func:`trace`: chunks of about this many (control point, voxel) pairs, so
+#: that the radiological depths and inverse-square factors handed to ``sink`` stay in the processor's
+#: cache while the depth weights are computed from them (1-2 control points of a pelvis body, the whole
+#: arc of a restricted engine). On a 345,000-voxel, 180-control-point arc the depth weights took 0.95 s
+#: from whole-arc arrays and 0.45 s chunk by chunk.
+CHUNK_PAIRS = 700_000
+
+
 def trace(density: NDArray[Any], rot: NDArray[np.float64], t0: NDArray[np.float64], nt: int, dt: float,
           points: NDArray[Any], origin: NDArray[np.float64], spacing: NDArray[np.float64], *, sad: float,
           ray_mm: float, half_u: float, half_v: float, decay: float, low_density_onset: float,
-          low_density_reference: float) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]:
-    """Trace the rays of every control point and read them at the dose voxels.
+          low_density_reference: float,
+          sink: Callable[[int, NDArray[Any], NDArray[Any]], None]) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Trace the rays of every control point and read them at the dose voxels, a chunk of control points
+    (:data:`CHUNK_PAIRS`) at a time.
 
     Parameters
     ----------
@@ -202,22 +214,33 @@ def trace(density: NDArray[Any], rot: NDArray[np.float64], t0: NDArray[np.float6
         Per-plane factor of the upstream equilibrium-density recursion, ``exp(-dt / length)``.
     low_density_onset, low_density_reference
         The beam model's densities of :meth:`pipeline.beam_model.BeamModel.low_density_fraction`.
+    sink
+        Called once per chunk, in order, with the chunk's first control point and its radiological depth
+        (mm) and inverse-square factor ``(SAD / t)^2``, each (chunk, N) in the density's dtype; the
+        arrays are reused for the next chunk (copy what must outlive the call).
 
     Returns
     -------
     tuple of numpy.ndarray
-        ``(grid_xy, rad, inv_sq, alpha)``: fan coordinates over the half widths (n_cp, N, 2), radiological
-        depth (mm), inverse-square factor ``(SAD / t)^2`` and low-density fraction, each (n_cp, N), in
-        the density's dtype.
+        ``(grid_xy, alpha)``: fan coordinates over the half widths (n_cp, N, 2) and low-density fraction
+        (n_cp, N), in the density's dtype.
     """
     dens = np.pad(np.asarray(density), 1)
     pts = np.ascontiguousarray(points)
+    rot = np.ascontiguousarray(rot, dtype=np.float64)
+    t0 = np.ascontiguousarray(t0, dtype=np.float64)
     n_cp, n_vox = rot.shape[0], pts.shape[1]
     grid_xy = np.empty((n_cp, n_vox, 2), dtype=dens.dtype)
-    rad, inv_sq, alpha = (np.empty((n_cp, n_vox), dtype=dens.dtype) for _ in range(3))
+    alpha = np.empty((n_cp, n_vox), dtype=dens.dtype)
     with kernel_threads():
-        _trace_kernel(dens, np.ascontiguousarray(rot, dtype=np.float64), np.ascontiguousarray(t0, dtype=np.float64),
-                      int(nt), float(dt), pts, np.asarray(origin, dtype=np.float64),
-                      np.asarray(spacing, dtype=np.float64), float(sad), float(ray_mm), float(half_u), float(half_v),
-                      float(decay), 1.0 / low_density_onset, 1.0 / low_density_reference, grid_xy, rad, inv_sq, alpha)
-    return grid_xy, rad, inv_sq, alpha
+        threads = numba.get_num_threads()  # whole multiples of the threads: the kernel is parallel over control points
+        chunk = min(n_cp, threads * max(1, CHUNK_PAIRS // max(1, threads * n_vox)))
+        rad, inv_sq = (np.empty((chunk, n_vox), dtype=dens.dtype) for _ in range(2))
+        for s in range(0, n_cp, chunk):
+            e = min(n_cp, s + chunk)
+            _trace_kernel(dens, rot[s:e], t0[s:e], int(nt), float(dt), pts, np.asarray(origin, dtype=np.float64),
+                          np.asarray(spacing, dtype=np.float64), float(sad), float(ray_mm), float(half_u),
+                          float(half_v), float(decay), 1.0 / low_density_onset, 1.0 / low_density_reference,
+                          grid_xy[s:e], rad[:e - s], inv_sq[:e - s], alpha[s:e])
+            sink(s, rad[:e - s], inv_sq[:e - s])
+    return grid_xy, alpha
