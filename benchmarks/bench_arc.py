@@ -32,7 +32,7 @@ its refinement (the networks' fluence, the paper's pipeline, then the same arc s
 ``benchmarks.gate_ai`` computes the AI model's quality gate from.
 
     .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai,ai_networks]
-                                             [--threads 2] [--profile NAME] [--optimizer-weights K=V,...]
+                                             [--threads 2] [--profile NAME] [--optimizer-weights K=V,...] [--model DIR]
                                              [--json OUT.json] [--from-json OUT.json [--compare BEFORE.json]]
 
 With ``--json`` each finished case is appended at once and a rerun skips the cases already there.
@@ -371,6 +371,9 @@ def main() -> None:
     ap.add_argument("--arc-steps", default="", metavar="LEAF_MM,MU",
                     help="the arc stage's Adam steps for this run: leaf positions in mm, sector MU relative to "
                          "the start's mean (default: pipeline.arc_optimizer.ArcOptimizerSettings)")
+    ap.add_argument("--model", default="", metavar="DIR",
+                    help="planning.model_dir for this run: the AI method's model folder (default: the shipped one); "
+                         "the rows record its weights id")
     ap.add_argument("--json", default="", help="append each case's measurements to this JSON file (resumable)")
     ap.add_argument("--from-json", default="", help="print the tables of a saved run instead of planning")
     ap.add_argument("--compare", default="", metavar="BEFORE.json",
@@ -395,6 +398,8 @@ def main() -> None:
     if args.sectors_per_beam:
         SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
             SETTINGS.planning, arc_sectors_per_beam=args.sectors_per_beam))
+    if args.model:
+        SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(SETTINGS.planning, model_dir=args.model))
     PROFILE = SETTINGS.profile(args.profile or None)
     if args.optimizer_weights:
         pairs = [p.split("=", 1) for p in args.optimizer_weights.split(",")]

@@ -435,6 +435,8 @@ class ReferenceDoseEngine(torch.nn.Module):
     mat_v_fine: torch.Tensor
     mat_u_coarse: torch.Tensor
     mat_v_coarse: torch.Tensor
+    mix_fine: torch.Tensor
+    mix_coarse: torch.Tensor
     cal: torch.Tensor
     act_idx: torch.Tensor
     rot: torch.Tensor
@@ -518,11 +520,20 @@ class ReferenceDoseEngine(torch.nn.Module):
         for name, (spacing, hu_, hv_, chans) in lattices.items():
             nodes_u = np.linspace(-hu_, hu_, round(2 * hu_ / spacing) + 1)
             nodes_v = np.linspace(-hv_, hv_, round(2 * hv_ / spacing) + 1)
-            mu = [[_box_gauss_matrix(nodes_u, bev.col_edges_mm(), sg) for sg, _ in terms] for terms in chans]
-            mv = [[wt * _box_gauss_matrix(nodes_v, bev.row_edges_mm(), sg) for sg, wt in terms] for terms in chans]
-            # (channels, terms, n_nodes, pixels)
+            # each distinct Gaussian once (a basis of separable convolutions), the channels as their weighted
+            # sums (``mix``): the fine lattice's two channels need two convolutions, not four
+            sigmas = list(dict.fromkeys(sg for terms in chans for sg, wt in terms if wt != 0.0))
+            mix = np.zeros((len(chans), len(sigmas)))
+            for c, terms in enumerate(chans):
+                for sg, wt in terms:
+                    if wt != 0.0:
+                        mix[c, sigmas.index(sg)] += wt
+            mu = [_box_gauss_matrix(nodes_u, bev.col_edges_mm(), sg) for sg in sigmas]
+            mv = [_box_gauss_matrix(nodes_v, bev.row_edges_mm(), sg) for sg in sigmas]
+            # (basis, n_nodes, pixels) and (channels, basis)
             self.register_buffer(f"mat_u_{name}", torch.as_tensor(np.array(mu), dtype=dtype, device=dev))
             self.register_buffer(f"mat_v_{name}", torch.as_tensor(np.array(mv), dtype=dtype, device=dev))
+            self.register_buffer(f"mix_{name}", torch.as_tensor(mix, dtype=dtype, device=dev))
         self.register_buffer("cal", torch.tensor(beam.calibration_gy_per_unit, dtype=dtype, device=dev))
 
         if active is None:
@@ -539,8 +550,8 @@ class ReferenceDoseEngine(torch.nn.Module):
         self.register_buffer("points", pts)  # (3, N_active), relative to the isocenter
         self._trace(rot, ray, dt)
         log.debug("dose engine: grid %s (%d active voxels), %d sectors, lattice %dx%d, %d low-density voxels, "
-                  "device %s", grid.shape, self.points.shape[1], geometry.n_sectors, self.mat_v_fine.shape[2],
-                  self.mat_u_fine.shape[2], int(self.ld_idx.numel()), dev)
+                  "device %s", grid.shape, self.points.shape[1], geometry.n_sectors, self.mat_v_fine.shape[1],
+                  self.mat_u_fine.shape[1], int(self.ld_idx.numel()), dev)
 
     def restricted(self, mask: NDArray[np.bool_], *, sectors_per_beam: int = 1) -> ReferenceDoseEngine:
         """The same engine computing dose only in ``mask`` (bool on ``grid``) and where this one does.
@@ -721,8 +732,8 @@ class ReferenceDoseEngine(torch.nn.Module):
     def _make_sample_plans(self) -> None:
         """Sample plans of the numba back-end over the traced buffers (views, no copies)."""
         to_fine = (self.half_u / self.fine_u, self.half_v / self.fine_v)
-        fine_size = (int(self.mat_v_fine.shape[2]), int(self.mat_u_fine.shape[2]))
-        coarse_size = (int(self.mat_v_coarse.shape[2]), int(self.mat_u_coarse.shape[2]))
+        fine_size = (int(self.mat_v_fine.shape[1]), int(self.mat_u_fine.shape[1]))
+        coarse_size = (int(self.mat_v_coarse.shape[1]), int(self.mat_u_coarse.shape[1]))
         self._plan_prim = SamplePlan(self.grid_xy, self.weights, fine_size, to_fine, n_channels=1)
         self._plan_smooth = SamplePlan(self.grid_xy, self.weights, coarse_size, n_channels=3)
         self._plan_ld = SamplePlan(self.ld_grid, self.ld_weights[:, None, :], fine_size, to_fine)
@@ -733,12 +744,14 @@ class ReferenceDoseEngine(torch.nn.Module):
         """Fluence (b, rows, cols) convolved with the lateral channels of one lattice, isocenter plane.
 
         "fine": primary, and wide (low-density) primary minus primary; "coarse": extra-focal primary,
-        scatter 1, scatter 2 (each with its extra-focal part). Returns (b, channels, n_v, n_u).
+        scatter 1, scatter 2 (each with its extra-focal part). Returns (b, channels, n_v, n_u): each
+        distinct Gaussian's separable convolution once, the channels their weighted sums.
         """
         mat_v = getattr(self, f"mat_v_{lattice}")
         mat_u = getattr(self, f"mat_u_{lattice}")
-        tmp = torch.einsum("ckvr,brx->bckvx", mat_v, fluence)
-        return torch.einsum("bckvx,ckux->bcvu", tmp, mat_u)
+        tmp = torch.einsum("svr,brx->bsvx", mat_v, fluence)
+        basis = torch.einsum("bsvx,sux->bsvu", tmp, mat_u)
+        return torch.einsum("cs,bsvu->bcvu", getattr(self, f"mix_{lattice}"), basis)
 
     def _chunk_dose(self, fluence: torch.Tensor, grid_xy: torch.Tensor, weights: torch.Tensor,
                     ld_grid: torch.Tensor, ld_weights: torch.Tensor) -> torch.Tensor:

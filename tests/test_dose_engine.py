@@ -239,7 +239,7 @@ def test_for_case_synthetic_pelvis() -> None:
     sub = eng.restricted(ptv)
     assert sub.points.shape[1] == int((ptv & body_dg).sum()) < eng.points.shape[1] // 10
     # its convolution lattices are cut to the PTV's projections (same nodes, fewer of them)
-    assert sub.mat_u_fine.shape[2] < eng.mat_u_fine.shape[2] and sub.mat_v_coarse.shape[2] < eng.mat_v_coarse.shape[2]
+    assert sub.mat_u_fine.shape[1] < eng.mat_u_fine.shape[1] and sub.mat_v_coarse.shape[1] < eng.mat_v_coarse.shape[1]
     with torch.no_grad():
         d_sub = sub(fr).numpy()
         d_all = eng(fr).numpy()
