@@ -83,7 +83,7 @@ class PlanningSettings:
     arc_optimizer_iterations: Int = setting(
         "Machine-parameter optimisation of the sequenced arc, AI method: evaluations optimising the leaf positions "
         "and MU of every control point through the dose (machine limits kept at every step); 0 = the sequencer's "
-        "arc as it is", "count 0-2000", default=150, ge=0, le=2000)
+        "arc as it is", "count 0-2000", default=250, ge=0, le=2000)
     optimizer_arc_iterations: Int = setting(
         "The same for the optimize method (the full planner: studies the AI method is not qualified for, teacher "
         "plans, the AI model's quality gate), which is not on the latency path: more evaluations spare the "
