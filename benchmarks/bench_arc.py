@@ -54,11 +54,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from appliance.config import PlanningMethod, Settings
+from appliance.config import PlanningMethod, Settings, StructureSettings
 from appliance.dicom.case_loader import load_folder
 from appliance.planning import planning_options
 from appliance.synth_dicom import write_synth_case
-from core.case import Case
+from core.case import Case, Prescription
 from pipeline.ai_model import installed_model_dir, model_weights_id
 from pipeline.arc_optimizer import delivered_fluence
 from pipeline.evaluation import evaluate_structures
@@ -209,13 +209,21 @@ def planner_settings(options: PlanningOptions) -> dict[str, Any]:
     return out
 
 
-def run_case(case_set: str, index: int, methods: list[str]) -> dict[str, Any]:
-    """Write one case as DICOM, load it as ``airt plan`` does, plan it with every method."""
+def load_case(case_set: str, index: int, prescription: Prescription,
+              structures: StructureSettings | None = None) -> Case:
+    """Case ``index`` of a set written as DICOM and loaded as ``airt plan`` loads it (``structures``:
+    the structure-name settings, default :data:`SETTINGS`')."""
     seed, ct, heldout = case_spec(case_set, index)
-    with tempfile.TemporaryDirectory(prefix="bench_arc_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench_case_") as tmp:
         write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
                          matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
-        case = load_folder(Path(tmp), structures=SETTINGS.structures, prescription=PROFILE.to_prescription())
+        return load_folder(Path(tmp), structures=structures or SETTINGS.structures, prescription=prescription)
+
+
+def run_case(case_set: str, index: int, methods: list[str]) -> dict[str, Any]:
+    """Write one case as DICOM, load it as ``airt plan`` does, plan it with every method."""
+    seed, ct, _ = case_spec(case_set, index)
+    case = load_case(case_set, index, PROFILE.to_prescription())
     out: dict[str, Any] = {"set": case_set, "seed": seed, "ct": ct.label(), "profile": PROFILE.name,
                            "optimizer_weights": None if WEIGHTS is None else asdict(WEIGHTS),
                            "rx_gy": PROFILE.dose_gy, "methods": {}}

@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from appliance.dicom.case_loader import load_folder
-from appliance.synth_dicom import write_synth_case
-from benchmarks.bench_arc import ARC, CASE_SETS, MACHINE, SETTINGS, case_spec
+from benchmarks.bench_arc import ARC, CASE_SETS, MACHINE, SETTINGS, case_spec, load_case
 from pipeline.ai_planner import load_pipeline, prepare_case
 from pipeline.geometry import ArcGeometry
 
@@ -36,12 +33,9 @@ ORGANS = ("rectum", "bladder")
 
 def predicted(case_set: str, index: int, profile_name: str) -> tuple[int, dict[str, dict[str, float]]]:
     """Seed and the predicted Dmean/D2 (Gy) of each organ of case ``index`` of a set."""
-    seed, ct, heldout = case_spec(case_set, index)
+    seed, _, _ = case_spec(case_set, index)
     profile = SETTINGS.profile(profile_name)
-    with tempfile.TemporaryDirectory(prefix="bench_proposer_") as tmp:
-        write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
-                         matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
-        case = load_folder(Path(tmp), structures=SETTINGS.structures, prescription=profile.to_prescription())
+    case = load_case(case_set, index, profile.to_prescription())
     geometry = ArcGeometry(arc=ARC, isocenter_mm=case.ptv_centroid_mm(), position=case.patient_position,
                            machine=MACHINE)
     with torch.inference_mode():

@@ -75,9 +75,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from appliance.config import Settings
-from appliance.dicom.case_loader import load_folder
-from appliance.synth_dicom import write_synth_case
-from benchmarks.bench_arc import CASE_SETS, _row, case_spec, run_sets
+from benchmarks.bench_arc import CASE_SETS, _row, case_spec, load_case, run_sets
 from benchmarks.crosscheck_dose import DEFAULT_VENV, ensure_venv
 from core.case import Case, Grid, Prescription, Role
 from core.errors import AirtError, ConfigError, PlanningError
@@ -144,12 +142,8 @@ def planning_input(case: Case, spacing_mm: float, hu_curve: tuple[tuple[float, f
 
 def load_bench_case(case_set: str, index: int, protocol: Protocol, settings: Settings) -> tuple[Case, str, int]:
     """Write case ``index`` of a set as DICOM and load it as ``bench_arc.run_case`` does; (case, CT label, seed)."""
-    seed, ct, heldout = case_spec(case_set, index)
-    with tempfile.TemporaryDirectory(prefix="bench_prp_") as tmp:
-        write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
-                         matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
-        case = load_folder(Path(tmp), structures=settings.structures, prescription=protocol.prescription)
-    return case, ct.label(), seed
+    seed, ct, _ = case_spec(case_set, index)
+    return load_case(case_set, index, protocol.prescription, settings.structures), ct.label(), seed
 
 
 def prepare_venv(python: Path, solver: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,9 @@ from typing import Any
 import torch
 
 from appliance.config import PlanningMethod
-from appliance.dicom.case_loader import load_folder
 from appliance.plan_process import keep_freed_memory
 from appliance.planning import planning_options
-from appliance.synth_dicom import write_synth_case
-from benchmarks.bench_arc import ARC, MACHINE, PROFILE, SETTINGS, case_spec
+from benchmarks.bench_arc import ARC, MACHINE, PROFILE, SETTINGS, case_spec, load_case
 from pipeline.problem import build_problem
 
 
@@ -38,11 +35,8 @@ def run(cases: int, repeats: int) -> list[dict[str, Any]]:
     rows = []
     for case_set in ("synth", "heldout"):
         for index in range(cases):
-            seed, ct, heldout = case_spec(case_set, index)
-            with tempfile.TemporaryDirectory(prefix="bench_setup_") as tmp:
-                write_synth_case(Path(tmp), seed, n_slices=ct.slices, pixel_mm=ct.pixel_mm, slice_mm=ct.slice_mm,
-                                 matrix=ct.matrix, patient_position=ct.position, heldout=heldout)
-                case = load_folder(Path(tmp), structures=SETTINGS.structures, prescription=PROFILE.to_prescription())
+            seed, ct, _ = case_spec(case_set, index)
+            case = load_case(case_set, index, PROFILE.to_prescription())
             times = []
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()

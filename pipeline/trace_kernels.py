@@ -229,6 +229,8 @@ def trace(density: NDArray[Any], rot: NDArray[np.float64], t0: NDArray[np.float6
     pts = np.ascontiguousarray(points)
     rot = np.ascontiguousarray(rot, dtype=np.float64)
     t0 = np.ascontiguousarray(t0, dtype=np.float64)
+    origin = np.asarray(origin, dtype=np.float64)
+    spacing = np.asarray(spacing, dtype=np.float64)
     n_cp, n_vox = rot.shape[0], pts.shape[1]
     grid_xy = np.empty((n_cp, n_vox, 2), dtype=dens.dtype)
     alpha = np.empty((n_cp, n_vox), dtype=dens.dtype)
@@ -238,9 +240,8 @@ def trace(density: NDArray[Any], rot: NDArray[np.float64], t0: NDArray[np.float6
         rad, inv_sq = (np.empty((chunk, n_vox), dtype=dens.dtype) for _ in range(2))
         for s in range(0, n_cp, chunk):
             e = min(n_cp, s + chunk)
-            _trace_kernel(dens, rot[s:e], t0[s:e], int(nt), float(dt), pts, np.asarray(origin, dtype=np.float64),
-                          np.asarray(spacing, dtype=np.float64), float(sad), float(ray_mm), float(half_u),
-                          float(half_v), float(decay), 1.0 / low_density_onset, 1.0 / low_density_reference,
-                          grid_xy[s:e], rad[:e - s], inv_sq[:e - s], alpha[s:e])
+            _trace_kernel(dens, rot[s:e], t0[s:e], int(nt), float(dt), pts, origin, spacing, float(sad),
+                          float(ray_mm), float(half_u), float(half_v), float(decay), 1.0 / low_density_onset,
+                          1.0 / low_density_reference, grid_xy[s:e], rad[:e - s], inv_sq[:e - s], alpha[s:e])
             sink(s, rad[:e - s], inv_sq[:e - s])
     return grid_xy, alpha
