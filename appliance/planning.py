@@ -63,7 +63,8 @@ def resolve_method(settings: Settings, method: str | None, profile: str | None =
         ok, why = model_is_qualified(folder, profile=profile or settings.planning.profile,
                                      refine_iterations=settings.planning.ai_refine_iterations,
                                      arc_iterations=settings.planning.arc_optimizer_iterations,
-                                     arc_rounds=settings.planning.arc_optimizer_rounds)
+                                     arc_rounds=settings.planning.arc_optimizer_rounds,
+                                     arc_sectors_per_beam=settings.planning.arc_sectors_per_beam)
         if not ok:
             log.info("method auto: using the optimizer; the installed model is not qualified for unattended use (%s)", why)
             return PlanningMethod.OPTIMIZE
@@ -89,6 +90,7 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str,
     full = method is PlanningMethod.OPTIMIZE
     arc_iterations = p.optimizer_arc_iterations if full else p.arc_optimizer_iterations
     arc_rounds = p.optimizer_arc_rounds if full else p.arc_optimizer_rounds
+    sectors_per_beam = p.optimizer_arc_sectors_per_beam if full else p.arc_sectors_per_beam
     return PlanningOptions(
         source=FluenceSource(method.value), dose_grid_mm=p.dose_grid_mm, hu_curve=tuple(p.hu_to_density),
         optimizer_iterations=p.optimizer_iterations, sequencer_threshold=p.aperture_threshold,
@@ -97,7 +99,7 @@ def planning_options(settings: Settings, method: PlanningMethod, device: str,
         sparing={Role.BLADDER: p.sparing_bladder, Role.RECTUM: p.sparing_rectum},
         arc=ArcOptimizerSettings(iterations=arc_iterations, rounds=arc_rounds,
                                  mu_weight=p.arc_mu_weight, mu_limit=p.arc_max_mu_per_cgy,
-                                 sectors_per_beam=p.arc_sectors_per_beam),
+                                 sectors_per_beam=sectors_per_beam),
         arc_start=p.arc_start, optimizer_weights=OptimizerWeights(oar_mean=p.oar_mean_weight),
         normalisation=profile.normalisation,
         normalisation_volume_percent=profile.normalisation_volume_percent,

@@ -27,9 +27,10 @@ grid (as ``metrics.json``):
 - the clinical goals of the profile's goal list on the exported arc (all P1 met, P2 met);
 - times (2 threads): the arc optimisation, and case to exported arc excluding the final dose.
 
-Methods: ``optimize`` and ``ai`` as the appliance plans them, and ``ai_networks``: the AI method without
-its refinement (the networks' fluence, the paper's pipeline, then the same arc stage). The rows are what
-``benchmarks.gate_ai`` computes the AI model's quality gate from.
+Methods: ``optimize`` and ``ai`` as the appliance plans them, ``ai_networks``: the AI method without
+its refinement (the networks' fluence, the paper's pipeline, then the same arc stage), and
+``ai_networks_nodf``: that without the dose-feedback correction (the paper's "-DF" ablation). The rows
+are what ``benchmarks.gate_ai`` computes the AI model's quality gate from.
 
     .venv/bin/python -m benchmarks.bench_arc [--sets synth,heldout] [--cases 10] [--methods optimize,ai,ai_networks]
                                              [--threads 2] [--profile NAME] [--optimizer-weights K=V,...] [--model DIR]
@@ -49,7 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -146,19 +147,32 @@ def _model_fluence(seq: ArcSequence) -> np.ndarray:
                                  MACHINE).numpy()
 
 
-#: Methods a run may plan: the appliance's two, and the AI method without its refinement (the
-#: networks' fluence straight to the sequencer and the arc stage: the paper's pipeline).
-METHODS = {"optimize": (PlanningMethod.OPTIMIZE, 0), "ai": (PlanningMethod.AI, -1),
-           "ai_networks": (PlanningMethod.AI, 0)}
+class Method(NamedTuple):
+    """A planning method of a run: the appliance's kind, its refinement evaluations (-1: the configured
+    count) and whether the AI pipeline runs its dose-feedback correction."""
+
+    kind: PlanningMethod
+    refine: int
+    feedback: bool = True
+
+
+#: Methods a run may plan: the appliance's two, the AI method without its refinement (the networks'
+#: fluence straight to the sequencer and the arc stage: the paper's pipeline), and that without the
+#: dose-feedback correction (Err and the correction network skipped: the paper's "-DF").
+METHODS = {"optimize": Method(PlanningMethod.OPTIMIZE, 0), "ai": Method(PlanningMethod.AI, -1),
+           "ai_networks": Method(PlanningMethod.AI, 0),
+           "ai_networks_nodf": Method(PlanningMethod.AI, 0, feedback=False)}
 
 
 def run_method(case: Case, method: str) -> dict[str, Any]:
     """Plan one case with one method of :data:`METHODS` and measure it."""
     timings = Timings()
-    kind, refine = METHODS[method]
+    kind, refine, feedback = METHODS[method]
     options = planning_options(SETTINGS, kind, "cpu", PROFILE)
     if refine >= 0 and kind is PlanningMethod.AI:
         options = replace(options, ai_refine_iterations=refine)
+    if not feedback:
+        options = replace(options, ai_feedback=False)
     if WEIGHTS is not None:
         options = replace(options, optimizer_weights=WEIGHTS)
     if ARC_STEPS is not None:
@@ -206,6 +220,8 @@ def planner_settings(options: PlanningOptions) -> dict[str, Any]:
     folder = installed_model_dir(options.model_dir)
     if options.source is FluenceSource.AI and folder is not None:
         out["model_weights_id"] = model_weights_id(folder)
+    if not options.ai_feedback:
+        out["ai_feedback"] = False
     return out
 
 
@@ -365,7 +381,8 @@ def main() -> None:
     ap.add_argument("--sets", default="synth,heldout", help="case sets, comma-separated (synth, heldout)")
     ap.add_argument("--cases", type=int, default=10, help="cases per set (default 10)")
     ap.add_argument("--methods", default="optimize,ai",
-                    help="planning methods, comma-separated: optimize, ai, ai_networks (ai without refinement)")
+                    help="planning methods, comma-separated: optimize, ai, ai_networks (ai without refinement), "
+                         "ai_networks_nodf (that without the dose-feedback correction)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", default="", help="protocol profile planned (default: planning.profile)")
     ap.add_argument("--optimizer-weights", default="", metavar="NAME=VALUE,...",
@@ -375,7 +392,8 @@ def main() -> None:
                     help="planning.arc_optimizer_iterations and optimizer_arc_iterations (both methods) for this "
                          "run (default: the shipped values)")
     ap.add_argument("--sectors-per-beam", type=int, default=0,
-                    help="planning.arc_sectors_per_beam for this run (default: the shipped value)")
+                    help="planning.arc_sectors_per_beam and optimizer_arc_sectors_per_beam (both methods) for this "
+                         "run (default: the shipped values)")
     ap.add_argument("--arc-steps", default="", metavar="LEAF_MM,MU",
                     help="the arc stage's Adam steps for this run: leaf positions in mm, sector MU relative to "
                          "the start's mean (default: pipeline.arc_optimizer.ArcOptimizerSettings)")
@@ -405,7 +423,8 @@ def main() -> None:
             optimizer_arc_iterations=args.arc_iterations))
     if args.sectors_per_beam:
         SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(
-            SETTINGS.planning, arc_sectors_per_beam=args.sectors_per_beam))
+            SETTINGS.planning, arc_sectors_per_beam=args.sectors_per_beam,
+            optimizer_arc_sectors_per_beam=args.sectors_per_beam))
     if args.model:
         SETTINGS = dataclasses.replace(SETTINGS, planning=dataclasses.replace(SETTINGS.planning, model_dir=args.model))
     PROFILE = SETTINGS.profile(args.profile or None)

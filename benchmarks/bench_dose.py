@@ -148,14 +148,15 @@ def main() -> int:
 
     sub_fb = _median(fwd_bwd_of(sub), args.repeats)
     sub_uncut_fb = _median(fwd_bwd_of(sub_uncut), args.repeats)
-    # the arc stage's engine: every two adjacent sectors dosed as one beam at their mean angle
-    pairs = RegionDose(engine.restricted(region, sectors_per_beam=2), region, sectors_per_beam=2)
+    # the arc stage's engines: every two (the full planner's) or three (the AI method's) adjacent sectors dosed
+    # as one beam at their mean angle
     every = RegionDose(sub, region)
+    merged = {k: RegionDose(engine.restricted(region, sectors_per_beam=k), region, sectors_per_beam=k) for k in (2, 3)}
     with torch.no_grad():
-        d_every, d_pairs = every(fluence), pairs(fluence)
-    pair_diff = (d_pairs - d_every).abs() / d_every.max()
+        d_every = every(fluence)
+        merged_diff = {k: (e(fluence) - d_every).abs() / d_every.max() for k, e in merged.items()}
     every_fb = _median(fwd_bwd_of(every), args.repeats)
-    pairs_fb = _median(fwd_bwd_of(pairs), args.repeats)
+    merged_fb = {k: _median(fwd_bwd_of(e), args.repeats) for k, e in merged.items()}
     bev_t = _median(proj, args.repeats)
     bev_torch_t = _median(proj_torch, args.repeats)
 
@@ -178,7 +179,10 @@ def main() -> int:
         (f"restricted dose forward + backward, full lattices ({sub_uncut.mat_u_fine.shape[1]} fine nodes a side)",
          sub_uncut_fb, args.repeats),
         ("region dose forward + backward, 180 beams (one per sector)", every_fb, args.repeats),
-        ("region dose forward + backward, 90 beams (two sectors per beam, the arc stage's)", pairs_fb, args.repeats),
+        ("region dose forward + backward, 90 beams (two sectors per beam, the full planner's arc stage)", merged_fb[2],
+         args.repeats),
+        ("region dose forward + backward, 60 beams (three sectors per beam, the AI method's arc stage)", merged_fb[3],
+         args.repeats),
     ]
     nz, ny, nx = engine.grid.shape
     print(f"{label}: dose grid {nx} x {ny} x {nz} at 4 mm ({engine.points.shape[1]} voxels in the body), "
@@ -189,10 +193,12 @@ def main() -> int:
     print(f"\nDose forward + backward: torch / {engine.backend} = {eng_fb_torch / eng_fb:.2f}x; "
           f"BEV projection: torch / {bev.backend} = {bev_torch_t / bev_t:.1f}x; restricted forward + backward: "
           f"full engine / cut lattices = {eng_fb / sub_fb:.1f}x, full lattices / cut = {sub_uncut_fb / sub_fb:.1f}x")
-    print(f"Two sectors per beam against one: forward + backward {every_fb / pairs_fb:.2f}x faster; dose difference "
-          f"in the region max {100 * float(pair_diff.max()):.2f} %, 99th percentile "
-          f"{100 * float(pair_diff.quantile(0.99)):.2f} %, mean {100 * float(pair_diff.mean()):.3f} % of the maximum "
-          f"(this arc's fluence)")
+    for k, name in ((2, "Two"), (3, "Three")):
+        diff = merged_diff[k]
+        print(f"{name} sectors per beam against one: forward + backward {every_fb / merged_fb[k]:.2f}x faster; dose "
+              f"difference in the region max {100 * float(diff.max()):.2f} %, 99th percentile "
+              f"{100 * float(diff.quantile(0.99)):.2f} %, mean {100 * float(diff.mean()):.3f} % of the maximum "
+              f"(this arc's fluence)")
     return 0
 
 

@@ -137,17 +137,19 @@ def quality_gate(ai_rows: list[dict[str, Any]], opt_rows: list[dict[str, Any]], 
         raise SystemExit(f"the AI rows were planned with model(s) {sorted(ids)}, not the model gated ({weights_id})")
     profile = _one({r.get("profile") for r in ai_rows + opt_rows}, "the profile")
     recorded = [m["planner"] for m in used if "planner" in m]
-    settings = {k: _one({p[k] for p in recorded}, k) for k in ("sectors_per_beam", "rescue_rounds")} if recorded else {}
-    # the arc evaluations the AI method was gated with (what ``auto`` compares with its configuration); the
-    # full planner may run more of them (planning.optimizer_arc_iterations), recorded beside; with the rounds
-    # each ran in (rows made before the arc stage had rounds ran one)
-    for key, rounds_key, rows_of in (("arc_iterations", "arc_rounds", ai_used),
-                                     ("planner_arc_iterations", "planner_arc_rounds", opt_used)):
-        counts = {m["planner"]["arc_iterations"] for m in rows_of if "planner" in m}
-        if counts:
-            settings[key] = _one(counts, key)
-            settings[rounds_key] = _one({m["planner"].get("arc_rounds", 1) for m in rows_of if "planner" in m},
-                                        rounds_key)
+    settings = {"rescue_rounds": _one({p["rescue_rounds"] for p in recorded}, "rescue_rounds")} if recorded else {}
+    # the arc evaluations and dose beams the AI method was gated with (what ``auto`` compares with its
+    # configuration); the full planner may run more evaluations (planning.optimizer_arc_iterations) with finer
+    # beams (planning.optimizer_arc_sectors_per_beam), recorded beside; with the rounds each ran in (rows made
+    # before the arc stage had rounds ran one)
+    for key, rounds_key, beams_key, rows_of in (
+            ("arc_iterations", "arc_rounds", "sectors_per_beam", ai_used),
+            ("planner_arc_iterations", "planner_arc_rounds", "planner_sectors_per_beam", opt_used)):
+        planners = [m["planner"] for m in rows_of if "planner" in m]
+        if planners:
+            settings[key] = _one({p["arc_iterations"] for p in planners}, key)
+            settings[rounds_key] = _one({p.get("arc_rounds", 1) for p in planners}, rounds_key)
+            settings[beams_key] = _one({p["sectors_per_beam"] for p in planners}, beams_key)
     # The planner's rows do not refine: only the AI rows must agree. AI rows made before rows recorded their
     # planner take the configured count the planner's rows record (every bench_arc row records the appliance's
     # ai_refine_iterations); their arc evaluations are not inferred from those rows, which may come from a

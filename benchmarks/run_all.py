@@ -25,7 +25,7 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     ("bench_optimizer", [], "fluence optimizer on 5 synthetic cases"),
     ("bench_fidelity", [], "sequencing fidelity: dose of the sequenced plan vs the unsequenced fluence"),
     ("bench_arc", [], "the deliverable arc on the synthetic and the held-out case sets, both methods"),
-    ("gate_ai", ["--ai", "benchmarks/bench_arc_profile_40gy_ft.json",
+    ("gate_ai", ["--ai", "benchmarks/bench_arc_profile_40gy_ft_spb3_ai.json",
                  "--optimize", "benchmarks/bench_arc_profile_40gy_ft.json"],
      "the AI model's quality gate, recomputed from the committed bench_arc rows of both case sets (20 + 20, 40 Gy)"),
     ("bench_nets", [], "network forward times (small configs)"),

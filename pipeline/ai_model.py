@@ -54,7 +54,8 @@ def _weights_id(doc: Any, folder: Path) -> str:
 
 
 def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | None = None,
-                       arc_iterations: int | None = None, arc_rounds: int | None = None) -> tuple[bool, str]:
+                       arc_iterations: int | None = None, arc_rounds: int | None = None,
+                       arc_sectors_per_beam: int | None = None) -> tuple[bool, str]:
     """Whether ``planning.method = auto`` may use this model for a plan of protocol profile ``profile``,
     and why (not).
 
@@ -67,7 +68,9 @@ def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | N
     (``--method ai``). The gate's plans were made with ``ai_refine_iterations`` refinement and
     ``arc_iterations`` arc-stage evaluations; with fewer configured (``refine_iterations``,
     ``arc_iterations``) the verdict does not hold and the model does not qualify; nor with the arc stage in
-    another number of rounds (``arc_rounds``; a gate that records none ran one).
+    another number of rounds (``arc_rounds``; a gate that records none ran one); nor with its dose beams
+    coarser than the gate's (``arc_sectors_per_beam`` above the gate's ``sectors_per_beam``; a gate that
+    records none dosed every sector apart).
     """
     import json
 
@@ -108,4 +111,8 @@ def model_is_qualified(folder: Path, *, profile: str, refine_iterations: int | N
     if arc_rounds is not None and arc_rounds != gated_rounds:
         return False, (f"its quality gate was passed with the arc stage in {gated_rounds} round(s) and "
                        f"planning.arc_optimizer_rounds is {arc_rounds}")
+    gated_spb = int(gate.get("sectors_per_beam", 1))
+    if arc_sectors_per_beam is not None and arc_sectors_per_beam > gated_spb:
+        return False, (f"its quality gate was passed with {gated_spb} sector(s) per dose beam in the arc stage and "
+                       f"planning.arc_sectors_per_beam is {arc_sectors_per_beam}")
     return True, f"qualified for profile {profile} on held-out cases of both case sets"

@@ -25,7 +25,8 @@ def _method(rng: np.random.Generator, *, shift: dict[str, float] | None = None, 
              {**goal, "priority": 1, "passed": None}]
     row: dict[str, Any] = {"exported": exported, "goals": goals, "to_exported_arc_s": 9.0 if source == "ai" else 40.0}
     if planner:
-        row["planner"] = {"source": source, "ai_refine_iterations": 20, "arc_iterations": 150, "sectors_per_beam": 2,
+        row["planner"] = {"source": source, "ai_refine_iterations": 20, "arc_iterations": 150,
+                          "sectors_per_beam": 3 if source == "ai" else 2,
                           "rescue_rounds": 2, **({"model_weights_id": WEIGHTS} if source == "ai" else {})}
     return row
 
@@ -61,6 +62,8 @@ def test_a_model_as_good_as_the_planner_passes_on_both_sets() -> None:
         assert [c["metric"] for c in v["criteria"][:len(MARGINS)]] == list(MARGINS)
         assert v["median_to_exported_arc_s"] == {"ai": 9.0, "optimize": 40.0}
     assert gate["ai_refine_iterations"] == 20 and gate["arc_iterations"] == 150
+    # each method's dose beams as its rows record them (the AI method's arc stage doses coarser beams)
+    assert gate["sectors_per_beam"] == 3 and gate["planner_sectors_per_beam"] == 2
     assert gate["model_weights_id"] == WEIGHTS and gate["rows_without_planner_record"] == 0
 
 

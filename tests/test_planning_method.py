@@ -28,7 +28,7 @@ def _gated(folder: Path, **gate: object) -> Path:
     folder.mkdir()
     (folder / "model.json").write_text(json.dumps({"format_version": 1, "meta": {}, "networks": NETWORKS}))
     full = {"format": 2, "passed": True, "ai_refine_iterations": 20, "arc_iterations": 150, "arc_rounds": 3,
-            "model_weights_id": model_weights_id(folder), "profile": PROFILE,
+            "sectors_per_beam": 3, "model_weights_id": model_weights_id(folder), "profile": PROFILE,
             "case_sets": {"synth": {"cases": 20, "passed": True}, "heldout": {"cases": 20, "passed": True}}, **gate}
     (folder / "model.json").write_text(json.dumps({"format_version": 1, "networks": NETWORKS, "meta": {
         "qualified_for_auto": True, "quality_gates": {PROFILE: full}}}))
@@ -132,6 +132,19 @@ def test_a_gate_passed_with_refinement_and_arc_evaluations_does_not_hold_with_fe
     del doc["meta"]["quality_gates"][PROFILE]["arc_rounds"]
     (unrecorded / "model.json").write_text(json.dumps(doc))
     assert not _ok(unrecorded, arc_rounds=3)[0] and _ok(unrecorded, arc_rounds=1)[0]
+    # dose beams coarser than the gate's are another planner; finer ones are at least as exact
+    coarse = settings_from_dict({"planning": {"model_dir": str(gated), "arc_sectors_per_beam": 3}})
+    assert resolve_method(coarse, None) is PlanningMethod.AI
+    fine = _gated(tmp_path / "fine", sectors_per_beam=2)
+    assert resolve_method(settings_from_dict({"planning": {"model_dir": str(fine)}}), None) is PlanningMethod.OPTIMIZE
+    ok, why = _ok(fine, arc_sectors_per_beam=3)
+    assert not ok and "2 sector(s) per dose beam" in why and "planning.arc_sectors_per_beam is 3" in why
+    assert _ok(fine, arc_sectors_per_beam=2)[0] and _ok(fine, arc_sectors_per_beam=1)[0]
+    unrecorded_beams = _gated(tmp_path / "unrecorded_beams")  # a gate of before the dose beams: every sector apart
+    doc = json.loads((unrecorded_beams / "model.json").read_text())
+    del doc["meta"]["quality_gates"][PROFILE]["sectors_per_beam"]
+    (unrecorded_beams / "model.json").write_text(json.dumps(doc))
+    assert not _ok(unrecorded_beams, arc_sectors_per_beam=2)[0] and _ok(unrecorded_beams, arc_sectors_per_beam=1)[0]
 
 
 def test_shipped_model_is_used_unattended_only_as_its_recorded_gates_say() -> None:
@@ -144,7 +157,8 @@ def test_shipped_model_is_used_unattended_only_as_its_recorded_gates_say() -> No
         ok, why = model_is_qualified(SHIPPED_MODEL_DIR, profile=profile,
                                      refine_iterations=settings.planning.ai_refine_iterations,
                                      arc_iterations=settings.planning.arc_optimizer_iterations,
-                                     arc_rounds=settings.planning.arc_optimizer_rounds)
+                                     arc_rounds=settings.planning.arc_optimizer_rounds,
+                                     arc_sectors_per_beam=settings.planning.arc_sectors_per_beam)
         gate = gates.get(profile)
         if gate is None:
             assert not ok and why
