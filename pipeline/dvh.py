@@ -71,8 +71,10 @@ class _Sorted:
         # Voxels of equal dose form one volume block (so ties do not make steps in Dx).
         if mask.dtype == np.bool_ and mask.shape == dose.shape:
             # Whole voxels: sort the selected doses in their own precision (exact: float32 -> float64
-            # keeps order and values) and count each run of equal doses.
-            d = np.sort(np.asarray(dose)[mask])
+            # keeps order and values) and count each run of equal doses. The selection is a new array:
+            # sorted in place, without np.sort's second copy (a 15-million-voxel body on the CT grid).
+            d = np.asarray(dose)[mask]
+            d.sort()
             if d.size == 0:
                 raise InputError("the structure mask is empty on the dose grid: it covers no dose voxel")
             first = np.flatnonzero(np.concatenate(([True], d[1:] != d[:-1])))
