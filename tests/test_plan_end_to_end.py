@@ -57,6 +57,9 @@ def test_outputs_and_metrics(planned: dict[str, Any]) -> None:
     # the optimize method runs the full planner's arc evaluations, not the AI method's
     assert m["arc_optimizer"]["iterations"] == planned["settings"].planning.optimizer_arc_iterations == 120
     assert m["arc_optimizer"]["rounds"] == planned["settings"].planning.optimizer_arc_rounds == 4
+    # and doses its arc stage on the full planner's beams, not the AI method's coarser ones
+    assert m["arc_optimizer"]["sectors_per_beam"] == planned["settings"].planning.optimizer_arc_sectors_per_beam == 2
+    assert Settings().planning.arc_sectors_per_beam == 3
     assert Settings().planning.arc_optimizer_iterations != 120
     assert m["arc_optimizer"]["loss_end"] < m["arc_optimizer"]["loss_start"]
     assert all(g["passed"] in (True, False) for g in m["goals"])
