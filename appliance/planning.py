@@ -48,23 +48,31 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def model_qualification(settings: Settings, folder: Path, profile: str | None = None) -> tuple[bool, str]:
+    """Whether the model in ``folder`` qualifies for ``auto`` with these settings for ``profile`` (default
+    ``planning.profile``), and why (not): its recorded gate against the AI method's configured refinement and
+    arc stage (:func:`pipeline.ai_model.model_is_qualified`)."""
+    from pipeline.ai_model import model_is_qualified
+
+    p = settings.planning
+    return model_is_qualified(folder, profile=profile or p.profile, refine_iterations=p.ai_refine_iterations,
+                              arc_iterations=p.arc_optimizer_iterations, arc_rounds=p.arc_optimizer_rounds,
+                              arc_sectors_per_beam=p.arc_sectors_per_beam)
+
+
 def resolve_method(settings: Settings, method: str | None, profile: str | None = None) -> PlanningMethod:
     """The planning method to use: explicit argument, else the configuration. ``auto`` means ai
     when an installed model is qualified for unattended use for the plan's protocol profile
     (``profile``, default ``planning.profile``: its plans passed the quality gate recorded in
     model.json for that profile), else optimize."""
-    from pipeline.ai_model import installed_model_dir, model_is_qualified
+    from pipeline.ai_model import installed_model_dir
 
     chosen = PlanningMethod(method) if method else settings.planning.method
     folder = installed_model_dir(settings.planning.model_dir)
     if chosen is PlanningMethod.AUTO:
         if folder is None:
             return PlanningMethod.OPTIMIZE
-        ok, why = model_is_qualified(folder, profile=profile or settings.planning.profile,
-                                     refine_iterations=settings.planning.ai_refine_iterations,
-                                     arc_iterations=settings.planning.arc_optimizer_iterations,
-                                     arc_rounds=settings.planning.arc_optimizer_rounds,
-                                     arc_sectors_per_beam=settings.planning.arc_sectors_per_beam)
+        ok, why = model_qualification(settings, folder, profile)
         if not ok:
             log.info("method auto: using the optimizer; the installed model is not qualified for unattended use (%s)", why)
             return PlanningMethod.OPTIMIZE

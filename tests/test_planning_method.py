@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import PlanningMethod, settings_from_dict
-from appliance.planning import resolve_method
+from appliance.planning import model_qualification, resolve_method
 from core.errors import PlanningError
 from pipeline.ai_model import SHIPPED_MODEL_DIR, model_is_qualified, model_weights_id
 
@@ -132,9 +132,9 @@ def test_a_gate_passed_with_refinement_and_arc_evaluations_does_not_hold_with_fe
     del doc["meta"]["quality_gates"][PROFILE]["arc_rounds"]
     (unrecorded / "model.json").write_text(json.dumps(doc))
     assert not _ok(unrecorded, arc_rounds=3)[0] and _ok(unrecorded, arc_rounds=1)[0]
-    # dose beams coarser than the gate's are another planner; finer ones are at least as exact
-    coarse = settings_from_dict({"planning": {"model_dir": str(gated), "arc_sectors_per_beam": 3}})
-    assert resolve_method(coarse, None) is PlanningMethod.AI
+    # dose beams coarser than the gate's are another planner; the same or finer ones are at least as exact
+    same = settings_from_dict({"planning": {"model_dir": str(gated), "arc_sectors_per_beam": 3}})
+    assert resolve_method(same, None) is PlanningMethod.AI
     fine = _gated(tmp_path / "fine", sectors_per_beam=2)
     assert resolve_method(settings_from_dict({"planning": {"model_dir": str(fine)}}), None) is PlanningMethod.OPTIMIZE
     ok, why = _ok(fine, arc_sectors_per_beam=3)
@@ -154,11 +154,7 @@ def test_shipped_model_is_used_unattended_only_as_its_recorded_gates_say() -> No
     settings = settings_from_dict({})
     gates = meta.get("quality_gates") or {}
     for profile in (p.name for p in settings.profiles):
-        ok, why = model_is_qualified(SHIPPED_MODEL_DIR, profile=profile,
-                                     refine_iterations=settings.planning.ai_refine_iterations,
-                                     arc_iterations=settings.planning.arc_optimizer_iterations,
-                                     arc_rounds=settings.planning.arc_optimizer_rounds,
-                                     arc_sectors_per_beam=settings.planning.arc_sectors_per_beam)
+        ok, why = model_qualification(settings, SHIPPED_MODEL_DIR, profile)
         gate = gates.get(profile)
         if gate is None:
             assert not ok and why
