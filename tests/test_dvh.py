@@ -310,3 +310,45 @@ def test_whole_voxel_dvh_equals_the_weighted_dvh(seed: int) -> None:
     assert fast.keys() == plain.keys()
     for key, value in fast.items():
         assert value == pytest.approx(plain[key], rel=1e-12, abs=1e-12), key
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["uniform", "ties", "constant", "mostly_zero", "float64"]))
+def test_large_selections_answer_as_the_full_sort(seed: int, kind: str) -> None:
+    """A selection above BUCKETED_ABOVE is not sorted whole; every answer must still be the sorted one's, bit for
+    bit (Dx at any fraction, ties and clamped ends included), Vx exactly and Dmean to rounding."""
+    from unittest import mock
+
+    import pipeline.dvh as dvh
+
+    rng = np.random.default_rng(seed)
+    shape = (7, 9, 11)
+    if kind == "uniform":
+        dose = rng.uniform(0, 45, shape).astype(np.float32)
+    elif kind == "ties":
+        dose = np.round(rng.uniform(0, 10, shape), 1).astype(np.float32)
+    elif kind == "constant":
+        dose = np.full(shape, 3.5, dtype=np.float32)
+    elif kind == "mostly_zero":
+        dose = np.where(rng.random(shape) < 0.8, 0.0, rng.uniform(0, 1e-3, shape)).astype(np.float32)
+        dose.flat[0] = 50.0
+    else:
+        dose = rng.normal(20, 5, shape)
+    mask = rng.random(shape) < 0.6
+    mask.flat[0] = True
+    fractions = [0.0, 1e-9, 0.02, 0.5, 0.95, 0.98, 1.0, *rng.random(4)]
+    with mock.patch.object(dvh, "BUCKETED_ABOVE", 0):
+        big = dvh._selection(dose, mask, fractions[:3])
+        assert isinstance(big, dvh._Bucketed)
+        fast = structure_metrics(dose, mask, 0.1, rx_gy=40.0)
+        fast_metric = evaluate_metric("D95%", dose, mask, 0.1, rx_gy=40.0)
+    full = dvh._Sorted(dose, mask)
+    assert [big.d_at_fraction(f) for f in fractions] == [full.d_at_fraction(f) for f in fractions]
+    for level in (0.0, 3.5, float(np.median(dose)), 40.0):
+        assert big.v_at_dose(level) == full.v_at_dose(level)
+    assert (big.dmin, big.dmax, big.total) == (full.dmin, full.dmax, full.total)
+    assert big.mean() == pytest.approx(full.mean(), rel=1e-12, abs=1e-12)
+    plain = structure_metrics(dose, mask, 0.1, rx_gy=40.0)
+    for key, value in fast.items():
+        assert value == pytest.approx(plain[key], rel=1e-12, abs=1e-12), key
+    assert fast_metric == evaluate_metric("D95%", dose, mask, 0.1, rx_gy=40.0)
