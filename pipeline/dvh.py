@@ -135,16 +135,17 @@ class _Bucketed:
     order. A dose at a volume fraction needs the levels around one position only: the buckets there and one
     non-empty bucket on each side are sorted, and the midpoint table is the sorted one's, entry for entry, so
     each answer equals :class:`_Sorted`'s. The voxels are read in blocks (:data:`_BLOCK`), so the temporaries
-    stay small: in a fresh process, new memory costs more than the arithmetic. A 14-million-voxel body took
-    0.09 s where the full sort took 0.55 s.
+    stay small: in a fresh process, new memory costs more than the arithmetic. A 14-million-voxel body's
+    metrics took 0.16 s where the full sort took 0.55 s. ``dmin`` and ``dmax`` are the selection's extremes,
+    finite (:func:`_selection` sorts a selection holding NaN or infinity whole).
     """
 
     _N = (1 << 16) - 1  # bucket numbers fit uint16
 
-    def __init__(self, d: NDArray[Any]) -> None:
+    def __init__(self, d: NDArray[Any], dmin: float, dmax: float) -> None:
         self._d = d
         self.total = float(d.size)
-        self.dmin, self.dmax = float(d.min()), float(d.max())
+        self.dmin, self.dmax = dmin, dmax
         span = self.dmax - self.dmin
         # (d - min) * scale, truncated: monotone in d in any floating precision, so the order is kept
         self._offset, self._scale = d.dtype.type(self.dmin), d.dtype.type((self._N - 1) / span if span > 0 else 0.0)
@@ -210,10 +211,14 @@ def _blocks(n: int) -> list[slice]:
 def _selection(dose: NDArray[Any], mask: NDArray[Any], fractions: Sequence[float] = ()) -> _Sorted | _Bucketed:
     """A structure's doses ready for DVH metrics: :class:`_Bucketed` for a large selection of whole voxels
     (its buckets for ``fractions`` sorted at once), :class:`_Sorted` otherwise."""
+    s: _Sorted | _Bucketed | None = None
     if mask.dtype == np.bool_ and mask.shape == dose.shape and np.count_nonzero(mask) > BUCKETED_ABOVE:
         d = np.asarray(dose)[mask]
-        s: _Sorted | _Bucketed = _Bucketed(d if d.dtype.kind == "f" else d.astype(np.float64))
-    else:
+        d = d if d.dtype.kind == "f" else d.astype(np.float64)
+        lo, hi = float(d.min()), float(d.max())
+        if np.isfinite(lo) and np.isfinite(hi):  # buckets need a finite range
+            s = _Bucketed(d, lo, hi)
+    if s is None:
         s = _Sorted(dose, mask)
     s.prepare(fractions)
     return s

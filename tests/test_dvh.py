@@ -343,6 +343,9 @@ def test_large_selections_answer_as_the_full_sort(seed: int, kind: str) -> None:
         fast = structure_metrics(dose, mask, 0.1, rx_gy=40.0)
         fast_metric = evaluate_metric("D95%", dose, mask, 0.1, rx_gy=40.0)
     full = dvh._Sorted(dose, mask)
+    with mock.patch.object(dvh, "BUCKETED_ABOVE", 0):  # no finite range to bucket: sorted whole, as before
+        with_nan = np.where(np.arange(dose.size).reshape(shape) == 0, np.nan, dose)  # voxel 0 is in the mask
+        assert isinstance(dvh._selection(with_nan, mask), dvh._Sorted)
     assert [big.d_at_fraction(f) for f in fractions] == [full.d_at_fraction(f) for f in fractions]
     for level in (0.0, 3.5, float(np.median(dose)), 40.0):
         assert big.v_at_dose(level) == full.v_at_dose(level)
