@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from core.case import Case, Grid, Role
+from core.case import Case, Grid, Role, mask_bbox, mask_voxels
 from core.errors import InputError
 from pipeline.dvh import paddick_ci as _paddick_ci
 from pipeline.dvh import structure_metrics
@@ -67,7 +67,7 @@ def ct_voxel_stencil(dose_grid: Grid, ct_grid: Grid, mask: NDArray[np.bool_]) ->
     ``(P, 8)`` flat indices on the dose grid and their weights, so that the dose at the ``P`` voxels (in
     C order) is ``(dose.reshape(-1)[idx] * w).sum(1)``. Neighbours off the dose grid get weight 0 (index 0),
     as the evaluation's 0 Gy outside the grid."""
-    box = _bbox(mask)
+    box = mask_bbox(mask)
     if box is None:
         return np.zeros((0, 8), dtype=np.int64), np.zeros((0, 8), dtype=np.float32)
     cz, cy, cx = (i + b.start for i, b in zip(np.nonzero(mask[box]), box, strict=True))  # C order, as the mask's
@@ -87,13 +87,6 @@ def ct_voxel_stencil(dose_grid: Grid, ct_grid: Grid, mask: NDArray[np.bool_]) ->
         idx[:, corner] = np.where(inside, (k * ny + j) * nx + i, 0)
         w[:, corner] = np.where(inside, weight, 0.0)
     return idx, w.astype(np.float32)
-
-
-def _bbox(mask: NDArray[np.bool_]) -> tuple[slice, slice, slice] | None:
-    idx = [np.flatnonzero(mask.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))]
-    if any(i.size == 0 for i in idx):
-        return None
-    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)  # type: ignore[return-value]
 
 
 class CtDose(NamedTuple):
@@ -118,7 +111,7 @@ def ct_structure_doses(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: C
     is interpolated once, over the box holding them all, and each structure reads its part (the same
     values as interpolating each box alone)."""
     boxes = {r: box for r in (roles if roles is not None else list(case.masks))
-             if r in case.masks and (box := _bbox(case.masks[r])) is not None}
+             if r in case.masks and (box := mask_bbox(case.masks[r])) is not None}
     if not boxes:
         return {}
     union = tuple(slice(min(b[a].start for b in boxes.values()), max(b[a].stop for b in boxes.values()))
@@ -166,7 +159,7 @@ def paddick_ci(dose: NDArray[np.floating[Any]], dose_grid: Grid, case: Case, *, 
         region = case.masks.get(Role.BODY)
         if region is None or not region.any():
             region = np.ones(case.grid.shape, dtype=bool)
-        box = _bbox(region)
+        box = mask_bbox(region)
         assert box is not None
         body = CtDose(dose_at_ct_voxels(dose, dose_grid, case.grid, box), region[box], box)
     ptv = case.masks[Role.PTV][body.box]
@@ -180,8 +173,7 @@ def check_ptv_fits_field(case: Case, geometry: ArcGeometry, *, margin_mm: float 
 
     Returns the largest half-extent (mm, at the isocenter plane) of the PTV over all sectors.
     """
-    ptv = case.masks[Role.PTV]
-    k, j, i = np.nonzero(ptv)
+    k, j, i = mask_voxels(case.masks[Role.PTV])
     if k.size > 20000:  # surface-ish subsample: the extremes are what matter
         sel = np.linspace(0, k.size - 1, 20000).astype(np.int64)
         k, j, i = k[sel], j[sel], i[sel]

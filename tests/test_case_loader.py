@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.typing import NDArray
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -21,7 +23,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, RLELossless
 
 from appliance.config import StructureSettings
 from appliance.dicom.case_loader import load_folder, sanitise_case_id
-from core.case import Grid, PatientPosition, Prescription, Role
+from core.case import Grid, PatientPosition, Prescription, Role, mask_bbox, mask_voxels
 from core.errors import InputError
 from tests.conftest import require_tool
 
@@ -922,3 +924,21 @@ def test_structure_set_without_referenced_frame_sequence_uses_its_rois_frame(tmp
     edit(folder / "rs.dcm", lambda ds: delattr(ds, "ReferencedFrameOfReferenceSequence"))
     case = load(folder)
     assert case.dicom is not None and case.dicom.ct_series_instance_uid == spec.series_uid
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), fill=st.sampled_from([0.0, 0.001, 0.05, 0.6]))
+def test_mask_voxels_are_np_nonzero_read_inside_the_bounding_box(seed: int, fill: float) -> None:
+    """The PTV's voxels (isocenter, field check) are found inside the mask's bounding box only: the same
+    indices in the same order as ``np.nonzero`` over the whole mask, and the same box as the voxels span."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((int(rng.integers(1, 9)), int(rng.integers(1, 11)), int(rng.integers(1, 13)))) < fill
+    got, want = mask_voxels(mask), np.nonzero(mask)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    box = mask_bbox(mask)
+    if not mask.any():
+        assert box is None and all(a.size == 0 for a in got)
+    else:
+        assert box is not None
+        assert [(s.start, s.stop) for s in box] == [(int(a.min()), int(a.max()) + 1) for a in want]
+        assert int(mask[box].sum()) == int(mask.sum())
