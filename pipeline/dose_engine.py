@@ -199,8 +199,16 @@ def resample_to_grid(volume: NDArray, src: Grid, dst: Grid, *, order: int = 1, f
         hi = int(np.clip(np.ceil(pos.max()) + 2, lo + 1, src.shape[ax]))
         crop.append(slice(lo, hi))
         crop_offset.append(offset[ax] - lo)
-    out = ndimage.affine_transform(vol[tuple(crop)].astype(np.float32, copy=False), np.asarray(scale),
-                                   offset=crop_offset, output_shape=dst.shape, order=order, mode="nearest")
+    part = vol[tuple(crop)]
+    if part.dtype == np.bool_:
+        part = part.view(np.uint8)
+    if part.dtype.kind in "iu" and part.dtype.itemsize <= 2:
+        # read as it is (float32 holds these values exactly): no float copy of the slab, the same result
+        out = ndimage.affine_transform(part, np.asarray(scale), offset=crop_offset, output_shape=dst.shape,
+                                       order=order, mode="nearest", output=np.float32)
+    else:
+        out = ndimage.affine_transform(part.astype(np.float32, copy=False), np.asarray(scale),
+                                       offset=crop_offset, output_shape=dst.shape, order=order, mode="nearest")
     inside = np.ones(dst.shape, dtype=bool)
     for ax in range(3):
         idx = offset[ax] + scale[ax] * np.arange(dst.shape[ax])

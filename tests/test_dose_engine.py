@@ -433,3 +433,19 @@ def test_depth_weights_cap_changes_no_value_and_leaves_no_denormal(dtype: torch.
         torch.testing.assert_close(g, p, rtol=0, atol=0)
         assert not bool(((g != 0) & (g.abs() < tiny)).any())
     assert float(d.max()) / beam.buildup_mm > 80.0  # the cap is reached in this range
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_resample_of_masks_and_integer_ct_equals_their_float_copies(order: int) -> None:
+    """Masks (bool) and integer CT numbers are read as they are, without a float copy of the slab: the result
+    must be what resampling their float32 copies gives, bit for bit."""
+    gen = np.random.default_rng(11)
+    src = Grid(origin_mm=(-40.0, -30.0, -60.0), spacing_mm=(0.9, 1.1, 2.5), shape=(30, 40, 50))
+    dst = Grid(origin_mm=(-45.0, -33.0, -70.0), spacing_mm=(4.0, 4.0, 4.0), shape=(22, 12, 13))
+    mask = gen.random(src.shape) < 0.3
+    hu = gen.integers(-1024, 3000, src.shape).astype(np.int16)
+    for vol in (mask, hu, hu.astype(np.uint16) // 2, mask.astype(np.uint8)):
+        got = resample_to_grid(vol, src, dst, order=order, fill=-1000.0)
+        want = resample_to_grid(vol.astype(np.float32), src, dst, order=order, fill=-1000.0)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
