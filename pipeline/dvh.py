@@ -78,8 +78,7 @@ class _Sorted:
             if d.size == 0:
                 raise InputError("the structure mask is empty on the dose grid: it covers no dose voxel")
             d.sort()
-            first = _level_starts(d)
-            self.dose, self.w = d[first].astype(np.float64), np.diff(np.append(first, d.size)).astype(np.float64)
+            self.dose, self.w = _levels(d)
         else:
             w = _weights(dose, mask)
             sel = w > 0
@@ -109,9 +108,10 @@ class _Sorted:
         return float(np.dot(self.dose, self.w) / self.total)
 
 
-def _level_starts(d: NDArray[Any]) -> NDArray[np.int64]:
-    """Where each run of equal values of a sorted array starts."""
-    return np.flatnonzero(np.concatenate(([True], d[1:] != d[:-1])))
+def _levels(d: NDArray[Any]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The distinct values of a sorted array (float64) and how many voxels hold each."""
+    first = np.flatnonzero(np.concatenate(([True], d[1:] != d[:-1])))
+    return d[first].astype(np.float64), np.diff(np.append(first, d.size)).astype(np.float64)
 
 
 def _interp_table(dose: NDArray[np.float64], w: NDArray[np.float64], cum: NDArray[np.float64],
@@ -181,10 +181,8 @@ class _Bucketed:
         here = np.concatenate(([0], np.cumsum(np.where(wanted, np.diff(self._start), 0))))
         for frac, lo, hi in spans:
             part = vals[here[lo]:here[hi + 1]]  # buckets lo..hi: sorted indices start[lo] .. start[hi + 1]
-            first = _level_starts(part)
-            w = np.diff(np.append(first, part.size)).astype(np.float64)
-            cum = float(self._start[lo]) + first.astype(np.float64) + w
-            self._tables[frac] = _interp_table(part[first].astype(np.float64), w, cum, self.total)
+            levels, w = _levels(part)
+            self._tables[frac] = _interp_table(levels, w, float(self._start[lo]) + np.cumsum(w), self.total)
 
     def d_at_fraction(self, frac: float) -> float:
         """Dose received by at least ``frac`` (0..1) of the volume, interpolated (as :class:`_Sorted`)."""

@@ -67,10 +67,9 @@ def ct_voxel_stencil(dose_grid: Grid, ct_grid: Grid, mask: NDArray[np.bool_]) ->
     ``(P, 8)`` flat indices on the dose grid and their weights, so that the dose at the ``P`` voxels (in
     C order) is ``(dose.reshape(-1)[idx] * w).sum(1)``. Neighbours off the dose grid get weight 0 (index 0),
     as the evaluation's 0 Gy outside the grid."""
-    box = mask_bbox(mask)
-    if box is None:
+    cz, cy, cx = mask_voxels(mask)  # C order, as the mask's
+    if cz.size == 0:
         return np.zeros((0, 8), dtype=np.int64), np.zeros((0, 8), dtype=np.float32)
-    cz, cy, cx = (i + b.start for i, b in zip(np.nonzero(mask[box]), box, strict=True))  # C order, as the mask's
     ax, ay, az = ct_grid.axes_mm()
     frac = [(np.asarray(v, dtype=np.float64) - dose_grid.origin_mm[a]) / dose_grid.spacing_mm[a]
             for v, a in ((az[cz], 2), (ay[cy], 1), (ax[cx], 0))]  # z, y, x in dose-grid index units
