@@ -197,6 +197,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, code: int, body: bytes, content_type: str, route: str, head: bool,
               headers: Mapping[str, str] | None = None) -> None:
+        # Counted before anything is written: a client that has its answer finds it counted by the next scrape.
+        self.server.web.metrics.http_request(route, code)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -205,7 +207,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not head:
             self.wfile.write(body)
-        self.server.web.metrics.http_request(route, code)
 
 
 class WebServer:
