@@ -183,6 +183,12 @@ class StorageSCP:
             raise RuntimeError("the SCP is not started")
         return int(self._server.server_address[1])
 
+    @property
+    def open_connections(self) -> int:
+        """Connections the listener holds now: associations, and connections that have not asked for one yet
+        (each takes one of the ``node.max_associations`` slots)."""
+        return 0 if self._server is None else len(self._server.active_associations)
+
     def stop(self) -> None:
         """Stop listening and close open associations."""
         if self._server is not None:

@@ -319,7 +319,10 @@ def test_idle_connections_filling_max_associations_are_logged(tmp_path: Path, ca
     settings = node_settings(tmp_path, node={"max_associations": 2, "acse_timeout_s": 30.0})
     with caplog.at_level(logging.WARNING, logger="appliance.scp"), running_scp(settings) as scp:
         idle = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(2)]
-        time.sleep(0.5)
+        deadline = time.time() + 10  # the listener takes them in its own thread
+        while time.time() < deadline and scp.open_connections < 2:
+            time.sleep(0.05)
+        assert scp.open_connections == 2
         run = store_paths(scp.port, [])
         assert not run.established
         for s in idle:
