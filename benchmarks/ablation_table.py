@@ -47,11 +47,12 @@ def table(planner: dict[tuple[str, int], dict[str, Any]],
     for label, rows in [("full planner (optimize)", planner), *variants]:
         cells = [label]
         for k in METRICS:
+            digits = 3 if k == "HI" else 2
             vals = [rows[(case_set, s)]["exported"][k] for s in seeds]
-            cell = f"{statistics.median(vals):.3f}" if k == "HI" else f"{statistics.median(vals):.2f}"
+            cell = f"{statistics.median(vals):.{digits}f}"
             if rows is not planner:
                 diff = statistics.fmean(v - planner[(case_set, s)]["exported"][k] for v, s in zip(vals, seeds))
-                cell += f" ({diff:+.3f})" if k == "HI" else f" ({diff:+.2f})"
+                cell += f" ({diff:+.{digits}f})"
             cells.append(cell)
         verdicts = [plan_verdict(rows[(case_set, s)]["goals"]) for s in seeds]
         cells += [f"{sum(v.p1_met for v in verdicts)}/{len(seeds)}",
