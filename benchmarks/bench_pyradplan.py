@@ -259,23 +259,24 @@ def ours_by_case(paths: list[Path], protocol: Protocol) -> dict[tuple[str, int],
     rx = protocol.prescription
     mine = {(g.structure, g.metric, g.comparison, float(g.limit), g.priority) for g in protocol.goals}
     out: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    source: dict[tuple[str, int, str], str] = {}  # (set, seed, method) -> the file its row came from
-    replaced: dict[tuple[str, str, str], int] = {}  # (method, earlier file, later file) -> cases
+    source: dict[tuple[str, int, str], Path] = {}  # (set, seed, method) -> the file its row came from
+    replaced: dict[tuple[str, Path, Path], int] = {}  # (method, earlier file, later file) -> cases
     for path in paths:
         for r in json.loads(path.read_text())["rows"]:
             if r.get("profile", protocol.name if (rx.dose_gy, rx.fractions) == PRE_PROFILE_RX else None) != protocol.name:
                 continue
             key = (r["set"], int(r["seed"]))
             for m, v in r["methods"].items():
-                if (earlier := source.get((*key, m))) is not None and earlier != path.name:
-                    replaced[(m, earlier, path.name)] = replaced.get((m, earlier, path.name), 0) + 1
-                source[(*key, m)] = path.name
+                if (earlier := source.get((*key, m))) is not None and earlier != path:
+                    replaced[(m, earlier, path)] = replaced.get((m, earlier, path), 0) + 1
+                source[(*key, m)] = path
                 out.setdefault(key, {})[m] = {
                     "exported": v["exported"], "p1_met": plan_verdict(v["goals"]).p1_met if v.get("goals") else None,
                     "same_goals": {(g["structure"], g["metric"], g["comparison"], float(g["limit"]), g["priority"])
                                    for g in v.get("goals", [])} == mine}
     for (m, earlier, later), n in sorted(replaced.items()):
-        print(f"--ours: the {m} rows of {later} replace those of {earlier} on {n} case(s) (a later file's method wins)")
+        print(f"--ours: the {m} rows of {later.name} replace those of {earlier.name} on {n} case(s) (a later file's "
+              "method wins)")
     return out
 
 
