@@ -125,6 +125,28 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def no_numpy_hugepages() -> bool:
+    """Stop numpy from asking the kernel for transparent huge pages on its large arrays.
+
+    numpy advises ``MADV_HUGEPAGE`` on every array of 4 MiB or more (Linux). Where the kernel's
+    ``transparent_hugepage/defrag`` is ``madvise`` (Debian's and most distributions' default), a page
+    fault in such an array compacts memory on the spot to find a huge page, and the engine's gigabyte of
+    ray-trace buffers then faults in slowly: a held-out case's engine set-up took 5.2-5.5 s in a fresh
+    process against 2.6 s without the advice, and ``airt plan`` 24 s against 20 s
+    (``benchmarks/RESULTS.md``). The environment variable ``NUMPY_MADVISE_HUGEPAGE`` set by the
+    administrator wins over this (either value). Returns whether numpy's advice is now off.
+    """
+    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return os.environ["NUMPY_MADVISE_HUGEPAGE"].strip() in ("0", "")
+    import numpy as np
+
+    setter = getattr(getattr(getattr(np, "_core", None), "multiarray", None), "_set_madvise_hugepage", None)
+    if setter is None:  # a numpy without the switch (it has had it since 1.20)
+        return False
+    setter(False)
+    return True
+
+
 #: Above this the C library would hand freed memory back (its trim threshold is an ``int`` of bytes): the
 #: reserve stays below it.
 MAX_RESERVE_MB = 1900.0
@@ -166,6 +188,7 @@ def serve(plan: PlanFunction, conn: Connection, parent_pid: int, warm_up: bool, 
                         format="%(levelname)s %(name)s [plan %(process)d]: %(message)s")
     for noisy in ("numba", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    no_numpy_hugepages()
     if not keep_freed_memory():
         log.info("the C library keeps its own memory policy (not glibc): engine buffers are fresh pages each job")
     elif reserve_mb > 0:

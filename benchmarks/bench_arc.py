@@ -25,7 +25,9 @@ grid (as ``metrics.json``):
   fluence's dose;
 - every machine limit checked on the exported arc (``sequencing.deliverability``);
 - the clinical goals of the profile's goal list on the exported arc (all P1 met, P2 met);
-- times (2 threads): the arc optimisation, and case to exported arc excluding the final dose.
+- times (2 threads): the arc optimisation, and case to exported arc excluding the final dose; the process
+  sets the planning process's memory policy first (``appliance.plan_process``: freed memory kept, no
+  huge-page advice from numpy).
 
 Methods: ``optimize`` and ``ai`` as the appliance plans them, ``ai_networks``: the AI method without
 its refinement (the networks' fluence, the paper's pipeline, then the same arc stage), and
@@ -57,6 +59,7 @@ import torch
 
 from appliance.config import PlanningMethod, Settings, StructureSettings
 from appliance.dicom.case_loader import load_folder
+from appliance.plan_process import keep_freed_memory, no_numpy_hugepages
 from appliance.planning import planning_options
 from appliance.synth_dicom import write_synth_case
 from core.case import Case, Prescription
@@ -413,6 +416,8 @@ def main() -> None:
             print_comparison(json.loads(Path(args.compare).read_text())["rows"], saved)
         return
     torch.set_num_threads(args.threads)
+    no_numpy_hugepages()  # the planning process's memory policy, so the times are the node's
+    keep_freed_memory()
     global PROFILE, WEIGHTS, SETTINGS, ARC_STEPS
     if args.arc_steps:
         leaf_mm, mu_step = (float(v) for v in args.arc_steps.split(","))

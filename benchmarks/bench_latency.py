@@ -1,6 +1,7 @@
 """From the last C-STORE to the RT Dose at the TPS: the node as shipped, stage by stage.
 
-``python -m benchmarks.bench_latency [--studies 6] [--slices 120] [--plan-runs 5]``
+``python -m benchmarks.bench_latency [--studies 6] [--slices 120] [--plan-runs 5] [--compare-env KEY=VALUE]
+[--plan-only]``
 
 1. One node (``airt serve``) runs the reference configuration ``config/airt.toml`` with only the data
    folder and the ports changed (stable age left at its default: the node starts a job when the study
@@ -14,7 +15,9 @@
    (deliverable -> RT Dose at the receiver). The first study after start-up is reported apart from the
    later ones (medians).
 2. ``--plan-runs`` times ``airt plan --method ai`` on the first study as a whole process (Python start,
-   imports, load, plan, report), with the in-process planning time it records; medians.
+   imports, load, plan, report), with the in-process planning time it records; medians. With
+   ``--compare-env KEY=VALUE`` the runs alternate between the environment as it is and one with
+   ``KEY=VALUE`` added, and both are printed side by side (``--plan-only``: skip the node, step 1).
 
 Prints markdown tables. Needs dcmtk (storescu, storescp).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -138,20 +142,35 @@ def node_runs(root: Path, cases: list[tuple[Path, str]]) -> list[dict[str, float
     return rows
 
 
-def plan_cli_runs(case: Path, root: Path, n: int) -> list[tuple[float, float]]:
-    """``airt plan --method ai`` as a whole process: (wall s, in-process planning s from metrics.json)."""
+def plan_cli_runs(case: Path, root: Path, n: int, env: dict[str, str] | None = None,
+                  tag: str = "") -> list[tuple[float, float]]:
+    """``airt plan --method ai`` as a whole process: (wall s, in-process planning s from metrics.json); ``env``
+    is added to this process's environment."""
     airt = Path(sys.executable).with_name("airt")
+    environ = {**os.environ, **(env or {})}
     runs = []
     for k in range(n):
-        out = root / f"plan{k}"
+        out = root / f"plan{tag}{k}"
         t0 = time.perf_counter()
         subprocess.run([str(airt), "plan", str(case), "--out", str(out), "--method", "ai"], check=True,
-                       capture_output=True, timeout=1800)
+                       capture_output=True, timeout=1800, env=environ)
         wall = time.perf_counter() - t0
         stages = json.loads((out / "metrics.json").read_text())["timings_s"]
         runs.append((wall, float(stages["total"])))
-        print(f"airt plan run {k}: {wall:.1f} s (in process {stages['total']:.1f} s)", file=sys.stderr)
+        print(f"airt plan run {k}{' ' + tag if tag else ''}: {wall:.1f} s (in process {stages['total']:.1f} s, "
+              f"engine set-up {stages['setup']:.1f} s)", file=sys.stderr)
     return runs
+
+
+def alternating_plan_runs(case: Path, root: Path, n: int, env: dict[str, str]) -> tuple[list[tuple[float, float]],
+                                                                                        list[tuple[float, float]]]:
+    """:func:`plan_cli_runs` ``n`` times each as it is and with ``env``, alternating run by run."""
+    plain: list[tuple[float, float]] = []
+    other: list[tuple[float, float]] = []
+    for k in range(n):
+        plain += plan_cli_runs(case, root, 1, tag=f"plain{k}-")
+        other += plan_cli_runs(case, root, 1, env, tag=f"env{k}-")
+    return plain, other
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=6, help="studies pushed to one node (the first is reported apart)")
     ap.add_argument("--slices", type=int, default=120, help="CT slices per study (512 x 512)")
     ap.add_argument("--plan-runs", type=int, default=5, help="airt plan --method ai runs (0: none)")
+    ap.add_argument("--compare-env", default="", metavar="KEY=VALUE",
+                    help="alternate the airt plan runs with and without this variable in their environment")
+    ap.add_argument("--plan-only", action="store_true", help="only the airt plan runs, no node")
     args = ap.parse_args(argv)
-    for tool in ("storescu", "storescp"):
+    compare: dict[str, str] = {}
+    if args.compare_env:
+        key, sep, value = args.compare_env.partition("=")
+        if not sep or not key:
+            print(f"--compare-env needs KEY=VALUE, got {args.compare_env!r}", file=sys.stderr)
+            return 2
+        compare = {key: value}
+    for tool in () if args.plan_only else ("storescu", "storescp"):
         if shutil.which(tool) is None:
             print(f"{tool} (dcmtk) is required", file=sys.stderr)
             return 2
@@ -174,11 +203,31 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.studies):
             written = write_synth_case(root / f"case{seed}", 100 + seed, n_slices=args.slices)
             cases.append((root / f"case{seed}", written.study_instance_uid))
-        (root / "node").mkdir()
-        rows = node_runs(root / "node", cases)
-        plans = plan_cli_runs(cases[0][0], root, args.plan_runs)
+        rows: list[dict[str, float]] = []
+        if not args.plan_only:
+            (root / "node").mkdir()
+            rows = node_runs(root / "node", cases)
+        others: list[tuple[float, float]] = []
+        if compare:
+            plans, others = alternating_plan_runs(cases[0][0], root, args.plan_runs, compare)
+        else:
+            plans = plan_cli_runs(cases[0][0], root, args.plan_runs)
+    if rows:
+        _print_node_table(rows, args.slices)
+    if plans:
+        print(f"\n`airt plan --method ai` on the first study, {len(plans)} runs: whole process "
+              f"{med(w for w, _ in plans):.1f} s median, of which in-process planning (stages above, with the "
+              f"fidelity check and report) {med(p for _, p in plans):.1f} s.")
+    if others:
+        print(f"With {args.compare_env} (runs alternating with the ones above): whole process "
+              f"{med(w for w, _ in others):.1f} s median, in-process planning {med(p for _, p in others):.1f} s.")
+    return 0
+
+
+def _print_node_table(rows: list[dict[str, float]], slices: int) -> None:
+    med = statistics.median
     first, later = rows[0], rows[1:]
-    print(f"\n## Last C-STORE -> RT Dose at the receiver ({args.slices}-slice 512 x 512 CT + RT Structure Set, "
+    print(f"\n## Last C-STORE -> RT Dose at the receiver ({slices}-slice 512 x 512 CT + RT Structure Set, "
           f"shipped configuration, dcmtk storescu -> node -> dcmtk storescp; {len(later)} later studies, median)\n")
     print("| stage | first study after start-up | later studies (median) |")
     print("|---|---:|---:|")
@@ -190,11 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     for key, label in names:
         later_value = f"{med(r[key] for r in later):.2f} s" if later else "-"
         print(f"| {label} | {first[key]:.2f} s | {later_value} |")
-    if plans:
-        print(f"\n`airt plan --method ai` on the first study, {len(plans)} runs: whole process "
-              f"{med(w for w, _ in plans):.1f} s median, of which in-process planning (stages above, with the "
-              f"fidelity check and report) {med(p for _, p in plans):.1f} s.")
-    return 0
 
 
 if __name__ == "__main__":

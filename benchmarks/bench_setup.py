@@ -5,10 +5,12 @@ Run: ``.venv/bin/python -m benchmarks.bench_setup [--cases 5] [--repeats 3] [--j
 Each case is written as DICOM and loaded as ``airt plan`` loads it (``benchmarks.bench_arc``'s case
 sets: ``airt synth`` seeds from 2000 on its CT, and the held-out anatomy and CT geometries from 5000);
 :func:`pipeline.problem.build_problem` (dose grid, density, masks, the full engine's trace) is then
-timed ``repeats + 1`` times in this process, the first run dropped (numba's cache load, fresh pages).
-The process keeps the memory it frees, as the planning process does
-(:func:`appliance.plan_process.keep_freed_memory`). Prints a markdown table: per case the dose grid,
-the engine's voxels and control points, and the median set-up.
+timed ``repeats + 1`` times in this process, the first run dropped from the median (numba's cache load,
+fresh pages) and shown apart: the first case's first run is what a fresh process (``airt plan``) pays.
+The process keeps the memory it frees and keeps numpy from advising huge pages, as the planning process
+does (:func:`appliance.plan_process.keep_freed_memory`, :func:`appliance.plan_process.no_numpy_hugepages`;
+``--numpy-hugepages`` leaves numpy's advice on, for comparison). Prints a markdown table: per case the
+dose grid, the engine's voxels and control points, the first run and the median set-up.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from appliance.config import PlanningMethod
-from appliance.plan_process import keep_freed_memory
+from appliance.plan_process import keep_freed_memory, no_numpy_hugepages
 from appliance.planning import planning_options
 from benchmarks.bench_arc import ARC, MACHINE, PROFILE, SETTINGS, case_spec, load_case
 from pipeline.problem import build_problem
@@ -57,20 +59,26 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=5, help="cases per set")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case after the first")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--numpy-hugepages", action="store_true",
+                    help="leave numpy's huge-page advice on (the planning process turns it off)")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if not args.numpy_hugepages:
+        no_numpy_hugepages()
     keep_freed_memory()
     rows = run(args.cases, args.repeats)
-    print("\n| set | seed | CT | dose grid | body voxels | control points | engine set-up s, median |")
-    print("|---|---|---|---|---:|---:|---:|")
+    print(f"\nnumpy huge-page advice {'on' if args.numpy_hugepages else 'off'}")
+    print("\n| set | seed | CT | dose grid | body voxels | control points | first run s | engine set-up s, median |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['set']} | {r['seed']} | {r['ct']} | {'x'.join(map(str, r['dose_grid']))} | {r['voxels']} | "
-              f"{r['control_points']} | {r['setup_s']:.2f} |")
+              f"{r['control_points']} | {r['runs_s'][0]:.2f} | {r['setup_s']:.2f} |")
     for case_set in ("synth", "heldout"):
         values = [r["setup_s"] for r in rows if r["set"] == case_set]
         print(f"\n{case_set}: median {statistics.median(values):.2f} s, max {max(values):.2f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n", encoding="utf-8")
+        args.json.write_text(json.dumps({"numpy_hugepages": bool(args.numpy_hugepages), "rows": rows}, indent=1)
+                             + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

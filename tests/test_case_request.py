@@ -363,3 +363,22 @@ def test_the_planning_process_reuses_the_memory_a_job_freed() -> None:
     fresh, kept, reserved = faults("default"), faults("keep"), faults("reserve")
     assert fresh > 50  # 200 MB of 4 kB or 2 MB pages
     assert kept < fresh / 10 and reserved < fresh / 10
+
+
+_HUGEPAGES = """
+import numpy as np
+from appliance.plan_process import no_numpy_hugepages
+print(no_numpy_hugepages(), np._core.multiarray._set_madvise_hugepage(False))
+"""
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, "True False"), ("1", "False True"), ("0", "True False")])
+def test_the_planning_process_keeps_numpy_from_advising_huge_pages(env: str | None, expected: str) -> None:
+    """The planning process turns numpy's huge-page advice off (its previous value, read back, is off);
+    an administrator's NUMPY_MADVISE_HUGEPAGE wins either way."""
+    environ = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if env is not None:
+        environ["NUMPY_MADVISE_HUGEPAGE"] = env
+    out = subprocess.run([sys.executable, "-c", _HUGEPAGES], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=120, env=environ)
+    assert out.stdout.split() == expected.split()
