@@ -140,7 +140,8 @@ def no_numpy_hugepages() -> bool:
         return os.environ["NUMPY_MADVISE_HUGEPAGE"].strip() in ("0", "")
     import numpy as np
 
-    setter = getattr(getattr(getattr(np, "_core", None), "multiarray", None), "_set_madvise_hugepage", None)
+    core = getattr(np, "_core", None) or getattr(np, "core", None)  # numpy 2 / numpy 1
+    setter = getattr(getattr(core, "multiarray", None), "_set_madvise_hugepage", None)
     if setter is None:  # a numpy without the switch (it has had it since 1.20)
         return False
     setter(False)

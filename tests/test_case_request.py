@@ -368,7 +368,8 @@ def test_the_planning_process_reuses_the_memory_a_job_freed() -> None:
 _HUGEPAGES = """
 import numpy as np
 from appliance.plan_process import no_numpy_hugepages
-print(no_numpy_hugepages(), np._core.multiarray._set_madvise_hugepage(False))
+core = getattr(np, "_core", None) or np.core
+print(no_numpy_hugepages(), core.multiarray._set_madvise_hugepage(False))
 """
 
 
