@@ -131,13 +131,18 @@ def no_numpy_hugepages() -> bool:
     numpy advises ``MADV_HUGEPAGE`` on every array of 4 MiB or more (Linux). Where the kernel's
     ``transparent_hugepage/defrag`` is ``madvise`` (Debian's and most distributions' default), a page
     fault in such an array compacts memory on the spot to find a huge page, and the engine's gigabyte of
-    ray-trace buffers then faults in slowly: a held-out case's engine set-up took 5.2-5.5 s in a fresh
-    process against 2.6 s without the advice, and ``airt plan`` 24 s against 20 s
-    (``benchmarks/RESULTS.md``). The environment variable ``NUMPY_MADVISE_HUGEPAGE`` set by the
-    administrator wins over this (either value). Returns whether numpy's advice is now off.
+    ray-trace buffers then faults in slowly: ``airt plan --method ai`` took 23.0 s with the advice against
+    17.9 s without it, its engine set-up 4.2-5.5 s against 1.9-2.1 s (median of 5 alternating runs,
+    ``benchmarks/RESULTS.md``). The environment variable ``NUMPY_MADVISE_HUGEPAGE`` set by the
+    administrator wins over this (numpy reads it as an integer, 0 = off). Returns whether numpy's advice
+    is now off.
     """
-    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
-        return os.environ["NUMPY_MADVISE_HUGEPAGE"].strip() in ("0", "")
+    value = os.environ.get("NUMPY_MADVISE_HUGEPAGE")
+    if value is not None:
+        try:
+            return int(value) == 0
+        except ValueError:  # numpy itself refuses to import with such a value
+            return False
     import numpy as np
 
     core = getattr(np, "_core", None) or getattr(np, "core", None)  # numpy 2 / numpy 1
