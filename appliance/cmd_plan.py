@@ -37,12 +37,11 @@ def parse_candidate(text: str) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     """Plan the folder and print the summary."""
     from appliance.dicom.case_loader import request_from_folder
-    from appliance.plan_process import keep_freed_memory, no_numpy_hugepages
+    from appliance.plan_process import planning_memory_policy
     from appliance.planning import plan_request
     from appliance.report import format_summary
 
-    no_numpy_hugepages()  # the engine's buffers fault in without memory compaction
-    keep_freed_memory()  # the stages after the engine reuse the memory earlier stages freed
+    planning_memory_policy()  # the engine's buffers fault in without compaction; later stages reuse them
     settings = load_settings(args.config)
     candidates = None if args.candidate is None else [parse_candidate(c) for c in args.candidate]
     _, metrics = plan_request(request_from_folder(args.case_dir), args.out, settings, method=args.method,

@@ -161,14 +161,13 @@ def _make_data(args: argparse.Namespace, settings: Settings, device: str) -> int
     from tqdm import tqdm
 
     from appliance.config import PlanningMethod
-    from appliance.plan_process import keep_freed_memory, no_numpy_hugepages
+    from appliance.plan_process import planning_memory_policy
     from appliance.planning import planning_options
     from pipeline.training.data import generate_cache, parse_seed_range
 
     if args.out is None:
         raise ConfigError("--make-data needs --out CACHE_FOLDER")
-    no_numpy_hugepages()  # as in the node's planning process
-    keep_freed_memory()  # one case after another in this process, as in the node's planning process
+    planning_memory_policy()  # one case after another in this process, as in the node's planning process
     seeds = parse_seed_range(args.seeds)
     profile = settings.profile(args.profile or None)
     options = planning_options(settings, PlanningMethod.OPTIMIZE, device, profile)

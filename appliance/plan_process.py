@@ -3,8 +3,8 @@
 The worker (:mod:`appliance.worker`) keeps one :class:`PlannerProcess`: a process of its own
 (multiprocessing *spawn*: no inherited threads or sockets) started with the planning function the
 worker was given (:class:`appliance.planning.Planner` on the node). The process imports the
-planning stack once, keeps the memory a job frees for the next (:func:`keep_freed_memory`), writes
-``worker.planner_reserve_mb`` once for its first job (:func:`reserve_memory`, skipped when a job is already
+planning stack once, keeps the memory a job frees for the next and numpy's huge-page advice off
+(:func:`planning_memory_policy`), writes ``worker.planner_reserve_mb`` once for its first job (:func:`reserve_memory`, skipped when a job is already
 waiting) and, with ``worker.warm_up``, plans a small synthetic case while it waits for
 its first job (the planner's ``warm_up``: compiled kernels loaded, the model read, first-call costs
 paid; skipped when a job is already waiting). It then plans the :class:`~core.request.CaseRequest` it
@@ -153,6 +153,16 @@ def no_numpy_hugepages() -> bool:
     return True
 
 
+def planning_memory_policy(*, numpy_hugepages: bool = False) -> bool:
+    """The memory policy of a process that plans (the node's planning process, ``airt plan``, ``airt train
+    --make-data``, the benchmarks that time planning): numpy's huge-page advice off
+    (:func:`no_numpy_hugepages`; ``numpy_hugepages`` leaves it on, for comparisons) and the memory a job
+    frees kept for the next (:func:`keep_freed_memory`, whose answer is returned)."""
+    if not numpy_hugepages:
+        no_numpy_hugepages()
+    return keep_freed_memory()
+
+
 #: Above this the C library would hand freed memory back (its trim threshold is an ``int`` of bytes): the
 #: reserve stays below it.
 MAX_RESERVE_MB = 1900.0
@@ -194,8 +204,7 @@ def serve(plan: PlanFunction, conn: Connection, parent_pid: int, warm_up: bool, 
                         format="%(levelname)s %(name)s [plan %(process)d]: %(message)s")
     for noisy in ("numba", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    no_numpy_hugepages()
-    if not keep_freed_memory():
+    if not planning_memory_policy():
         log.info("the C library keeps its own memory policy (not glibc): engine buffers are fresh pages each job")
     elif reserve_mb > 0:
         log.info("planning process reserved %.0f MiB in %.1f s", *reserve_memory(reserve_mb, lambda: conn.poll(0)))

@@ -59,7 +59,7 @@ import torch
 
 from appliance.config import PlanningMethod, Settings, StructureSettings
 from appliance.dicom.case_loader import load_folder
-from appliance.plan_process import keep_freed_memory, no_numpy_hugepages
+from appliance.plan_process import planning_memory_policy
 from appliance.planning import planning_options
 from appliance.synth_dicom import write_synth_case
 from core.case import Case, Prescription
@@ -416,8 +416,7 @@ def main() -> None:
             print_comparison(json.loads(Path(args.compare).read_text())["rows"], saved)
         return
     torch.set_num_threads(args.threads)
-    no_numpy_hugepages()  # the planning process's memory policy, so the times are the node's
-    keep_freed_memory()
+    planning_memory_policy()  # as the planning process, so the times are the node's
     global PROFILE, WEIGHTS, SETTINGS, ARC_STEPS
     if args.arc_steps:
         leaf_mm, mu_step = (float(v) for v in args.arc_steps.split(","))

@@ -8,9 +8,9 @@ sets: ``airt synth`` seeds from 2000 on its CT, and the held-out anatomy and CT 
 timed ``repeats + 1`` times in this process, the first run dropped from the median (numba's cache load,
 fresh pages) and shown apart: the first case's first run is what a fresh process (``airt plan``) pays.
 The process keeps the memory it frees and keeps numpy from advising huge pages, as the planning process
-does (:func:`appliance.plan_process.keep_freed_memory`, :func:`appliance.plan_process.no_numpy_hugepages`;
-``--numpy-hugepages`` leaves numpy's advice on, for comparison). Prints a markdown table: per case the
-dose grid, the engine's voxels and control points, the first run and the median set-up.
+does (:func:`appliance.plan_process.planning_memory_policy`; ``--numpy-hugepages`` leaves numpy's advice
+on, for comparison). Prints a markdown table: per case the dose grid, the engine's voxels and control
+points, the first run and the median set-up.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from appliance.config import PlanningMethod
-from appliance.plan_process import keep_freed_memory, no_numpy_hugepages
+from appliance.plan_process import planning_memory_policy
 from appliance.planning import planning_options
 from benchmarks.bench_arc import ARC, MACHINE, PROFILE, SETTINGS, case_spec, load_case
 from pipeline.problem import build_problem
@@ -63,9 +63,7 @@ def main() -> None:
                     help="leave numpy's huge-page advice on (the planning process turns it off)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    if not args.numpy_hugepages:
-        no_numpy_hugepages()
-    keep_freed_memory()
+    planning_memory_policy(numpy_hugepages=args.numpy_hugepages)
     rows = run(args.cases, args.repeats)
     print(f"\nnumpy huge-page advice {'on' if args.numpy_hugepages else 'off'}")
     print("\n| set | seed | CT | dose grid | body voxels | control points | first run s | engine set-up s, median |")
