@@ -4,9 +4,9 @@ The worker (:mod:`appliance.worker`) keeps one :class:`PlannerProcess`: a proces
 (multiprocessing *spawn*: no inherited threads or sockets) started with the planning function the
 worker was given (:class:`appliance.planning.Planner` on the node). The process imports the
 planning stack once, keeps the memory a job frees for the next and numpy's huge-page advice off
-(:func:`planning_memory_policy`), writes ``worker.planner_reserve_mb`` once for its first job (:func:`reserve_memory`, skipped when a job is already
-waiting) and, with ``worker.warm_up``, plans a small synthetic case while it waits for
-its first job (the planner's ``warm_up``: compiled kernels loaded, the model read, first-call costs
+(:func:`planning_memory_policy`), writes ``worker.planner_reserve_mb`` once for its first job
+(:func:`reserve_memory`, skipped when a job is already waiting) and, with ``worker.warm_up``, plans a
+small synthetic case while it waits for its first job (the planner's ``warm_up``: compiled kernels loaded, the model read, first-call costs
 paid; skipped when a job is already waiting). It then plans the :class:`~core.request.CaseRequest` it
 is sent, writes ``result.json`` atomically, ``{"ok": true, "summary": PlanSummary.to_dict(), "plan_s": t}``
 or ``{"ok": false, "error": message, "kind": exception class}`` (a planning error's message is

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp:
         root = Path(tmp)
         cases = []
-        for seed in range(args.studies):
+        for seed in range(1 if args.plan_only else args.studies):  # the airt plan runs use the first
             written = write_synth_case(root / f"case{seed}", 100 + seed, n_slices=args.slices)
             cases.append((root / f"case{seed}", written.study_instance_uid))
         rows: list[dict[str, float]] = []
